@@ -1,0 +1,3 @@
+from crm_syncd.cli import main
+
+main()
