@@ -1,0 +1,67 @@
+"""Readers of Apple's databases. Each yields plain typed records and never writes.
+
+- `messages`: chat.db rows -> `Activity` (one per message and counterpart)
+- `calls`: CallHistory.storedata rows -> `Activity` (one per call and counterpart)
+- `contacts`: AddressBook-v22.abcddb cards -> `Card`
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+APPLE_EPOCH = 978_307_200  # 2001-01-01T00:00:00Z in Unix seconds
+
+
+class Activity(NamedTuple):
+    """One interaction with one counterpart, as the Mac recorded it."""
+
+    key: str  # stable delivery key: msg:<guid>[:<address>] or call:<unique id>[:<address>]
+    address: str  # the counterpart as Apple stored it (phone, email, short code, ...)
+    type: str  # CRM interaction type: TEXT_INBOUND, TEXT_OUTBOUND, CALL_INBOUND, CALL_OUTBOUND, CALL_MISSED
+    occurred_ms: int  # Unix epoch milliseconds, UTC
+    duration_s: int | None  # whole seconds for connected calls, else None
+    person: str | None = None  # Apple's own "same person" hint (handle.person_centric_id)
+
+
+@dataclass
+class Batch:
+    """What one bounded read past a high-water mark produced."""
+
+    activities: list[Activity] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)  # reason -> rows
+    last_rowid: int = 0  # highest source row examined (the next mark), even if it was skipped
+    rows: int = 0  # source rows examined
+
+
+class Phone(NamedTuple):
+    value: str  # as typed on the card
+    label: str | None  # unwrapped label: Mobile, Home, Work, iPhone, or a custom one
+    primary: bool
+
+
+class Email(NamedTuple):
+    value: str
+    label: str | None
+    primary: bool
+
+
+@dataclass(frozen=True)
+class Card:
+    """A person or company card from one AddressBook store."""
+
+    store: str  # which AddressBook database (root or Sources/<UUID>), relative to the AddressBook dir
+    unique_id: str  # ZUNIQUEID, stable within an account
+    first: str | None = None
+    last: str | None = None
+    middle: str | None = None
+    nickname: str | None = None
+    organization: str | None = None
+    job_title: str | None = None
+    company: bool = False  # ZDISPLAYFLAGS bit 0: shown by its organisation
+    phones: tuple[Phone, ...] = ()  # ordered: primary first, then Apple's ordering index
+    emails: tuple[Email, ...] = ()
+    note: str | None = None
+    link_id: str | None = None  # ZLINKID: Contacts' own cross-account link
+    modified: float | None = None  # ZMODIFICATIONDATE, Unix seconds

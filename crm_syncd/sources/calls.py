@@ -1,0 +1,191 @@
+"""Call history (`CallHistory.storedata`) -> `Activity` records: who we called or who called us.
+
+Each `read` opens the store read-only, probes its columns, runs one SELECT over ZCALLRECORD by Z_PK
+(dates, direction, duration and date-skip reasons decided in SQL), and, only when some calls carry no
+usable ZADDRESS, one more query for their participant handles. Entity numbers and the
+call↔handle join table are discovered from Z_PRIMARYKEY and PRAGMA table_info, never assumed.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from crm_syncd.sources import APPLE_EPOCH, Activity, Batch, sqlite
+
+CALL_INBOUND, CALL_OUTBOUND, CALL_MISSED = "CALL_INBOUND", "CALL_OUTBOUND", "CALL_MISSED"
+FUTURE_SLACK_MS = 86_400_000  # dates further ahead of the wall clock than this are bad
+MAX_DURATION_S = 7 * 86_400  # longer "calls" are corrupt values, not calls
+REQUIRED = ("Z_PK", "ZDATE")
+
+# Skip reasons (stable names, counted in Batch.skipped).
+NO_ADDRESS, ENCRYPTED_ADDRESS = "no-address", "encrypted-address"
+NO_DATE, BAD_DATE, BEFORE_WINDOW = "no-date", "bad-date", "before-window"
+
+_JOIN_TABLE = re.compile(r"^Z_(\d+)REMOTEPARTICIPANTHANDLES$")
+_ENTITY_COLUMN = re.compile(r"^Z_(\d+)(\w+)$")
+_ENCRYPTED = object()  # bytes that are not text (macOS ≤ 12 encrypts ZADDRESS)
+
+
+class CallsReader:
+    """Reads Activities from one CallHistory.storedata past a Z_PK high-water mark."""
+
+    def __init__(self, path: Path, *, trace: Callable[[str], None] | None = None) -> None:
+        self.path = Path(path)
+        self._trace = trace  # test seam: receives every SQL statement run
+
+    def read(self, after_rowid: int = 0, limit: int = 5000, since_ms: int | None = None) -> Batch:
+        """Calls with Z_PK > `after_rowid` (at most `limit` rows examined), as Activities.
+
+        `since_ms` (Unix ms) drops calls dated before it; they count as `before-window`.
+        """
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        return sqlite.retrying(self._read, after_rowid, limit, since_ms)
+
+    def newest_rowid(self) -> int:
+        """The highest ZCALLRECORD.Z_PK (0 for an empty store)."""
+        return sqlite.retrying(self._newest_rowid)
+
+    def _newest_rowid(self) -> int:
+        with sqlite.read(self.path, trace=self._trace) as conn:
+            return conn.execute("SELECT MAX(Z_PK) FROM ZCALLRECORD").fetchone()[0] or 0
+
+    def _read(self, after_rowid: int, limit: int, since_ms: int | None) -> Batch:
+        with sqlite.read(self.path, trace=self._trace) as conn:
+            cols = sqlite.columns(conn, "ZCALLRECORD")
+            missing = [c for c in REQUIRED if c not in cols]
+            if missing:
+                raise sqlite.SourceError(f"{self.path}: ZCALLRECORD lacks {', '.join(missing) or 'everything'}")
+            rows = conn.execute(_select(cols, since_ms is not None), {
+                "after": after_rowid, "limit": limit, "since": since_ms,
+                "now": time.time_ns() // 1_000_000}).fetchall()
+            batch = _activities(conn, rows)
+            batch.last_rowid = rows[-1][0] if rows else after_rowid
+            batch.rows = len(rows)
+            if since_ms is not None:  # rows the WHERE dropped were examined too
+                full = len(rows) == limit
+                examined, highest = conn.execute(
+                    "SELECT COUNT(*), MAX(Z_PK) FROM ZCALLRECORD WHERE Z_PK > ? AND Z_PK <= ?",
+                    (after_rowid, batch.last_rowid if full else 2**63 - 1)).fetchone()
+                if examined > batch.rows:
+                    batch.skipped[BEFORE_WINDOW] += examined - batch.rows
+                batch.rows = examined
+                batch.last_rowid = max(batch.last_rowid, highest or 0)
+            return batch
+
+
+def _select(cols: frozenset[str], windowed: bool) -> str:
+    """One SELECT: Z_PK, key, occurred_ms, skip reason, CRM type, duration_s, raw ZADDRESS."""
+    def col(name: str) -> str:
+        return name if name in cols else "NULL"
+
+    number = "typeof(ZDATE) IN ('integer', 'real')"
+    occurred = f"(CASE WHEN {number} THEN CAST(ROUND((ZDATE + {APPLE_EPOCH}) * 1000) AS INTEGER) END)"
+    skip = (f"CASE WHEN {occurred} IS NULL THEN '{NO_DATE}' "
+            f"WHEN ZDATE < 0 OR {occurred} > :now + {FUTURE_SLACK_MS} THEN '{BAD_DATE}' END")
+    originated = f"COALESCE({col('ZORIGINATED')}, 0) != 0"
+    answered = f"COALESCE({col('ZANSWERED')}, 0) != 0"
+    kind = (f"CASE WHEN {originated} THEN '{CALL_OUTBOUND}' "
+            f"WHEN {answered} THEN '{CALL_INBOUND}' ELSE '{CALL_MISSED}' END")
+    # ZANSWERED is meaningless for outgoing calls: an outgoing call connected iff it lasted.
+    # NaN reads back as NULL from SQLite; text and out-of-range values fail the numeric tests.
+    d = col("ZDURATION")
+    duration = (f"CASE WHEN ({originated} OR {answered}) AND typeof({d}) IN ('integer', 'real') "
+                f"AND {d} >= 0.5 AND {d} <= {MAX_DURATION_S} THEN CAST(ROUND({d}) AS INTEGER) END")
+    key = f"'call:' || COALESCE(NULLIF({col('ZUNIQUE_ID')}, ''), 'pk:' || Z_PK)"
+    window = f"AND ({occurred} IS NULL OR {occurred} >= :since)" if windowed else ""
+    return (f"SELECT Z_PK, {key}, {occurred}, {skip}, {kind}, {duration}, {col('ZADDRESS')} "
+            f"FROM ZCALLRECORD WHERE Z_PK > :after {window} ORDER BY Z_PK LIMIT :limit")
+
+
+def _address(raw: object) -> object:
+    """ZADDRESS/ZVALUE as text; None when empty; `_ENCRYPTED` for bytes that are not text."""
+    if raw is None:
+        return None
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return _ENCRYPTED
+        raw = raw.strip("\x00 \t\r\n")
+        if not raw.isprintable():
+            return _ENCRYPTED
+    text = str(raw).strip()
+    return text or None
+
+
+def _activities(conn: sqlite3.Connection, rows: list[tuple]) -> Batch:
+    skipped: Counter[str] = Counter()
+    out: list[Activity] = []
+    add = out.append
+    new = tuple.__new__
+    decoded = [(row, _address(row[6])) if row[3] is None else (row, None) for row in rows]
+    needy = [row[0] for row, address in decoded if row[3] is None and (address is None or address is _ENCRYPTED)]
+    parties = _participants(conn, needy[0], needy[-1]) if needy else {}
+    for (pk, key, occurred, skip, kind, duration, _raw), address in decoded:
+        if skip is not None:
+            skipped[skip] += 1
+        elif address is not None and address is not _ENCRYPTED:
+            add(new(Activity, (key, address, kind, occurred, duration, None)))
+        else:
+            found, unreadable = parties.get(pk, ((), False))
+            if not found:
+                skipped[ENCRYPTED_ADDRESS if address is _ENCRYPTED or unreadable else NO_ADDRESS] += 1
+            elif len(found) == 1:
+                add(new(Activity, (key, found[0], kind, occurred, duration, None)))
+            else:
+                for party in found:
+                    add(new(Activity, (f"{key}:{party}", party, kind, occurred, duration, None)))
+    return Batch(activities=out, skipped=skipped)
+
+
+def _participants(conn: sqlite3.Connection, low: int, high: int) -> dict[int, tuple[tuple[str, ...], bool]]:
+    """Call Z_PK -> (distinct readable handle addresses, whether some handle was unreadable)."""
+    join = _join(conn)
+    handle_cols = sqlite.columns(conn, "ZHANDLE")
+    if join is None or "Z_PK" not in handle_cols:
+        return {}
+    table, calls, handles = join
+    value = "h.ZVALUE" if "ZVALUE" in handle_cols else "NULL"
+    normalized = "h.ZNORMALIZEDVALUE" if "ZNORMALIZEDVALUE" in handle_cols else "NULL"
+    found: dict[int, dict[str, None]] = {}
+    unreadable: set[int] = set()
+    for call, raw, norm in conn.execute(
+            f'SELECT j."{calls}", {value}, {normalized} FROM "{table}" j JOIN ZHANDLE h ON h.Z_PK = j."{handles}" '
+            f'WHERE j."{calls}" BETWEEN ? AND ? ORDER BY j."{calls}", h.Z_PK', (low, high)):
+        address = _address(raw)
+        if address is _ENCRYPTED:
+            unreadable.add(call)
+        if address is None or address is _ENCRYPTED:
+            address = _address(norm)
+        if address is None or address is _ENCRYPTED:
+            continue
+        found.setdefault(call, {})[address] = None
+    return {call: (tuple(found.get(call, ())), call in unreadable) for call in found.keys() | unreadable}
+
+
+def _join(conn: sqlite3.Connection) -> tuple[str, str, str] | None:
+    """(join table, call column, handle column) for CallRecord.remoteParticipantHandles, if present."""
+    ents = dict(conn.execute("SELECT Z_NAME, Z_ENT FROM Z_PRIMARYKEY WHERE Z_NAME IN ('CallRecord', 'Handle')"))
+    call_ent, handle_ent = ents.get("CallRecord"), ents.get("Handle")
+    tables = sorted((t for t in sqlite.tables(conn) if _JOIN_TABLE.match(t)),
+                    key=lambda t: int(_JOIN_TABLE.match(t).group(1)) != call_ent)
+    for table in tables:
+        calls = handles = None
+        for name in (r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')):
+            m = _ENTITY_COLUMN.match(name)
+            if not m:
+                continue
+            ent, relation = int(m.group(1)), m.group(2)
+            if ent == call_ent or (ent != handle_ent and relation.endswith("CALLS")):
+                calls = name
+            elif ent == handle_ent or relation.endswith("HANDLES"):
+                handles = name
+        if calls and handles:
+            return table, calls, handles
+    return None

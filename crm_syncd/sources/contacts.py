@@ -1,0 +1,202 @@
+"""Contacts (`AddressBook-v22.abcddb` stores) -> `Card` records.
+
+The AddressBook folder holds a top-level store plus one store per account under `Sources/<UUID>/`.
+Each store is read read-only with a fixed set of statements (column probe, entity lookup, records,
+phones, emails, notes), whatever the number of cards. Only rows of the `ABCDContact` entity are cards:
+groups, containers, info rows and `ABCDSubscribedContact` rows (directory/subscription entries the user
+did not create) are left out. The "Me" card never becomes a Card; its phones and emails are the user's
+own addresses.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from crm_syncd.sources import APPLE_EPOCH, Card, Email, Phone, sqlite
+
+DB_NAME = "AddressBook-v22.abcddb"
+CONTACT_ENTITY = "ABCDContact"
+ME_COLUMNS = ("ZCONTAINERWHERECONTACTISME", "ZSOURCEWHERECONTACTISME")  # newer, older
+EMPTY_CARD, NO_UNIQUE_ID = "empty-card", "no-unique-id"
+
+_LABEL = re.compile(r"^_\$!<(.*)>!\$_$", re.DOTALL)
+_TABLES = ("ZABCDRECORD", "ZABCDPHONENUMBER", "ZABCDEMAILADDRESS", "ZABCDNOTE")
+# Card field -> ZABCDRECORD column, in SELECT order after Z_PK.
+_FIELDS = (("unique_id", "ZUNIQUEID"), ("first", "ZFIRSTNAME"), ("last", "ZLASTNAME"),
+           ("middle", "ZMIDDLENAME"), ("nickname", "ZNICKNAME"), ("organization", "ZORGANIZATION"),
+           ("job_title", "ZJOBTITLE"), ("link_id", "ZLINKID"))
+
+Trace = Callable[[str], None]
+
+
+@dataclass
+class ContactsSnapshot:
+    """Every readable card of one AddressBook folder, and what could not be read."""
+
+    cards: list[Card] = field(default_factory=list)
+    own_addresses: set[str] = field(default_factory=set)  # raw phones/emails of the Me cards
+    skipped: Counter[str] = field(default_factory=Counter)  # reason -> cards
+    errors: dict[str, str] = field(default_factory=dict)  # store -> problem (locked, corrupt, ...)
+
+
+def store_paths(addressbook_dir: Path) -> list[Path]:
+    """The top-level store (if present), then every `Sources/*/` store, sorted."""
+    addressbook_dir = Path(addressbook_dir)
+    root = addressbook_dir / DB_NAME
+    return ([root] if root.is_file() else []) + sorted(addressbook_dir.glob(f"Sources/*/{DB_NAME}"))
+
+
+def read_contacts(addressbook_dir: Path, *, trace: Trace | None = None) -> ContactsSnapshot:
+    """Read every store; a store that is locked, corrupt or vanished does not stop the others.
+
+    NeedsFullDiskAccess propagates: without it no store can be read.
+    """
+    addressbook_dir = Path(addressbook_dir)
+    snapshot = ContactsSnapshot()
+    for path in store_paths(addressbook_dir):
+        store = path.relative_to(addressbook_dir).as_posix()
+        try:
+            cards, own, skipped = sqlite.retrying(read_store, path, store, trace=trace)
+        except sqlite.NeedsFullDiskAccess:
+            raise
+        except sqlite.SourceMissing:
+            continue  # the account was removed while we listed the folder
+        except sqlite.SourceError as exc:
+            snapshot.errors[store] = str(exc)
+            continue
+        snapshot.cards += cards
+        snapshot.own_addresses |= own
+        snapshot.skipped += skipped
+    return snapshot
+
+
+def read_store(path: Path, store: str, *, trace: Trace | None = None) -> tuple[list[Card], set[str], Counter[str]]:
+    """The cards of one store (Me card excluded), the Me card's raw addresses, and skip counts."""
+    with sqlite.read(path, trace=trace) as conn:
+        cols = _columns(conn)
+        if "Z_PK" not in cols["ZABCDRECORD"]:
+            raise sqlite.SourceError(f"{path}: not an AddressBook store (no ZABCDRECORD)")
+        row = conn.execute("SELECT Z_ENT FROM Z_PRIMARYKEY WHERE Z_NAME = ?", (CONTACT_ENTITY,)).fetchone()
+        if row is None:
+            raise sqlite.SourceError(f"{path}: no {CONTACT_ENTITY} entity in Z_PRIMARYKEY")
+        entity = row[0]
+        records = conn.execute(_records_sql(cols["ZABCDRECORD"]), (entity,)).fetchall()
+        phones = _values(conn, cols, "ZABCDPHONENUMBER", "ZFULLNUMBER", entity)
+        emails = _values(conn, cols, "ZABCDEMAILADDRESS", "ZADDRESS", entity)
+        notes = _notes(conn, cols, entity)
+    return _cards(records, phones, emails, notes, store)
+
+
+def _columns(conn: sqlite3.Connection) -> dict[str, frozenset[str]]:
+    """Columns of the tables we read, in one statement (absent tables map to an empty set)."""
+    found: dict[str, set[str]] = {t: set() for t in _TABLES}
+    names = ", ".join(f"'{t}'" for t in _TABLES)
+    for table, column in conn.execute(
+            f"SELECT m.name, p.name FROM sqlite_master m JOIN pragma_table_info(m.name) p "
+            f"WHERE m.type = 'table' AND m.name IN ({names})"):
+        found[table].add(column)
+    return {t: frozenset(c) for t, c in found.items()}
+
+
+def _records_sql(cols: frozenset[str]) -> str:
+    def col(name: str) -> str:
+        return name if name in cols else "NULL"
+
+    me = [c for c in ME_COLUMNS if c in cols]
+    is_me = " OR ".join(f"{c} IS NOT NULL" for c in me) or "0"
+    selected = ", ".join(col(c) for _, c in _FIELDS)
+    return (f"SELECT Z_PK, {selected}, COALESCE({col('ZDISPLAYFLAGS')}, 0) & 1, {col('ZMODIFICATIONDATE')}, "
+            f"({is_me}) FROM ZABCDRECORD WHERE Z_ENT = ? ORDER BY Z_PK")
+
+
+Entry = tuple[str, str | None, bool]
+
+
+def _values(conn: sqlite3.Connection, cols: dict[str, frozenset[str]], table: str, value: str,
+            entity: int) -> dict[int, list[Entry]]:
+    """Owner Z_PK -> (value, unwrapped label, primary), primary first then Apple's ordering index."""
+    have = cols[table]
+    if not {"ZOWNER", value} <= have:
+        return {}
+    label = "v.ZLABEL" if "ZLABEL" in have else "NULL"
+    primary = "COALESCE(v.ZISPRIMARY, 0)" if "ZISPRIMARY" in have else "0"
+    ordering = "v.ZORDERINGINDEX, " if "ZORDERINGINDEX" in have else ""
+    out: dict[int, list[Entry]] = {}
+    for owner, raw, lab, prim in conn.execute(
+            f"SELECT v.ZOWNER, v.{value}, {label}, {primary} FROM {table} v "
+            f"JOIN ZABCDRECORD r ON r.Z_PK = v.ZOWNER WHERE r.Z_ENT = ? "
+            f"ORDER BY v.ZOWNER, {primary} DESC, {ordering}v.Z_PK", (entity,)):
+        text = _text(raw)
+        if text is not None:
+            out.setdefault(owner, []).append((text, _unwrap(lab), bool(prim)))
+    return out
+
+
+def _notes(conn: sqlite3.Connection, cols: dict[str, frozenset[str]], entity: int) -> dict[int, str]:
+    """Card Z_PK -> note text: via ZABCDNOTE.ZCONTACT, or ZABCDRECORD.ZNOTE on stores without it."""
+    have = cols["ZABCDNOTE"]
+    if "ZTEXT" not in have:
+        return {}
+    if "ZCONTACT" in have:
+        sql = ("SELECT n.ZCONTACT, n.ZTEXT FROM ZABCDNOTE n JOIN ZABCDRECORD r ON r.Z_PK = n.ZCONTACT "
+               "WHERE r.Z_ENT = ? ORDER BY n.Z_PK")
+    elif "ZNOTE" in cols["ZABCDRECORD"]:
+        sql = "SELECT r.Z_PK, n.ZTEXT FROM ZABCDRECORD r JOIN ZABCDNOTE n ON n.Z_PK = r.ZNOTE WHERE r.Z_ENT = ?"
+    else:
+        return {}
+    return {pk: text for pk, raw in conn.execute(sql, (entity,)) if (text := _note(raw)) is not None}
+
+
+def _cards(records: list[tuple], phones: dict[int, list[Entry]], emails: dict[int, list[Entry]],
+           notes: dict[int, str], store: str) -> tuple[list[Card], set[str], Counter[str]]:
+    cards: list[Card] = []
+    own: set[str] = set()
+    skipped: Counter[str] = Counter()
+    for pk, *fields, company, modified, is_me in records:
+        card_phones = tuple(Phone(*e) for e in phones.get(pk, ()))
+        card_emails = tuple(Email(*e) for e in emails.get(pk, ()))
+        if is_me:
+            own.update(p.value for p in card_phones)
+            own.update(e.value for e in card_emails)
+            continue
+        values = {name: _text(raw) for (name, _), raw in zip(_FIELDS, fields)}
+        if not (values["first"] or values["last"] or values["middle"] or values["nickname"]
+                or values["organization"] or card_phones or card_emails):
+            skipped[EMPTY_CARD] += 1
+            continue
+        if values["unique_id"] is None:
+            skipped[NO_UNIQUE_ID] += 1
+            continue
+        cards.append(Card(
+            store=store, phones=card_phones, emails=card_emails, note=notes.get(pk), company=bool(company),
+            modified=modified + APPLE_EPOCH if isinstance(modified, (int, float)) else None, **values,
+        ))
+    return cards, own, skipped
+
+
+def _text(raw: object) -> str | None:
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    if raw is None:
+        return None
+    text = str(raw).strip()
+    return text or None
+
+
+def _note(raw: object) -> str | None:
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    return raw if isinstance(raw, str) and raw.strip() else None
+
+
+def _unwrap(label: object) -> str | None:
+    text = _text(label)
+    if text is None:
+        return None
+    m = _LABEL.match(text)
+    return (m.group(1) or None) if m else text

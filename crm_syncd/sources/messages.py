@@ -1,0 +1,221 @@
+"""Messages (`chat.db`) -> `Activity` records: who texted whom, and when.
+
+Metadata only: the reader never selects text, attributedBody, payload_data or message_summary_info.
+Each `read` opens the database read-only (one snapshot), probes its columns, loads the handle and
+chat maps once, then runs one SELECT over `message` by ROWID that also decides skip reasons in SQL.
+"""
+
+from __future__ import annotations
+
+import gc
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+from crm_syncd.sources import APPLE_EPOCH, Activity, Batch, sqlite
+
+TEXT_INBOUND, TEXT_OUTBOUND = "TEXT_INBOUND", "TEXT_OUTBOUND"
+GROUP_STYLE, DIRECT_STYLE = 43, 45  # chat.style
+NS_THRESHOLD = 1_000_000_000_000  # a message date above this is nanoseconds, else seconds
+FUTURE_SLACK_MS = 86_400_000  # dates further ahead of the wall clock than this are bad
+EPOCH_MS = APPLE_EPOCH * 1000
+REQUIRED = ("guid", "date", "is_from_me", "handle_id")
+
+# Skip reasons: stable names, counted in Batch.skipped.
+NOT_A_MESSAGE, REACTION, SYSTEM, FAILED_SEND = "not-a-message", "reaction", "system", "failed-send"
+NO_DATE, BAD_DATE, BEFORE_WINDOW = "no-date", "bad-date", "before-window"
+NO_COUNTERPART, GROUP_OUTGOING = "no-counterpart", "group-outgoing"
+
+Party = tuple[str, str | None]  # (handle.id as stored, handle.person_centric_id)
+
+
+class MessagesReader:
+    """Reads Activities from one chat.db past a ROWID high-water mark."""
+
+    def __init__(self, path: Path, *, group_messages: Literal["each-participant", "skip"] = "each-participant",
+                 trace: Callable[[str], None] | None = None) -> None:
+        if group_messages not in ("each-participant", "skip"):
+            raise ValueError(f"group_messages must be 'each-participant' or 'skip', not {group_messages!r}")
+        self.path = Path(path)
+        self.group_messages = group_messages
+        self._trace = trace  # test seam: receives every SQL statement run
+
+    def read(self, after_rowid: int = 0, limit: int = 5000, since_ms: int | None = None) -> Batch:
+        """Messages with ROWID > `after_rowid`, at most `limit` of them, as Activities.
+
+        `since_ms` (Unix ms) drops messages dated earlier (counted as `before-window`); the
+        batch still advances `last_rowid` over them.
+        """
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        return sqlite.retrying(self._read, after_rowid, limit, since_ms)
+
+    def newest_rowid(self) -> int:
+        """The highest message ROWID (0 for an empty database)."""
+        return sqlite.retrying(self._newest_rowid)
+
+    def _newest_rowid(self) -> int:
+        with sqlite.read(self.path, trace=self._trace) as conn:
+            return conn.execute("SELECT MAX(ROWID) FROM message").fetchone()[0] or 0
+
+    def _read(self, after_rowid: int, limit: int, since_ms: int | None) -> Batch:
+        with sqlite.read(self.path, trace=self._trace) as conn, _gc_paused():
+            cols = sqlite.columns(conn, "message")
+            if missing := [c for c in REQUIRED if c not in cols]:
+                raise sqlite.SourceError(f"{self.path}: message table lacks {', '.join(missing)}")
+            handles = _handles(conn)
+            singles, groups = _chats(conn, handles)
+            sql, params = _select(cols, sqlite.columns(conn, "chat_message_join"), since_ms)
+            params |= {"after": after_rowid, "limit": limit}
+            rows = conn.execute(sql, params).fetchall()
+            full = len(rows) == limit
+            if full and (cut := _rows_cut_off(conn, rows)):  # LIMIT split a message in several chats
+                start, short = cut
+                rows = rows[:start] if start else conn.execute(sql, params | {"limit": limit + short}).fetchall()
+            if len(rows) != len({row[0] for row in rows}):
+                rows = _lowest_chat_each(rows)
+            batch = self._activities(rows, handles, singles, groups)
+            batch.last_rowid, batch.rows = (rows[-1][0] if rows else after_rowid), len(rows)
+            if since_ms is not None:  # rows the window dropped were examined too
+                examined, highest = conn.execute(
+                    "SELECT COUNT(*), MAX(ROWID) FROM message WHERE ROWID > ? AND ROWID <= ?",
+                    (after_rowid, batch.last_rowid if full else 2**63 - 1)).fetchone()
+                if examined > batch.rows:
+                    batch.skipped[BEFORE_WINDOW] += examined - batch.rows
+                batch.rows, batch.last_rowid = examined, max(batch.last_rowid, highest or 0)
+            return batch
+
+    def _activities(self, rows: list[tuple], handles: dict[int, Party], singles: dict[int, Party],
+                    groups: dict[int, tuple[Party, ...]]) -> Batch:
+        """Turn SELECT rows into Activities (the hot loop: lookups and tuple building only)."""
+        out: list[Activity] = []
+        add, new = out.append, tuple.__new__
+        skipped: Counter[str] = Counter()
+        fan_out = self.group_messages == "each-participant"
+        get_handle, get_single, get_group = handles.get, singles.get, groups.get
+        for _rowid, guid, date, from_me, handle_id, chat_id, skip in rows:
+            if skip is not None:
+                skipped[skip] += 1
+                continue
+            occurred = (date // 1_000_000 if date > NS_THRESHOLD else date * 1000) + EPOCH_MS
+            parties = get_group(chat_id)
+            if parties is None:  # one-to-one chat, or no chat at all
+                party = get_handle(handle_id) or get_single(chat_id)
+            elif not from_me:  # group, incoming: the sender
+                party = get_handle(handle_id)
+            elif not fan_out:
+                skipped[GROUP_OUTGOING] += 1
+                continue
+            else:  # group, outgoing: one Activity per participant
+                for address, person in parties:
+                    add(new(Activity, (f"msg:{guid}:{address}", address, TEXT_OUTBOUND, occurred, None, person)))
+                if not parties:
+                    skipped[NO_COUNTERPART] += 1
+                continue
+            if party is None:
+                skipped[NO_COUNTERPART] += 1
+                continue
+            add(new(Activity, (f"msg:{guid}", party[0], TEXT_OUTBOUND if from_me else TEXT_INBOUND,
+                               occurred, None, party[1])))
+        return Batch(activities=out, skipped=skipped)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Hold off the cyclic GC while building many small tuples (none of them form cycles)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _handles(conn: sqlite3.Connection) -> dict[int, Party]:
+    person = "person_centric_id" if "person_centric_id" in sqlite.columns(conn, "handle") else "NULL"
+    return {rowid: (address, pcid) for rowid, address, pcid in conn.execute(f"SELECT ROWID, id, {person} FROM handle")}
+
+
+def _chats(conn: sqlite3.Connection, handles: dict[int, Party]) -> tuple[dict[int, Party], dict[int, tuple[Party, ...]]]:
+    """({one-to-one chat: its party}, {group chat: its distinct parties}); other chats in neither.
+
+    A chat is a group when style = 43, or when its style is unknown and it has several parties.
+    """
+    styles = dict(conn.execute("SELECT ROWID, style FROM chat"))
+    members: dict[int, dict[str, Party]] = {chat: {} for chat in styles}
+    if {"chat_id", "handle_id"} <= sqlite.columns(conn, "chat_handle_join"):
+        for chat, handle in conn.execute("SELECT chat_id, handle_id FROM chat_handle_join ORDER BY chat_id, handle_id"):
+            if (party := handles.get(handle)) is not None and chat in members:
+                members[chat].setdefault(party[0], party)  # iMessage + SMS handles of one address: once
+    singles, groups = {}, {}
+    for chat, style in styles.items():
+        parties = tuple(members[chat].values())
+        if style == GROUP_STYLE or (style != DIRECT_STYLE and len(parties) > 1):
+            groups[chat] = parties
+        elif len(parties) == 1:
+            singles[chat] = parties[0]
+    return singles, groups
+
+
+def _select(cols: frozenset[str], join_cols: frozenset[str], since_ms: int | None) -> tuple[str, dict[str, int]]:
+    """The one SELECT over message: ROWID, guid, date, is_from_me, handle_id, chat_id, skip reason.
+
+    Date rules compare the raw column against thresholds pre-computed in both units, so SQLite
+    does no per-row arithmetic; the join yields one row per chat a message is in.
+    """
+    ahead = time.time_ns() // 1_000_000 + FUTURE_SLACK_MS - EPOCH_MS  # ms after 2001 that is too far ahead
+    params = {"ns": NS_THRESHOLD, "future_ns": ahead * 1_000_000 + 999_999, "future_s": ahead // 1000}
+    reasons = []
+    if "item_type" in cols:
+        reasons.append(f"WHEN m.item_type != 0 THEN '{NOT_A_MESSAGE}'")
+    if "associated_message_type" in cols:
+        reasons.append(f"WHEN m.associated_message_type >= 1000 THEN '{REACTION}'")
+    if flags := [f"m.{c} = 1" for c in ("is_system_message", "is_service_message") if c in cols]:
+        reasons.append(f"WHEN {' OR '.join(flags)} THEN '{SYSTEM}'")
+    if "error" in cols:
+        reasons.append(f"WHEN m.is_from_me = 1 AND m.error != 0 THEN '{FAILED_SEND}'")
+    reasons += [f"WHEN m.date IS NULL OR m.date = 0 THEN '{NO_DATE}'",
+                "WHEN m.date < 0 OR m.date > :future_ns OR (m.date <= :ns AND m.date > :future_s) "
+                f"THEN '{BAD_DATE}'"]
+    window = ""
+    if since_ms is not None:
+        after = since_ms - EPOCH_MS
+        params |= {"since_ns": after * 1_000_000, "since_s": -(-after // 1000)}
+        window = ("AND (m.date IS NULL OR m.date = 0 OR "
+                  "m.date >= CASE WHEN m.date > :ns THEN :since_ns ELSE :since_s END)")
+    joined = {"chat_id", "message_id"} <= join_cols
+    chat, join = (("j.chat_id", "LEFT JOIN chat_message_join j ON j.message_id = m.ROWID") if joined
+                  else ("NULL", ""))
+    sql = (f"SELECT m.ROWID, m.guid, m.date, m.is_from_me, m.handle_id, {chat}, CASE {' '.join(reasons)} END "
+           f"FROM message m {join} WHERE m.ROWID > :after {window} ORDER BY m.ROWID LIMIT :limit")
+    return sql, params
+
+
+def _rows_cut_off(conn: sqlite3.Connection, rows: list[tuple]) -> tuple[int, int] | None:
+    """If LIMIT cut off some of the last message's join rows: (index of its first row, rows missing).
+
+    A message's rows are adjacent; a message in several chats has one row per chat.
+    """
+    last = rows[-1][0]
+    if rows[-1][5] is None:
+        return None
+    start = len(rows) - 1
+    while start and rows[start - 1][0] == last:
+        start -= 1
+    listed = conn.execute("SELECT COUNT(*) FROM chat_message_join WHERE message_id = ?", (last,)).fetchone()[0]
+    return (start, listed - (len(rows) - start)) if listed > len(rows) - start else None
+
+
+def _lowest_chat_each(rows: list[tuple]) -> list[tuple]:
+    """One row per message: a message in several chats keeps its lowest chat_id."""
+    kept: dict[int, tuple] = {}
+    for row in rows:
+        best = kept.get(row[0])
+        if best is None or (row[5] is not None and (best[5] is None or row[5] < best[5])):
+            kept[row[0]] = row
+    return list(kept.values())
