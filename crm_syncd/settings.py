@@ -1,0 +1,311 @@
+"""Configuration: command-line overrides > env (CRM_SYNCD_*) > config file > defaults.
+
+The config file is TOML at `~/.config/crm-syncd/config.toml` (or `$CRM_SYNCD_CONFIG`). When that
+file is absent, the legacy `~/.crm-sync-config.json` of the old sync script is read instead, so
+existing users keep their settings. `~` is resolved from HOME when settings are loaded.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import stat
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import phonenumbers
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "CRM_SYNCD_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+LEGACY_KEYS = ("api_url", "api_key", "initial_lookback_days", "create_unknown_contacts", "default_region")
+_SECRET_FIELDS = frozenset({"api_key"})
+
+
+class ConfigError(Exception):
+    """A setting is invalid; the message is one line naming the setting and its source."""
+
+
+def _home() -> Path:
+    return Path("~").expanduser()
+
+
+def _under_home(relative: str):
+    return lambda: _home() / relative
+
+
+def default_config_path() -> Path:
+    return _home() / ".config" / "crm-syncd" / "config.toml"
+
+
+def legacy_config_path() -> Path:
+    return _home() / ".crm-sync-config.json"
+
+
+def config_file_path() -> tuple[Path | None, bool]:
+    """The config file to read now and whether it was named explicitly by $CRM_SYNCD_CONFIG.
+
+    Returns (None, False) when neither the TOML file nor the legacy JSON file exists.
+    """
+    explicit = os.environ.get(CONFIG_ENV)
+    if explicit:
+        return Path(explicit).expanduser(), True
+    for candidate in (default_config_path(), legacy_config_path()):
+        if candidate.exists():
+            return candidate, False
+    return None, False
+
+
+def read_config_file() -> tuple[Path | None, dict[str, Any]]:
+    """The config file in use and its settings; ConfigError if it cannot be read or parsed."""
+    path, explicit = config_file_path()
+    if path is None:
+        return None, {}
+    if explicit and not path.exists():
+        raise ConfigError(f"config file {path} (from env {CONFIG_ENV}) does not exist")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"cannot parse config file {path}: expected a JSON object")
+        if path == legacy_config_path():
+            data = {k: data[k] for k in LEGACY_KEYS if k in data}
+        return path, data
+    try:
+        return path, tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """The TOML (or legacy JSON) config file as a settings source."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ returns the whole file
+
+    def __call__(self) -> dict[str, Any]:
+        return read_config_file()[1]
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything crm-syncd can be configured with (see module docstring for precedence)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    # Declared before api_url so that api_url's validator can see it.
+    allow_insecure_http: bool = False
+    api_url: str = "http://localhost:3000"
+    api_key: SecretStr | None = None
+    default_region: str = "US"
+    initial_lookback_days: int = Field(365, ge=0)
+    create_unknown_contacts: bool = True
+    group_messages: Literal["each-participant", "skip"] = "each-participant"
+    dedupe_against_crm: Literal["auto", "on", "off"] = "auto"
+
+    messages_db: Path = Field(default_factory=_under_home("Library/Messages/chat.db"))
+    calls_db: Path = Field(
+        default_factory=_under_home("Library/Application Support/CallHistoryDB/CallHistory.storedata"))
+    addressbook_dir: Path = Field(default_factory=_under_home("Library/Application Support/AddressBook"))
+    state_dir: Path = Field(default_factory=_under_home("Library/Application Support/crm-syncd"))
+    log_dir: Path = Field(default_factory=_under_home("Library/Logs/crm-syncd"))
+
+    debounce_ms: int = Field(250, ge=0)
+    max_wait_ms: int = Field(2000, ge=0)
+    safety_probe_s: float = Field(60, gt=0)
+    contacts_rescan_s: float = Field(60, gt=0)
+    push_concurrency: int = Field(8, ge=1, le=64)
+    batch_size: int = Field(2000, ge=1)
+    request_timeout_s: float = Field(10, gt=0)
+    shutdown_deadline_s: float = Field(10, gt=0)
+    max_ambiguous_retries: int = Field(3, ge=0)
+    heartbeat_url: str | None = None
+    heartbeat_interval_s: float = Field(300, gt=0)
+
+    _config_file: Path | None = PrivateAttr(default=None)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):  # noqa: D102 - pydantic-settings hook
+        return init_settings, env_settings, _ConfigFileSource(settings_cls)
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, value: str, info) -> str:
+        _check_url(value)
+        parts = urlsplit(value)
+        if parts.scheme == "http" and not _is_loopback(parts.hostname or "") \
+                and not info.data.get("allow_insecure_http", False):
+            raise ValueError("plain http:// is only allowed to this machine (localhost); use https:// "
+                             "or set allow_insecure_http = true")
+        return value.rstrip("/")
+
+    @field_validator("heartbeat_url")
+    @classmethod
+    def _heartbeat_url(cls, value: str | None) -> str | None:
+        return _check_url(value) if value else None
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        key = value.get_secret_value().strip()
+        if not key:
+            return None
+        if any(c.isspace() or not c.isprintable() for c in key):
+            raise ValueError("must not contain whitespace or control characters")
+        return SecretStr(key)
+
+    @field_validator("default_region", mode="before")
+    @classmethod
+    def _region(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        region = value.strip().upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError("not a known region (use a two-letter code such as US, GB, DE)")
+        return region
+
+    @field_validator("messages_db", "calls_db", "addressbook_dir", "state_dir", "log_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def api_key_value(self) -> str | None:
+        """The API key in clear, for the Authorization header only."""
+        return self.api_key.get_secret_value() if self.api_key else None
+
+    @property
+    def state_db(self) -> Path:
+        return self.state_dir / "state.db"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.state_dir / "crm-syncd.lock"
+
+    @property
+    def log_file(self) -> Path:
+        return self.log_dir / "crm-syncd.log"
+
+    @property
+    def config_file(self) -> Path | None:
+        """The config file these settings were read from (set by load_settings)."""
+        return self._config_file
+
+
+def _env_name(field: str) -> str | None:
+    wanted = (ENV_PREFIX + field).lower()
+    return next((name for name in os.environ if name.lower() == wanted), None)
+
+
+def _source_of(field: str, overrides: dict[str, Any], file: Path | None,
+               file_data: dict[str, Any]) -> str:
+    if field in overrides:
+        return "from command line"
+    env = _env_name(field)
+    if env is not None:
+        return f"from env {env}"
+    if field in file_data:
+        return f"from {file}"
+    return "default"
+
+
+def _describe(error: dict[str, Any], overrides: dict[str, Any], file: Path | None,
+              file_data: dict[str, Any]) -> str:
+    field = str(error["loc"][0]) if error.get("loc") else "?"
+    source = _source_of(field, overrides, file, file_data)
+    if error.get("type") == "extra_forbidden":
+        return f"unknown setting {field!r} ({source})"
+    message = error.get("msg", "invalid")
+    message = message.removeprefix("Value error, ")
+    if field in _SECRET_FIELDS:
+        return f"invalid setting {field} ({source}): {message}"
+    return f"invalid setting {field} = {error.get('input')!r} ({source}): {message}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Load settings; `overrides` (e.g. CLI flags) win. None-valued overrides count as not given.
+
+    The API key falls back to the macOS Keychain (service "crm-syncd", user "api_key") when no
+    other source sets it. Raises ConfigError with a one-line message.
+    """
+    from crm_syncd import macos
+
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        file, file_data = read_config_file()
+        errors = exc.errors()
+        line = _describe(errors[0], overrides, file, file_data)
+        if len(errors) > 1:
+            line += f" (and {len(errors) - 1} more)"
+        raise ConfigError(line) from None
+    settings._config_file = config_file_path()[0]
+    if settings.api_key is None:
+        key = macos.keychain_api_key()
+        if key and key.strip():
+            settings.api_key = SecretStr(key.strip())
+    return settings
+
+
+def config_warnings(settings: Settings) -> list[str]:
+    """Problems worth telling the user about that do not stop crm-syncd from running."""
+    warnings: list[str] = []
+    path = settings.config_file or config_file_path()[0]
+    try:
+        mode = path.stat().st_mode if path is not None else None
+    except OSError:
+        mode = None
+    if mode is not None and mode & (stat.S_IRGRP | stat.S_IROTH):
+        warnings.append(f"config file {path} can be read by other users and may hold the API key; "
+                        f"fix with: chmod 600 '{path}'")
+    legacy = legacy_config_path()
+    if path is not None and path != legacy and legacy.exists():
+        warnings.append(f"legacy config {legacy} is ignored because {path} exists; "
+                        "delete it once its settings are moved over")
+    return warnings
+
+
+def secure_dir(path: Path) -> Path:
+    """Create `path` (and parents) if needed and make it private to the user (0700)."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def secure_file(path: Path) -> Path:
+    """Create `path` if needed (without ever exposing it) and make it private to the user (0600)."""
+    path = Path(path)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    os.chmod(path, 0o600)
+    return path

@@ -1,0 +1,143 @@
+"""Logging: JSON lines in a private, rotated file; readable console; counterparts masked, keys redacted."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import structlog
+
+from crm_syncd import logs
+from crm_syncd.logs import configure, get_logger, mask_address
+
+PHONE = "+15551231234"
+EMAIL = "john.appleseed@example.com"
+KEY = "sk-live-7d1f0c2b9a"
+
+
+@pytest.fixture(autouse=True)
+def fresh_logging():
+    yield
+    structlog.reset_defaults()
+    stdlib = logging.getLogger("crm_syncd")
+    for handler in stdlib.handlers[:]:
+        stdlib.removeHandler(handler)
+        handler.close()
+
+
+def read_events(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_events_are_json_lines_in_a_private_file_with_utc_iso_timestamps(tmp_path):
+    log_file = tmp_path / "logs" / "crm-syncd.log"
+    configure(log_file=log_file, console=False)
+    get_logger("engine").info("extract.done", source="messages", rows=12)
+    get_logger().warning("push.failed", status=503)
+
+    first, second = read_events(log_file)
+    assert first["event"] == "extract.done" and first["level"] == "info"
+    assert first["rows"] == 12 and first["logger"] == "crm_syncd.engine"
+    assert second["event"] == "push.failed" and second["level"] == "warning"
+    stamp = datetime.fromisoformat(first["timestamp"].replace("Z", "+00:00"))
+    assert stamp.utcoffset() == timedelta(0)
+    assert abs(datetime.now(timezone.utc) - stamp) < timedelta(minutes=5)
+    assert log_file.stat().st_mode & 0o777 == 0o600
+    assert log_file.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_counterparts_are_masked_and_secrets_redacted_in_the_file(tmp_path):
+    log_file = tmp_path / "crm-syncd.log"
+    configure(log_file=log_file, console=False)
+    get_logger().info("contacts.rescan", phone=PHONE, email=EMAIL, handle=PHONE,
+                      counterpart=EMAIL, address=PHONE, from_phone=PHONE, emails=[EMAIL],
+                      api_key=KEY, headers={"Authorization": f"Bearer {KEY}"}, token=KEY)
+    text = log_file.read_text(encoding="utf-8")
+    assert PHONE not in text and EMAIL not in text and KEY not in text
+    (event,) = read_events(log_file)
+    assert event["phone"] == "+1•••••••1234"
+    assert event["email"] == "j•••@example.com"
+    assert event["emails"] == ["j•••@example.com"]
+    assert event["api_key"] == event["token"] == event["headers"]["Authorization"] == "[redacted]"
+
+
+def test_debug_is_off_by_default_and_verbose_shows_it_with_secrets_still_redacted(tmp_path):
+    log_file = tmp_path / "crm-syncd.log"
+    configure(log_file=log_file, console=False)
+    get_logger().debug("watch.tick")
+    assert log_file.read_text() == ""
+
+    configure(log_file=log_file, console=False, verbose=True)
+    get_logger().debug("watch.tick", phone=PHONE, api_key=KEY)
+    get_logger().info("extract.done", phone=PHONE)
+    debug, info = read_events(log_file)
+    assert debug["event"] == "watch.tick" and debug["phone"] == PHONE  # debug is for diagnosis
+    assert debug["api_key"] == "[redacted]"
+    assert info["phone"] == "+1•••••••1234"
+
+
+def test_the_file_rotates_at_the_size_limit_and_keeps_a_bounded_number(tmp_path):
+    log_file = tmp_path / "crm-syncd.log"
+    configure(log_file=log_file, console=False, max_bytes=2_000, backups=2)
+    log = get_logger()
+    for i in range(200):
+        log.info("push.batch", n=i, padding="x" * 50)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "crm-syncd.log", "crm-syncd.log.1", "crm-syncd.log.2"]
+    for path in tmp_path.iterdir():
+        assert path.stat().st_size <= 2_000
+        assert path.stat().st_mode & 0o777 == 0o600
+    assert read_events(log_file)[-1]["n"] == 199
+
+
+def test_console_mode_writes_readable_lines_to_stderr(tmp_path, capsys):
+    configure(console=True, log_file=tmp_path / "unused.log")
+    get_logger("cli").info("sync.done", pushed=3, phone=PHONE)
+    err = capsys.readouterr().err
+    assert "sync.done" in err and "pushed=3" in err
+    assert "+1•••••••1234" in err and PHONE not in err
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(err.splitlines()[0])
+    assert not (tmp_path / "unused.log").exists()
+
+
+def test_loggers_taken_before_configure_follow_a_later_configure(tmp_path):
+    early = get_logger("daemon")
+    first, second = tmp_path / "a.log", tmp_path / "b.log"
+    configure(log_file=first, console=False)
+    early.info("one")
+    configure(log_file=second, console=False)
+    early.info("two")
+    assert [e["event"] for e in read_events(first)] == ["one"]
+    assert [e["event"] for e in read_events(second)] == ["two"]
+
+
+def test_exceptions_are_kept_on_one_json_line(tmp_path):
+    log_file = tmp_path / "crm-syncd.log"
+    configure(log_file=log_file, console=False)
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        get_logger().exception("push.failed")
+    (event,) = read_events(log_file)
+    assert event["level"] == "error" and "RuntimeError: boom" in event["exception"]
+
+
+@pytest.mark.parametrize("raw, masked", [
+    ("+15551231234", "+1•••••••1234"),
+    ("+44 20 7946 0958", "+4•••••••0958"),
+    ("(555) 123-1234", "5•••••••1234"),
+    ("john@example.com", "j•••@example.com"),
+    ("12345", "•••45"),
+    ("chat123456789", "c•••"),
+    ("", ""),
+])
+def test_mask_address(raw, masked):
+    assert mask_address(raw) == masked
+
+
+def test_privacy_processor_is_exported_for_reuse():
+    assert logs.privacy(None, "info", {"phone": PHONE, "n": 1}) == {"phone": "+1•••••••1234", "n": 1}
