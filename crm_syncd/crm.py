@@ -1,0 +1,435 @@
+"""The Citadel CRM client (async httpx, one keep-alive pool) and its error tree.
+
+Status codes map exactly as /work/shared/reference/citadel-api.md says a sync client must read
+them. The client never retries: the caller owns retry policy and reads it off the error class:
+
+    CRMError
+    ├── Transient      retry with backoff (`retry_after` when the server said)
+    │   ├── Unreachable    connection refused/reset, DNS, timeouts
+    │   ├── Throttled      429
+    │   └── ServerBusy     502/503/504 (and 408)
+    ├── Ambiguous      500 (or another 5xx): the write may or may not have happened
+    ├── Rejected       422 (or another 4xx): a fact about the item; `details`, `reason`
+    ├── NotFound       404 with Citadel's JSON envelope
+    ├── Unauthorized   401/403
+    └── BadResponse    not JSON (Express's HTML 404 page), truncated, wrong shape, too large
+
+Messages never contain the API key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import email.utils
+import importlib.util
+import json
+import sys
+from typing import Any
+
+import httpx
+
+from crm_syncd import __version__
+
+CONTACTS_PAGE = 100  # the server's cap
+_MAX_PASSES = 4  # listing passes before an incomplete listing is reported
+_CONTACT_SORTS = ("name_asc", "created_desc", "created_desc", "created_desc")
+_JSON_HEADERS = {"Content-Type": "application/json"}
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+class CRMError(Exception):
+    """Anything that went wrong talking to Citadel. `message` is human text without secrets."""
+
+    def __init__(self, message: str, *, status: int | None = None, method: str | None = None, path: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status  # HTTP status when one was received
+        self.method = method
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Transient(CRMError):
+    """Worth retrying after a backoff; `retry_after` (seconds) when the server asked for one."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: Any):
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class Unreachable(Transient):
+    """No HTTP answer: refused, reset, DNS, timeout. `maybe_written` is True when a mutating
+    request was fully sent before the failure (a read timeout or a reset while waiting for the
+    answer): like Ambiguous, the write may have happened, so check before re-sending."""
+
+    def __init__(self, message: str, *, maybe_written: bool = False, **kw: Any):
+        super().__init__(message, **kw)
+        self.maybe_written = maybe_written
+
+
+class Throttled(Transient):
+    """429 Too Many Requests."""
+
+
+class ServerBusy(Transient):
+    """502/503/504 (and 408): a proxy or the server is overloaded or restarting."""
+
+
+class Ambiguous(CRMError):
+    """500: Citadel answers many client mistakes with 500, and an insert may have happened."""
+
+
+class Rejected(CRMError):
+    """422 (or another 4xx): the item itself is wrong. `details`: field -> messages; `reason`: one line."""
+
+    def __init__(self, message: str, *, details: dict[str, list[str]] | None = None, reason: str = "", **kw: Any):
+        super().__init__(message, **kw)
+        self.details = details or {}
+        self.reason = reason
+
+
+class NotFound(CRMError):
+    """404 with Citadel's JSON error: the contact does not exist (any more)."""
+
+
+class Unauthorized(CRMError):
+    """401/403: the API key is missing, wrong or lacks rights."""
+
+
+class BadResponse(CRMError):
+    """The answer is not what Citadel sends: not JSON, truncated, unexpected shape or too large."""
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return max(0.0, (when - dt.datetime.now(dt.timezone.utc)).total_seconds())
+
+
+def _envelope(raw: bytes) -> tuple[str, str, dict[str, list[str]]] | None:
+    """(code, message, details) from `{"error": {...}}`, or None when the body is not that."""
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    err = doc.get("error") if isinstance(doc, dict) else None
+    if not isinstance(err, dict):
+        return None
+    details: dict[str, list[str]] = {}
+    raw_details = err.get("details")
+    if isinstance(raw_details, dict):
+        for name, msgs in raw_details.items():
+            items = msgs if isinstance(msgs, list) else [msgs]
+            details[str(name)] = [str(m) for m in items]
+    return str(err.get("code") or ""), str(err.get("message") or ""), details
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class CitadelClient:
+    """Async Citadel client over one HTTP/1.1 keep-alive pool. Use as `async with`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 10.0,
+        max_connections: int = 8,
+        max_response_bytes: int = 20_000_000,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self._secret = api_key or None
+        self._timeout = timeout
+        self._max_connections = max_connections
+        self._max_bytes = max_response_bytes
+        headers = {"User-Agent": f"crm-syncd/{__version__}", "Accept": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            follow_redirects=False,
+        )
+
+    def __repr__(self) -> str:
+        return f"CitadelClient({self.base_url!r}, api_key={'***' if self._secret else None})"
+
+    async def __aenter__(self) -> CitadelClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # -- endpoints -----------------------------------------------------------------------------
+
+    async def health(self) -> bool:
+        """True when Citadel answers 200 {"status": "ok"}; False on any failure."""
+        try:
+            doc = await self._call("GET", "/api/health", envelope=False)
+        except (CRMError, httpx.HTTPError):
+            return False
+        return doc.get("status") == "ok"
+
+    async def list_contacts(self) -> list[dict[str, Any]]:
+        """Every contact exactly once. Paging is unstable when names tie, so pages are deduplicated
+        by id and checked against meta.total; a short listing is re-paged (created_desc) and merged."""
+        return await self._collect("/api/contacts", {}, _CONTACT_SORTS, "contacts")
+
+    async def get_contact(self, contact_id: int) -> dict[str, Any]:
+        return await self._data("GET", f"/api/contacts/{int(contact_id)}")
+
+    async def create_contact(self, fields: dict[str, Any]) -> dict[str, Any]:
+        return await self._data("POST", "/api/contacts", fields)
+
+    async def update_contact(self, contact_id: int, fields: dict[str, Any]) -> dict[str, Any]:
+        return await self._data("PUT", f"/api/contacts/{int(contact_id)}", fields)
+
+    async def delete_contact(self, contact_id: int) -> None:
+        await self._call("DELETE", f"/api/contacts/{int(contact_id)}")
+
+    async def create_interaction(self, contact_id: int, payload: dict[str, Any]) -> dict[str, Any]:
+        return await self._data("POST", f"/api/contacts/{int(contact_id)}/interactions", payload)
+
+    async def list_interactions(self, contact_id: int, day: dt.date) -> list[dict[str, Any]]:
+        """Every interaction of the contact on that UTC day (all pages, deduplicated by id)."""
+        if isinstance(day, dt.datetime) or not isinstance(day, dt.date):
+            raise TypeError("day must be a datetime.date (a UTC day)")
+        path = f"/api/contacts/{int(contact_id)}/interactions"
+        return await self._collect(path, {"date": day.isoformat()}, (None,) * _MAX_PASSES, "interactions")
+
+    async def recent_interactions(self, contact_id: int) -> list[dict[str, Any]]:
+        """The contact's newest interactions (one page of up to 100)."""
+        rows, _total, _pages = await self._page(f"/api/contacts/{int(contact_id)}/interactions",
+                                                {"limit": str(CONTACTS_PAGE)})
+        return rows
+
+    # -- listing -------------------------------------------------------------------------------
+
+    async def _collect(
+        self, path: str, params: dict[str, str], sorts: tuple[str | None, ...], what: str
+    ) -> list[dict[str, Any]]:
+        union: dict[int, dict[str, Any]] = {}
+        union_total = -1
+        for sort in sorts:
+            query = dict(params, limit=str(CONTACTS_PAGE))
+            if sort:
+                query["sort"] = sort
+            rows, total, consistent = await self._all_pages(path, query)
+            seen = {row["id"]: row for row in rows}
+            if consistent and len(seen) == total:
+                return list(seen.values())
+            if total != union_total:
+                union, union_total = {}, total  # the set changed between passes: start over
+            union.update(seen)
+            if consistent and len(union) == total:
+                return list(union.values())
+        raise BadResponse(
+            f"incomplete listing of {what}: {len(union)} of {union_total} after {len(sorts)} passes",
+            method="GET", path=path,
+        )
+
+    async def _all_pages(self, path: str, query: dict[str, str]) -> tuple[list[dict[str, Any]], int, bool]:
+        """(rows of every page, meta.total of page 1, whether every page agreed on the total)."""
+        rows, total, pages = await self._page(path, {**query, "page": "1"})
+        if pages <= 1:
+            return rows, total, True
+        gate = asyncio.Semaphore(self._max_connections)
+
+        async def one(page: int) -> tuple[list[dict[str, Any]], int, int]:
+            async with gate:
+                return await self._page(path, {**query, "page": str(page)})
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(p)) for p in range(2, pages + 1)]
+        except BaseExceptionGroup as eg:
+            first = eg.exceptions[0]
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
+        consistent = True
+        for task in tasks:
+            page_rows, page_total, _ = task.result()
+            rows.extend(page_rows)
+            consistent = consistent and page_total == total
+        return rows, total, consistent
+
+    async def _page(self, path: str, query: dict[str, str]) -> tuple[list[dict[str, Any]], int, int]:
+        doc = await self._call("GET", path, params=query)
+        data, meta = doc.get("data"), doc.get("meta")
+        if not isinstance(data, list) or not isinstance(meta, dict):
+            raise BadResponse(f"unexpected listing shape from GET {path}", method="GET", path=path)
+        total, limit = meta.get("total"), meta.get("limit")
+        if not isinstance(total, int) or not isinstance(limit, int) or limit < 1 or total < 0:
+            raise BadResponse(f"unexpected listing meta from GET {path}", method="GET", path=path)
+        for row in data:
+            if not isinstance(row, dict) or not isinstance(row.get("id"), int):
+                raise BadResponse(f"listing row without an id from GET {path}", method="GET", path=path)
+        pages = meta.get("totalPages")
+        if not isinstance(pages, int) or pages < 0:
+            pages = -(-total // limit)
+        return data, total, pages
+
+    # -- one request ---------------------------------------------------------------------------
+
+    async def _data(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        doc = await self._call(method, path, body)
+        data = doc.get("data")
+        if not isinstance(data, dict):
+            raise BadResponse(f"{method} {path}: no object in data", method=method, path=path)
+        return data
+
+    async def _call(
+        self, method: str, path: str, body: Any = None, *, params: dict[str, str] | None = None, envelope: bool = True
+    ) -> dict[str, Any]:
+        """Send one request; the parsed JSON object of a 2xx, else the mapped CRMError."""
+        content = None if body is None else _encode(body).encode()
+        request = self._http.build_request(
+            method, path, params=params, content=content, headers=_JSON_HEADERS if content is not None else None
+        )
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise self._unreachable(method, path, exc, f"timed out after {self._timeout:g}s") from exc
+        except httpx.TransportError as exc:
+            raise self._unreachable(method, path, exc, "cannot connect") from exc
+        try:
+            raw = await self._read(response, method, path)
+        finally:
+            await response.aclose()
+        status = response.status_code
+        if 200 <= status < 300:
+            try:
+                doc = json.loads(raw)
+            except ValueError:
+                raise BadResponse(f"{status}: response is not JSON", status=status, method=method, path=path) from None
+            if not isinstance(doc, dict) or (envelope and "data" not in doc):
+                raise BadResponse(f"{status}: unexpected response shape", status=status, method=method, path=path)
+            return doc
+        raise self._error(response, raw, method, path)
+
+    async def _read(self, response: httpx.Response, method: str, path: str) -> bytes:
+        """The body, refusing more than max_response_bytes and reporting truncation as BadResponse."""
+        status = response.status_code
+        declared = response.headers.get("content-length")
+        try:
+            if declared is not None and declared.isdigit() and int(declared) > self._max_bytes:
+                raise BadResponse(
+                    f"{status}: response of {declared} bytes exceeds the {self._max_bytes}-byte limit",
+                    status=status, method=method, path=path,
+                )
+            chunks, size = [], 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > self._max_bytes:
+                    raise BadResponse(
+                        f"{status}: response exceeds the {self._max_bytes}-byte limit",
+                        status=status, method=method, path=path,
+                    )
+                chunks.append(chunk)
+        except httpx.TimeoutException as exc:
+            raise self._unreachable(method, path, exc, f"timed out after {self._timeout:g}s reading the body") from exc
+        except httpx.HTTPError as exc:
+            raise BadResponse(
+                f"{status}: truncated response ({type(exc).__name__})", status=status, method=method, path=path
+            ) from exc
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _unreachable(self, method: str, path: str, exc: httpx.HTTPError, what: str) -> Unreachable:
+        # Once the request is on the wire, a missing answer does not mean the write did not happen.
+        sent = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+        detail = str(exc)
+        message = f"{what} ({type(exc).__name__}{': ' + detail if detail else ''})"
+        return Unreachable(
+            self._scrub(message), maybe_written=sent and method != "GET", method=method, path=path
+        )
+
+    def _error(self, response: httpx.Response, raw: bytes, method: str, path: str) -> CRMError:
+        status = response.status_code
+        parsed = _envelope(raw)
+        _code, text, details = parsed if parsed else ("", "", {})
+        text = self._scrub(_one_line(text or response.reason_phrase or "error"))
+        message = f"{status}: {text}"
+        where = {"status": status, "method": method, "path": path}
+        if status in (401, 403):
+            return Unauthorized(message, **where)
+        if status == 404:
+            if parsed is None:  # Express's HTML page: a route this server does not have
+                return BadResponse("404: not a Citadel API route (non-JSON answer)", **where)
+            return NotFound(message, **where)
+        if status == 429:
+            return Throttled(message, retry_after=_retry_after(response.headers.get("retry-after")), **where)
+        if status in (408, 502, 503, 504):
+            return ServerBusy(message, retry_after=_retry_after(response.headers.get("retry-after")), **where)
+        if status >= 500:
+            return Ambiguous(message, **where)
+        if 400 <= status < 500:
+            details = {k: [self._scrub(m) for m in v] for k, v in details.items()}
+            reason = "; ".join(f"{name}: {', '.join(msgs)}" for name, msgs in details.items()) if details else text
+            reason = _one_line(reason)
+            return Rejected(f"{status}: {reason}", details=details, reason=reason, **where)
+        return BadResponse(f"{status}: unexpected status", **where)
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret and self._secret in text else text
+
+
+class DryRun:
+    """A CRM that reads from the real one and only pretends to write (for `sync --dry-run`).
+
+    Pretend writes get negative ids, so nothing can mistake them for the CRM's own.
+    """
+
+    def __init__(self, real: CitadelClient) -> None:
+        self.real = real
+        self._next_id = -1
+
+    def __getattr__(self, name: str) -> Any:  # reads: health, list_contacts, list_interactions, ...
+        return getattr(self.real, name)
+
+    def _fake(self, fields: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        self._next_id -= 1
+        return {**fields, **extra, "id": self._next_id + 1}
+
+    async def create_contact(self, fields: dict[str, Any]) -> dict[str, Any]:
+        return self._fake(fields)
+
+    async def update_contact(self, contact_id: int, fields: dict[str, Any]) -> dict[str, Any]:
+        current = await self.real.get_contact(contact_id) if contact_id > 0 else {}
+        return {**current, **fields, "id": contact_id}
+
+    async def delete_contact(self, contact_id: int) -> None:
+        return None
+
+    async def create_interaction(self, contact_id: int, payload: dict[str, Any]) -> dict[str, Any]:
+        return self._fake(payload, contactId=contact_id)
+
+    async def list_interactions(self, contact_id: int, day: dt.date) -> list[dict[str, Any]]:
+        return await self.real.list_interactions(contact_id, day) if contact_id > 0 else []
+
+    async def recent_interactions(self, contact_id: int) -> list[dict[str, Any]]:
+        return await self.real.recent_interactions(contact_id) if contact_id > 0 else []
+

@@ -1,0 +1,248 @@
+"""CitadelClient against the real stand-in over real HTTP: results, paging and the error tree."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from crm_syncd import __version__
+from crm_syncd.crm import (
+    Ambiguous,
+    BadResponse,
+    CitadelClient,
+    CRMError,
+    NotFound,
+    Rejected,
+    ServerBusy,
+    Throttled,
+    Transient,
+    Unauthorized,
+    Unreachable,
+)
+from tests.harness.citadel import CitadelServer, Faults
+
+T = TypeVar("T")
+KEY = "sk-live-5ecret-key-0042"
+TEXT = {"type": "TEXT_OUTBOUND", "occurredAt": "2024-03-01T10:00:00.000Z", "source": "IMPORT_IOS"}
+
+
+@pytest.fixture
+def crm(tmp_path: Path) -> Iterator[CitadelServer]:
+    with CitadelServer(tmp_path / "citadel.db") as server:
+        yield server
+    assert server.errors == [], "the stand-in itself raised"
+
+
+def run(url: str, use: Callable[[CitadelClient], Awaitable[T]], **options: Any) -> T:
+    """Run `use(client)` on a fresh client in a fresh event loop."""
+
+    async def main() -> T:
+        async with CitadelClient(url, **options) as client:
+            return await use(client)
+
+    return asyncio.run(main())
+
+
+def raises(kind: type[CRMError], url: str, use: Callable[[CitadelClient], Awaitable[Any]], **options: Any) -> CRMError:
+    with pytest.raises(kind) as caught:
+        run(url, use, **options)
+    return caught.value
+
+
+# -- results ------------------------------------------------------------------------------------
+
+
+def test_health_is_true_when_up_and_false_when_down_or_wrong(crm: CitadelServer) -> None:
+    assert run(crm.url, lambda c: c.health()) is True
+    assert run(crm.url + "/not-citadel", lambda c: c.health()) is False  # HTML 404
+    crm.go_down()
+    assert run(crm.url, lambda c: c.health()) is False
+
+
+def test_contact_crud_round_trip(crm: CitadelServer) -> None:
+    async def use(c: CitadelClient) -> tuple[dict, dict, dict]:
+        created = await c.create_contact({"firstName": "Ann", "lastName": "Lee", "phone": "+19025551234"})
+        updated = await c.update_contact(created["id"], {"lastName": "Smith"})
+        fetched = await c.get_contact(created["id"])
+        await c.delete_contact(created["id"])
+        return created, updated, fetched
+
+    created, updated, fetched = run(crm.url, use)
+    assert created["phone"] == "+19025551234" and updated["lastName"] == "Smith" and fetched == updated
+    assert crm.contacts() == []
+
+
+def test_create_interaction_returns_it_with_its_id(crm: CitadelServer) -> None:
+    cid = crm.add_contact(firstName="Ann", lastName="Lee")
+    made = run(crm.url, lambda c: c.create_interaction(cid, {**TEXT, "occurredAt": "2024-03-01T10:00:00.123456Z"}))
+    assert made["occurredAt"] == "2024-03-01T10:00:00.123Z"
+    assert crm.interactions(cid) == [made]
+
+
+def test_list_contacts_yields_every_contact_once_despite_unstable_ties(crm: CitadelServer) -> None:
+    for _ in range(260):
+        crm.add_contact(firstName="Sam", lastName="Same")  # the same name: paging by name shuffles them
+    for n in range(60):
+        crm.add_contact(firstName=f"P{n}", lastName="Other")
+    crm.unstable_ties = True
+    listed = run(crm.url, lambda c: c.list_contacts())
+    assert sorted(c["id"] for c in listed) == [c["id"] for c in crm.contacts()]
+    assert crm.stats[("GET", "/api/contacts", 200)] >= 4  # 4 pages; more when a pass came up short
+
+
+def test_list_contacts_of_an_empty_crm_is_empty(crm: CitadelServer) -> None:
+    assert run(crm.url, lambda c: c.list_contacts()) == []
+
+
+def test_list_interactions_reads_every_page_of_one_utc_day(crm: CitadelServer) -> None:
+    cid = crm.add_contact(firstName="Ann", lastName="Lee")
+
+    async def use(c: CitadelClient) -> list[dict]:
+        for n in range(230):  # 3 pages, many equal timestamps
+            await c.create_interaction(cid, {**TEXT, "occurredAt": f"2024-03-01T10:00:{n % 7:02d}Z"})
+        await c.create_interaction(cid, {**TEXT, "occurredAt": "2024-03-02T00:00:00Z"})
+        return await c.list_interactions(cid, dt.date(2024, 3, 1))
+
+    got = run(crm.url, use)
+    assert len(got) == 230 == len({i["id"] for i in got})
+    assert run(crm.url, lambda c: c.list_interactions(4242, dt.date(2024, 3, 1))) == []
+
+
+def test_list_interactions_refuses_a_datetime(crm: CitadelServer) -> None:
+    with pytest.raises(TypeError):
+        run(crm.url, lambda c: c.list_interactions(1, dt.datetime(2024, 3, 1, 23, 0)))  # type: ignore[arg-type]
+
+
+def test_requests_carry_user_agent_and_no_origin(crm: CitadelServer) -> None:
+    run(crm.url, lambda c: c.list_contacts())  # the stand-in answers 500 to any Origin header
+    assert crm.last_headers["user-agent"] == f"crm-syncd/{__version__}"
+    assert "origin" not in crm.last_headers and "authorization" not in crm.last_headers
+
+
+def test_connections_are_kept_alive(crm: CitadelServer) -> None:
+    cid = crm.add_contact(firstName="Ann", lastName="Lee")
+
+    async def use(c: CitadelClient) -> None:
+        for _ in range(20):
+            await c.get_contact(cid)
+
+    run(crm.url, use)
+    assert crm.connections_accepted == 1
+
+
+# -- the error tree -----------------------------------------------------------------------------
+
+
+def test_422_is_rejected_with_details_and_a_one_line_reason(crm: CitadelServer) -> None:
+    err = raises(Rejected, crm.url, lambda c: c.create_contact({"firstName": "Ann"}))
+    assert str(err) == "422: lastName: Required"
+    assert err.details == {"lastName": ["Required"]} and err.reason == "lastName: Required"  # type: ignore[attr-defined]
+    cid = crm.add_contact(firstName="Ann", lastName="Lee")
+    err = raises(Rejected, crm.url, lambda c: c.create_interaction(cid, {**TEXT, "durationSeconds": 0}))
+    assert list(err.details) == ["durationSeconds"] and "\n" not in err.reason  # type: ignore[attr-defined]
+
+
+def test_unknown_contact_is_not_found(crm: CitadelServer) -> None:
+    for use in (lambda c: c.get_contact(4242), lambda c: c.update_contact(4242, {"firstName": "A"}),
+                lambda c: c.delete_contact(4242), lambda c: c.create_interaction(4242, TEXT)):
+        err = raises(NotFound, crm.url, use)
+        assert err.status == 404 and str(err) == "404: Contact not found"
+
+
+def test_html_404_from_a_wrong_base_url_is_a_bad_response(crm: CitadelServer) -> None:
+    err = raises(BadResponse, crm.url + "/wrong-prefix", lambda c: c.get_contact(1))
+    assert err.status == 404
+
+
+def test_response_larger_than_the_limit_is_a_bad_response(crm: CitadelServer) -> None:
+    crm.add_contact(firstName="Ann", lastName="Lee", notes="x" * 500)
+    err = raises(BadResponse, crm.url, lambda c: c.list_contacts(), max_response_bytes=200)
+    assert "limit" in str(err)
+
+
+def test_truncated_body_is_a_bad_response(crm: CitadelServer) -> None:
+    crm.faults = Faults(rate=1.0, kinds=("truncate",))
+    raises(BadResponse, crm.url, lambda c: c.create_contact({"firstName": "Ann", "lastName": "Lee"}))
+    assert len(crm.contacts()) == 1  # the write happened; only the answer was cut
+
+
+def test_500_after_write_is_ambiguous_and_the_write_happened(crm: CitadelServer) -> None:
+    cid = crm.add_contact(firstName="Ann", lastName="Lee")
+    crm.faults = Faults(rate=1.0, kinds=("500-after-write",))
+    err = raises(Ambiguous, crm.url, lambda c: c.create_interaction(cid, TEXT))
+    assert err.status == 500 and not isinstance(err, Transient)
+    assert len(crm.interactions(cid)) == 1
+
+
+@pytest.mark.parametrize("status", ["502", "503", "504"])
+def test_gateway_and_unavailable_statuses_are_server_busy(crm: CitadelServer, status: str) -> None:
+    crm.faults = Faults(rate=1.0, kinds=(status,))
+    err = raises(ServerBusy, crm.url, lambda c: c.create_contact({"firstName": "A", "lastName": "B"}))
+    assert err.status == int(status) and isinstance(err, Transient)
+
+
+def test_429_is_throttled_with_retry_after(crm: CitadelServer) -> None:
+    crm.faults = Faults(rate=1.0, kinds=("429",))
+    err = raises(Throttled, crm.url, lambda c: c.create_contact({"firstName": "A", "lastName": "B"}))
+    assert err.retry_after == 1.0  # type: ignore[attr-defined]
+
+
+def test_connection_refused_is_unreachable_and_the_pool_recovers(crm: CitadelServer) -> None:
+    cid = crm.add_contact(firstName="Ann", lastName="Lee")
+
+    async def use(c: CitadelClient) -> dict:
+        await c.get_contact(cid)  # a pooled keep-alive connection now exists
+        crm.go_down()
+        with pytest.raises(Unreachable):
+            await c.get_contact(cid)
+        with pytest.raises(Unreachable) as refused:
+            await c.create_interaction(cid, TEXT)
+        assert refused.value.maybe_written is False  # never connected: certainly not written
+        crm.come_up()
+        return await c.get_contact(cid)
+
+    assert run(crm.url, use)["id"] == cid
+
+
+def test_nothing_listening_is_unreachable() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound but not listening: refused
+        raises(Unreachable, f"http://127.0.0.1:{port}", lambda c: c.list_contacts())
+
+
+def test_timeout_is_unreachable_and_maybe_written(crm: CitadelServer) -> None:
+    cid = crm.add_contact(firstName="Ann", lastName="Lee")
+    crm.faults = Faults(rate=1.0, kinds=("timeout",))
+    err = raises(Unreachable, crm.url, lambda c: c.create_interaction(cid, TEXT), timeout=0.3)
+    assert "timed out" in str(err) and err.maybe_written is True  # type: ignore[attr-defined]
+
+
+def test_reset_is_unreachable(crm: CitadelServer) -> None:
+    crm.faults = Faults(rate=1.0, kinds=("reset",))
+    raises(Unreachable, crm.url, lambda c: c.create_contact({"firstName": "A", "lastName": "B"}))
+
+
+def test_bearer_key_is_sent_and_never_appears_in_errors(tmp_path: Path) -> None:
+    with CitadelServer(tmp_path / "c.db", api_key=KEY) as crm:
+        assert run(crm.url, lambda c: c.list_contacts(), api_key=KEY) == []
+        assert crm.last_headers["authorization"] == f"Bearer {KEY}"
+        cid = crm.add_contact(firstName="Ann", lastName="Lee")
+        errors = [
+            raises(Unauthorized, crm.url, lambda c: c.list_contacts(), api_key="wrong-" + KEY),
+            raises(Unauthorized, crm.url, lambda c: c.list_contacts()),
+            # the 422 echoes the received enum value: the client must scrub it
+            raises(Rejected, crm.url, lambda c: c.create_interaction(cid, {**TEXT, "type": KEY}), api_key=KEY),
+        ]
+        crm.go_down()
+        errors.append(raises(Unreachable, crm.url, lambda c: c.list_contacts(), api_key=KEY))
+    assert "***" in errors[2].reason  # type: ignore[attr-defined]
+    for err in errors:
+        assert KEY not in str(err) and KEY not in repr(err) and KEY not in repr(err.args)
+    assert KEY not in repr(CitadelClient("http://127.0.0.1:1", KEY))
