@@ -1,0 +1,362 @@
+"""The `crm-syncd` command line: a thin layer over the engine, the daemon and the store.
+
+Exit codes: 0 success, 1 something failed or is degraded, 2 the owner must fix something
+(configuration, Full Disk Access, the state database), 3 (status) the daemon is not running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections import Counter
+from contextlib import contextmanager
+from typing import Iterator
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from crm_syncd import __version__, crm as crmlib, logs
+from crm_syncd.engine import SOURCES, ContactsReport, Engine, PushReport, SourceReport
+from crm_syncd.settings import ConfigError, Settings, config_warnings, load_settings
+from crm_syncd.sources.sqlite import NeedsFullDiskAccess
+from crm_syncd.store import Store, StoreError
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+EXIT_OK, EXIT_FAILED, EXIT_FIX, EXIT_NOT_RUNNING = 0, 1, 2, 3
+MESSAGE_TYPES = ("TEXT_INBOUND", "TEXT_OUTBOUND")
+CALL_TYPES = ("CALL_INBOUND", "CALL_OUTBOUND", "CALL_MISSED")
+
+
+class Abort(Exception):
+    """Stop with a clear one-line message and an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_FIX) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@contextmanager
+def owner_errors() -> Iterator[None]:
+    """Turn what the owner must fix into one clear line and exit code 2."""
+    try:
+        yield
+    except (ConfigError, StoreError, NeedsFullDiskAccess) as exc:
+        raise Abort(str(exc)) from exc
+
+
+def verbose_option(fn):
+    return click.option("-v", "--verbose", is_flag=True, help="Debug output.")(fn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="crm-syncd")
+def main() -> None:
+    """Keep Citadel CRM up to date with the people this Mac talks to (metadata only)."""
+
+
+def _settings(**overrides) -> Settings:
+    with owner_errors():
+        settings = load_settings(**overrides)
+    for warning in config_warnings(settings):
+        err.print(f"[yellow]warning:[/] {warning}")
+    return settings
+
+
+def _run(fn, *args, **kwargs) -> None:
+    """Run a command body, mapping Abort to its message and exit code."""
+    try:
+        code = fn(*args, **kwargs)
+    except Abort as exc:
+        err.print(f"[red]error:[/] {exc}")
+        sys.exit(exc.code)
+    sys.exit(code or EXIT_OK)
+
+
+# -- sync ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--contacts-only", is_flag=True, help="Only contacts, no messages or calls.")
+@click.option("--interactions-only", is_flag=True, help="Only messages and calls, no address book.")
+@click.option("--dry-run", is_flag=True, help="Show what would be created; write nothing, not even state.")
+@click.option("--known-only", is_flag=True, help="No placeholder contacts: hold interactions with unknown people.")
+@click.option("--days", type=click.IntRange(min=0), help="Read messages and calls of the last N days.")
+@click.option("--full", is_flag=True, help="Re-read everything; what was delivered is still not sent twice.")
+@verbose_option
+def sync(contacts_only: bool, interactions_only: bool, dry_run: bool, known_only: bool,
+         days: int | None, full: bool, verbose: bool) -> None:
+    """One pass: contacts, then messages and calls, delivered to the CRM."""
+    if contacts_only and interactions_only:
+        raise click.UsageError("--contacts-only and --interactions-only exclude each other")
+    _run(_sync, contacts_only=contacts_only, interactions_only=interactions_only, dry_run=dry_run,
+         known_only=known_only, days=days, full=full, verbose=verbose)
+
+
+def _sync(*, contacts_only: bool, interactions_only: bool, dry_run: bool, known_only: bool,
+          days: int | None, full: bool, verbose: bool) -> int:
+    settings = _settings()
+    logs.configure(verbose=verbose, console=True)
+    with owner_errors():
+        store = _open_store(settings, dry_run)
+    try:
+        return asyncio.run(_sync_async(settings, store, contacts_only=contacts_only,
+                                       interactions_only=interactions_only, dry_run=dry_run,
+                                       known_only=known_only, days=days, full=full))
+    finally:
+        store.close()
+
+
+def _open_store(settings: Settings, dry_run: bool) -> Store:
+    if not dry_run:
+        return Store(settings.state_db)
+    if not settings.state_db.exists():
+        return Store.memory()
+    real = Store(settings.state_db)
+    try:
+        return real.copy_to_memory()
+    finally:
+        real.close()
+
+
+async def _sync_async(settings: Settings, store: Store, *, contacts_only: bool, interactions_only: bool,
+                      dry_run: bool, known_only: bool, days: int | None, full: bool) -> int:
+    async with crmlib.CitadelClient(settings.api_url, settings.api_key_value, timeout=settings.request_timeout_s,
+                                    max_connections=settings.push_concurrency) as client:
+        crm = crmlib.DryRun(client) if dry_run else client
+        engine = Engine(settings, store, crm, known_only=known_only)
+        contacts: ContactsReport | None = None
+        sources: list[SourceReport] = []
+        push: PushReport | None = None
+        placeholders: list[str] = []
+        crm_down: str | None = None
+        with owner_errors():
+            if not interactions_only:
+                try:
+                    contacts = await engine.sync_contacts()
+                except crmlib.CRMError as exc:
+                    crm_down = exc.message
+            if not contacts_only:
+                with _progress() as progress:
+                    for source in SOURCES:
+                        task = progress.add_task(f"reading {source}", total=None)
+                        sources.append(await asyncio.to_thread(
+                            engine.extract, source, full=full, days=days,
+                            progress=lambda n, t=task: progress.advance(t, n)))
+                if crm_down is None:
+                    try:
+                        placeholders = await engine.resolve()
+                        push = await engine.push()
+                    except crmlib.CRMError as exc:
+                        crm_down = exc.message
+        _summary(store, contacts, sources, placeholders, push, crm_down, dry_run, crm)
+    failed = bool(push and push.failed) or bool(contacts and contacts.failed) or crm_down is not None
+    failed = failed or bool(push and push.unreachable)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+@contextmanager
+def _progress() -> Iterator[Progress]:
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err, transient=True, disable=not err.is_terminal)
+    with progress:
+        yield progress
+
+
+def _reasons(counter: Counter[str]) -> str:
+    if not counter:
+        return ""
+    return " (" + ", ".join(f"{reason} {n}" for reason, n in counter.most_common()) + ")"
+
+
+def _summary(store: Store, contacts: ContactsReport | None, sources: list[SourceReport], placeholders: list[str],
+             push: PushReport | None, crm_down: str | None, dry_run: bool, crm) -> None:
+    verb = "would create" if dry_run else "created"
+    if dry_run:
+        out.print("[bold yellow]dry run:[/] nothing was written to the CRM or to crm-syncd's state")
+    if contacts:
+        line = (f"[bold]Contacts[/]  {verb} {len(contacts.created)} · existing {contacts.existing} · "
+                f"promoted {len(contacts.promoted)} · updated {len(contacts.updated)}")
+        out.print(line + (f" · [red]failed {len(contacts.failed)}[/]" if contacts.failed else ""))
+        for name in contacts.created[:20] if dry_run else []:
+            out.print(f"  + {name}")
+        for name, reason in contacts.failed[:5]:
+            out.print(f"  [red]✗[/] {name}: {reason}")
+        if contacts.missing:
+            out.print("  [yellow]no AddressBook found; contacts skipped[/]")
+        for store_name, problem in contacts.store_errors.items():
+            out.print(f"  [yellow]skipped {store_name}: {problem}[/]")
+    if placeholders:
+        out.print(f"[bold]Placeholders[/]  {verb} {len(placeholders)}")
+        for name in placeholders[:20]:
+            out.print(f"  ? {name}")
+    delivered = push.delivered_by_type if push else Counter()
+    for report in sources:
+        label = report.source.capitalize()
+        if report.missing:
+            out.print(f"[bold]{label}[/]  [yellow]database not found; skipped[/]")
+            continue
+        types = MESSAGE_TYPES if report.source == "messages" else CALL_TYPES
+        synced = sum(delivered[t] for t in types)
+        out.print(f"[bold]{label}[/]  synced {synced} · new {report.added} · already known {report.duplicates} · "
+                  f"skipped {sum(report.skipped.values())}{_reasons(report.skipped)}")
+    counts = store.counts()
+    held = store.held_by_reason()
+    out.print(f"[bold]Outbox[/]  pending {counts.get('pending', 0) + counts.get('sending', 0)} · "
+              f"held {counts.get('held', 0)}{_reasons(Counter(held))} · failed {counts.get('failed', 0)}")
+    if push and push.failed:
+        out.print(f"[red]✗ {len(push.failed)} interaction(s) failed[/] (kept; `crm-syncd retry-failed` resends):")
+        for key, reason in push.failed[:5]:
+            out.print(f"  {key}: {reason}")
+    if crm_down or (push and push.unreachable):
+        out.print(f"[red]✗ CRM unreachable:[/] {crm_down or push.unreachable}; everything stays queued for the next run")
+    elif not (push and push.failed) and not (contacts and contacts.failed):
+        out.print("[green]✓ done[/]")
+
+
+# -- retry-failed -------------------------------------------------------------------------
+
+
+@main.command("retry-failed")
+def retry_failed() -> None:
+    """Send failed interactions again on the next sync or daemon pass."""
+    def body() -> int:
+        settings = _settings()
+        with owner_errors():
+            store = Store(settings.state_db)
+        count = store.retry_failed()
+        store.close()
+        out.print(f"{count} failed interaction(s) queued again")
+        return EXIT_OK
+    _run(body)
+
+
+# -- run and status -----------------------------------------------------------------------
+
+
+@main.command()
+@verbose_option
+def run(verbose: bool) -> None:
+    """Run the daemon in the foreground (launchd starts it this way)."""
+    from crm_syncd.daemon import AlreadyRunning, Daemon
+
+    def body() -> int:
+        settings = _settings()
+        logs.configure(verbose=verbose, log_file=settings.log_file)
+        try:
+            with owner_errors():
+                return asyncio.run(Daemon(settings).run())
+        except AlreadyRunning as exc:
+            raise Abort(str(exc), EXIT_FAILED) from exc
+    _run(body)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(as_json: bool) -> None:
+    """Is the daemon running and healthy? Exit 0 healthy, 1 degraded, 3 not running."""
+    import json
+
+    from crm_syncd.status import exit_code, gather
+
+    def body() -> int:
+        settings = _settings()
+        with owner_errors():
+            doc = gather(settings)
+        if as_json:
+            click.echo(json.dumps(doc, indent=2))
+        else:
+            _print_status(doc)
+        return exit_code(doc)
+    _run(body)
+
+
+def _print_status(doc: dict) -> None:
+    colour = {"healthy": "green", "degraded": "yellow"}.get(doc["health"], "red")
+    head = f"[bold {colour}]{doc['health']}[/]"
+    if doc["running"]:
+        head += f" · pid {doc['pid']} · up {doc['uptime_s']}s"
+    out.print(head)
+    agent = doc["agent"]
+    out.print(f"launchd agent: {'loaded' if agent.get('loaded') else 'installed' if agent.get('installed') else 'not installed'}")
+    for name, src in doc["sources"].items():
+        line = f"{name:9} last sync {src.get('last_sync_at') or 'never'}"
+        if src.get("lag_rows"):
+            line += f" · [yellow]{src['lag_rows']} rows behind ({src['lag_seconds']}s)[/]"
+        if src.get("problem"):
+            line += f" · [yellow]{src['problem']}[/]"
+        out.print(line)
+    box = doc["outbox"]
+    out.print(f"outbox: pending {box['pending']} · held {box['held']} · delivered {box['delivered']} · "
+              + (f"[red]failed {box['failed']}[/]" if box["failed"] else "failed 0"))
+    for failure in box["failures"]:
+        out.print(f"  {failure['key']}: {failure['reason']}")
+    crm = doc["crm"]
+    out.print(f"CRM {crm['url']}: " + ("[green]reachable[/]" if crm["reachable"] else "[red]unreachable[/]"))
+    if doc["last_error"]:
+        out.print(f"last error: {doc['last_error']}")
+
+
+# -- install, uninstall, doctor -------------------------------------------------------------
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Print the plist and the launchctl commands only.")
+def install(dry_run: bool) -> None:
+    """Install and load the LaunchAgent (idempotent)."""
+    from crm_syncd import launchd
+
+    def body() -> int:
+        result = launchd.install(_settings(), dry_run=dry_run)
+        _print_launchd(result)
+        out.print(f"Grant Full Disk Access to: [bold]{result.fda_binary}[/]")
+        out.print(f"[yellow]{result.fda_warning}[/]")
+        return EXIT_OK
+    _run(_launchd_errors, body)
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Print the launchctl commands only.")
+def uninstall(dry_run: bool) -> None:
+    """Unload and remove the LaunchAgent (idempotent)."""
+    from crm_syncd import launchd
+
+    def body() -> int:
+        _print_launchd(launchd.uninstall(_settings(), dry_run=dry_run))
+        return EXIT_OK
+    _run(_launchd_errors, body)
+
+
+def _launchd_errors(body) -> int:
+    from crm_syncd import launchd, macos
+
+    try:
+        return body()
+    except (launchd.LaunchdError, macos.LaunchctlNotFound) as exc:
+        raise Abort(str(exc)) from exc
+
+
+def _print_launchd(result) -> None:
+    if result.dry_run and result.plist:
+        click.echo(result.plist)
+    for command in result.commands:
+        out.print(("would run: " if result.dry_run else "ran: ") + " ".join(map(str, command)))
+    out.print(f"{result.action}: {result.plist_path}" + ("" if result.changed else " (nothing to do)"))
+
+
+@main.command()
+def doctor() -> None:
+    """Check every precondition and print the fix for each failure."""
+    from crm_syncd.status import doctor as run_checks
+
+    def body() -> int:
+        checks = run_checks(_settings())
+        for check in checks:
+            mark = "[green]✓[/]" if check.ok else "[red]✗[/]"
+            out.print(f"{mark} {check.name}: {check.detail}")
+            if not check.ok and check.fix:
+                out.print(f"    fix: {check.fix}")
+        return EXIT_OK if all(c.ok for c in checks) else EXIT_FAILED
+    _run(body)

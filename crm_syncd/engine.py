@@ -1,0 +1,584 @@
+"""The pipeline shared by `crm-syncd sync` and `crm-syncd run`.
+
+sources → identity → store → crm, in four steps:
+
+1. `sync_contacts`: read every AddressBook store, merge cards into people, match them against
+   the CRM by normalised phone/email, create what is missing, and fill the identity map.
+2. `extract`: read a source past its high-water mark in bounded batches and move the rows
+   into the outbox together with the new mark (one transaction per batch).
+3. `resolve`: give every open item a contact: the identity map, Apple's own person grouping,
+   or a placeholder contact ("Unknown (+1-905-555-1234)"), or hold it.
+4. `push`: deliver the outbox with bounded concurrency; each item is durably `sending` before
+   its request leaves; outcomes are settled in batches; after a crash, `sending` items are
+   looked up in the CRM before anything is re-sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import random
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crm_syncd import crm as crmlib
+from crm_syncd.identity import (
+    PEOPLE,
+    Normalizer,
+    Person,
+    crm_addresses,
+    is_placeholder,
+    merge_cards,
+    placeholder_fields,
+)
+from crm_syncd.logs import get_logger, mask_address
+from crm_syncd.settings import Settings
+from crm_syncd.sources import Batch, Card, contacts as contacts_source
+from crm_syncd.sources.calls import CallsReader
+from crm_syncd.sources.messages import MessagesReader
+from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError, SourceMissing
+from crm_syncd.store import Item, NewItem, Store, now_ms
+
+log = get_logger("crm_syncd.engine")
+
+SOURCES = ("messages", "calls")
+DAY_MS = 86_400_000
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 60.0
+
+
+@dataclass
+class SourceReport:
+    source: str
+    rows: int = 0
+    added: int = 0
+    duplicates: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    missing: bool = False
+    rebuilt: bool = False
+
+
+@dataclass
+class ContactsReport:
+    cards: int = 0
+    created: list[str] = field(default_factory=list)
+    existing: int = 0
+    promoted: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    owner_edits: list[str] = field(default_factory=list)
+    placeholders: list[str] = field(default_factory=list)
+    duplicates: list[tuple[int, int]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+    store_errors: dict[str, str] = field(default_factory=dict)
+    missing: bool = False
+
+
+@dataclass
+class PushReport:
+    delivered: int = 0
+    adopted: int = 0
+    retried: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    delivered_by_type: Counter[str] = field(default_factory=Counter)
+    unreachable: str | None = None  # why delivery stopped early, if it did
+
+
+def occurred_iso(ms: int) -> str:
+    """UTC ISO-8601 with milliseconds and a Z, as Citadel stores it."""
+    seconds, millis = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def file_id(path: Path) -> str:
+    """Identity of a database file: a restored or recreated file gets a new inode."""
+    st = os.stat(path)
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+class Engine:
+    def __init__(self, settings: Settings, store: Store, crm: crmlib.CitadelClient, *,
+                 known_only: bool = False) -> None:
+        self.settings = settings
+        self.store = store
+        self.crm = crm
+        self.known_only = known_only
+        self.normalize = Normalizer(settings.default_region)
+        self.readers: dict[str, Any] = {
+            "messages": MessagesReader(settings.messages_db, group_messages=settings.group_messages),
+            "calls": CallsReader(settings.calls_db),
+        }
+        self.own_addresses: set[str] = set()
+        self.contacts_stale = False  # set when a contact vanished from the CRM
+        self._cards: dict[str, list[Card]] = {}  # AddressBook store → its cards, as last read
+        self._day_cache: dict[tuple[int, str], list[dict]] = {}
+        self._adopted: set[int] = set()
+        self._backoff_until = 0.0
+        self._failures_in_row = 0
+
+    # -- 1. contacts ----------------------------------------------------------------------
+
+    def addressbook_signatures(self) -> dict[str, str]:
+        """size+mtime of every AddressBook store and its -wal: one stat per file."""
+        base = Path(self.settings.addressbook_dir)
+        signatures = {}
+        for db in contacts_source.store_paths(base):
+            parts = []
+            for f in (db, db.with_name(db.name + "-wal")):
+                try:
+                    st = f.stat()
+                    parts.append(f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}")
+                except FileNotFoundError:
+                    parts.append("-")
+            signatures[db.relative_to(base).as_posix()] = "|".join(parts)
+        return signatures
+
+    def contacts_changed(self) -> bool:
+        return self.addressbook_signatures() != self.store.signatures()
+
+    async def sync_contacts(self) -> ContactsReport:
+        """Bring the CRM's contacts and the identity map in line with the address book."""
+        report = ContactsReport()
+        base = Path(self.settings.addressbook_dir)
+        signatures = self.addressbook_signatures()
+        if not signatures:
+            report.missing = True
+            log.warning("contacts.missing", path=str(base))
+        previous = self.store.signatures() if self._cards else {}
+        for store_name in set(self._cards) - set(signatures):
+            del self._cards[store_name]
+        changed = [name for name, sig in signatures.items() if previous.get(name) != sig or name not in self._cards]
+        for name in changed:
+            try:
+                cards, own, skipped = await asyncio.to_thread(contacts_source.read_store, base / name, name)
+            except SourceMissing:
+                self._cards.pop(name, None)
+                continue
+            except NeedsFullDiskAccess:
+                raise
+            except SourceError as exc:  # locked or corrupt: keep what we had
+                report.store_errors[name] = str(exc)
+                log.warning("contacts.store_error", store=name, error=str(exc))
+                signatures.pop(name)
+                continue
+            self._cards[name] = cards
+            self.own_addresses.update(a for a in map(self.normalize.person, own) if a)
+            report.skipped.update(skipped)
+
+        people = merge_cards([c for cards in self._cards.values() for c in cards], self.normalize)
+        report.cards = sum(len(c) for c in self._cards.values())
+        crm_contacts = await self.crm.list_contacts()
+        index = _CRMIndex(crm_contacts, self.normalize)
+        self.store.prune_contacts(index.by_id)
+        for address, contact_id in index.single_owner():
+            self.store.map_addresses([address], contact_id, "crm", replace=False)
+        for person in sorted(people, key=lambda p: p.key):
+            try:
+                await self._apply_person(person, index, report)
+            except crmlib.Rejected as exc:
+                report.failed.append((person.crm_fields()["firstName"] or person.key, exc.reason))
+                log.warning("contacts.rejected", person=person.key, reason=exc.reason)
+        self.store.save_signatures(signatures)
+        self.contacts_stale = False
+        log.info("contacts.synced", cards=report.cards, people=len(people), created=len(report.created),
+                 existing=report.existing, promoted=len(report.promoted), updated=len(report.updated))
+        return report
+
+    async def _apply_person(self, person: Person, index: _CRMIndex, report: ContactsReport) -> None:
+        fields = person.crm_fields()
+        name = f"{fields['firstName']} {fields['lastName']}"
+        candidates = index.matching(person.addresses)
+        remembered = self.store.contact_for_person(person.key)
+        if remembered in index.by_id:
+            candidates.add(remembered)
+        if not candidates and not person.addresses:
+            candidates = index.named(fields["firstName"], fields["lastName"])
+        real = sorted(c for c in candidates if not is_placeholder(index.by_id[c]))
+        placeholders = sorted(c for c in candidates if is_placeholder(index.by_id[c]))
+
+        if not candidates:
+            created = await self.crm.create_contact(_present(fields))
+            survivor = created["id"]
+            index.add(created)
+            self.store.remember_contact(survivor, "card", person.key, written=fields)
+            report.created.append(name)
+        elif real:
+            survivor = remembered if remembered in real else real[0]
+            report.existing += 1
+            report.duplicates.extend((survivor, other) for other in real if other != survivor)
+            await self._follow_edits(survivor, fields, index, report, name)
+        else:
+            survivor = placeholders[0]
+            updated = await self.crm.update_contact(survivor, _present(_promotion(fields)))
+            index.replace(updated)
+            self.store.remember_contact(survivor, "card", person.key, written=fields)
+            report.promoted.append(name)
+            log.info("contacts.promoted", contact_id=survivor)
+        self.store.map_addresses(person.addresses, survivor, "card")
+
+    async def _follow_edits(self, contact_id: int, fields: dict, index: _CRMIndex,
+                            report: ContactsReport, name: str) -> None:
+        """Apply card edits to a contact crm-syncd created, unless the owner edited it in the CRM."""
+        known = self.store.known_contact(contact_id)
+        if not known or known[0] != "card" or known[2] is None or known[2] == fields:
+            return
+        written, current = known[2], index.by_id[contact_id]
+        if any((current.get(k) or None) != (v or None) for k, v in written.items()):
+            report.owner_edits.append(name)
+            log.info("contacts.owner_edit_kept", contact_id=contact_id)
+            return
+        changes = {k: v for k, v in fields.items() if v != written.get(k)}
+        updated = await self.crm.update_contact(contact_id, {k: v if v is not None else "" for k, v in changes.items()})
+        index.replace(updated)
+        self.store.remember_contact(contact_id, "card", written=fields)
+        report.updated.append(name)
+
+    # -- 2. extraction --------------------------------------------------------------------
+
+    def extract(self, source: str, *, full: bool = False, days: int | None = None,
+                progress: Callable[[int], None] | None = None) -> SourceReport:
+        """Move new rows of one source into the outbox. Blocking; run it off the event loop."""
+        report = SourceReport(source)
+        reader = self.readers[source]
+        try:
+            current_file = file_id(reader.path)
+        except FileNotFoundError:
+            report.missing = True
+            log.warning("extract.missing", source=source, path=str(reader.path))
+            return report
+        mark = self.store.mark(source)
+        now = now_ms()
+        since = now - days * DAY_MS if days is not None else None
+        after, floor = 0, 0
+        if mark is None and since is None and not full:
+            since = now - self.settings.initial_lookback_days * DAY_MS
+        elif mark is not None and full:
+            floor = mark[0]  # --full re-reads from the start but never moves the mark back
+        elif mark is not None:
+            after = mark[0]
+            if (mark[1] and mark[1] != current_file) or reader.newest_rowid() < after:
+                report.rebuilt = True
+                log.warning("extract.rebuilt", source=source, mark=after)
+                after = 0
+                since = since or now - self.settings.initial_lookback_days * DAY_MS
+        while True:
+            batch = reader.read(after, limit=self.settings.batch_size, since_ms=since)
+            if batch.rows == 0 and batch.last_rowid <= after:
+                break
+            items, hints = self._items(batch, report)
+            result = self.store.enqueue(source, items, max(batch.last_rowid, floor), current_file, hints)
+            report.rows += batch.rows
+            report.added += result.added
+            report.duplicates += result.duplicates
+            report.skipped.update(batch.skipped)
+            if batch.rows:
+                log.info("extract.batch", source=source, rows=batch.rows, added=result.added, mark=batch.last_rowid)
+            if progress:
+                progress(batch.rows)
+            if batch.last_rowid <= after:
+                break
+            after = batch.last_rowid
+        return report
+
+    def _items(self, batch: Batch, report: SourceReport) -> tuple[list[NewItem], dict[str, str]]:
+        items: list[NewItem] = []
+        hints: dict[str, str] = {}
+        normalize, own, skipped = self.normalize, self.own_addresses, report.skipped
+        for a in batch.activities:
+            kind, value = normalize(a.address)
+            if kind not in PEOPLE:
+                skipped[kind] += 1
+                continue
+            if value in own:
+                skipped["own-address"] += 1
+                continue
+            items.append(NewItem(a.key, f"{value}|{a.type}|{a.occurred_ms // 1000}", value, a.type,
+                                 a.occurred_ms, a.duration_s))
+            if a.person:
+                hints[value] = a.person
+        return items, hints
+
+    # -- 3. resolution --------------------------------------------------------------------
+
+    async def resolve(self) -> list[str]:
+        """Give open items a contact; returns the placeholder names created."""
+        created: list[str] = []
+        if self.known_only or not self.settings.create_unknown_contacts:
+            self.store.hold(self.store.unresolved_addresses(), "unknown contact")
+            return created
+        unresolved = self.store.unresolved_addresses(held=True)
+        done: set[str] = set()
+        for address in unresolved:
+            if address in done:
+                continue
+            person = self.store.hint(address)
+            group = sorted(set(self.store.addresses_with_hint(person)) | {address}) if person else [address]
+            done.update(group)
+            known = next((c for c in map(self.store.contact_for, group) if c is not None), None)
+            if known is not None:
+                self.store.map_addresses(group, known, "person")
+                continue
+            primary = next((a for a in group if a.startswith("+")), group[0])
+            fields = placeholder_fields(primary)
+            try:
+                contact = await self.crm.create_contact(fields)
+            except crmlib.Rejected as exc:
+                self.store.fail_open(group, f"placeholder rejected by the CRM: {exc.reason}")
+                continue
+            self.store.remember_contact(contact["id"], "placeholder", f"placeholder:{primary}", written=fields)
+            self.store.map_addresses(group, contact["id"], "placeholder")
+            created.append(f"{fields['firstName']} {fields['lastName']}")
+            log.info("contacts.placeholder", contact_id=contact["id"], address=primary)
+        return created
+
+    # -- 4. delivery ----------------------------------------------------------------------
+
+    async def push(self, *, stop: asyncio.Event | None = None) -> PushReport:
+        """Deliver everything deliverable, then return (early when `stop` is set).
+
+        Without `stop` (one-shot sync) it also gives up once the CRM has failed several
+        times in a row: whatever is left stays queued for the next run.
+        """
+        report = PushReport()
+        limit = self.settings.push_concurrency
+        gate = asyncio.Semaphore(limit)
+        outcomes: list[tuple[str, Item, Any]] = []
+        in_flight: set[asyncio.Task] = set()
+        last_settle = time.monotonic()
+
+        async def deliver(item: Item) -> None:
+            async with gate:
+                outcomes.append(await self._deliver(item))
+
+        if not await self._recover(report):
+            return report
+        try:
+            while not (stop and stop.is_set()):
+                if len(outcomes) >= 64 or time.monotonic() - last_settle > 0.05 or not in_flight:
+                    self._settle(outcomes, report)
+                    last_settle = time.monotonic()
+                if stop is None and report.unreachable and self._failures_in_row >= 3:
+                    break
+                if len(in_flight) <= limit:
+                    for item in self.store.claim(3 * limit - len(in_flight)):
+                        in_flight.add(asyncio.create_task(deliver(item)))
+                if not in_flight:
+                    if self.contacts_stale:
+                        await self.sync_contacts()
+                        await self.resolve()
+                        continue
+                    if self.store.sending():  # unsure writes: look them up, then resend what is missing
+                        if not await self._recover(report):
+                            break
+                        continue
+                    break
+                _, in_flight = await asyncio.wait(in_flight, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
+            if in_flight:
+                await asyncio.wait(in_flight, timeout=self.settings.shutdown_deadline_s)
+        finally:
+            for task in in_flight:
+                task.cancel()  # abandoned requests stay `sending`; the next start looks them up
+            self._settle(outcomes, report)
+        return report
+
+    async def _deliver(self, item: Item) -> tuple[str, Item, Any]:
+        await self._wait_backoff()
+        payload = {"type": item.type, "occurredAt": occurred_iso(item.occurred_ms), "source": "IMPORT_IOS"}
+        if item.duration_s:
+            payload["durationSeconds"] = item.duration_s
+        try:
+            if await self._dedupe_wanted(item.contact_id):
+                existing = await self._find_in_crm(item)
+                if existing is not None:
+                    return "adopted", item, existing
+            created = await self.crm.create_interaction(item.contact_id, payload)
+        except crmlib.Transient as exc:
+            self._back_off(exc.retry_after)
+            if not getattr(exc, "maybe_written", False):
+                return "retry", item, exc.message
+            return await self._unsure(item, exc)
+        except crmlib.Ambiguous as exc:
+            return await self._unsure(item, exc)
+        except crmlib.Rejected as exc:
+            return "failed", item, exc.reason
+        except crmlib.NotFound:
+            return "vanished", item, None
+        except crmlib.CRMError as exc:  # unauthorised, or answers that are not Citadel's
+            self._back_off(None)
+            return "retry", item, exc.message
+        self._remember_created(item, created)
+        return "delivered", item, created["id"]
+
+    async def _unsure(self, item: Item, exc: crmlib.CRMError) -> tuple[str, Item, Any]:
+        """The write may have happened (a 500, or a reply lost after sending): look before resending."""
+        await self._wait_backoff()  # a slow CRM may still be finishing the write
+        self._day_cache.pop((item.contact_id, occurred_iso(item.occurred_ms)[:10]), None)
+        try:
+            existing = await self._find_in_crm(item)
+        except crmlib.CRMError:
+            return "unsure", item, exc.message  # stays `sending`: looked up again before any resend
+        if existing is not None:
+            return "adopted", item, existing
+        if isinstance(exc, crmlib.Ambiguous) and item.attempts >= self.settings.max_ambiguous_retries:
+            return "failed", item, f"CRM answered 500 {item.attempts} times: {exc.message}"
+        return "retry", item, exc.message
+
+    def _settle(self, outcomes: list[tuple[str, Item, Any]], report: PushReport) -> None:
+        if not outcomes:
+            return
+        batch, outcomes[:] = outcomes[:], []
+        delivered, failed, retry = [], [], []
+        for outcome, item, value in batch:
+            if outcome in ("delivered", "adopted"):
+                delivered.append((item.id, value))
+                report.delivered += 1
+                report.delivered_by_type[item.type] += 1
+                report.adopted += outcome == "adopted"
+                self._failures_in_row = 0
+                report.unreachable = None
+            elif outcome == "failed":
+                failed.append((item.id, value))
+                report.failed.append((item.key, value))
+                log.warning("push.failed", key=item.key, reason=value)
+            elif outcome == "vanished":
+                retry.append((item.id, "contact deleted in the CRM"))
+                self.contacts_stale = True
+            elif outcome == "unsure":
+                report.unreachable = value
+            else:
+                retry.append((item.id, value))
+                report.retried += 1
+                report.unreachable = value
+        self.store.settle(delivered, failed, retry)
+        for outcome, item, _ in batch:
+            if outcome == "vanished" and self.store.known_contact(item.contact_id) is not None:
+                self.store.forget_contact(item.contact_id)
+                log.warning("push.contact_vanished", contact_id=item.contact_id)
+            elif outcome == "vanished":
+                self.store.forget_contact(item.contact_id)
+
+    # -- exactly-once helpers -------------------------------------------------------------
+
+    async def _recover(self, report: PushReport) -> bool:
+        """Settle items a previous process left `sending`: adopt what reached the CRM, requeue the rest."""
+        leftovers = self.store.sending()
+        if not leftovers:
+            return True
+        adopted, requeue = [], []
+        for item in leftovers:
+            try:
+                existing = await self._find_in_crm(item) if item.contact_id is not None else None
+            except crmlib.CRMError as exc:
+                report.unreachable = exc.message
+                log.warning("push.recover_deferred", items=len(leftovers), reason=exc.message)
+                return False
+            if existing is None:
+                requeue.append((item.id, None))
+            else:
+                adopted.append((item.id, existing))
+        self.store.settle(delivered=adopted, retry=requeue)
+        report.adopted += len(adopted)
+        report.delivered += len(adopted)
+        log.info("push.recovered", adopted=len(adopted), requeued=len(requeue))
+        return True
+
+    async def _find_in_crm(self, item: Item) -> int | None:
+        """The id of an interaction in the CRM that is this item and not yet in the ledger."""
+        day = occurred_iso(item.occurred_ms)[:10]
+        cache_key = (item.contact_id, day)
+        found = self._day_cache.get(cache_key)
+        if found is None:
+            found = await self.crm.list_interactions(item.contact_id, dt.date.fromisoformat(day))
+            self._day_cache[cache_key] = found
+        wanted = occurred_iso(item.occurred_ms)
+        taken = self.store.crm_ids(item.contact_id) | self._adopted
+        for interaction in found:
+            if (interaction.get("type") == item.type and interaction.get("occurredAt") == wanted
+                    and interaction.get("source") == "IMPORT_IOS" and interaction["id"] not in taken):
+                self._adopted.add(interaction["id"])
+                return interaction["id"]
+        return None
+
+    def _remember_created(self, item: Item, created: dict) -> None:
+        day = occurred_iso(item.occurred_ms)[:10]
+        cached = self._day_cache.get((item.contact_id, day))
+        if cached is not None:
+            cached.append(created)
+
+    async def _dedupe_wanted(self, contact_id: int) -> bool:
+        """Check the CRM before creating? In `auto` mode: for contacts crm-syncd did not create
+        that already hold IMPORT_IOS interactions it did not send (another Mac, an older tool)."""
+        mode = self.settings.dedupe_against_crm
+        if mode != "auto":
+            return mode == "on"
+        flag = self.store.dedupe_flag(contact_id)
+        if flag is None:
+            known = self.store.known_contact(contact_id)
+            if known and known[0] in ("card", "placeholder"):
+                flag = False
+            else:
+                ours = self.store.crm_ids(contact_id)
+                recent = await self.crm.recent_interactions(contact_id)
+                flag = any(i.get("source") == "IMPORT_IOS" and i["id"] not in ours for i in recent)
+            self.store.set_dedupe_flag(contact_id, flag)
+        return flag
+
+    def _back_off(self, retry_after: float | None) -> None:
+        self._failures_in_row += 1
+        delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(self._failures_in_row - 1, 10))
+        delay = max(delay * random.uniform(0.5, 1.0), retry_after or 0.0)
+        self._backoff_until = max(self._backoff_until, time.monotonic() + delay)
+
+    async def _wait_backoff(self) -> None:
+        while (wait := self._backoff_until - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
+
+
+class _CRMIndex:
+    """The CRM's contacts, indexed by normalised address and by name."""
+
+    def __init__(self, contacts: list[dict], normalize: Normalizer) -> None:
+        self.normalize = normalize
+        self.by_id: dict[int, dict] = {}
+        self.by_address: dict[str, set[int]] = defaultdict(set)
+        self.by_name: dict[tuple[str, str], set[int]] = defaultdict(set)
+        for contact in contacts:
+            self.add(contact)
+
+    def add(self, contact: dict) -> None:
+        self.by_id[contact["id"]] = contact
+        for address in crm_addresses(contact, self.normalize):
+            self.by_address[address].add(contact["id"])
+        self.by_name[(contact.get("firstName") or "", contact.get("lastName") or "")].add(contact["id"])
+
+    def replace(self, contact: dict) -> None:
+        old = self.by_id.get(contact["id"])
+        if old:
+            for address in crm_addresses(old, self.normalize):
+                self.by_address[address].discard(old["id"])
+            self.by_name[(old.get("firstName") or "", old.get("lastName") or "")].discard(old["id"])
+        self.add(contact)
+
+    def matching(self, addresses: list[str]) -> set[int]:
+        return {cid for a in addresses for cid in self.by_address.get(a, ())}
+
+    def named(self, first: str | None, last: str | None) -> set[int]:
+        return set(self.by_name.get((first or "", last or ""), ()))
+
+    def single_owner(self) -> list[tuple[str, int]]:
+        """Addresses that exactly one CRM contact holds (the lowest id wins a tie)."""
+        return [(address, min(ids)) for address, ids in self.by_address.items() if ids]
+
+
+def _present(fields: dict) -> dict:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _promotion(fields: dict) -> dict:
+    """What a placeholder becomes when its person appears on a card: the card's fields, a clean note."""
+    return {**fields, "notes": fields.get("notes") or ""}

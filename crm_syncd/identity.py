@@ -1,0 +1,201 @@
+"""Who is who: address normalisation, card merging, CRM field rules and matching.
+
+Phones become E.164 (via phonenumbers and the default region), emails are trimmed and
+lower-cased; both sides (Apple's and the CRM's) go through the same `Normalizer`, so a CRM
+phone typed as "(902) 555-1234" matches a chat.db handle "+19025551234".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import phonenumbers
+from phonenumbers import PhoneNumberFormat, ValidationResult
+
+from crm_syncd.sources import Card
+
+PEOPLE = frozenset({"phone", "email"})
+PLACEHOLDER_FIRST = "Unknown"
+PLACEHOLDER_NOTE = "Auto-created by crm-syncd - needs review"
+MISSING_NAME = "-"  # fills the CRM's mandatory name part a card does not have
+COMPANY_LAST = "(company)"  # last name of a company card: first name is the organisation
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
+_DIGITS = re.compile(r"^[\d\s().\-]+$")
+_MOBILE_LABELS = frozenset({"mobile", "iphone", "cell"})
+
+
+class Address(NamedTuple):
+    """A classified counterpart address."""
+
+    kind: str  # phone | email | short-code | sender-id | business | invalid
+    value: str  # E.164 phone, lower-case email, or the stripped raw text for non-people
+
+
+class Normalizer:
+    """Classifies and normalises raw addresses, caching each distinct input once."""
+
+    def __init__(self, region: str = "US") -> None:
+        self.region = region.upper()
+        self._cache: dict[str, Address] = {}
+
+    def __call__(self, raw: str | None) -> Address:
+        if raw is None:
+            return Address("invalid", "")
+        found = self._cache.get(raw)
+        if found is None:
+            found = self._cache[raw] = self._classify(raw)
+        return found
+
+    def person(self, raw: str | None) -> str | None:
+        """The normalised value if `raw` is a person's phone or email, else None."""
+        address = self(raw)
+        return address.value if address.kind in PEOPLE else None
+
+    def _classify(self, raw: str) -> Address:
+        text = raw.strip()
+        if not text or len(text) > 320:
+            return Address("invalid", text[:320])
+        lowered = text.lower()
+        if lowered.startswith("urn:biz:"):
+            return Address("business", text)
+        if lowered.startswith("mailto:"):
+            lowered = lowered[7:]
+        if "@" in lowered:
+            return Address("email", lowered) if _EMAIL.match(lowered) else Address("invalid", lowered)
+        number = self._parse_phone(text)
+        if number is not None:
+            return Address("phone", phonenumbers.format_number(number, PhoneNumberFormat.E164))
+        digits = re.sub(r"\D", "", text)
+        if _DIGITS.match(text) and not text.startswith("+") and 3 <= len(digits) <= 8:
+            return Address("short-code", digits)
+        if any(ch.isalpha() for ch in text):
+            return Address("sender-id", text)
+        return Address("invalid", text)
+
+    def _parse_phone(self, text: str) -> phonenumbers.PhoneNumber | None:
+        if sum(ch.isdigit() for ch in text) < 7:
+            return None
+        try:
+            number = phonenumbers.parse(text, self.region)
+        except phonenumbers.NumberParseException:
+            return None
+        if phonenumbers.is_possible_number_with_reason(number) != ValidationResult.IS_POSSIBLE:
+            return None
+        return number
+
+
+def display_address(value: str) -> str:
+    """How a placeholder shows an address: RFC 3966 without `tel:` for phones, as is otherwise."""
+    if value.startswith("+"):
+        try:
+            number = phonenumbers.parse(value, None)
+            return phonenumbers.format_number(number, PhoneNumberFormat.RFC3966).removeprefix("tel:")
+        except phonenumbers.NumberParseException:
+            return value
+    return value
+
+
+def placeholder_fields(value: str) -> dict[str, str]:
+    """CRM fields of the placeholder contact for an address nobody has a card for."""
+    fields = {"firstName": PLACEHOLDER_FIRST, "lastName": f"({display_address(value)})", "notes": PLACEHOLDER_NOTE}
+    fields["email" if "@" in value else "phone"] = value
+    return fields
+
+
+def is_placeholder(contact: dict) -> bool:
+    """Whether a CRM contact looks like a placeholder crm-syncd created."""
+    return contact.get("firstName") == PLACEHOLDER_FIRST and PLACEHOLDER_NOTE in (contact.get("notes") or "")
+
+
+@dataclass
+class Person:
+    """One human (or company), merged from every card that describes them."""
+
+    key: str  # stable: the smallest unique id among its cards
+    cards: list[Card]
+    phones: list[str] = field(default_factory=list)  # E.164, preferred first
+    emails: list[str] = field(default_factory=list)  # lower-case, preferred first
+
+    @property
+    def addresses(self) -> list[str]:
+        return self.phones + self.emails
+
+    @property
+    def card(self) -> Card:
+        """The card that supplies name and organisation: the most recently modified one."""
+        return max(self.cards, key=lambda c: (c.modified or 0.0, c.store, c.unique_id))
+
+    def crm_fields(self) -> dict[str, str | None]:
+        """The CRM contact this person should be, by a deterministic naming rule.
+
+        The CRM demands non-empty first and last names. A company card is named
+        "<Organisation> (company)"; a card with only one name part gets "-" for the other;
+        a card with no name at all is named after its nickname or first address.
+        """
+        card = self.card
+        first, last = (card.first or "").strip(), (card.last or "").strip()
+        organization = (card.organization or "").strip() or None
+        if (card.company or not (first or last)) and organization:
+            first, last = organization, COMPANY_LAST
+        elif not (first or last):
+            first = (card.nickname or "").strip() or (self.addresses[0] if self.addresses else "Unnamed")
+        return {
+            "firstName": first or MISSING_NAME,
+            "lastName": last or MISSING_NAME,
+            "phone": self.phones[0] if self.phones else None,
+            "email": self.emails[0] if self.emails else None,
+            "organization": organization,
+            "title": (card.job_title or "").strip() or None,
+            "notes": (card.note or "").strip() or None,
+        }
+
+
+def merge_cards(cards: Iterable[Card], normalize: Normalizer) -> list[Person]:
+    """Group cards describing the same person: same unique id, same link id, or a shared address."""
+    cards = sorted(cards, key=lambda c: (c.unique_id, c.store))
+    parent = list(range(len(cards)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[str, int] = {}
+    for i, card in enumerate(cards):
+        tokens = [f"id:{card.unique_id}"] + ([f"link:{card.link_id}"] if card.link_id else [])
+        tokens += [a for a in (normalize.person(v.value) for v in (*card.phones, *card.emails)) if a]
+        for token in tokens:
+            j = owner.setdefault(token, i)
+            parent[root(i)] = root(j)
+
+    groups: dict[int, list[Card]] = {}
+    for i, card in enumerate(cards):
+        groups.setdefault(root(i), []).append(card)
+    return [_person(group, normalize) for group in groups.values()]
+
+
+def _person(cards: list[Card], normalize: Normalizer) -> Person:
+    person = Person(key=min(c.unique_id for c in cards), cards=cards)
+    preferred = sorted(cards, key=lambda c: (-(c.modified or 0.0), c.store, c.unique_id))
+    phones = [p for c in preferred for p in sorted(c.phones, key=_phone_rank)]
+    for value in (normalize(p.value) for p in phones):
+        if value.kind == "phone" and value.value not in person.phones:
+            person.phones.append(value.value)
+    for value in (normalize(e.value) for c in preferred for e in c.emails):
+        if value.kind == "email" and value.value not in person.emails:
+            person.emails.append(value.value)
+    return person
+
+
+def _phone_rank(phone) -> tuple[int, int]:
+    """Primary first, then mobile numbers, then the card's own order (sort is stable)."""
+    return (0 if phone.primary else 1, 0 if (phone.label or "").lower() in _MOBILE_LABELS else 1)
+
+
+def crm_addresses(contact: dict, normalize: Normalizer) -> list[str]:
+    """The normalised phone and email a CRM contact carries."""
+    return [a for a in (normalize.person(contact.get("phone")), normalize.person(contact.get("email"))) if a]

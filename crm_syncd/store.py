@@ -1,0 +1,447 @@
+"""crm-syncd's own state, in one SQLite database (WAL, fsync on commit).
+
+- `marks`: per-source high-water marks (chat.db ROWID, CallHistory Z_PK) and the file identity
+  they were taken against.
+- `outbox`: every interaction ever extracted. It moves pending → sending → delivered (with the
+  CRM id) or failed (with the reason); `held` waits for a contact. Delivered rows are the
+  ledger: their unique `key` and `fingerprint` are what make a second delivery impossible.
+- `handles`: the identity map, normalised address → CRM contact id.
+- `contacts`: the CRM contacts crm-syncd knows, where they came from and what it last wrote.
+- `sources`: AddressBook file signatures, so an unchanged store is not re-read.
+- `kv`: heartbeat, last error and other small facts `status` reads without the daemon.
+
+Extraction writes the outbox rows and the advanced mark in one transaction, so a crash can
+neither skip nor repeat a source row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x43524D53  # "CRMS": tells our database from any other SQLite file
+
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE marks (
+        source TEXT PRIMARY KEY,
+        rowid INTEGER NOT NULL,
+        file_id TEXT,
+        updated_ms INTEGER NOT NULL
+    );
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        key TEXT NOT NULL UNIQUE,
+        fingerprint TEXT NOT NULL UNIQUE,
+        address TEXT NOT NULL,
+        type TEXT NOT NULL,
+        occurred_ms INTEGER NOT NULL,
+        duration_s INTEGER,
+        state TEXT NOT NULL DEFAULT 'pending',
+        contact_id INTEGER,
+        crm_id INTEGER,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        reason TEXT,
+        updated_ms INTEGER
+    );
+    CREATE INDEX outbox_open ON outbox(state, id) WHERE state != 'delivered';
+    CREATE INDEX outbox_contact ON outbox(contact_id, occurred_ms);
+    CREATE TABLE handles (
+        address TEXT PRIMARY KEY,
+        contact_id INTEGER NOT NULL,
+        origin TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX handles_contact ON handles(contact_id);
+    CREATE TABLE hints (
+        address TEXT PRIMARY KEY,
+        person TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE contacts (
+        contact_id INTEGER PRIMARY KEY,
+        origin TEXT NOT NULL,
+        person_key TEXT,
+        written TEXT,
+        dedupe INTEGER,
+        updated_ms INTEGER
+    );
+    CREATE INDEX contacts_person ON contacts(person_key);
+    CREATE TABLE sources (
+        path TEXT PRIMARY KEY,
+        signature TEXT NOT NULL
+    );
+    CREATE TABLE kv (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
+}
+
+
+class StoreError(Exception):
+    """The state database cannot be used as it is; the message says why and what to do."""
+
+
+class Item(NamedTuple):
+    """An outbox row on its way to the CRM."""
+
+    id: int
+    key: str
+    address: str
+    type: str
+    occurred_ms: int
+    duration_s: int | None
+    contact_id: int | None
+    attempts: int
+
+
+class NewItem(NamedTuple):
+    key: str
+    fingerprint: str
+    address: str
+    type: str
+    occurred_ms: int
+    duration_s: int | None
+
+
+@dataclass
+class Enqueued:
+    added: int = 0
+    duplicates: int = 0
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Store:
+    """Thread-safe access to the state database (one connection, one lock)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path) if path != ":memory:" else None
+        self._lock = threading.RLock()
+        self._conn = self._open(path)
+        self._migrate()
+
+    # -- opening and migrating -------------------------------------------------------------
+
+    def _open(self, path: Path | str) -> sqlite3.Connection:
+        if path != ":memory:":
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(path.parent, 0o700)
+            if not path.exists():
+                path.touch(mode=0o600)
+            os.chmod(path, 0o600)
+        try:
+            conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=OFF")
+            conn.execute("PRAGMA quick_check(1)")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"the state database {path} is damaged ({exc}); crm-syncd will not reset it by itself. "
+                f"Move it aside and run `crm-syncd sync --reconcile` to rebuild it against the CRM."
+            ) from exc
+        return conn
+
+    def _migrate(self) -> None:
+        conn = self._conn
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        has_tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
+        if has_tables and app_id != APPLICATION_ID:
+            raise StoreError(f"{self.path} is not a crm-syncd state database; refusing to touch it.")
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"the state database {self.path} is from a newer crm-syncd (schema {version}, this one knows "
+                f"{SCHEMA_VERSION}); upgrade crm-syncd instead of downgrading."
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self.transaction() as tx:
+                tx.executescript_in_tx(MIGRATIONS[target])
+                tx.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                tx.execute(f"PRAGMA user_version = {target}")
+
+    @property
+    def schema_version(self) -> int:
+        return self._conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def copy_to_memory(self) -> Store:
+        """An in-memory copy (for --dry-run: everything runs, nothing persists)."""
+        copy = Store.__new__(Store)
+        copy.path = None
+        copy._lock = threading.RLock()
+        copy._conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        with self._lock:
+            self._conn.backup(copy._conn)
+        return copy
+
+    @classmethod
+    def memory(cls) -> Store:
+        return cls(":memory:")
+
+    # -- transactions ----------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[_Tx]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield _Tx(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._conn.execute("COMMIT")
+
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        with self._lock:
+            row = self._conn.execute(sql, params).fetchone()
+        return row[0] if row else None
+
+    # -- marks -----------------------------------------------------------------------------
+
+    def mark(self, source: str) -> tuple[int, str | None] | None:
+        """(rowid, file id) of the last extraction from `source`, or None before the first."""
+        with self._lock:
+            row = self._conn.execute("SELECT rowid, file_id FROM marks WHERE source = ?", (source,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def mark_details(self, source: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._conn.execute("SELECT rowid, file_id, updated_ms FROM marks WHERE source = ?",
+                                     (source,)).fetchone()
+        return {"rowid": row[0], "file_id": row[1], "updated_ms": row[2]} if row else None
+
+    def enqueue(self, source: str, items: Iterable[NewItem], rowid: int, file_id: str | None,
+                hints: dict[str, str] | None = None) -> Enqueued:
+        """Add extracted items (ignoring any whose key or fingerprint is known) and move the mark."""
+        result = Enqueued()
+        with self.transaction() as tx:
+            before = tx.conn.total_changes
+            rows, stamp = list(items), now_ms()
+            tx.conn.executemany(
+                "INSERT OR IGNORE INTO outbox (key, fingerprint, address, type, occurred_ms, duration_s, "
+                "contact_id, updated_ms) VALUES (?, ?, ?, ?, ?, ?, "
+                "(SELECT contact_id FROM handles WHERE address = ?3), ?7)",
+                [(*row, stamp) for row in rows],
+            )
+            result.added = tx.conn.total_changes - before
+            result.duplicates = len(rows) - result.added
+            if hints:
+                tx.conn.executemany("INSERT OR REPLACE INTO hints (address, person) VALUES (?, ?)", hints.items())
+            tx.execute(
+                "INSERT INTO marks (source, rowid, file_id, updated_ms) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(source) DO UPDATE SET rowid = excluded.rowid, file_id = excluded.file_id, "
+                "updated_ms = excluded.updated_ms",
+                (source, rowid, file_id, now_ms()),
+            )
+        return result
+
+    def rebaseline(self, source: str, file_id: str | None) -> None:
+        """Forget the mark of a rebuilt source; the ledger still blocks re-delivery."""
+        with self.transaction() as tx:
+            tx.execute("UPDATE marks SET rowid = 0, file_id = ?, updated_ms = ? WHERE source = ?",
+                       (file_id, now_ms(), source))
+
+    # -- identity map ----------------------------------------------------------------------
+
+    def contact_for(self, address: str) -> int | None:
+        return self._one("SELECT contact_id FROM handles WHERE address = ?", (address,))
+
+    def map_addresses(self, addresses: Iterable[str], contact_id: int, origin: str, *, replace: bool = True) -> None:
+        """Point addresses at a contact and attach their open items to it."""
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        addresses = list(addresses)
+        with self.transaction() as tx:
+            tx.conn.executemany(f"{verb} INTO handles (address, contact_id, origin) VALUES (?, ?, ?)",
+                                [(a, contact_id, origin) for a in addresses])
+            tx.conn.executemany(
+                "UPDATE outbox SET contact_id = (SELECT contact_id FROM handles WHERE address = ?1), "
+                "state = CASE state WHEN 'held' THEN 'pending' ELSE state END, reason = NULL "
+                "WHERE address = ?1 AND state IN ('pending', 'held')",
+                [(a,) for a in addresses],
+            )
+
+    def handles(self) -> dict[str, int]:
+        return dict(self._all("SELECT address, contact_id FROM handles"))
+
+    def hint(self, address: str) -> str | None:
+        return self._one("SELECT person FROM hints WHERE address = ?", (address,))
+
+    def addresses_with_hint(self, person: str) -> list[str]:
+        return [r[0] for r in self._all("SELECT address FROM hints WHERE person = ?", (person,))]
+
+    def remember_contact(self, contact_id: int, origin: str, person_key: str | None = None,
+                         written: dict | None = None) -> None:
+        with self.transaction() as tx:
+            tx.execute(
+                "INSERT INTO contacts (contact_id, origin, person_key, written, updated_ms) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(contact_id) DO UPDATE SET origin = excluded.origin, "
+                "person_key = COALESCE(excluded.person_key, contacts.person_key), "
+                "written = COALESCE(excluded.written, contacts.written), updated_ms = excluded.updated_ms",
+                (contact_id, origin, person_key, json.dumps(written, sort_keys=True) if written else None, now_ms()),
+            )
+
+    def known_contact(self, contact_id: int) -> tuple[str, str | None, dict | None] | None:
+        """(origin, person key, fields last written) of a contact crm-syncd knows."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT origin, person_key, written FROM contacts WHERE contact_id = ?", (contact_id,)).fetchone()
+        return (row[0], row[1], json.loads(row[2]) if row[2] else None) if row else None
+
+    def contact_for_person(self, person_key: str) -> int | None:
+        return self._one("SELECT contact_id FROM contacts WHERE person_key = ? ORDER BY contact_id LIMIT 1",
+                         (person_key,))
+
+    def prune_contacts(self, existing: Iterable[int]) -> list[int]:
+        """Forget every mapped contact that the CRM no longer has."""
+        existing = set(existing)
+        gone = [c for c in {r[0] for r in self._all("SELECT DISTINCT contact_id FROM handles")} if c not in existing]
+        for contact_id in gone:
+            self.forget_contact(contact_id)
+        return gone
+
+    def dedupe_flag(self, contact_id: int) -> bool | None:
+        """Whether this contact's interactions must be checked in the CRM before creating (None: unknown)."""
+        value = self._one("SELECT dedupe FROM contacts WHERE contact_id = ?", (contact_id,))
+        return None if value is None else bool(value)
+
+    def set_dedupe_flag(self, contact_id: int, flag: bool) -> None:
+        with self.transaction() as tx:
+            tx.execute("INSERT INTO contacts (contact_id, origin, dedupe, updated_ms) VALUES (?, 'crm', ?, ?) "
+                       "ON CONFLICT(contact_id) DO UPDATE SET dedupe = excluded.dedupe", (contact_id, flag, now_ms()))
+
+    def forget_contact(self, contact_id: int) -> int:
+        """Drop a contact that vanished from the CRM; its open items go back to resolution."""
+        with self.transaction() as tx:
+            tx.execute("DELETE FROM handles WHERE contact_id = ?", (contact_id,))
+            tx.execute("DELETE FROM contacts WHERE contact_id = ?", (contact_id,))
+            cur = tx.execute(
+                "UPDATE outbox SET contact_id = NULL, state = 'pending' "
+                "WHERE contact_id = ? AND state IN ('pending', 'sending', 'held')", (contact_id,))
+            return cur.rowcount
+
+    # -- the outbox ------------------------------------------------------------------------
+
+    def unresolved_addresses(self, *, held: bool = False) -> list[str]:
+        """Addresses of pending (and, with `held`, held) items that no contact claims yet."""
+        states = "('pending', 'held')" if held else "('pending')"
+        return [r[0] for r in self._all(
+            f"SELECT DISTINCT address FROM outbox WHERE state IN {states} AND contact_id IS NULL")]
+
+    def fail_open(self, addresses: Iterable[str], reason: str) -> None:
+        """Park the open items of addresses that cannot get a contact (kept for `retry-failed`)."""
+        with self.transaction() as tx:
+            tx.conn.executemany("UPDATE outbox SET state = 'failed', reason = ? WHERE address = ? "
+                                "AND state IN ('pending', 'held')", [(reason, a) for a in addresses])
+
+    def hold(self, addresses: Iterable[str], reason: str) -> int:
+        with self.transaction() as tx:
+            cur = tx.conn.executemany(
+                "UPDATE outbox SET state = 'held', reason = ? WHERE address = ? AND state = 'pending' "
+                "AND contact_id IS NULL", [(reason, a) for a in addresses])
+            return cur.rowcount
+
+    def claim(self, limit: int) -> list[Item]:
+        """Mark up to `limit` deliverable items as sending (durably) and return them."""
+        with self.transaction() as tx:
+            rows = tx.execute(
+                "UPDATE outbox SET state = 'sending', attempts = attempts + 1, updated_ms = ? "
+                "WHERE id IN (SELECT id FROM outbox WHERE state = 'pending' AND contact_id IS NOT NULL "
+                "ORDER BY id LIMIT ?) "
+                "RETURNING id, key, address, type, occurred_ms, duration_s, contact_id, attempts",
+                (now_ms(), limit),
+            ).fetchall()
+        return sorted((Item(*r) for r in rows), key=lambda item: item.id)
+
+    def sending(self) -> list[Item]:
+        """Items a previous process may or may not have delivered before it stopped."""
+        rows = self._all("SELECT id, key, address, type, occurred_ms, duration_s, contact_id, attempts "
+                         "FROM outbox WHERE state = 'sending' ORDER BY id")
+        return [Item(*r) for r in rows]
+
+    def settle(self, delivered: Sequence[tuple[int, int]] = (), failed: Sequence[tuple[int, str]] = (),
+               retry: Sequence[tuple[int, str | None]] = ()) -> None:
+        """Record outcomes: (id, crm id) delivered, (id, reason) failed, (id, reason) back to pending."""
+        ts = now_ms()
+        with self.transaction() as tx:
+            tx.conn.executemany("UPDATE outbox SET state = 'delivered', crm_id = ?, reason = NULL, updated_ms = ? "
+                                "WHERE id = ?", [(crm, ts, i) for i, crm in delivered])
+            tx.conn.executemany("UPDATE outbox SET state = 'failed', reason = ?, updated_ms = ? WHERE id = ?",
+                                [(reason, ts, i) for i, reason in failed])
+            tx.conn.executemany("UPDATE outbox SET state = 'pending', reason = ?, updated_ms = ? WHERE id = ?",
+                                [(reason, ts, i) for i, reason in retry])
+
+    def crm_ids(self, contact_id: int) -> set[int]:
+        """CRM interaction ids the ledger already holds for a contact."""
+        return {r[0] for r in self._all(
+            "SELECT crm_id FROM outbox WHERE contact_id = ? AND crm_id IS NOT NULL", (contact_id,))}
+
+    def retry_failed(self) -> int:
+        with self.transaction() as tx:
+            return tx.execute("UPDATE outbox SET state = 'pending', attempts = 0, updated_ms = ? "
+                              "WHERE state = 'failed'", (now_ms(),)).rowcount
+
+    def counts(self) -> dict[str, int]:
+        """Items per state."""
+        counts = dict(self._all("SELECT state, count(*) FROM outbox WHERE state != 'delivered' GROUP BY state"))
+        counts["delivered"] = self._one("SELECT count(*) FROM outbox WHERE state = 'delivered'") or 0
+        return counts
+
+    def failures(self, limit: int = 5) -> list[tuple[str, str, str | None]]:
+        """(key, type, reason) of the first failed items."""
+        return self._all("SELECT key, type, reason FROM outbox WHERE state = 'failed' ORDER BY id LIMIT ?", (limit,))
+
+    def held_by_reason(self) -> dict[str, int]:
+        return dict(self._all("SELECT reason, count(*) FROM outbox WHERE state = 'held' GROUP BY reason"))
+
+    # -- AddressBook signatures and small facts ---------------------------------------------
+
+    def signatures(self) -> dict[str, str]:
+        return dict(self._all("SELECT path, signature FROM sources"))
+
+    def save_signatures(self, signatures: dict[str, str]) -> None:
+        with self.transaction() as tx:
+            tx.execute("DELETE FROM sources")
+            tx.conn.executemany("INSERT INTO sources (path, signature) VALUES (?, ?)", signatures.items())
+
+    def put(self, key: str, value: Any) -> None:
+        with self.transaction() as tx:
+            tx.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        raw = self._one("SELECT value FROM kv WHERE key = ?", (key,))
+        return json.loads(raw) if raw is not None else default
+
+
+class _Tx:
+    """The open transaction: plain statements on the store's connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, params)
+
+    def executescript_in_tx(self, script: str) -> None:
+        for statement in filter(str.strip, script.split(";")):
+            self.conn.execute(statement)

@@ -1,0 +1,351 @@
+"""`crm-syncd sync` end to end: Apple's stores in a temp HOME → the CLI → the stand-in CRM over HTTP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+from collections import Counter
+
+import pytest
+
+from tests.conftest import CLI, clean_env
+from tests.harness.library import Library, ago
+
+JANE = "+16135550111"
+BOB = "+19025550122"
+CAROL = "+14165550133"
+
+
+def names(citadel) -> dict[str, dict]:
+    return {f"{c['firstName']} {c['lastName']}": c for c in citadel.contacts()}
+
+
+def kinds(citadel, name: str) -> Counter:
+    contact = names(citadel)[name]
+    return Counter(i["type"] for i in citadel.interactions(contact["id"]))
+
+
+def test_contacts_messages_and_calls_arrive_once_each(library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[("+1 (613) 555-0111", "Mobile")], emails=["Jane@Example.com"])
+    library.text(JANE, at=ago(days=3))
+    library.text(JANE, from_me=True, at=ago(days=2))
+    library.call(JANE, originated=True, duration=65.4, at=ago(days=1))
+
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    jane = names(citadel)["Jane Doe"]
+    assert (jane["phone"], jane["email"]) == (JANE, "jane@example.com")
+    rows = citadel.interactions(jane["id"])
+    assert Counter(r["type"] for r in rows) == {"TEXT_INBOUND": 1, "TEXT_OUTBOUND": 1, "CALL_OUTBOUND": 1}
+    assert {r["source"] for r in rows} == {"IMPORT_IOS"}
+    assert [r["durationSeconds"] for r in rows if r["type"] == "CALL_OUTBOUND"] == [65]
+    assert all(r["content"] in (None, "") for r in rows)
+
+
+def test_a_second_run_and_a_full_resync_create_nothing(library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(days=3))
+    library.text("+15145550999", at=ago(days=2))
+    library.call(JANE, answered=True, duration=30, at=ago(days=1))
+    assert cli("sync").code == 0
+    before = (len(citadel.contacts()), len(citadel.interactions()))
+
+    again, full = cli("sync"), cli("sync", "--full")
+
+    assert again.code == 0 and full.code == 0, full.output
+    assert (len(citadel.contacts()), len(citadel.interactions())) == before == (2, 3)
+
+
+def test_group_chats_count_for_the_sender_inbound_and_for_every_participant_outbound(
+        library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.card(first="Bob", last="Roe", phones=[BOB])
+    library.group_text([JANE, BOB], sender=JANE)
+    library.group_text([JANE, BOB])  # from me: handle_id 0
+
+    assert cli("sync").code == 0
+
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1, "TEXT_OUTBOUND": 1}
+    assert kinds(citadel, "Bob Roe") == {"TEXT_OUTBOUND": 1}
+
+
+def test_group_messages_skip_setting_drops_outbound_group_messages(library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.group_text([JANE, BOB], sender=JANE)
+    library.group_text([JANE, BOB])
+    cli.env["CRM_SYNCD_CREATE_UNKNOWN_CONTACTS"] = "false"
+    cli.env["CRM_SYNCD_GROUP_MESSAGES"] = "skip"
+
+    assert cli("sync").code == 0
+
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1}
+
+
+def test_tapbacks_events_system_rows_and_failed_sends_are_not_interactions(library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE)
+    library.text(JANE, associated_type=2001)  # a "like" tapback
+    library.text(JANE, associated_type=3001)  # its removal
+    library.text(JANE, associated_type=1000)  # a sticker
+    library.text(JANE, item_type=2)  # group renamed
+    library.text(JANE, is_system=1)
+    library.text(JANE, from_me=True, error=22)  # failed to send
+    library.text(JANE, at=None)  # no date
+
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1}
+    assert "reaction 3" in result.stdout and "failed-send 1" in result.stdout
+
+
+def test_email_handles_match_cards_by_email_case_insensitively(library: Library, citadel, cli: CLI):
+    library.card(first="Ann", last="Lee", phones=[], emails=["ann.lee@example.com"])
+    library.text("Ann.Lee@Example.COM")
+
+    assert cli("sync").code == 0
+
+    assert kinds(citadel, "Ann Lee") == {"TEXT_INBOUND": 1}
+
+
+def test_short_codes_and_sender_names_are_skipped_and_counted_not_contacts(library: Library, citadel, cli: CLI):
+    library.text("88202", service="SMS")
+    library.text("AMAZON", service="SMS")
+    library.text("urn:biz:5c9f1e1a-1111-4a4a-9b9b-123456789abc")
+
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert citadel.contacts() == []
+    assert "short-code 1" in result.stdout and "sender-id 1" in result.stdout and "business 1" in result.stdout
+
+
+def test_the_same_person_in_two_sources_becomes_one_contact(library: Library, citadel, cli: CLI):
+    library.card(source=1, first="Jane", last="Doe", phones=[JANE])
+    library.card(source=2, first="Jane", last="Doe", phones=["613-555-0111"], emails=["jane@work.example"])
+    library.text("jane@work.example")
+    library.text(JANE)
+
+    assert cli("sync").code == 0
+
+    assert list(names(citadel)) == ["Jane Doe"]
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 2}
+
+
+def test_company_cards_and_first_name_only_cards_get_findable_names(library: Library, citadel, cli: CLI):
+    library.card(organization="Acme Plumbing", company=True, phones=["+1 613 555 0144"])
+    library.card(first="Prince", phones=["+1 613 555 0155"])
+
+    assert cli("sync").code == 0
+
+    contacts = names(citadel)
+    assert contacts["Acme Plumbing (company)"]["organization"] == "Acme Plumbing"
+    assert "Prince -" in contacts
+
+
+def test_address_book_groups_and_the_me_card_are_not_contacts(library: Library, citadel, cli: CLI):
+    friend = library.card(first="Jane", last="Doe", phones=[JANE])
+    library.books[0].group("Friends", members=[friend])
+    library.books[0].commit()
+    library.card(first="Owner", last="Self", phones=["+1 613 555 0100"], me=True)
+    library.text("+16135550100", from_me=True)  # a note to self
+
+    assert cli("sync").code == 0
+
+    assert list(names(citadel)) == ["Jane Doe"]
+
+
+def test_a_crm_contact_with_an_unnormalised_phone_is_matched_not_duplicated(library: Library, citadel, cli: CLI):
+    existing = citadel.add_contact(firstName="Robert", lastName="Roe", phone="(902) 555-0122")
+    library.card(first="Bob", last="Roe", phones=[BOB])
+    library.text(BOB)
+
+    assert cli("sync").code == 0
+
+    assert [c["id"] for c in citadel.contacts()] == [existing]
+    assert names(citadel)["Robert Roe"]["phone"] == "(902) 555-0122"  # the owner's field, untouched
+    assert kinds(citadel, "Robert Roe") == {"TEXT_INBOUND": 1}
+
+
+def test_facetime_and_callkit_calls_are_included_and_direction_comes_from_originated(
+        library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE], emails=["jane@example.com"])
+    library.call(JANE, answered=True, duration=120, at=ago(hours=6))  # phone, answered
+    library.call(JANE, answered=False, duration=0, at=ago(hours=5))  # missed
+    library.call(JANE, originated=True, answered=False, duration=0, at=ago(hours=4))  # outgoing, not connected
+    library.call(JANE, originated=True, answered=False, duration=42, call_type=16,
+                 service_provider="com.apple.FaceTime", at=ago(hours=3))
+    library.call("jane@example.com", answered=True, duration=5, call_type=8, service_provider="com.apple.FaceTime",
+                 at=ago(hours=2))
+    library.call(JANE, originated=True, duration=9, call_type=0, service_provider="net.whatsapp.WhatsApp",
+                 at=ago(hours=1))
+
+    assert cli("sync").code == 0
+
+    jane = names(citadel)["Jane Doe"]
+    calls = Counter((i["type"], i["durationSeconds"]) for i in citadel.interactions(jane["id"]))
+    assert calls == Counter([("CALL_INBOUND", 120), ("CALL_MISSED", None), ("CALL_OUTBOUND", None),
+                             ("CALL_OUTBOUND", 42), ("CALL_INBOUND", 5), ("CALL_OUTBOUND", 9)])
+
+
+def test_old_seconds_format_dates_are_converted(home, citadel):
+    lib = Library.create(home, chat_version="el-capitan")
+    try:
+        lib.card(first="Jane", last="Doe", phones=[JANE])
+        moment = ago(days=10).replace(microsecond=0)
+        lib.text(JANE, at=moment)
+        result = CLI(clean_env(home, CRM_SYNCD_API_URL=citadel.url))("sync")
+    finally:
+        lib.close()
+
+    assert result.code == 0, result.output
+    (row,) = citadel.interactions()
+    assert row["occurredAt"] == moment.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def test_rows_still_only_in_the_wal_are_read_while_apple_holds_the_database(library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE)
+    wal = library.messages_db.with_name("chat.db-wal")
+    assert wal.stat().st_size > 0
+    with sqlite3.connect(library.messages_db) as probe:  # the main file alone has no messages yet
+        assert probe.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+    assert cli("sync").code == 0
+
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1}
+
+
+def test_unknown_numbers_get_one_placeholder_and_known_only_holds_them(library: Library, citadel, cli: CLI):
+    library.text("+19055551234")
+    library.text("+19055551234", from_me=True)
+
+    held = cli("sync", "--known-only")
+    assert held.code == 0, held.output
+    assert citadel.contacts() == [] and "held 2 (unknown contact 2)" in held.stdout
+
+    created = cli("sync")
+    assert created.code == 0, created.output
+    (placeholder,) = citadel.contacts()
+    assert (placeholder["firstName"], placeholder["lastName"]) == ("Unknown", "(+1-905-555-1234)")
+    assert placeholder["phone"] == "+19055551234"
+    assert placeholder["notes"] == "Auto-created by crm-syncd - needs review"
+    assert "Placeholders" in created.stdout and "Unknown (+1-905-555-1234)" in created.stdout
+    assert len(citadel.interactions(placeholder["id"])) == 2
+
+
+def test_create_unknown_contacts_false_holds_unknown_people(library: Library, citadel, cli: CLI):
+    library.text("someone@example.org")
+    cli.env["CRM_SYNCD_CREATE_UNKNOWN_CONTACTS"] = "false"
+
+    assert cli("sync").code == 0
+
+    assert citadel.contacts() == []
+
+
+def test_dry_run_writes_nothing_anywhere_and_says_what_it_would_create(library: Library, citadel, cli: CLI, home):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE)
+    library.text("+19055551234")
+
+    result = cli("sync", "--dry-run")
+
+    assert result.code == 0, result.output
+    assert citadel.contacts() == [] and citadel.interactions() == []
+    assert "Jane Doe" in result.stdout and "Unknown (+1-905-555-1234)" in result.stdout
+    assert not (home / "Library" / "Application Support" / "crm-syncd").exists()
+
+
+def test_apple_databases_are_byte_identical_afterwards(library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE)
+    library.call(JANE, answered=True, duration=3)
+    before = library.snapshot()
+
+    assert cli("sync").code == 0
+
+    assert library.snapshot() == before
+
+
+def test_contacts_only_and_interactions_only(library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE)
+
+    assert cli("sync", "--contacts-only").code == 0
+    assert list(names(citadel)) == ["Jane Doe"] and citadel.interactions() == []
+
+    assert cli("sync", "--interactions-only").code == 0
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1}
+
+
+def test_days_limits_the_window_of_a_first_sync(library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(days=40))
+    library.text(JANE, at=ago(days=5))
+
+    assert cli("sync", "--days", "30").code == 0
+
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1}
+
+
+def test_an_unreachable_crm_queues_everything_and_a_later_run_delivers_it(library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE)
+    citadel.go_down()
+
+    down = cli("sync")
+
+    assert down.code == 1
+    assert "unreachable" in down.output.lower()
+    citadel.come_up()
+    up = cli("sync")
+    assert up.code == 0, up.output
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1}
+
+
+def test_a_rejected_interaction_is_kept_with_its_reason_and_the_rest_continue(library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(days=2))
+    library.text(JANE, at=ago(days=1))
+    citadel.reject_interactions_at = {ago(days=2).strftime("%Y-%m-%d")}
+
+    result = cli("sync")
+
+    assert result.code == 1
+    assert "1 interaction(s) failed" in result.stdout and "occurredAt" in result.stdout
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1}
+    citadel.reject_interactions_at = set()
+    assert "1 failed interaction(s) queued again" in cli("retry-failed").stdout
+    assert cli("sync").code == 0
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 2}
+
+
+def test_an_invalid_setting_is_one_line_naming_it_and_its_source_with_exit_2(library: Library, cli: CLI):
+    cli.env["CRM_SYNCD_DEFAULT_REGION"] = "XX"
+
+    result = cli("sync")
+
+    assert result.code == 2
+    assert "default_region" in result.stderr and "CRM_SYNCD_DEFAULT_REGION" in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root without setpriv")
+def test_a_database_macos_refuses_to_open_names_the_full_disk_access_fix(library: Library, cli: CLI):
+    """Linux stand-in for a TCC refusal: the file exists (stat works) but opening it is denied."""
+    library.text(JANE)
+    os.chmod(library.messages_db, 0)
+    command = ["sync", "--interactions-only"]
+    if os.geteuid() == 0:  # root reads anything: drop the capability that lets it
+        caps = "-dac_override,-dac_read_search"
+        cli = CLI(cli.env)
+        prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+        result = cli.run_with_prefix(prefix, *command)
+    else:
+        result = cli(*command)
+
+    assert result.code == 2, result.output
+    assert "Full Disk Access" in result.stderr and "Privacy & Security" in result.stderr
+    assert "Traceback" not in result.output
