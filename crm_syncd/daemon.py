@@ -1,0 +1,275 @@
+"""`crm-syncd run`: the long-running daemon.
+
+Start-up: take the lock, sync contacts, catch up messages and calls from their marks, then
+watch. Afterwards everything is event-driven: file hints → debounced extraction → outbox →
+pusher. Timers only cover what events cannot: a safety-net probe (dropped FSEvents, wake from
+sleep), the AddressBook rescan, and the heartbeat `status` reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from crm_syncd import __version__, crm as crmlib
+from crm_syncd.engine import SOURCES, Engine
+from crm_syncd.logs import get_logger
+from crm_syncd.settings import Settings, secure_dir
+from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError
+from crm_syncd.store import Store, now_ms
+from crm_syncd.watch import Debouncer, Probe, Watcher, wait_event
+
+log = get_logger("crm_syncd.daemon")
+
+HEARTBEAT_S = 5.0
+SLEEP_JUMP_S = 5.0  # wall clock ahead of the monotonic clock by this much: the Mac slept
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+class Lock:
+    """An exclusive advisory lock on a file, held for the life of the process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        secure_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise AlreadyRunning(f"crm-syncd is already running (pid {holder}); "
+                                 "see `crm-syncd status`") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def held_by_other(self) -> bool:
+        """Whether another process holds the lock (used by `status`)."""
+        if not self.path.exists():
+            return False
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+
+@dataclass
+class SourceState:
+    last_sync_ms: int | None = None
+    rows: int = 0
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stop = asyncio.Event()
+        self.work = asyncio.Event()  # the outbox may have something deliverable
+        self.sources = {s: SourceState() for s in SOURCES}
+        self.last_error: str | None = None
+        self.crm_reachable: bool | None = None
+        self.contacts_synced = False
+        self.started_ms = now_ms()
+
+    async def run(self) -> int:
+        lock = Lock(self.settings.lock_path)
+        lock.acquire()
+        store = Store(self.settings.state_db)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._request_stop, sig)
+        try:
+            async with crmlib.CitadelClient(self.settings.api_url, self.settings.api_key_value,
+                                            timeout=self.settings.request_timeout_s,
+                                            max_connections=self.settings.push_concurrency) as crm:
+                self.engine = Engine(self.settings, store, crm)
+                self.store = store
+                return await self._serve(loop)
+        finally:
+            self._beat(running=False)
+            store.close()
+            lock.release()
+
+    def _request_stop(self, sig: int) -> None:
+        log.info("daemon.stopping", signal=signal.Signals(sig).name)
+        self.stop.set()
+        self.work.set()
+
+    async def _serve(self, loop: asyncio.AbstractEventLoop) -> int:
+        log.info("daemon.started", pid=os.getpid(), version=__version__)
+        self._beat()
+        debouncers = {s: Debouncer(lambda s=s: self._extract(s), self.settings.debounce_ms / 1000,
+                                   self.settings.max_wait_ms / 1000) for s in SOURCES}
+        probes = {s: Probe(self.engine.readers[s].path) for s in SOURCES}
+
+        def hint(source: str) -> None:
+            if probes[source].changed():
+                debouncers[source].poke()
+
+        await self._contacts(force=True)
+        for source in SOURCES:
+            probes[source].changed()  # the catch-up below covers the current state
+            await self._extract(source)
+        watcher = Watcher({s: self.engine.readers[s].path for s in SOURCES}, hint, loop)
+        watcher.start()
+        tasks = [asyncio.create_task(d.run()) for d in debouncers.values()]
+        tasks += [asyncio.create_task(self._pusher()), asyncio.create_task(self._timers(hint)),
+                  asyncio.create_task(self._heartbeats())]
+        log.info("daemon.watching", directories=[str(d) for d in watcher.watched])
+        try:
+            await self.stop.wait()
+        finally:
+            watcher.stop()
+            pusher = tasks[len(debouncers)]
+            others = [t for t in tasks if t is not pusher]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+            # the pusher finishes or abandons in-flight requests within the deadline
+            done, _ = await asyncio.wait({pusher}, timeout=self.settings.shutdown_deadline_s + 1)
+            if not done:
+                pusher.cancel()
+                await asyncio.gather(pusher, return_exceptions=True)
+        log.info("daemon.stopped")
+        return 0
+
+    # -- work -----------------------------------------------------------------------------
+
+    async def _extract(self, source: str) -> None:
+        started = time.monotonic()
+        try:
+            report = await asyncio.to_thread(self.engine.extract, source)
+        except NeedsFullDiskAccess as exc:
+            self._error(str(exc), event="extract.denied", source=source)
+            return
+        except SourceError as exc:
+            self._error(str(exc), event="extract.failed", source=source)
+            return
+        state = self.sources[source]
+        state.last_sync_ms = now_ms()
+        state.rows += report.rows
+        if report.rows:
+            log.info("extract.done", source=source, rows=report.rows, added=report.added,
+                     duration_ms=round((time.monotonic() - started) * 1000, 1))
+        if report.added:
+            self.work.set()
+
+    async def _contacts(self, force: bool = False) -> None:
+        if not force and not self.engine.contacts_changed():
+            return
+        try:
+            report = await self.engine.sync_contacts()
+        except crmlib.CRMError as exc:
+            self._error(f"contacts not synced: {exc.message}", event="contacts.deferred")
+            self.crm_reachable = False
+            return
+        except NeedsFullDiskAccess as exc:
+            self._error(str(exc), event="contacts.denied")
+            return
+        self.crm_reachable = self.contacts_synced = True
+        log.info("contacts.rescan", created=len(report.created), promoted=len(report.promoted),
+                 updated=len(report.updated))
+        self.sources.setdefault("contacts", SourceState()).last_sync_ms = now_ms()
+        self.work.set()
+
+    async def _pusher(self) -> None:
+        """Drain the outbox whenever there is work; retry forever through CRM outages."""
+        while not self.stop.is_set():
+            self.work.clear()
+            try:
+                if not self.contacts_synced:
+                    await self._contacts(force=True)
+                await self.engine.resolve()
+                report = await self.engine.push(stop=self.stop)
+                if report.delivered:
+                    self.crm_reachable = True
+                    log.info("push.done", delivered=report.delivered, adopted=report.adopted)
+                if report.unreachable:
+                    self.crm_reachable = False
+                    self._error(f"CRM unreachable: {report.unreachable}", event="push.deferred")
+                    await self._sleep(min(30.0, self.settings.safety_probe_s))
+                    continue
+            except crmlib.CRMError as exc:
+                self.crm_reachable = False
+                self._error(f"CRM: {exc.message}", event="push.deferred")
+                await self._sleep(min(30.0, self.settings.safety_probe_s))
+                continue
+            await self._wait_work(self.settings.safety_probe_s)
+
+    async def _timers(self, hint) -> None:
+        """Safety-net probes, wake-from-sleep detection and the AddressBook rescan."""
+        next_probe = next_rescan = time.monotonic()
+        offset = time.time() - time.monotonic()
+        while not self.stop.is_set():
+            await self._sleep(1.0)
+            now = time.monotonic()
+            woke = (time.time() - now) - offset > SLEEP_JUMP_S
+            offset = time.time() - now
+            if woke:
+                log.info("daemon.woke")
+            if woke or now >= next_probe + self.settings.safety_probe_s:
+                next_probe = now
+                for source in SOURCES:
+                    hint(source)
+            if woke or now >= next_rescan + self.settings.contacts_rescan_s:
+                next_rescan = now
+                await self._contacts()
+
+    async def _heartbeats(self) -> None:
+        last_ping = 0.0
+        async with httpx.AsyncClient(timeout=10) as client:
+            while not self.stop.is_set():
+                self._beat()
+                url = self.settings.heartbeat_url
+                healthy = self.crm_reachable and not self.store.counts().get("failed")
+                if url and healthy and time.monotonic() - last_ping >= self.settings.heartbeat_interval_s:
+                    last_ping = time.monotonic()
+                    try:
+                        await client.get(url)
+                    except httpx.HTTPError as exc:
+                        log.warning("heartbeat.failed", error=type(exc).__name__)
+                await self._sleep(HEARTBEAT_S)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _beat(self, running: bool = True) -> None:
+        store = getattr(self, "store", None)
+        if store is None:
+            return
+        store.put("daemon", {
+            "running": running, "pid": os.getpid(), "started_ms": self.started_ms, "beat_ms": now_ms(),
+            "version": __version__, "crm_reachable": self.crm_reachable, "last_error": self.last_error,
+            "sources": {s: {"last_sync_ms": st.last_sync_ms} for s, st in self.sources.items()},
+        })
+
+    def _error(self, message: str, *, event: str, **fields) -> None:
+        self.last_error = message
+        log.warning(event, error=message, **fields)
+
+    async def _sleep(self, seconds: float) -> None:
+        await wait_event(self.stop, seconds)
+
+    async def _wait_work(self, seconds: float) -> None:
+        await wait_event(self.work, seconds)

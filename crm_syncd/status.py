@@ -1,0 +1,169 @@
+"""What `crm-syncd status` and `crm-syncd doctor` report, gathered without the daemon's help.
+
+The daemon leaves a heartbeat in the state database; everything else (marks, outbox, Apple's
+newest rows, the CRM's health, the launchd agent) is read directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crm_syncd import crm as crmlib, launchd
+from crm_syncd.daemon import Lock
+from crm_syncd.settings import Settings
+from crm_syncd.sources import contacts as contacts_source
+from crm_syncd.sources.calls import CallsReader
+from crm_syncd.sources.messages import MessagesReader
+from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError, SourceMissing
+from crm_syncd.store import Store, now_ms
+
+HEALTHY, DEGRADED, NOT_RUNNING = 0, 1, 3
+STALL_MS = 180_000  # rows waiting and the mark unmoved this long: the lag is growing
+
+
+def _iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    from crm_syncd.engine import occurred_iso
+
+    return occurred_iso(ms)
+
+
+def _newest(reader) -> tuple[int | None, str | None]:
+    try:
+        return reader.newest_rowid(), None
+    except SourceMissing:
+        return None, "database not found"
+    except SourceError as exc:
+        return None, str(exc)
+
+
+def _agent() -> dict[str, Any]:
+    try:
+        state = launchd.agent_state()
+    except Exception as exc:  # launchctl missing (not a Mac) or unreadable: say so, do not fail
+        return {"installed": launchd.plist_path().exists(), "loaded": None, "error": str(exc)}
+    return {"installed": state.installed, "loaded": state.loaded, "pid": state.pid, "last_exit": state.last_exit}
+
+
+async def _crm_reachable(settings: Settings) -> bool:
+    async with crmlib.CitadelClient(settings.api_url, settings.api_key_value, timeout=3) as client:
+        return await client.health()
+
+
+def gather(settings: Settings) -> dict[str, Any]:
+    """The daemon's state as a plain dict (the `status --json` document)."""
+    running = Lock(settings.lock_path).held_by_other()
+    store = Store(settings.state_db) if settings.state_db.exists() else None
+    try:
+        beat = (store.get("daemon") if store else None) or {}
+        marks = {s: store.mark_details(s) if store else None for s in ("messages", "calls")}
+        counts = store.counts() if store else {}
+        failures = store.failures() if store else []
+    finally:
+        if store:
+            store.close()
+    now = now_ms()
+    sources: dict[str, Any] = {}
+    readers = {"messages": MessagesReader(settings.messages_db), "calls": CallsReader(settings.calls_db)}
+    for name, reader in readers.items():
+        newest, problem = _newest(reader)
+        mark = marks[name]
+        lag = max(0, newest - mark["rowid"]) if newest is not None and mark else None
+        stalled_ms = now - mark["updated_ms"] if mark and lag else 0
+        sources[name] = {
+            "last_sync_at": _iso(((beat.get("sources") or {}).get(name) or {}).get("last_sync_ms")
+                                 or (mark or {}).get("updated_ms")),
+            "mark": mark["rowid"] if mark else None, "newest": newest, "lag_rows": lag,
+            "lag_seconds": round(stalled_ms / 1000) if lag else 0, "problem": problem,
+        }
+    contacts_sync = ((beat.get("sources") or {}).get("contacts") or {}).get("last_sync_ms")
+    sources["contacts"] = {"last_sync_at": _iso(contacts_sync), "lag_rows": 0,
+                           "stores": len(contacts_source.store_paths(Path(settings.addressbook_dir)))}
+    try:
+        reachable = asyncio.run(_crm_reachable(settings))
+    except Exception:
+        reachable = False
+    started = beat.get("started_ms") if running else None
+    doc = {
+        "running": running,
+        "pid": beat.get("pid") if running else None,
+        "started_at": _iso(started),
+        "uptime_s": round((now - started) / 1000) if started else None,
+        "last_beat_at": _iso(beat.get("beat_ms")),
+        "agent": _agent(),
+        "sources": sources,
+        "outbox": {"pending": counts.get("pending", 0) + counts.get("sending", 0), "held": counts.get("held", 0),
+                   "failed": counts.get("failed", 0), "delivered": counts.get("delivered", 0),
+                   "failures": [{"key": k, "type": t, "reason": r} for k, t, r in failures]},
+        "crm": {"url": settings.api_url, "reachable": reachable},
+        "last_error": beat.get("last_error"),
+    }
+    lag_growing = any(s.get("lag_seconds", 0) * 1000 > STALL_MS for s in sources.values())
+    doc["health"] = ("not running" if not running else
+                     "degraded" if (doc["outbox"]["failed"] or not reachable or lag_growing) else "healthy")
+    return doc
+
+
+def exit_code(doc: dict[str, Any]) -> int:
+    return {"healthy": HEALTHY, "degraded": DEGRADED}.get(doc["health"], NOT_RUNNING)
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+
+
+def doctor(settings: Settings) -> list[Check]:
+    """Every precondition of a healthy daemon, each with the fix when it fails."""
+    checks = [Check("configuration", True, f"read from {settings.config_file or 'defaults and environment'}")]
+    readers = {"Messages (chat.db)": MessagesReader(settings.messages_db),
+               "Call history": CallsReader(settings.calls_db)}
+    for label, reader in readers.items():
+        checks.append(_probe(label, reader.path, reader.newest_rowid))
+    stores = contacts_source.store_paths(Path(settings.addressbook_dir))
+    if not stores:
+        checks.append(Check("Contacts", False, f"no AddressBook under {settings.addressbook_dir}",
+                            "open Contacts once, or set addressbook_dir"))
+    for db in stores:
+        checks.append(_probe(f"Contacts ({db.parent.name})", db,
+                             lambda db=db: contacts_source.read_store(db, db.name)))
+    try:
+        reachable = asyncio.run(_crm_reachable(settings))
+    except Exception:
+        reachable = False
+    checks.append(Check("CRM", reachable, f"{settings.api_url}/api/health " + ("answers" if reachable else "does not answer"),
+                        None if reachable else "start Citadel or fix api_url in ~/.config/crm-syncd/config.toml"))
+    agent = _agent()
+    checks.append(Check("launchd agent", bool(agent.get("loaded")),
+                        "loaded" if agent.get("loaded") else "installed, not loaded" if agent.get("installed")
+                        else "not installed", None if agent.get("loaded") else "run `crm-syncd install`"))
+    log_dir = Path(settings.log_dir)
+    writable = os.access(log_dir if log_dir.exists() else _existing_parent(log_dir), os.W_OK)
+    checks.append(Check("log directory", writable, str(log_dir), None if writable else f"chmod u+w {log_dir}"))
+    return checks
+
+
+def _probe(label: str, path: Path, query) -> Check:
+    try:
+        query()
+    except SourceMissing:
+        return Check(label, False, f"{path} does not exist", "nothing to read yet (feature unused on this Mac)")
+    except NeedsFullDiskAccess as exc:
+        return Check(label, False, exc.detail, str(exc).split(". ", 1)[-1])
+    except SourceError as exc:
+        return Check(label, False, str(exc), "retry later; if it persists, restart the Mac")
+    return Check(label, True, f"{path} readable")
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path

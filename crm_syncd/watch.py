@@ -1,0 +1,132 @@
+"""File-system hints and debouncing.
+
+The observer watches the *directories* of Apple's databases, never the files: SQLite and
+Messages recreate `-wal` with a new inode, and a watch on the old file goes deaf for good.
+FSEvents on macOS, inotify on Linux, through the same watchdog API. Events are only hints: a
+`Probe` (size, mtime, inode of the database and its `-wal`) decides whether anything changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+
+def _signature(path: Path) -> tuple:
+    parts = []
+    for f in (path, path.with_name(path.name + "-wal")):
+        try:
+            st = os.stat(f)
+            parts.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:
+            parts.append(None)
+    return tuple(parts)
+
+
+class Probe:
+    """Cheap change detection for one database: a couple of stats, no SQLite."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen: tuple | None = None
+
+    def changed(self) -> bool:
+        """True when the database or its -wal differ from the last call (and on the first)."""
+        current = _signature(self.path)
+        if current == self._seen:
+            return False
+        self._seen = current
+        return True
+
+
+async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait until `event` is set or `timeout` passes; True if it was set.
+
+    Unlike `asyncio.wait_for` on Python 3.11, this never swallows a cancellation of the caller
+    that races with the event (a daemon that ignores SIGTERM now and then).
+    """
+    if event.is_set():
+        return True
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+    return bool(done)
+
+
+class Debouncer:
+    """Coalesces hints into runs of `action`.
+
+    A run starts after `quiet` seconds without hints, but never later than `max_wait` after the
+    first hint of a burst. Runs never overlap; hints during a run schedule exactly one more.
+    """
+
+    def __init__(self, action: Callable[[], Awaitable[None]], quiet: float, max_wait: float) -> None:
+        self.action = action
+        self.quiet = quiet
+        self.max_wait = max(max_wait, quiet)
+        self._hinted = asyncio.Event()
+        self._first: float | None = None
+        self._last = 0.0
+
+    def poke(self) -> None:
+        """Register a hint (call from the event loop's thread)."""
+        now = asyncio.get_running_loop().time()
+        if self._first is None:
+            self._first = now
+        self._last = now
+        self._hinted.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._hinted.wait()
+            while (delay := min(self._last + self.quiet, self._first + self.max_wait) - loop.time()) > 0:
+                self._hinted.clear()
+                await wait_event(self._hinted, delay)
+            self._first = None
+            self._hinted.clear()
+            await self.action()
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, names: dict[str, str], notify: Callable[[str], None]) -> None:
+        self.names = names  # file name -> source
+        self.notify = notify
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        for path in (event.src_path, getattr(event, "dest_path", "")):
+            source = self.names.get(os.path.basename(os.fsdecode(path))) if path else None
+            if source:
+                self.notify(source)
+
+
+class Watcher:
+    """Calls `on_hint(source)` on the event loop when a watched database or its -wal changes."""
+
+    def __init__(self, databases: dict[str, Path], on_hint: Callable[[str], None],
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.observer = Observer()
+        by_dir: dict[Path, dict[str, str]] = {}
+        for source, db in databases.items():
+            names = by_dir.setdefault(Path(db).parent, {})
+            names[db.name] = names[db.name + "-wal"] = source
+        notify = lambda source: loop.call_soon_threadsafe(on_hint, source)  # noqa: E731
+        self.watched: list[Path] = []
+        for directory, names in by_dir.items():
+            if directory.is_dir():
+                self.observer.schedule(_Handler(names, notify), str(directory), recursive=False)
+                self.watched.append(directory)
+
+    def start(self) -> None:
+        self.observer.start()
+
+    def stop(self) -> None:
+        self.observer.stop()
+        self.observer.join(timeout=5)

@@ -1,0 +1,205 @@
+"""`crm-syncd run` end to end: the real daemon process, real watchdog, the stand-in CRM.
+
+The test process is the "Apple" writer: it inserts into the fixture databases in WAL mode and
+keeps its connections open, so new rows live only in the -wal files, as on a real Mac.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CLI
+from tests.harness.library import Library, ago
+
+JANE = "+16135550111"
+
+
+def eventually(check: Callable[[], object], timeout: float = 20.0, what: str = "condition"):
+    """Poll `check` until it returns something truthy, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what} (last: {value!r})")
+        time.sleep(0.05)
+
+
+class RunningDaemon:
+    def __init__(self, cli: CLI, home: Path) -> None:
+        self.cli = cli
+        self.log = home / "Library" / "Logs" / "crm-syncd" / "crm-syncd.log"
+        self.proc = cli.popen("run")
+        eventually(lambda: self.events("daemon.watching") or self.proc.poll() is not None, what="daemon start")
+        assert self.proc.poll() is None, self.proc.communicate()
+
+    def events(self, name: str | None = None) -> list[dict]:
+        if not self.log.exists():
+            return []
+        rows = [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+        return [r for r in rows if name is None or r.get("event") == name]
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            self.proc.communicate()
+
+
+@pytest.fixture
+def daemon_env(cli: CLI) -> CLI:
+    cli.env.update(CRM_SYNCD_CONTACTS_RESCAN_S="0.5", CRM_SYNCD_SAFETY_PROBE_S="30",
+                   CRM_SYNCD_DEBOUNCE_MS="100", CRM_SYNCD_MAX_WAIT_MS="500")
+    return cli
+
+
+@pytest.fixture
+def daemon(library: Library, daemon_env: CLI, home: Path):
+    running = []
+
+    def start() -> RunningDaemon:
+        running.append(RunningDaemon(daemon_env, home))
+        return running[-1]
+
+    yield start
+    for d in running:
+        d.stop(signal.SIGKILL)
+
+
+def interactions_of(citadel, phone: str) -> list[dict]:
+    ids = [c["id"] for c in citadel.contacts() if c["phone"] == phone]
+    return [i for cid in ids for i in citadel.interactions(cid)]
+
+
+def test_new_messages_and_calls_arrive_once_each_while_apple_keeps_the_database_open(
+        library: Library, citadel, daemon):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    d = daemon()
+
+    library.text(JANE)
+    eventually(lambda: len(interactions_of(citadel, JANE)) == 1, what="the message")
+    library.call(JANE, originated=True, duration=12)
+    library.text(JANE, from_me=True)
+    eventually(lambda: len(interactions_of(citadel, JANE)) == 3, what="the call and the reply")
+
+    assert library.messages_db.with_name("chat.db-wal").stat().st_size > 0  # still only in the WAL
+    assert d.stop() == 0
+    assert Counter(i["type"] for i in interactions_of(citadel, JANE)) == {
+        "TEXT_INBOUND": 1, "TEXT_OUTBOUND": 1, "CALL_OUTBOUND": 1}
+
+
+def test_a_burst_of_5000_messages_arrives_complete_in_bounded_batches(library: Library, citadel, daemon, daemon_env):
+    daemon_env.env["CRM_SYNCD_BATCH_SIZE"] = "500"
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    d = daemon()
+
+    library.chat.autocommit = False
+    start = ago(days=20)
+    for n in range(5000):
+        library.text(JANE, at=start.replace(microsecond=0) + timedelta(seconds=n))
+    library.chat.commit()
+
+    eventually(lambda: len(interactions_of(citadel, JANE)) >= 5000, timeout=120, what="5000 interactions")
+    assert d.stop() == 0
+    batches = [e["rows"] for e in d.events("extract.batch") if e.get("source") == "messages"]
+    assert sum(batches) == 5000 and max(batches) <= 500
+    assert len(interactions_of(citadel, JANE)) == 5000
+
+
+def test_a_new_address_book_card_is_picked_up_by_the_rescan_timer(library: Library, citadel, daemon):
+    d = daemon()
+    assert citadel.contacts() == []
+
+    library.card(source=1, first="Newly", last="Added", phones=["+1 613 555 0177"])
+
+    eventually(lambda: [c for c in citadel.contacts() if c["lastName"] == "Added"], what="the new contact")
+    assert d.stop() == 0
+
+
+def test_sigterm_drains_and_a_restart_continues_from_the_mark(library: Library, citadel, daemon):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=3))
+    first = daemon()
+    eventually(lambda: len(interactions_of(citadel, JANE)) == 1, what="the first message")
+    assert first.stop() == 0
+
+    library.text(JANE, at=ago(hours=2))  # arrives while the daemon is stopped
+    second = daemon()
+    eventually(lambda: len(interactions_of(citadel, JANE)) == 2, what="the catch-up")
+    library.text(JANE, at=ago(hours=1))
+    eventually(lambda: len(interactions_of(citadel, JANE)) == 3, what="the live message")
+    assert second.stop() == 0
+    assert len(interactions_of(citadel, JANE)) == 3
+
+
+def test_a_second_run_is_refused_at_once(library: Library, daemon, daemon_env: CLI):
+    first = daemon()
+
+    second = daemon_env("run", timeout=30)
+
+    assert second.code == 1
+    assert "already running" in second.stderr and str(first.proc.pid) in second.stderr
+
+
+def test_status_json_reflects_running_stopped_pending_and_failed(library: Library, citadel, daemon, daemon_env: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    stopped = daemon_env("status", "--json")
+    assert stopped.code == 3 and json.loads(stopped.stdout)["running"] is False
+
+    citadel.reject_interactions_at = {ago(days=1).strftime("%Y-%m-%d")}
+    library.text(JANE, at=ago(days=1))
+    d = daemon()
+    doc = eventually(lambda: (lambda s: s if s["outbox"]["failed"] == 1 else None)(
+        json.loads(daemon_env("status", "--json").stdout)), what="the failed item in status")
+    assert doc["running"] is True and doc["pid"] == d.proc.pid
+    assert doc["crm"]["reachable"] is True
+    assert doc["sources"]["messages"]["lag_rows"] == 0 and doc["sources"]["messages"]["last_sync_at"]
+    assert "occurredAt" in doc["outbox"]["failures"][0]["reason"]
+    assert daemon_env("status", "--json").code == 1  # degraded: a failed item
+
+    citadel.go_down()
+    library.text(JANE)
+    eventually(lambda: json.loads(daemon_env("status", "--json").stdout)["outbox"]["pending"] == 1,
+               what="the queued item in status")
+    d.stop()
+    assert json.loads(daemon_env("status", "--json").stdout)["running"] is False
+
+
+def test_the_crm_down_for_a_while_queues_everything_and_delivers_it_when_it_returns(
+        library: Library, citadel, daemon):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    citadel.go_down()
+    d = daemon()
+    for hours in (3, 2, 1):
+        library.text(JANE, at=ago(hours=hours))
+    eventually(lambda: any(e.get("source") == "messages" for e in d.events("extract.batch")), what="extraction")
+
+    citadel.come_up()
+
+    eventually(lambda: len(interactions_of(citadel, JANE)) == 3, timeout=60, what="delivery after the outage")
+    assert d.stop() == 0
+
+
+def test_an_idle_daemon_holds_no_read_transaction_so_apple_can_truncate_its_wal(library: Library, citadel, daemon):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE)
+    d = daemon()
+    eventually(lambda: len(interactions_of(citadel, JANE)) == 1, what="the message")
+
+    busy, log_frames, checkpointed = library.chat.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+
+    assert busy == 0 and log_frames == checkpointed
+    assert library.messages_db.with_name("chat.db-wal").stat().st_size == 0
+    assert d.proc.poll() is None
+    d.stop()
