@@ -178,7 +178,7 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
         out.print("[bold yellow]dry run:[/] nothing was written to the CRM or to crm-syncd's state")
     if contacts:
         line = (f"[bold]Contacts[/]  {verb} {len(contacts.created)} · existing {contacts.existing} · "
-                f"promoted {len(contacts.promoted)} · updated {len(contacts.updated)}")
+                f"promoted {len(contacts.promoted)} · updated {len(contacts.updated)} · merged {len(contacts.merged)}")
         out.print(line + (f" · [red]failed {len(contacts.failed)}[/]" if contacts.failed else ""))
         for name in contacts.created[:20] if dry_run else []:
             out.print(f"  + {name}")
@@ -186,6 +186,8 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
             out.print(f"  [red]✗[/] {name}: {reason}")
         if contacts.missing:
             out.print("  [yellow]no AddressBook found; contacts skipped[/]")
+        for kept, other in contacts.duplicates[:5]:
+            out.print(f"  [yellow]possible duplicate:[/] CRM contact {other} looks like {kept} (left alone)")
         for store_name, problem in contacts.store_errors.items():
             out.print(f"  [yellow]skipped {store_name}: {problem}[/]")
     if placeholders:
@@ -295,6 +297,8 @@ def _print_status(doc: dict) -> None:
         out.print(f"  {failure['key']}: {failure['reason']}")
     crm = doc["crm"]
     out.print(f"CRM {crm['url']}: " + ("[green]reachable[/]" if crm["reachable"] else "[red]unreachable[/]"))
+    for pair in doc["duplicates"][:5]:
+        out.print(f"[yellow]possible duplicate:[/] CRM contact {pair['duplicate']} looks like {pair['kept']}")
     if doc["last_error"]:
         out.print(f"last error: {doc['last_error']}")
 

@@ -213,12 +213,13 @@ class CitadelClient:
     async def create_interaction(self, contact_id: int, payload: dict[str, Any]) -> dict[str, Any]:
         return await self._data("POST", f"/api/contacts/{int(contact_id)}/interactions", payload)
 
-    async def list_interactions(self, contact_id: int, day: dt.date) -> list[dict[str, Any]]:
-        """Every interaction of the contact on that UTC day (all pages, deduplicated by id)."""
-        if isinstance(day, dt.datetime) or not isinstance(day, dt.date):
+    async def list_interactions(self, contact_id: int, day: dt.date | None = None) -> list[dict[str, Any]]:
+        """Every interaction of the contact (on one UTC day, if given): all pages, deduplicated by id."""
+        if day is not None and (isinstance(day, dt.datetime) or not isinstance(day, dt.date)):
             raise TypeError("day must be a datetime.date (a UTC day)")
         path = f"/api/contacts/{int(contact_id)}/interactions"
-        return await self._collect(path, {"date": day.isoformat()}, (None,) * _MAX_PASSES, "interactions")
+        query = {"date": day.isoformat()} if day is not None else {}
+        return await self._collect(path, query, (None,) * _MAX_PASSES, "interactions")
 
     async def recent_interactions(self, contact_id: int) -> list[dict[str, Any]]:
         """The contact's newest interactions (one page of up to 100)."""
@@ -427,7 +428,7 @@ class DryRun:
     async def create_interaction(self, contact_id: int, payload: dict[str, Any]) -> dict[str, Any]:
         return self._fake(payload, contactId=contact_id)
 
-    async def list_interactions(self, contact_id: int, day: dt.date) -> list[dict[str, Any]]:
+    async def list_interactions(self, contact_id: int, day: dt.date | None = None) -> list[dict[str, Any]]:
         return await self.real.list_interactions(contact_id, day) if contact_id > 0 else []
 
     async def recent_interactions(self, contact_id: int) -> list[dict[str, Any]]:

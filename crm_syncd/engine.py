@@ -72,7 +72,8 @@ class ContactsReport:
     updated: list[str] = field(default_factory=list)
     owner_edits: list[str] = field(default_factory=list)
     placeholders: list[str] = field(default_factory=list)
-    duplicates: list[tuple[int, int]] = field(default_factory=list)
+    duplicates: list[tuple[int, int]] = field(default_factory=list)  # (kept, possible duplicate) left alone
+    merged: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
     store_errors: dict[str, str] = field(default_factory=dict)
@@ -184,6 +185,7 @@ class Engine:
                 report.failed.append((person.crm_fields()["firstName"] or person.key, exc.reason))
                 log.warning("contacts.rejected", person=person.key, reason=exc.reason)
         self.store.save_signatures(signatures)
+        self.store.put("duplicates", [{"kept": kept, "duplicate": other} for kept, other in report.duplicates])
         self.contacts_stale = False
         log.info("contacts.synced", cards=report.cards, people=len(people), created=len(report.created),
                  existing=report.existing, promoted=len(report.promoted), updated=len(report.updated))
@@ -208,9 +210,8 @@ class Engine:
             self.store.remember_contact(survivor, "card", person.key, written=fields)
             report.created.append(name)
         elif real:
-            survivor = remembered if remembered in real else real[0]
+            survivor = remembered if remembered in real else self._preferred(real)
             report.existing += 1
-            report.duplicates.extend((survivor, other) for other in real if other != survivor)
             await self._follow_edits(survivor, fields, index, report, name)
         else:
             survivor = placeholders[0]
@@ -220,6 +221,39 @@ class Engine:
             report.promoted.append(name)
             log.info("contacts.promoted", contact_id=survivor)
         self.store.map_addresses(person.addresses, survivor, "card")
+        for other in sorted(candidates - {survivor}):
+            if not await self._merge(other, survivor, index):
+                report.duplicates.append((survivor, other))
+            else:
+                report.merged.append(name)
+
+    def _preferred(self, contact_ids: list[int]) -> int:
+        """Among several real contacts, the owner's own survives (the lowest id among equals)."""
+        ours = {c for c in contact_ids if (self.store.known_contact(c) or ("",))[0] in ("card", "placeholder")}
+        return min(contact_ids, key=lambda c: (c in ours, c))
+
+    async def _merge(self, victim: int, survivor: int, index: _CRMIndex) -> bool:
+        """Fold a duplicate crm-syncd made into `survivor`; False if it must stay (the owner's).
+
+        Citadel cannot move an interaction: the victim's are re-created under the survivor
+        (through the outbox, so exactly once), then the victim is deleted.
+        """
+        known = self.store.known_contact(victim)
+        if not known or known[0] not in ("card", "placeholder", "merging"):
+            return False  # made by the owner: never deleted, only reported
+        if known[0] != "merging":
+            theirs = {i["id"] for i in await self.crm.list_interactions(victim)} - self.store.crm_ids(victim)
+            if theirs:
+                return False  # the owner added something to it: keep it, report it
+            self.store.begin_merge(victim, survivor)
+        try:
+            await self.crm.delete_contact(victim)
+        except crmlib.NotFound:
+            pass
+        self.store.forget_contact(victim)
+        index.remove(victim)
+        log.info("contacts.merged", survivor=survivor, removed=victim)
+        return True
 
     async def _follow_edits(self, contact_id: int, fields: dict, index: _CRMIndex,
                             report: ContactsReport, name: str) -> None:
@@ -557,12 +591,15 @@ class _CRMIndex:
         self.by_name[(contact.get("firstName") or "", contact.get("lastName") or "")].add(contact["id"])
 
     def replace(self, contact: dict) -> None:
-        old = self.by_id.get(contact["id"])
+        self.remove(contact["id"])
+        self.add(contact)
+
+    def remove(self, contact_id: int) -> None:
+        old = self.by_id.pop(contact_id, None)
         if old:
             for address in crm_addresses(old, self.normalize):
-                self.by_address[address].discard(old["id"])
-            self.by_name[(old.get("firstName") or "", old.get("lastName") or "")].discard(old["id"])
-        self.add(contact)
+                self.by_address[address].discard(contact_id)
+            self.by_name[(old.get("firstName") or "", old.get("lastName") or "")].discard(contact_id)
 
     def matching(self, addresses: list[str]) -> set[int]:
         return {cid for a in addresses for cid in self.by_address.get(a, ())}

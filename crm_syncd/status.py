@@ -64,6 +64,7 @@ def gather(settings: Settings) -> dict[str, Any]:
         marks = {s: store.mark_details(s) if store else None for s in ("messages", "calls")}
         counts = store.counts() if store else {}
         failures = store.failures() if store else []
+        duplicates = store.get("duplicates", []) if store else []
     finally:
         if store:
             store.close()
@@ -101,6 +102,7 @@ def gather(settings: Settings) -> dict[str, Any]:
                    "failed": counts.get("failed", 0), "delivered": counts.get("delivered", 0),
                    "failures": [{"key": k, "type": t, "reason": r} for k, t, r in failures]},
         "crm": {"url": settings.api_url, "reachable": reachable},
+        "duplicates": duplicates,  # CRM contacts that look like one person but were left alone
         "last_error": beat.get("last_error"),
     }
     lag_growing = any(s.get("lag_seconds", 0) * 1000 > STALL_MS for s in sources.values())

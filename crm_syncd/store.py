@@ -312,6 +312,19 @@ class Store:
         return self._one("SELECT contact_id FROM contacts WHERE person_key = ? ORDER BY contact_id LIMIT 1",
                          (person_key,))
 
+    def begin_merge(self, victim: int, survivor: int) -> None:
+        """Durably move a contact's items to the survivor: delivered ones are to be re-created there.
+
+        The victim is marked `merging` so that, after a crash before its deletion, the next
+        contact sync deletes it without mistaking the now-unledgered copies for the owner's.
+        """
+        with self.transaction() as tx:
+            tx.execute("UPDATE outbox SET state = 'pending', crm_id = NULL, contact_id = ?, updated_ms = ? "
+                       "WHERE contact_id = ? AND state IN ('delivered', 'sending', 'pending', 'held')",
+                       (survivor, now_ms(), victim))
+            tx.execute("UPDATE handles SET contact_id = ? WHERE contact_id = ?", (survivor, victim))
+            tx.execute("UPDATE contacts SET origin = 'merging' WHERE contact_id = ?", (victim,))
+
     def prune_contacts(self, existing: Iterable[int]) -> list[int]:
         """Forget every mapped contact that the CRM no longer has."""
         existing = set(existing)
