@@ -85,19 +85,30 @@ def _run(fn, *args, **kwargs) -> None:
 @click.option("--known-only", is_flag=True, help="No placeholder contacts: hold interactions with unknown people.")
 @click.option("--days", type=click.IntRange(min=0), help="Read messages and calls of the last N days.")
 @click.option("--full", is_flag=True, help="Re-read everything; what was delivered is still not sent twice.")
+@click.option("--reconcile", is_flag=True,
+              help="Like --full, but look in the CRM before creating anything (after losing crm-syncd's state).")
 @verbose_option
 def sync(contacts_only: bool, interactions_only: bool, dry_run: bool, known_only: bool,
-         days: int | None, full: bool, verbose: bool) -> None:
+         days: int | None, full: bool, reconcile: bool, verbose: bool) -> None:
     """One pass: contacts, then messages and calls, delivered to the CRM."""
     if contacts_only and interactions_only:
         raise click.UsageError("--contacts-only and --interactions-only exclude each other")
     _run(_sync, contacts_only=contacts_only, interactions_only=interactions_only, dry_run=dry_run,
-         known_only=known_only, days=days, full=full, verbose=verbose)
+         known_only=known_only, days=days, full=full or reconcile, verbose=verbose,
+         overrides={"dedupe_against_crm": "on"} if reconcile else {})
 
 
 def _sync(*, contacts_only: bool, interactions_only: bool, dry_run: bool, known_only: bool,
-          days: int | None, full: bool, verbose: bool) -> int:
-    settings = _settings()
+          days: int | None, full: bool, verbose: bool, overrides: dict) -> int:
+    settings = _settings(**overrides)
+    from crm_syncd.daemon import AlreadyRunning, Lock
+
+    lock = Lock(settings.lock_path)
+    if not dry_run:  # the daemon and a sync must not deliver the same outbox at once
+        try:
+            lock.acquire()
+        except AlreadyRunning as exc:
+            raise Abort(f"{exc}; it already syncs continuously (stop it to run a one-shot sync)", EXIT_FAILED)
     logs.configure(verbose=verbose, console=True)
     with owner_errors():
         store = _open_store(settings, dry_run)
@@ -107,6 +118,7 @@ def _sync(*, contacts_only: bool, interactions_only: bool, dry_run: bool, known_
                                        known_only=known_only, days=days, full=full))
     finally:
         store.close()
+        lock.release()
 
 
 def _open_store(settings: Settings, dry_run: bool) -> Store:

@@ -29,6 +29,8 @@ from crm_syncd.watch import Debouncer, Probe, Watcher, wait_event
 log = get_logger("crm_syncd.daemon")
 
 HEARTBEAT_S = 5.0
+SWEEP_S = 86_400.0  # once a day, re-read a recent window: catches rows a rebuild renumbered below the mark
+SWEEP_DAYS = 7
 SLEEP_JUMP_S = 5.0  # wall clock ahead of the monotonic clock by this much: the Mac slept
 
 
@@ -157,10 +159,11 @@ class Daemon:
 
     # -- work -----------------------------------------------------------------------------
 
-    async def _extract(self, source: str) -> None:
+    async def _extract(self, source: str, sweep: bool = False) -> None:
         started = time.monotonic()
+        window = {"full": True, "days": SWEEP_DAYS} if sweep else {}
         try:
-            report = await asyncio.to_thread(self.engine.extract, source)
+            report = await asyncio.to_thread(self.engine.extract, source, **window)
         except NeedsFullDiskAccess as exc:
             self._error(str(exc), event="extract.denied", source=source)
             return
@@ -220,7 +223,7 @@ class Daemon:
 
     async def _timers(self, hint) -> None:
         """Safety-net probes, wake-from-sleep detection and the AddressBook rescan."""
-        next_probe = next_rescan = time.monotonic()
+        next_probe = next_rescan = next_sweep = time.monotonic()
         offset = time.time() - time.monotonic()
         while not self.stop.is_set():
             await self._sleep(1.0)
@@ -236,6 +239,10 @@ class Daemon:
             if woke or now >= next_rescan + self.settings.contacts_rescan_s:
                 next_rescan = now
                 await self._contacts()
+            if now >= next_sweep + SWEEP_S:
+                next_sweep = now
+                for source in SOURCES:
+                    await self._extract(source, sweep=True)
 
     async def _heartbeats(self) -> None:
         last_ping = 0.0

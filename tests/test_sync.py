@@ -349,3 +349,18 @@ def test_a_database_macos_refuses_to_open_names_the_full_disk_access_fix(library
     assert result.code == 2, result.output
     assert "Full Disk Access" in result.stderr and "Privacy & Security" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_reconcile_after_the_state_database_was_lost_creates_nothing_twice(library: Library, citadel, cli: CLI, home):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(days=3))
+    library.text("+19055551234", at=ago(days=2))
+    library.call(JANE, originated=True, duration=20, at=ago(days=1))
+    assert cli("sync").code == 0
+    before = (len(citadel.contacts()), len(citadel.interactions()))
+    shutil.rmtree(home / "Library" / "Application Support" / "crm-syncd")
+
+    result = cli("sync", "--reconcile")
+
+    assert result.code == 0, result.output
+    assert (len(citadel.contacts()), len(citadel.interactions())) == before == (2, 3)

@@ -1,0 +1,79 @@
+"""Security and privacy hygiene, end to end: secrets, file modes, masking, transport."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+from tests.conftest import CLI, clean_env
+from tests.harness.citadel import CitadelServer
+from tests.harness.library import Library
+
+JANE = "+16135550111"
+SECRET = "sk-test-4f1c9a7e2b"
+
+
+def everything_written(home: Path) -> str:
+    """All of crm-syncd's own files (state, logs), as text."""
+    roots = [home / "Library" / "Application Support" / "crm-syncd", home / "Library" / "Logs" / "crm-syncd"]
+    return "".join(p.read_bytes().decode("latin-1") for r in roots if r.exists() for p in r.rglob("*") if p.is_file())
+
+
+def test_the_api_key_authenticates_and_appears_nowhere(library: Library, tmp_path, home):
+    server = CitadelServer(tmp_path / "locked.sqlite", api_key=SECRET).start()
+    try:
+        library.card(first="Jane", last="Doe", phones=[JANE])
+        library.text(JANE)
+        cli = CLI(clean_env(home, CRM_SYNCD_API_URL=server.url, CRM_SYNCD_API_KEY=SECRET))
+
+        outputs = [cli("sync", "--dry-run"), cli("sync", "-v"), cli("status", "--json"), cli("doctor")]
+
+        assert outputs[1].code == 0, outputs[1].output
+        assert len(server.interactions()) == 1  # the bearer token was accepted
+        for result in outputs:
+            assert SECRET not in result.output
+        assert SECRET not in everything_written(home)
+    finally:
+        server.stop()
+
+
+def test_a_wrong_api_key_is_a_clear_failure_and_nothing_is_lost(library: Library, tmp_path, home):
+    server = CitadelServer(tmp_path / "locked.sqlite", api_key=SECRET).start()
+    try:
+        library.text(JANE)
+        wrong = CLI(clean_env(home, CRM_SYNCD_API_URL=server.url, CRM_SYNCD_API_KEY="not-the-key"))
+        failed = wrong("sync")
+        assert failed.code == 1 and "not-the-key" not in failed.output and "Traceback" not in failed.output
+
+        right = CLI(clean_env(home, CRM_SYNCD_API_URL=server.url, CRM_SYNCD_API_KEY=SECRET))("sync")
+        assert right.code == 0, right.output
+        assert len(server.interactions()) == 1
+    finally:
+        server.stop()
+
+
+def test_state_is_private_0700_folders_and_0600_files(library: Library, cli: CLI, home):
+    library.text(JANE)
+    assert cli("sync").code == 0
+
+    state = home / "Library" / "Application Support" / "crm-syncd"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / "state.db").stat().st_mode) == 0o600
+
+
+def test_plain_http_to_a_remote_crm_is_refused(library: Library, home):
+    result = CLI(clean_env(home, CRM_SYNCD_API_URL="http://crm.example.com"))("sync")
+
+    assert result.code == 2
+    assert "api_url" in result.stderr and "Traceback" not in result.output
+
+
+def test_logs_at_info_level_carry_no_full_phone_numbers_or_emails(library: Library, cli: CLI, home):
+    library.text("+19055551234")  # a placeholder: logged when created
+    library.text("someone@example.org")
+
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert "+19055551234" not in result.stderr and "someone@example.org" not in result.stderr
+    assert "1234" in result.stderr  # masked, not dropped
