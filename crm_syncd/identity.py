@@ -67,7 +67,13 @@ class Normalizer:
             return Address("email", lowered) if _EMAIL.match(lowered) else Address("invalid", lowered)
         number = self._parse_phone(text)
         if number is not None:
-            return Address("phone", phonenumbers.format_number(number, PhoneNumberFormat.E164))
+            e164 = phonenumbers.format_number(number, PhoneNumberFormat.E164)
+            again = self._parse_phone(e164)
+            if (len(e164) <= 16 and again is not None  # E.164 allows 15 digits at most
+                    and phonenumbers.format_number(again, PhoneNumberFormat.E164) == e164):
+                # only forms that survive a round trip can match the same number stored elsewhere
+                return Address("phone", e164)
+            return Address("invalid", text)
         digits = re.sub(r"\D", "", text)
         if _DIGITS.match(text) and not text.startswith("+") and 3 <= len(digits) <= 8:
             return Address("short-code", digits)
