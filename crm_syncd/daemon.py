@@ -204,6 +204,9 @@ class Daemon:
             try:
                 if not self.contacts_synced:
                     await self._contacts(force=True)
+                if not self.contacts_synced:  # resolving now would make placeholders for people with cards
+                    await self._sleep(min(30.0, self.settings.safety_probe_s))
+                    continue
                 await self.engine.resolve()
                 report = await self.engine.push(stop=self.stop)
                 if report.delivered:

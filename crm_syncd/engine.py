@@ -119,6 +119,7 @@ class Engine:
         self._cards: dict[str, list[Card]] = {}  # AddressBook store → its cards, as last read
         self._day_cache: dict[tuple[int, str], list[dict]] = {}
         self._adopted: set[int] = set()
+        self._ambiguous: Counter[int] = Counter()  # outbox id -> 500s answered to it (this process)
         self._backoff_until = 0.0
         self._failures_in_row = 0
 
@@ -451,6 +452,8 @@ class Engine:
     async def _unsure(self, item: Item, exc: crmlib.CRMError) -> tuple[str, Item, Any]:
         """The write may have happened (a 500, or a reply lost after sending): look before resending."""
         await self._wait_backoff()  # a slow CRM may still be finishing the write
+        if isinstance(exc, crmlib.Unreachable):  # we gave up waiting; the CRM may not have: give it as long again
+            await asyncio.sleep(self.settings.request_timeout_s)
         self._day_cache.pop((item.contact_id, occurred_iso(item.occurred_ms)[:10]), None)
         try:
             existing = await self._find_in_crm(item)
@@ -458,8 +461,10 @@ class Engine:
             return "unsure", item, exc.message  # stays `sending`: looked up again before any resend
         if existing is not None:
             return "adopted", item, existing
-        if isinstance(exc, crmlib.Ambiguous) and item.attempts >= self.settings.max_ambiguous_retries:
-            return "failed", item, f"CRM answered 500 {item.attempts} times: {exc.message}"
+        if isinstance(exc, crmlib.Ambiguous):  # bounded: count the 500s, not 503s or timeouts before them
+            self._ambiguous[item.id] += 1
+            if self._ambiguous[item.id] >= self.settings.max_ambiguous_retries:
+                return "failed", item, f"CRM answered 500 {self._ambiguous[item.id]} times: {exc.message}"
         return "retry", item, exc.message
 
     def _settle(self, outcomes: list[tuple[str, Item, Any]], report: PushReport) -> None:
@@ -503,6 +508,7 @@ class Engine:
         leftovers = self.store.sending()
         if not leftovers:
             return True
+        self._day_cache.clear()  # listings taken before these writes may predate them
         adopted, requeue = [], []
         for item in leftovers:
             try:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x43524D53  # "CRMS": tells our database from any other SQLite file
 
 MIGRATIONS: dict[int, str] = {
@@ -82,6 +82,9 @@ MIGRATIONS: dict[int, str] = {
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
     );
+    """,
+    2: """
+    CREATE INDEX outbox_waiting ON outbox(address) WHERE state IN ('pending', 'held');
     """,
 }
 
