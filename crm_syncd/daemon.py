@@ -81,7 +81,6 @@ class Lock:
 @dataclass
 class SourceState:
     last_sync_ms: int | None = None
-    rows: int = 0
 
 
 class Daemon:
@@ -172,7 +171,6 @@ class Daemon:
             return
         state = self.sources[source]
         state.last_sync_ms = now_ms()
-        state.rows += report.rows
         if report.rows:
             log.info("extract.done", source=source, rows=report.rows, added=report.added,
                      duration_ms=round((time.monotonic() - started) * 1000, 1))

@@ -494,12 +494,9 @@ class Engine:
                 report.retried += 1
                 report.unreachable = value
         self.store.settle(delivered, failed, retry)
-        for outcome, item, _ in batch:
-            if outcome == "vanished" and self.store.known_contact(item.contact_id) is not None:
-                self.store.forget_contact(item.contact_id)
-                log.warning("push.contact_vanished", contact_id=item.contact_id)
-            elif outcome == "vanished":
-                self.store.forget_contact(item.contact_id)
+        for contact_id in {item.contact_id for outcome, item, _ in batch if outcome == "vanished"}:
+            self.store.forget_contact(contact_id)
+            log.warning("push.contact_vanished", contact_id=contact_id)
 
     # -- exactly-once helpers -------------------------------------------------------------
 
@@ -614,7 +611,7 @@ class _CRMIndex:
         return set(self.by_name.get((first or "", last or ""), ()))
 
     def single_owner(self) -> list[tuple[str, int]]:
-        """Addresses that exactly one CRM contact holds (the lowest id wins a tie)."""
+        """Every address the CRM holds, with the lowest id among the contacts holding it."""
         return [(address, min(ids)) for address, ids in self.by_address.items() if ids]
 
 

@@ -6,55 +6,14 @@ real HTTP, exactly as an owner would run it.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from dataclasses import dataclass
+import signal
 from pathlib import Path
 
 import pytest
 
 from tests.harness.citadel import CitadelServer
 from tests.harness.library import Library
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
-
-
-@dataclass
-class CLI:
-    """Runs `crm-syncd` with a HOME and environment of the test's choosing."""
-
-    env: dict[str, str]
-
-    def __call__(self, *args: str, timeout: float = 120) -> Result:
-        return self.run_with_prefix([], *args, timeout=timeout)
-
-    def run_with_prefix(self, prefix: list[str], *args: str, timeout: float = 120) -> Result:
-        """Run the CLI under a wrapper command (e.g. one that drops privileges)."""
-        done = subprocess.run([*prefix, sys.executable, "-m", "crm_syncd", *args], env=self.env, cwd=REPO,
-                              capture_output=True, text=True, timeout=timeout)
-        return Result(done.returncode, done.stdout, done.stderr)
-
-    def popen(self, *args: str, **kwargs) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "crm_syncd", *args], env=self.env, cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
-
-
-def clean_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_SYNCD_")}
-    env.update(HOME=str(home), NO_COLOR="1", COLUMNS="200", PYTHONPATH=str(REPO), **extra)
-    return env
+from tests.harness.processes import CLI, RunningDaemon, clean_env  # noqa: F401 (tests import CLI, clean_env from here)
 
 
 @pytest.fixture
@@ -81,3 +40,26 @@ def citadel(tmp_path: Path):
 @pytest.fixture
 def cli(home: Path, citadel: CitadelServer) -> CLI:
     return CLI(clean_env(home, CRM_SYNCD_API_URL=citadel.url))
+
+
+@pytest.fixture
+def daemon_env(cli: CLI) -> CLI:
+    """The CLI with a daemon tuned for tests: quick rescans and debounce, a relaxed safety probe."""
+    cli.env.update(CRM_SYNCD_CONTACTS_RESCAN_S="0.5", CRM_SYNCD_SAFETY_PROBE_S="30",
+                   CRM_SYNCD_DEBOUNCE_MS="100", CRM_SYNCD_MAX_WAIT_MS="500")
+    return cli
+
+
+@pytest.fixture
+def daemon(library: Library, daemon_env: CLI, home: Path):
+    """Starts `crm-syncd run` (call it); every daemon started is killed at the end of the test."""
+    running: list[RunningDaemon] = []
+
+    def start() -> RunningDaemon:
+        running.append(RunningDaemon(daemon_env, home))
+        return running[-1]
+
+    yield start
+    for d in running:
+        d.stop(signal.SIGKILL)
+

@@ -10,35 +10,14 @@ import json
 import signal
 from collections import Counter
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import CLI
 from tests.harness.library import Library, ago
-from tests.harness.processes import RunningDaemon, eventually
+from tests.harness.processes import eventually
 
 JANE = "+16135550111"
-
-
-@pytest.fixture
-def daemon_env(cli: CLI) -> CLI:
-    cli.env.update(CRM_SYNCD_CONTACTS_RESCAN_S="0.5", CRM_SYNCD_SAFETY_PROBE_S="30",
-                   CRM_SYNCD_DEBOUNCE_MS="100", CRM_SYNCD_MAX_WAIT_MS="500")
-    return cli
-
-
-@pytest.fixture
-def daemon(library: Library, daemon_env: CLI, home: Path):
-    running = []
-
-    def start() -> RunningDaemon:
-        running.append(RunningDaemon(daemon_env, home))
-        return running[-1]
-
-    yield start
-    for d in running:
-        d.stop(signal.SIGKILL)
 
 
 def interactions_of(citadel, phone: str) -> list[dict]:

@@ -3,30 +3,21 @@
 from __future__ import annotations
 
 import json
-import signal
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import CLI
 from tests.harness.library import Library, ago
-from tests.test_daemon import RunningDaemon, eventually
+from tests.harness.processes import eventually
 
 STRANGER = "+19055551234"
 
 
 @pytest.fixture
-def start(library: Library, cli: CLI, home: Path):
-    cli.env.update(CRM_SYNCD_CONTACTS_RESCAN_S="0.3", CRM_SYNCD_DEBOUNCE_MS="50", CRM_SYNCD_MAX_WAIT_MS="300")
-    running: list[RunningDaemon] = []
-
-    def go() -> RunningDaemon:
-        running.append(RunningDaemon(cli, home))
-        return running[-1]
-
-    yield go
-    for d in running:
-        d.stop(signal.SIGKILL)
+def daemon_env(daemon_env: CLI) -> CLI:
+    daemon_env.env.update(CRM_SYNCD_CONTACTS_RESCAN_S="0.3", CRM_SYNCD_DEBOUNCE_MS="50",
+                          CRM_SYNCD_MAX_WAIT_MS="300")
+    return daemon_env
 
 
 def contact(citadel, **match) -> dict | None:
@@ -35,10 +26,10 @@ def contact(citadel, **match) -> dict | None:
 
 
 def test_a_texted_stranger_added_to_contacts_is_promoted_in_place_with_its_interactions(
-        library: Library, citadel, start):
+        library: Library, citadel, daemon):
     library.text(STRANGER, at=ago(days=3))
     library.text(STRANGER, from_me=True, at=ago(days=2))
-    d = start()
+    d = daemon()
     placeholder = eventually(lambda: contact(citadel, phone=STRANGER, firstName="Unknown"), what="the placeholder")
     eventually(lambda: len(citadel.interactions(placeholder["id"])) == 2, what="its interactions")
 
@@ -51,10 +42,10 @@ def test_a_texted_stranger_added_to_contacts_is_promoted_in_place_with_its_inter
     assert d.stop() == 0
 
 
-def test_one_unknown_person_texting_from_phone_and_email_gets_one_placeholder(library: Library, citadel, start):
+def test_one_unknown_person_texting_from_phone_and_email_gets_one_placeholder(library: Library, citadel, daemon):
     library.text(STRANGER, person="person-7")
     library.text("stranger@example.org", person="person-7")
-    d = start()
+    d = daemon()
 
     eventually(lambda: len(citadel.interactions()) == 2, what="both messages")
 
@@ -63,9 +54,9 @@ def test_one_unknown_person_texting_from_phone_and_email_gets_one_placeholder(li
     assert d.stop() == 0
 
 
-def test_a_card_renamed_is_renamed_in_the_crm_and_a_deleted_card_deletes_nothing(library: Library, citadel, start):
+def test_a_card_renamed_is_renamed_in_the_crm_and_a_deleted_card_deletes_nothing(library: Library, citadel, daemon):
     pk = library.card(first="Jon", last="Smiht", phones=["+1 613 555 0161"])
-    d = start()
+    d = daemon()
     created = eventually(lambda: contact(citadel, lastName="Smiht"), what="the contact")
 
     library.books[0].update_card(pk, first="John", last="Smith")
@@ -81,9 +72,9 @@ def test_a_card_renamed_is_renamed_in_the_crm_and_a_deleted_card_deletes_nothing
     assert d.stop() == 0
 
 
-def test_an_owner_edit_in_the_crm_wins_over_a_later_card_edit(library: Library, citadel, start):
+def test_an_owner_edit_in_the_crm_wins_over_a_later_card_edit(library: Library, citadel, daemon):
     pk = library.card(first="Ann", last="Lee", phones=["+1 613 555 0171"])
-    d = start()
+    d = daemon()
     ann = eventually(lambda: contact(citadel, firstName="Ann"), what="the contact")
     citadel.update_contact(ann["id"], firstName="Annie")
 
@@ -96,11 +87,11 @@ def test_an_owner_edit_in_the_crm_wins_over_a_later_card_edit(library: Library, 
     assert d.stop() == 0
 
 
-def test_a_placeholder_and_a_card_contact_for_one_person_are_merged(library: Library, citadel, start):
+def test_a_placeholder_and_a_card_contact_for_one_person_are_merged(library: Library, citadel, daemon):
     pk = library.card(first="Bob", last="Roe", phones=["+1 902 555 0122"])
     library.text("bob@example.org", at=ago(days=2))  # an email nobody's card has yet
     library.text("+19025550122", at=ago(days=1))
-    d = start()
+    d = daemon()
     eventually(lambda: len(citadel.contacts()) == 2 and len(citadel.interactions()) == 2, what="both contacts")
     bob = contact(citadel, firstName="Bob")
 
@@ -114,11 +105,11 @@ def test_a_placeholder_and_a_card_contact_for_one_person_are_merged(library: Lib
 
 
 def test_a_contact_the_owner_made_is_never_deleted_only_reported_as_a_possible_duplicate(
-        library: Library, citadel, start, cli: CLI):
+        library: Library, citadel, daemon, cli: CLI):
     mine = citadel.add_contact(firstName="Robert", lastName="Roe", phone="(902) 555-0122")
     also = citadel.add_contact(firstName="Bobby", lastName="Roe", email="bob@example.org")
     library.card(first="Bob", last="Roe", phones=["+1 902 555 0122"], emails=["bob@example.org"])
-    d = start()
+    d = daemon()
     eventually(lambda: d.events("contacts.synced"), what="a contact sync")
 
     assert sorted(c["id"] for c in citadel.contacts()) == sorted([mine, also])

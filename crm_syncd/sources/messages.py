@@ -1,6 +1,7 @@
 """Messages (`chat.db`) -> `Activity` records: who texted whom, and when.
 
-Metadata only: the reader never selects text, attributedBody, payload_data or message_summary_info.
+Metadata only: the reader never selects a message's body columns (its text, its attributed body,
+payload data or summary info); a test traces every statement to prove it.
 Each `read` opens the database read-only (one snapshot), probes its columns, loads the handle and
 chat maps once, then runs one SELECT over `message` by ROWID that also decides skip reasons in SQL.
 """

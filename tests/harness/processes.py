@@ -1,14 +1,55 @@
-"""Helpers for tests that drive real crm-syncd processes: polling with a deadline, a running daemon."""
+"""Running real crm-syncd processes in tests: the CLI, a running daemon, polling with a deadline."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import CLI
+REPO = Path(__file__).resolve().parents[2]  # the repository root
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+@dataclass
+class CLI:
+    """Runs `crm-syncd` with a HOME and environment of the test's choosing."""
+
+    env: dict[str, str]
+
+    def __call__(self, *args: str, timeout: float = 120) -> Result:
+        return self.run_with_prefix([], *args, timeout=timeout)
+
+    def run_with_prefix(self, prefix: list[str], *args: str, timeout: float = 120) -> Result:
+        """Run the CLI under a wrapper command (e.g. one that drops privileges)."""
+        done = subprocess.run([*prefix, sys.executable, "-m", "crm_syncd", *args], env=self.env, cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout)
+        return Result(done.returncode, done.stdout, done.stderr)
+
+    def popen(self, *args: str, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "crm_syncd", *args], env=self.env, cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_SYNCD_")}
+    env.update(HOME=str(home), NO_COLOR="1", COLUMNS="200", PYTHONPATH=str(REPO), **extra)
+    return env
 
 
 def eventually(check: Callable[[], object], timeout: float = 20.0, what: str = "condition"):
