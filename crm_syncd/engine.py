@@ -359,6 +359,11 @@ class Engine:
                 self.store.map_addresses(group, known, "person")
                 continue
             primary = next((a for a in group if a.startswith("+")), group[0])
+            if (existing := await self._contact_in_crm(primary)) is not None:
+                if is_placeholder(existing):
+                    self.store.remember_contact(existing["id"], "placeholder", f"placeholder:{primary}")
+                self.store.map_addresses(group, existing["id"], "crm")
+                continue
             fields = placeholder_fields(primary)
             try:
                 contact = await self.crm.create_contact(fields)
@@ -370,6 +375,13 @@ class Engine:
             created.append(f"{fields['firstName']} {fields['lastName']}")
             log.info("contacts.placeholder", contact_id=contact["id"], address=primary)
         return created
+
+    async def _contact_in_crm(self, address: str) -> dict | None:
+        """A CRM contact that already holds `address`: made since the last contacts sync by the owner or
+        another Mac, or by a placeholder create of ours whose answer was lost. Asked before creating one."""
+        found = await self.crm.find_contacts(address)
+        owners = [c for c in found if address in crm_addresses(c, self.normalize)]
+        return min(owners, key=lambda c: c["id"]) if owners else None
 
     # -- 4. delivery ----------------------------------------------------------------------
 
@@ -443,10 +455,16 @@ class Engine:
             return "failed", item, exc.reason
         except crmlib.NotFound:
             return "vanished", item, None
+        except crmlib.BadResponse as exc:
+            if exc.method == "POST" and 200 <= (exc.status or 0) < 300:  # accepted, but the answer was mangled
+                return await self._unsure(item, exc)
+            self._back_off(None)
+            return "retry", item, exc.message
         except crmlib.CRMError as exc:  # unauthorised, or answers that are not Citadel's
             self._back_off(None)
             return "retry", item, exc.message
         self._remember_created(item, created)
+        log.debug("push.created", item=item.id, crm_id=created["id"])
         return "delivered", item, created["id"]
 
     async def _unsure(self, item: Item, exc: crmlib.CRMError) -> tuple[str, Item, Any]:
@@ -457,14 +475,16 @@ class Engine:
         self._day_cache.pop((item.contact_id, occurred_iso(item.occurred_ms)[:10]), None)
         try:
             existing = await self._find_in_crm(item)
-        except crmlib.CRMError:
+        except crmlib.CRMError as lookup:
+            log.debug("push.unsure", item=item.id, error=exc.message, lookup=lookup.message)
             return "unsure", item, exc.message  # stays `sending`: looked up again before any resend
+        log.debug("push.looked_up", item=item.id, error=exc.message, found=existing)
         if existing is not None:
             return "adopted", item, existing
-        if isinstance(exc, crmlib.Ambiguous):  # bounded: count the 500s, not 503s or timeouts before them
+        if isinstance(exc, (crmlib.Ambiguous, crmlib.BadResponse)):  # bounded: 500s and mangled 2xx, not 503s
             self._ambiguous[item.id] += 1
             if self._ambiguous[item.id] >= self.settings.max_ambiguous_retries:
-                return "failed", item, f"CRM answered 500 {self._ambiguous[item.id]} times: {exc.message}"
+                return "failed", item, f"unclear CRM answer {self._ambiguous[item.id]} times: {exc.message}"
         return "retry", item, exc.message
 
     def _settle(self, outcomes: list[tuple[str, Item, Any]], report: PushReport) -> None:
@@ -514,6 +534,7 @@ class Engine:
                 report.unreachable = exc.message
                 log.warning("push.recover_deferred", items=len(leftovers), reason=exc.message)
                 return False
+            log.debug("push.recover_lookup", item=item.id, found=existing)
             if existing is None:
                 requeue.append((item.id, None))
             else:

@@ -65,10 +65,10 @@ def eventually(check: Callable[[], object], timeout: float = 20.0, what: str = "
 
 
 class RunningDaemon:
-    def __init__(self, cli: CLI, home: Path) -> None:
+    def __init__(self, cli: CLI, home: Path, *, verbose: bool = False) -> None:
         self.cli = cli
         self.log = home / "Library" / "Logs" / "crm-syncd" / "crm-syncd.log"
-        self.proc = cli.popen("run")
+        self.proc = cli.popen("run", *(["-v"] if verbose else []))
         eventually(lambda: self.events("daemon.watching") or self.proc.poll() is not None, what="daemon start")
         assert self.proc.poll() is None, self.proc.communicate()
 
