@@ -494,26 +494,27 @@ class Engine:
         delivered, failed, retry = [], [], []
         for outcome, item, value in batch:
             if outcome in ("delivered", "adopted"):
-                delivered.append((item.id, value))
+                delivered.append((item, value))
                 report.delivered += 1
                 report.delivered_by_type[item.type] += 1
                 report.adopted += outcome == "adopted"
                 self._failures_in_row = 0
                 report.unreachable = None
             elif outcome == "failed":
-                failed.append((item.id, value))
+                failed.append((item, value))
                 report.failed.append((item.key, value))
                 log.warning("push.failed", key=item.key, reason=value)
             elif outcome == "vanished":
-                retry.append((item.id, "contact deleted in the CRM"))
+                retry.append((item, "contact deleted in the CRM"))
                 self.contacts_stale = True
             elif outcome == "unsure":
                 report.unreachable = value
             else:
-                retry.append((item.id, value))
+                retry.append((item, value))
                 report.retried += 1
                 report.unreachable = value
-        self.store.settle(delivered, failed, retry)
+        if stale := self.store.settle(delivered, failed, retry):
+            log.debug("push.stale_outcomes", items=stale)  # their items were moved by a merge or a 404
         for contact_id in {item.contact_id for outcome, item, _ in batch if outcome == "vanished"}:
             self.store.forget_contact(contact_id)
             log.warning("push.contact_vanished", contact_id=contact_id)
@@ -536,9 +537,9 @@ class Engine:
                 return False
             log.debug("push.recover_lookup", item=item.id, found=existing)
             if existing is None:
-                requeue.append((item.id, None))
+                requeue.append((item, None))
             else:
-                adopted.append((item.id, existing))
+                adopted.append((item, existing))
         self.store.settle(delivered=adopted, retry=requeue)
         report.adopted += len(adopted)
         report.delivered += len(adopted)

@@ -395,17 +395,26 @@ class Store:
                          "FROM outbox WHERE state = 'sending' ORDER BY id")
         return [Item(*r) for r in rows]
 
-    def settle(self, delivered: Sequence[tuple[int, int]] = (), failed: Sequence[tuple[int, str]] = (),
-               retry: Sequence[tuple[int, str | None]] = ()) -> None:
-        """Record outcomes: (id, crm id) delivered, (id, reason) failed, (id, reason) back to pending."""
-        ts = now_ms()
+    def settle(self, delivered: Sequence[tuple[Item, int]] = (), failed: Sequence[tuple[Item, str]] = (),
+               retry: Sequence[tuple[Item, str | None]] = ()) -> int:
+        """Record outcomes: (item, crm id) delivered, (item, reason) failed, (item, reason) back to pending.
+
+        Only the claim that sent an item can settle it (same `attempts`, still `sending`): an outcome
+        that arrives after a merge or a vanished contact moved the item elsewhere is stale and
+        ignored. Returns how many outcomes were stale.
+        """
+        ts, changed = now_ms(), 0
+        where = "WHERE id = ? AND state = 'sending' AND attempts = ?"
         with self.transaction() as tx:
-            tx.conn.executemany("UPDATE outbox SET state = 'delivered', crm_id = ?, reason = NULL, updated_ms = ? "
-                                "WHERE id = ?", [(crm, ts, i) for i, crm in delivered])
-            tx.conn.executemany("UPDATE outbox SET state = 'failed', reason = ?, updated_ms = ? WHERE id = ?",
-                                [(reason, ts, i) for i, reason in failed])
-            tx.conn.executemany("UPDATE outbox SET state = 'pending', reason = ?, updated_ms = ? WHERE id = ?",
-                                [(reason, ts, i) for i, reason in retry])
+            before = tx.conn.total_changes
+            tx.conn.executemany(f"UPDATE outbox SET state = 'delivered', crm_id = ?, reason = NULL, updated_ms = ? "
+                                f"{where}", [(crm, ts, i.id, i.attempts) for i, crm in delivered])
+            tx.conn.executemany(f"UPDATE outbox SET state = 'failed', reason = ?, updated_ms = ? {where}",
+                                [(reason, ts, i.id, i.attempts) for i, reason in failed])
+            tx.conn.executemany(f"UPDATE outbox SET state = 'pending', reason = ?, updated_ms = ? {where}",
+                                [(reason, ts, i.id, i.attempts) for i, reason in retry])
+            changed = tx.conn.total_changes - before
+        return len(delivered) + len(failed) + len(retry) - changed
 
     def crm_ids(self, contact_id: int) -> set[int]:
         """CRM interaction ids the ledger already holds for a contact."""
