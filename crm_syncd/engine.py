@@ -118,7 +118,7 @@ class Engine:
         self.contacts_stale = False  # set when a contact vanished from the CRM
         self._cards: dict[str, list[Card]] = {}  # AddressBook store → its cards, as last read
         self._day_cache: dict[tuple[int, str], list[dict]] = {}
-        self._adopted: set[int] = set()
+        self._adopted: dict[int, int] = {}  # CRM interaction id -> the outbox item that adopted it
         self._ambiguous: Counter[int] = Counter()  # outbox id -> 500s answered to it (this process)
         self._backoff_until = 0.0
         self._failures_in_row = 0
@@ -527,14 +527,15 @@ class Engine:
         if not leftovers:
             return True
         self._day_cache.clear()  # listings taken before these writes may predate them
-        adopted, requeue = [], []
+        adopted, requeue, complete = [], [], True
         for item in leftovers:
             try:
                 existing = await self._find_in_crm(item) if item.contact_id is not None else None
-            except crmlib.CRMError as exc:
-                report.unreachable = exc.message
-                log.warning("push.recover_deferred", items=len(leftovers), reason=exc.message)
-                return False
+            except crmlib.CRMError as exc:  # keep what was learnt; the rest is looked up next time
+                report.unreachable, complete = exc.message, False
+                log.warning("push.recover_deferred", items=len(leftovers) - len(adopted) - len(requeue),
+                            reason=exc.message)
+                break
             log.debug("push.recover_lookup", item=item.id, found=existing)
             if existing is None:
                 requeue.append((item, None))
@@ -544,7 +545,7 @@ class Engine:
         report.adopted += len(adopted)
         report.delivered += len(adopted)
         log.info("push.recovered", adopted=len(adopted), requeued=len(requeue))
-        return True
+        return complete
 
     async def _find_in_crm(self, item: Item) -> int | None:
         """The id of an interaction in the CRM that is this item and not yet in the ledger."""
@@ -555,11 +556,11 @@ class Engine:
             found = await self.crm.list_interactions(item.contact_id, dt.date.fromisoformat(day))
             self._day_cache[cache_key] = found
         wanted = occurred_iso(item.occurred_ms)
-        taken = self.store.crm_ids(item.contact_id) | self._adopted
+        ledger = self.store.crm_ids(item.contact_id)
         for interaction in found:
             if (interaction.get("type") == item.type and interaction.get("occurredAt") == wanted
-                    and interaction.get("source") == "IMPORT_IOS" and interaction["id"] not in taken):
-                self._adopted.add(interaction["id"])
+                    and interaction.get("source") == "IMPORT_IOS" and interaction["id"] not in ledger
+                    and self._adopted.setdefault(interaction["id"], item.id) == item.id):
                 return interaction["id"]
         return None
 

@@ -131,8 +131,6 @@ FLAKY_KINDS = ("503", "502", "429", "timeout", "reset", "slow", "500-before-writ
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(strict=False, reason="known defect under investigation: one run delivered 661 of 660 "
-                   "(1 duplicate) with 194 injected faults; the path that doubles it is not yet found")
 def test_a_flaky_crm_gets_everything_exactly_once(library: Library, citadel: CitadelServer, daemon_env: CLI,
                                                    home: Path):
     rng = random.Random(7)
