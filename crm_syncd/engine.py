@@ -41,8 +41,8 @@ from crm_syncd.settings import Settings
 from crm_syncd.sources import Batch, Card, contacts as contacts_source
 from crm_syncd.sources.calls import CallsReader
 from crm_syncd.sources.messages import MessagesReader
-from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError, SourceMissing
-from crm_syncd.store import Item, NewItem, Store, now_ms
+from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError, SourceMissing, SourceReader
+from crm_syncd.store import Item, Mark, NewItem, Store, now_ms
 
 log = get_logger("crm_syncd.engine")
 
@@ -290,53 +290,79 @@ class Engine:
         now = now_ms()
         since = now - days * DAY_MS if days is not None else None
         after, floor = 0, 0
-        if mark is None and since is None and not full:
-            since = now - self.settings.initial_lookback_days * DAY_MS
-        elif mark is not None and full:
-            floor = mark[0]  # --full re-reads from the start but never moves the mark back
-        elif mark is not None:
-            after = mark[0]
-            if (mark[1] and mark[1] != current_file) or reader.newest_rowid() < after:
-                report.rebuilt = True
-                log.warning("extract.rebuilt", source=source, mark=after)
-                after = 0
-                since = since or now - self.settings.initial_lookback_days * DAY_MS
-        while True:
-            batch = reader.read(after, limit=self.settings.batch_size, since_ms=since)
-            if batch.rows == 0 and batch.last_rowid <= after:
-                break
-            items, hints = self._items(batch, report)
-            result = self.store.enqueue(source, items, max(batch.last_rowid, floor), current_file, hints)
-            report.rows += batch.rows
-            report.added += result.added
-            report.duplicates += result.duplicates
-            report.skipped.update(batch.skipped)
-            if batch.rows:
-                log.info("extract.batch", source=source, rows=batch.rows, added=result.added, mark=batch.last_rowid)
-            if progress:
-                progress(batch.rows)
-            if batch.last_rowid <= after:
-                break
-            after = batch.last_rowid
+        with reader.session() as session:
+            if mark is None and since is None and not full:
+                since = now - self.settings.initial_lookback_days * DAY_MS
+            elif mark is not None and full:
+                floor = mark.rowid  # --full re-reads from the start but never moves the mark back
+            elif mark is not None:
+                after = mark.rowid
+                if self._replaced(session, mark, current_file):
+                    report.rebuilt = True
+                    log.warning("extract.rebuilt", source=source, mark=after)
+                    after = 0
+                    since = since or now - self.settings.initial_lookback_days * DAY_MS
+            while True:
+                batch = session.read(after, limit=self.settings.batch_size, since_ms=since)
+                if batch.rows == 0 and batch.last_rowid <= after:
+                    break
+                items, hints = self._items(batch, report)
+                moved = Mark(batch.last_rowid, current_file, batch.anchor)
+                if mark is not None and floor > batch.last_rowid:
+                    moved = mark._replace(file_id=current_file)
+                result = self.store.enqueue(source, items, moved, hints)
+                report.rows += batch.rows
+                report.added += result.added
+                report.duplicates += result.duplicates
+                report.skipped.update(batch.skipped)
+                if batch.rows:
+                    log.info("extract.batch", source=source, rows=batch.rows, added=result.added,
+                             mark=batch.last_rowid)
+                if progress:
+                    progress(batch.rows)
+                if batch.last_rowid <= after:
+                    break
+                after = batch.last_rowid
         return report
 
+    @staticmethod
+    def _replaced(session: SourceReader, mark: Mark, current_file: str) -> bool:
+        """Whether the source is no longer the database `mark` was taken in.
+
+        Another file, fewer rows than the mark, or another row at the mark (a database deleted and
+        recreated may get the same inode back). A row merely missing at the mark was deleted by the owner.
+        """
+        if (mark.file_id and mark.file_id != current_file) or session.newest_rowid() < mark.rowid:
+            return True
+        return mark.anchor is not None and session.anchor(mark.rowid) not in (None, mark.anchor)
+
     def _items(self, batch: Batch, report: SourceReport) -> tuple[list[NewItem], dict[str, str]]:
+        """The batch's Activities as outbox items; counterparts that are not other people are counted as skipped."""
         items: list[NewItem] = []
         hints: dict[str, str] = {}
-        normalize, own, skipped = self.normalize, self.own_addresses, report.skipped
-        for a in batch.activities:
-            kind, value = normalize(a.address)
-            if kind not in PEOPLE:
-                skipped[kind] += 1
+        add, new, skipped = items.append, tuple.__new__, report.skipped
+        verdicts: dict[str, tuple[str, bool]] = {}  # raw address -> (normalised, True) or (skip reason, False)
+        for key, address, interaction, occurred_ms, duration_s, person in batch.activities:
+            verdict = verdicts.get(address)
+            if verdict is None:
+                verdict = verdicts[address] = self._counterpart(address)
+            value, is_person = verdict
+            if not is_person:
+                skipped[value] += 1
                 continue
-            if value in own:
-                skipped["own-address"] += 1
-                continue
-            items.append(NewItem(a.key, f"{value}|{a.type}|{a.occurred_ms // 1000}", value, a.type,
-                                 a.occurred_ms, a.duration_s))
-            if a.person:
-                hints[value] = a.person
+            add(new(NewItem, (key, value, interaction, occurred_ms, duration_s)))
+            if person:
+                hints[value] = person
         return items, hints
+
+    def _counterpart(self, raw: str) -> tuple[str, bool]:
+        """(normalised address, True) for someone else; (why not, False) otherwise."""
+        kind, value = self.normalize(raw)
+        if kind not in PEOPLE:
+            return kind, False
+        if value in self.own_addresses:
+            return "own-address", False
+        return value, True
 
     # -- 3. resolution --------------------------------------------------------------------
 

@@ -68,10 +68,9 @@ class Normalizer:
         number = self._parse_phone(text)
         if number is not None:
             e164 = phonenumbers.format_number(number, PhoneNumberFormat.E164)
-            again = self._parse_phone(e164)
-            if (len(e164) <= 16 and again is not None  # E.164 allows 15 digits at most
-                    and phonenumbers.format_number(again, PhoneNumberFormat.E164) == e164):
-                # only forms that survive a round trip can match the same number stored elsewhere
+            # E.164 allows 15 digits at most; only forms that survive a round trip can match the same
+            # number stored elsewhere (text already in E.164 form has just made that trip)
+            if len(e164) <= 16 and (e164 == text or self._round_trips(e164)):
                 return Address("phone", e164)
             return Address("invalid", text)
         digits = re.sub(r"\D", "", text)
@@ -80,6 +79,10 @@ class Normalizer:
         if any(ch.isalpha() for ch in text):
             return Address("sender-id", text)
         return Address("invalid", text)
+
+    def _round_trips(self, e164: str) -> bool:
+        again = self._parse_phone(e164)
+        return again is not None and phonenumbers.format_number(again, PhoneNumberFormat.E164) == e164
 
     def _parse_phone(self, text: str) -> phonenumbers.PhoneNumber | None:
         if sum(ch.isdigit() for ch in text) < 7:

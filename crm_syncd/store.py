@@ -1,10 +1,12 @@
-"""crm-syncd's own state, in one SQLite database (WAL, fsync on commit).
+"""crm-syncd's own state, in one SQLite database (WAL).
 
-- `marks`: per-source high-water marks (chat.db ROWID, CallHistory Z_PK) and the file identity
-  they were taken against.
+- `marks`: per-source high-water marks (chat.db ROWID, CallHistory Z_PK), the file identity
+  they were taken against, and the anchor: the own id (guid, ZUNIQUE_ID) of the row at the mark,
+  which tells a rebuilt file that reuses the inode and the ROWID from the one the mark was taken in.
 - `outbox`: every interaction ever extracted. It moves pending → sending → delivered (with the
   CRM id) or failed (with the reason); `held` waits for a contact. Delivered rows are the
-  ledger: their unique `key` and `fingerprint` are what make a second delivery impossible.
+  ledger: a unique `key` and a unique fingerprint (counterpart, type, second of `occurred_ms`)
+  are what make a second delivery impossible.
 - `handles`: the identity map, normalised address → CRM contact id.
 - `contacts`: the CRM contacts crm-syncd knows, where they came from and what it last wrote.
 - `sources`: AddressBook file signatures, so an unchanged store is not re-read.
@@ -12,6 +14,13 @@
 
 Extraction writes the outbox rows and the advanced mark in one transaction, so a crash can
 neither skip nor repeat a source row.
+
+Durability. Transactions are fsynced on commit (synchronous=FULL), except extraction's
+(`enqueue`, synchronous=NORMAL): in WAL mode such a commit is still atomic, but a power cut may
+undo it. That is harmless: its outbox rows and its mark are a pure function of Apple's database
+and go together, so the rows are extracted again. Every later FULL commit syncs the WAL up to
+itself, earlier NORMAL frames included; `claim` is FULL, so an item is durably in the outbox
+before it is durably `sending`, and durably `sending` before its request leaves.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APPLICATION_ID = 0x43524D53  # "CRMS": tells our database from any other SQLite file
 
 MIGRATIONS: dict[int, str] = {
@@ -86,7 +95,43 @@ MIGRATIONS: dict[int, str] = {
     2: """
     CREATE INDEX outbox_waiting ON outbox(address) WHERE state IN ('pending', 'held');
     """,
+    # Leaner outbox writes, and an index for every query. The fingerprint is an expression index, led
+    # by the second so a backfill appends to it, instead of a stored text column. Partial indexes hold
+    # only the rows their queries ask for (SQLite uses one only when the query's WHERE implies the
+    # index's, hence `state = 'a' OR state = 'b'` on both sides): a freshly extracted item without a
+    # contact is in the key, fingerprint and waiting indexes only. Marks get their anchor.
+    3: """
+    ALTER TABLE marks ADD COLUMN anchor TEXT;
+    CREATE TABLE outbox_v3 (
+        id INTEGER PRIMARY KEY,
+        key TEXT NOT NULL,
+        address TEXT NOT NULL,
+        type TEXT NOT NULL,
+        occurred_ms INTEGER NOT NULL,
+        duration_s INTEGER,
+        state TEXT NOT NULL DEFAULT 'pending',
+        contact_id INTEGER,
+        crm_id INTEGER,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        reason TEXT,
+        updated_ms INTEGER
+    );
+    INSERT INTO outbox_v3 (id, key, address, type, occurred_ms, duration_s, state, contact_id, crm_id,
+                           attempts, reason, updated_ms)
+        SELECT id, key, address, type, occurred_ms, duration_s, state, contact_id, crm_id,
+               attempts, reason, updated_ms FROM outbox;
+    DROP TABLE outbox;
+    ALTER TABLE outbox_v3 RENAME TO outbox;
+    CREATE UNIQUE INDEX outbox_key ON outbox(key);
+    CREATE UNIQUE INDEX outbox_fingerprint ON outbox(occurred_ms / 1000, address, type);
+    CREATE INDEX outbox_waiting ON outbox(state, address) WHERE state = 'pending' OR state = 'held';
+    CREATE INDEX outbox_ready ON outbox(state, id) WHERE state = 'pending' AND contact_id IS NOT NULL;
+    CREATE INDEX outbox_sent_or_failed ON outbox(state, id) WHERE state = 'sending' OR state = 'failed';
+    CREATE INDEX outbox_contact ON outbox(contact_id, occurred_ms) WHERE contact_id IS NOT NULL;
+    """,
 }
+CACHE_KIB = 16_384  # page cache: a backfill's index pages stay in memory between its batches
+WAL_PAGES = 8_192  # checkpoint every ~32 MiB of WAL, not every 4: a backfill rewrites the same index pages
 
 
 class StoreError(Exception):
@@ -107,12 +152,21 @@ class Item(NamedTuple):
 
 
 class NewItem(NamedTuple):
+    """An extracted interaction; its fingerprint is (address, type, occurred_ms // 1000)."""
+
     key: str
-    fingerprint: str
     address: str
     type: str
     occurred_ms: int
     duration_s: int | None
+
+
+class Mark(NamedTuple):
+    """How far extraction from a source got: a source row, the file it was in, and its anchor."""
+
+    rowid: int
+    file_id: str | None
+    anchor: str | None = None
 
 
 @dataclass
@@ -148,6 +202,9 @@ class Store:
             conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+            conn.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
+            conn.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
             conn.execute("PRAGMA foreign_keys=OFF")
             conn.execute("PRAGMA quick_check(1)")
         except sqlite3.DatabaseError as exc:
@@ -200,16 +257,23 @@ class Store:
     # -- transactions ----------------------------------------------------------------------
 
     @contextmanager
-    def transaction(self) -> Iterator[_Tx]:
+    def transaction(self, *, durable: bool = True) -> Iterator[_Tx]:
+        """One write transaction; `durable=False` skips the fsync (see the module docstring)."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            if not durable:  # per connection, and only outside a transaction
+                self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield _Tx(self._conn)
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            else:
-                self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield _Tx(self._conn)
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                else:
+                    self._conn.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._conn.execute("PRAGMA synchronous=FULL")
 
     def _all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         with self._lock:
@@ -222,11 +286,12 @@ class Store:
 
     # -- marks -----------------------------------------------------------------------------
 
-    def mark(self, source: str) -> tuple[int, str | None] | None:
-        """(rowid, file id) of the last extraction from `source`, or None before the first."""
+    def mark(self, source: str) -> Mark | None:
+        """Where the last extraction from `source` stopped, or None before the first."""
         with self._lock:
-            row = self._conn.execute("SELECT rowid, file_id FROM marks WHERE source = ?", (source,)).fetchone()
-        return (row[0], row[1]) if row else None
+            row = self._conn.execute("SELECT rowid, file_id, anchor FROM marks WHERE source = ?",
+                                     (source,)).fetchone()
+        return Mark(*row) if row else None
 
     def mark_details(self, source: str) -> dict[str, Any] | None:
         with self._lock:
@@ -234,35 +299,35 @@ class Store:
                                      (source,)).fetchone()
         return {"rowid": row[0], "file_id": row[1], "updated_ms": row[2]} if row else None
 
-    def enqueue(self, source: str, items: Iterable[NewItem], rowid: int, file_id: str | None,
+    def enqueue(self, source: str, items: Sequence[NewItem], mark: Mark,
                 hints: dict[str, str] | None = None) -> Enqueued:
-        """Add extracted items (ignoring any whose key or fingerprint is known) and move the mark."""
-        result = Enqueued()
-        with self.transaction() as tx:
+        """Add extracted items (ignoring any whose key or fingerprint is known) and move the mark.
+
+        Not fsynced: a power cut may undo both, and the rows are then extracted again.
+        """
+        stamp = now_ms()
+        with self.transaction(durable=False) as tx:
             before = tx.conn.total_changes
-            rows, stamp = list(items), now_ms()
             tx.conn.executemany(
-                "INSERT OR IGNORE INTO outbox (key, fingerprint, address, type, occurred_ms, duration_s, "
-                "contact_id, updated_ms) VALUES (?, ?, ?, ?, ?, ?, "
-                "(SELECT contact_id FROM handles WHERE address = ?3), ?7)",
-                [(*row, stamp) for row in rows],
+                "INSERT OR IGNORE INTO outbox (key, address, type, occurred_ms, duration_s, contact_id, updated_ms) "
+                "VALUES (?, ?, ?, ?, ?, (SELECT contact_id FROM handles WHERE address = ?2), ?6)",
+                [(*item, stamp) for item in items],
             )
-            result.added = tx.conn.total_changes - before
-            result.duplicates = len(rows) - result.added
+            added = tx.conn.total_changes - before
             if hints:
                 tx.conn.executemany("INSERT OR REPLACE INTO hints (address, person) VALUES (?, ?)", hints.items())
             tx.execute(
-                "INSERT INTO marks (source, rowid, file_id, updated_ms) VALUES (?, ?, ?, ?) "
+                "INSERT INTO marks (source, rowid, file_id, anchor, updated_ms) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(source) DO UPDATE SET rowid = excluded.rowid, file_id = excluded.file_id, "
-                "updated_ms = excluded.updated_ms",
-                (source, rowid, file_id, now_ms()),
+                "anchor = excluded.anchor, updated_ms = excluded.updated_ms",
+                (source, *mark, stamp),
             )
-        return result
+        return Enqueued(added, len(items) - added)
 
     def rebaseline(self, source: str, file_id: str | None) -> None:
         """Forget the mark of a rebuilt source; the ledger still blocks re-delivery."""
         with self.transaction() as tx:
-            tx.execute("UPDATE marks SET rowid = 0, file_id = ?, updated_ms = ? WHERE source = ?",
+            tx.execute("UPDATE marks SET rowid = 0, file_id = ?, anchor = NULL, updated_ms = ? WHERE source = ?",
                        (file_id, now_ms(), source))
 
     # -- identity map ----------------------------------------------------------------------
@@ -280,7 +345,7 @@ class Store:
             tx.conn.executemany(
                 "UPDATE outbox SET contact_id = (SELECT contact_id FROM handles WHERE address = ?1), "
                 "state = CASE state WHEN 'held' THEN 'pending' ELSE state END, reason = NULL "
-                "WHERE address = ?1 AND state IN ('pending', 'held')",
+                "WHERE address = ?1 AND (state = 'pending' OR state = 'held')",
                 [(a,) for a in addresses],
             )
 
@@ -360,15 +425,15 @@ class Store:
 
     def unresolved_addresses(self, *, held: bool = False) -> list[str]:
         """Addresses of pending (and, with `held`, held) items that no contact claims yet."""
-        states = "('pending', 'held')" if held else "('pending')"
+        states = "(state = 'pending' OR state = 'held')" if held else "state = 'pending'"
         return [r[0] for r in self._all(
-            f"SELECT DISTINCT address FROM outbox WHERE state IN {states} AND contact_id IS NULL")]
+            f"SELECT DISTINCT address FROM outbox WHERE {states} AND contact_id IS NULL")]
 
     def fail_open(self, addresses: Iterable[str], reason: str) -> None:
         """Park the open items of addresses that cannot get a contact (kept for `retry-failed`)."""
         with self.transaction() as tx:
             tx.conn.executemany("UPDATE outbox SET state = 'failed', reason = ? WHERE address = ? "
-                                "AND state IN ('pending', 'held')", [(reason, a) for a in addresses])
+                                "AND (state = 'pending' OR state = 'held')", [(reason, a) for a in addresses])
 
     def hold(self, addresses: Iterable[str], reason: str) -> int:
         with self.transaction() as tx:
@@ -427,9 +492,12 @@ class Store:
                               "WHERE state = 'failed'", (now_ms(),)).rowcount
 
     def counts(self) -> dict[str, int]:
-        """Items per state."""
-        counts = dict(self._all("SELECT state, count(*) FROM outbox WHERE state != 'delivered' GROUP BY state"))
-        counts["delivered"] = self._one("SELECT count(*) FROM outbox WHERE state = 'delivered'") or 0
+        """Items per state, from one snapshot (delivered: all items less the open ones, no row scan)."""
+        counts = dict(self._all(
+            "SELECT state, count(*) FROM outbox WHERE state = 'pending' OR state = 'held' GROUP BY state UNION ALL "
+            "SELECT state, count(*) FROM outbox WHERE state = 'sending' OR state = 'failed' GROUP BY state UNION ALL "
+            "SELECT '', count(*) FROM outbox"))
+        counts["delivered"] = counts.pop("") - sum(counts.values())
         return counts
 
     def failures(self, limit: int = 5) -> list[tuple[str, str, str | None]]:

@@ -262,11 +262,6 @@ def test_chat_db_replaced_by_a_rebuilt_copy_with_lower_rowids(library: Library, 
     assert got == Counter(("TEXT_OUTBOUND" if m else "TEXT_INBOUND", iso(at)) for _, _, m, at in old + new)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (open): a chat.db deleted and recreated gets the same inode number on Linux, so engine.file_id() "
-    "does not see a new file; while the new file's newest ROWID is >= the old mark, extraction resumes "
-    "from the old mark and skips the new file's lower ROWIDs. Needs a content anchor for the mark "
-    "(e.g. the guid at the mark's ROWID), not only st_dev:st_ino."))
 def test_chat_db_deleted_and_recreated_delivers_the_new_rows_once(library: Library, citadel: CitadelServer, daemon):
     library.card(first="Jane", last="Doe", phones=[JANE])
     first = [ago(hours=20 - n) for n in range(4)]

@@ -336,6 +336,21 @@ def test_deleted_rows_leave_gaps_that_batches_step_over(db):
     assert (batch.rows, batch.last_rowid, len(batch.activities)) == (2, rowids[2], 2)
 
 
+def test_a_session_keeps_its_maps_yet_sees_chats_added_between_reads_and_holds_no_read_open(db):
+    ann = db.handle("+15551230001")
+    first = db.message(db.chat([ann]), ann, at=AT, guid="M1")
+    with MessagesReader(db.path).session() as reader:
+        assert only(reader.read().activities).address == "+15551230001"
+        bob, cat = db.handle("+15551230002"), db.handle("+15551230003")
+        db.message(db.chat([bob, cat], group=True), 0, from_me=True, at=AT, guid="G1")
+        db.commit()
+        busy, _, _ = db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        assert busy == 0  # Apple can empty its -wal between the session's reads
+        batch = reader.read(after_rowid=first)
+    assert sorted(a.key for a in batch.activities) == ["msg:G1:+15551230002", "msg:G1:+15551230003"]
+    assert batch.anchor == "G1"
+
+
 def test_newest_rowid_is_zero_when_empty_then_the_highest_message(db):
     reader = MessagesReader(db.path)
     assert reader.newest_rowid() == 0

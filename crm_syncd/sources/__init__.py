@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 APPLE_EPOCH = 978_307_200  # 2001-01-01T00:00:00Z in Unix seconds
+BEFORE_WINDOW = "before-window"  # skip reason of rows dated before a read's `since_ms`
 
 
 class Activity(NamedTuple):
@@ -33,6 +34,7 @@ class Batch:
     skipped: Counter[str] = field(default_factory=Counter)  # reason -> rows
     last_rowid: int = 0  # highest source row examined (the next mark), even if it was skipped
     rows: int = 0  # source rows examined
+    anchor: str | None = None  # the own id (guid, ZUNIQUE_ID) of the row at last_rowid, if any
 
 
 class Phone(NamedTuple):

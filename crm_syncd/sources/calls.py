@@ -1,9 +1,10 @@
 """Call history (`CallHistory.storedata`) -> `Activity` records: who we called or who called us.
 
-Each `read` opens the store read-only, probes its columns, runs one SELECT over ZCALLRECORD by Z_PK
+Each `read` is one read-only snapshot: it probes the columns, runs one SELECT over ZCALLRECORD by Z_PK
 (dates, direction, duration and date-skip reasons decided in SQL), and, only when some calls carry no
 usable ZADDRESS, one more query for their participant handles. Entity numbers and the
-call↔handle join table are discovered from Z_PRIMARYKEY and PRAGMA table_info, never assumed.
+call↔handle join table are discovered from Z_PRIMARYKEY and PRAGMA table_info, never assumed; within a
+session (one extraction) these probes are made once.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import re
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable
-from pathlib import Path
 
 from crm_syncd.sources import APPLE_EPOCH, Activity, Batch, sqlite
 
@@ -24,59 +23,31 @@ REQUIRED = ("Z_PK", "ZDATE")
 
 # Skip reasons (stable names, counted in Batch.skipped).
 NO_ADDRESS, ENCRYPTED_ADDRESS = "no-address", "encrypted-address"
-NO_DATE, BAD_DATE, BEFORE_WINDOW = "no-date", "bad-date", "before-window"
+NO_DATE, BAD_DATE = "no-date", "bad-date"  # and sources.BEFORE_WINDOW, counted by every reader
 
 _JOIN_TABLE = re.compile(r"^Z_(\d+)REMOTEPARTICIPANTHANDLES$")
 _ENTITY_COLUMN = re.compile(r"^Z_(\d+)(\w+)$")
 _ENCRYPTED = object()  # bytes that are not text (macOS ≤ 12 encrypts ZADDRESS)
 
 
-class CallsReader:
+class CallsReader(sqlite.SourceReader):
     """Reads Activities from one CallHistory.storedata past a Z_PK high-water mark."""
 
-    def __init__(self, path: Path, *, trace: Callable[[str], None] | None = None) -> None:
-        self.path = Path(path)
-        self._trace = trace  # test seam: receives every SQL statement run
+    TABLE, ROWID, ANCHOR = "ZCALLRECORD", "Z_PK", "ZUNIQUE_ID"
 
-    def read(self, after_rowid: int = 0, limit: int = 5000, since_ms: int | None = None) -> Batch:
-        """Calls with Z_PK > `after_rowid` (at most `limit` rows examined), as Activities.
-
-        `since_ms` (Unix ms) drops calls dated before it; they count as `before-window`.
-        """
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
-        return sqlite.retrying(self._read, after_rowid, limit, since_ms)
-
-    def newest_rowid(self) -> int:
-        """The highest ZCALLRECORD.Z_PK (0 for an empty store)."""
-        return sqlite.retrying(self._newest_rowid)
-
-    def _newest_rowid(self) -> int:
-        with sqlite.read(self.path, trace=self._trace) as conn:
-            return conn.execute("SELECT MAX(Z_PK) FROM ZCALLRECORD").fetchone()[0] or 0
-
-    def _read(self, after_rowid: int, limit: int, since_ms: int | None) -> Batch:
-        with sqlite.read(self.path, trace=self._trace) as conn:
-            cols = sqlite.columns(conn, "ZCALLRECORD")
-            missing = [c for c in REQUIRED if c not in cols]
-            if missing:
-                raise sqlite.SourceError(f"{self.path}: ZCALLRECORD lacks {', '.join(missing) or 'everything'}")
-            rows = conn.execute(_select(cols, since_ms is not None), {
-                "after": after_rowid, "limit": limit, "since": since_ms,
-                "now": time.time_ns() // 1_000_000}).fetchall()
-            batch = _activities(conn, rows)
-            batch.last_rowid = rows[-1][0] if rows else after_rowid
-            batch.rows = len(rows)
-            if since_ms is not None:  # rows the WHERE dropped were examined too
-                full = len(rows) == limit
-                examined, highest = conn.execute(
-                    "SELECT COUNT(*), MAX(Z_PK) FROM ZCALLRECORD WHERE Z_PK > ? AND Z_PK <= ?",
-                    (after_rowid, batch.last_rowid if full else 2**63 - 1)).fetchone()
-                if examined > batch.rows:
-                    batch.skipped[BEFORE_WINDOW] += examined - batch.rows
-                batch.rows = examined
-                batch.last_rowid = max(batch.last_rowid, highest or 0)
-            return batch
+    def _read(self, db: sqlite.Database, conn: sqlite3.Connection, after_rowid: int, limit: int,
+              since_ms: int | None) -> tuple[Batch, bool]:
+        cols = self._columns(db, conn)
+        missing = [c for c in REQUIRED if c not in cols]
+        if missing:
+            raise sqlite.SourceError(f"{self.path}: ZCALLRECORD lacks {', '.join(missing) or 'everything'}")
+        rows = conn.execute(_select(cols, since_ms is not None), {
+            "after": after_rowid, "limit": limit, "since": since_ms,
+            "now": time.time_ns() // 1_000_000}).fetchall()
+        batch = _activities(db, conn, rows)
+        batch.last_rowid = rows[-1][0] if rows else after_rowid
+        batch.rows = len(rows)
+        return batch, len(rows) == limit
 
 
 def _select(cols: frozenset[str], windowed: bool) -> str:
@@ -119,14 +90,14 @@ def _address(raw: object) -> object:
     return text or None
 
 
-def _activities(conn: sqlite3.Connection, rows: list[tuple]) -> Batch:
+def _activities(db: sqlite.Database, conn: sqlite3.Connection, rows: list[tuple]) -> Batch:
     skipped: Counter[str] = Counter()
     out: list[Activity] = []
     add = out.append
     new = tuple.__new__
     decoded = [(row, _address(row[6])) if row[3] is None else (row, None) for row in rows]
     needy = [row[0] for row, address in decoded if row[3] is None and (address is None or address is _ENCRYPTED)]
-    parties = _participants(conn, needy[0], needy[-1]) if needy else {}
+    parties = _participants(db, conn, needy[0], needy[-1]) if needy else {}
     for (pk, key, occurred, skip, kind, duration, _raw), address in decoded:
         if skip is not None:
             skipped[skip] += 1
@@ -144,20 +115,15 @@ def _activities(conn: sqlite3.Connection, rows: list[tuple]) -> Batch:
     return Batch(activities=out, skipped=skipped)
 
 
-def _participants(conn: sqlite3.Connection, low: int, high: int) -> dict[int, tuple[tuple[str, ...], bool]]:
+def _participants(db: sqlite.Database, conn: sqlite3.Connection, low: int,
+                  high: int) -> dict[int, tuple[tuple[str, ...], bool]]:
     """Call Z_PK -> (distinct readable handle addresses, whether some handle was unreadable)."""
-    join = _join(conn)
-    handle_cols = sqlite.columns(conn, "ZHANDLE")
-    if join is None or "Z_PK" not in handle_cols:
+    sql = db.remembered("participants", lambda: _participants_sql(conn))
+    if sql is None:
         return {}
-    table, calls, handles = join
-    value = "h.ZVALUE" if "ZVALUE" in handle_cols else "NULL"
-    normalized = "h.ZNORMALIZEDVALUE" if "ZNORMALIZEDVALUE" in handle_cols else "NULL"
     found: dict[int, dict[str, None]] = {}
     unreadable: set[int] = set()
-    for call, raw, norm in conn.execute(
-            f'SELECT j."{calls}", {value}, {normalized} FROM "{table}" j JOIN ZHANDLE h ON h.Z_PK = j."{handles}" '
-            f'WHERE j."{calls}" BETWEEN ? AND ? ORDER BY j."{calls}", h.Z_PK', (low, high)):
+    for call, raw, norm in conn.execute(sql, (low, high)):
         address = _address(raw)
         if address is _ENCRYPTED:
             unreadable.add(call)
@@ -167,6 +133,19 @@ def _participants(conn: sqlite3.Connection, low: int, high: int) -> dict[int, tu
             continue
         found.setdefault(call, {})[address] = None
     return {call: (tuple(found.get(call, ())), call in unreadable) for call in found.keys() | unreadable}
+
+
+def _participants_sql(conn: sqlite3.Connection) -> str | None:
+    """The SELECT of (call Z_PK, handle value, normalised value) over a Z_PK range; None without the join."""
+    join = _join(conn)
+    handle_cols = sqlite.columns(conn, "ZHANDLE")
+    if join is None or "Z_PK" not in handle_cols:
+        return None
+    table, calls, handles = join
+    value = "h.ZVALUE" if "ZVALUE" in handle_cols else "NULL"
+    normalized = "h.ZNORMALIZEDVALUE" if "ZNORMALIZEDVALUE" in handle_cols else "NULL"
+    return (f'SELECT j."{calls}", {value}, {normalized} FROM "{table}" j JOIN ZHANDLE h ON h.Z_PK = j."{handles}" '
+            f'WHERE j."{calls}" BETWEEN ? AND ? ORDER BY j."{calls}", h.Z_PK')
 
 
 def _join(conn: sqlite3.Connection) -> tuple[str, str, str] | None:

@@ -2,8 +2,10 @@
 
 Metadata only: the reader never selects a message's body columns (its text, its attributed body,
 payload data or summary info); a test traces every statement to prove it.
-Each `read` opens the database read-only (one snapshot), probes its columns, loads the handle and
-chat maps once, then runs one SELECT over `message` by ROWID that also decides skip reasons in SQL.
+Each `read` is one read-only snapshot: it probes the columns, loads the handle and chat maps, then
+runs one SELECT over `message` by ROWID that also decides skip reasons in SQL. Within a session
+(one extraction) the probes and maps are kept across reads, and loaded again when a row names a
+handle or chat newer than them.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from operator import itemgetter
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from crm_syncd.sources import APPLE_EPOCH, Activity, Batch, sqlite
 
@@ -28,76 +31,52 @@ REQUIRED = ("guid", "date", "is_from_me", "handle_id")
 
 # Skip reasons: stable names, counted in Batch.skipped.
 NOT_A_MESSAGE, REACTION, SYSTEM, FAILED_SEND = "not-a-message", "reaction", "system", "failed-send"
-NO_DATE, BAD_DATE, BEFORE_WINDOW = "no-date", "bad-date", "before-window"
+NO_DATE, BAD_DATE = "no-date", "bad-date"  # and sources.BEFORE_WINDOW, counted by every reader
 NO_COUNTERPART, GROUP_OUTGOING = "no-counterpart", "group-outgoing"
 
 Party = tuple[str, str | None]  # (handle.id as stored, handle.person_centric_id)
+_ROWID, _HANDLE, _CHAT = itemgetter(0), itemgetter(4), itemgetter(5)  # columns of the SELECT's rows
 
 
-class MessagesReader:
+class MessagesReader(sqlite.SourceReader):
     """Reads Activities from one chat.db past a ROWID high-water mark."""
+
+    TABLE, ROWID, ANCHOR = "message", "ROWID", "guid"
 
     def __init__(self, path: Path, *, group_messages: Literal["each-participant", "skip"] = "each-participant",
                  trace: Callable[[str], None] | None = None) -> None:
         if group_messages not in ("each-participant", "skip"):
             raise ValueError(f"group_messages must be 'each-participant' or 'skip', not {group_messages!r}")
-        self.path = Path(path)
+        super().__init__(path, trace=trace)
         self.group_messages = group_messages
-        self._trace = trace  # test seam: receives every SQL statement run
 
-    def read(self, after_rowid: int = 0, limit: int = 5000, since_ms: int | None = None) -> Batch:
-        """Messages with ROWID > `after_rowid`, at most `limit` of them, as Activities.
-
-        `since_ms` (Unix ms) drops messages dated earlier (counted as `before-window`); the
-        batch still advances `last_rowid` over them.
-        """
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
-        return sqlite.retrying(self._read, after_rowid, limit, since_ms)
-
-    def newest_rowid(self) -> int:
-        """The highest message ROWID (0 for an empty database)."""
-        return sqlite.retrying(self._newest_rowid)
-
-    def _newest_rowid(self) -> int:
-        with sqlite.read(self.path, trace=self._trace) as conn:
-            return conn.execute("SELECT MAX(ROWID) FROM message").fetchone()[0] or 0
-
-    def _read(self, after_rowid: int, limit: int, since_ms: int | None) -> Batch:
-        with sqlite.read(self.path, trace=self._trace) as conn, _gc_paused():
-            cols = sqlite.columns(conn, "message")
-            if missing := [c for c in REQUIRED if c not in cols]:
-                raise sqlite.SourceError(f"{self.path}: message table lacks {', '.join(missing)}")
-            handles = _handles(conn)
-            singles, groups = _chats(conn, handles)
-            sql, params = _select(cols, sqlite.columns(conn, "chat_message_join"), since_ms)
-            params |= {"after": after_rowid, "limit": limit}
+    def _read(self, db: sqlite.Database, conn: sqlite3.Connection, after_rowid: int, limit: int,
+              since_ms: int | None) -> tuple[Batch, bool]:
+        cols = self._columns(db, conn)
+        if missing := [c for c in REQUIRED if c not in cols]:
+            raise sqlite.SourceError(f"{self.path}: message table lacks {', '.join(missing)}")
+        join_cols = db.remembered("chat_message_join", lambda: sqlite.columns(conn, "chat_message_join"))
+        sql, params = _select(cols, join_cols, since_ms)
+        params |= {"after": after_rowid, "limit": limit}
+        with _gc_paused():
             rows = conn.execute(sql, params).fetchall()
             full = len(rows) == limit
             if full and (cut := _rows_cut_off(conn, rows)):  # LIMIT split a message in several chats
                 start, short = cut
                 rows = rows[:start] if start else conn.execute(sql, params | {"limit": limit + short}).fetchall()
-            if len(rows) != len({row[0] for row in rows}):
+            if len(rows) != len(set(map(_ROWID, rows))):
                 rows = _lowest_chat_each(rows)
-            batch = self._activities(rows, handles, singles, groups)
-            batch.last_rowid, batch.rows = (rows[-1][0] if rows else after_rowid), len(rows)
-            if since_ms is not None:  # rows the window dropped were examined too
-                examined, highest = conn.execute(
-                    "SELECT COUNT(*), MAX(ROWID) FROM message WHERE ROWID > ? AND ROWID <= ?",
-                    (after_rowid, batch.last_rowid if full else 2**63 - 1)).fetchone()
-                if examined > batch.rows:
-                    batch.skipped[BEFORE_WINDOW] += examined - batch.rows
-                batch.rows, batch.last_rowid = examined, max(batch.last_rowid, highest or 0)
-            return batch
+            batch = self._activities(rows, _maps(db, conn, rows))
+        batch.last_rowid, batch.rows = (rows[-1][0] if rows else after_rowid), len(rows)
+        return batch, full
 
-    def _activities(self, rows: list[tuple], handles: dict[int, Party], singles: dict[int, Party],
-                    groups: dict[int, tuple[Party, ...]]) -> Batch:
+    def _activities(self, rows: list[tuple], maps: _Maps) -> Batch:
         """Turn SELECT rows into Activities (the hot loop: lookups and tuple building only)."""
         out: list[Activity] = []
         add, new = out.append, tuple.__new__
         skipped: Counter[str] = Counter()
         fan_out = self.group_messages == "each-participant"
-        get_handle, get_single, get_group = handles.get, singles.get, groups.get
+        get_handle, get_single, get_group = maps.handles.get, maps.singles.get, maps.groups.get
         for _rowid, guid, date, from_me, handle_id, chat_id, skip in rows:
             if skip is not None:
                 skipped[skip] += 1
@@ -137,14 +116,45 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+class _Maps(NamedTuple):
+    """Who is behind each handle and chat, as of one snapshot."""
+
+    handles: dict[int, Party]
+    singles: dict[int, Party]  # one-to-one chat -> its party
+    groups: dict[int, tuple[Party, ...]]  # group chat -> its distinct parties
+    newest_handle: int
+    newest_chat: int
+
+    @classmethod
+    def load(cls, conn: sqlite3.Connection) -> _Maps:
+        handles = _handles(conn)
+        singles, groups, newest_chat = _chats(conn, handles)
+        return cls(handles, singles, groups, max(handles, default=0), newest_chat)
+
+    def behind(self, rows: list[tuple]) -> bool:
+        """Whether some row names a handle or chat newer than these maps (Apple added it since)."""
+        return (max(filter(None, map(_HANDLE, rows)), default=0) > self.newest_handle
+                or max(filter(None, map(_CHAT, rows)), default=0) > self.newest_chat)
+
+
+def _maps(db: sqlite.Database, conn: sqlite3.Connection, rows: list[tuple]) -> _Maps:
+    """The maps, loaded once per session and again when a row names a handle or chat they lack."""
+    maps = db.remembered("maps", lambda: _Maps.load(conn))
+    if rows and maps.behind(rows):
+        maps = db.remembered("maps", lambda: _Maps.load(conn), fresh=True)
+    return maps
+
+
 def _handles(conn: sqlite3.Connection) -> dict[int, Party]:
     person = "person_centric_id" if "person_centric_id" in sqlite.columns(conn, "handle") else "NULL"
     return {rowid: (address, pcid) for rowid, address, pcid in conn.execute(f"SELECT ROWID, id, {person} FROM handle")}
 
 
-def _chats(conn: sqlite3.Connection, handles: dict[int, Party]) -> tuple[dict[int, Party], dict[int, tuple[Party, ...]]]:
-    """({one-to-one chat: its party}, {group chat: its distinct parties}); other chats in neither.
+def _chats(conn: sqlite3.Connection,
+           handles: dict[int, Party]) -> tuple[dict[int, Party], dict[int, tuple[Party, ...]], int]:
+    """({one-to-one chat: its party}, {group chat: its distinct parties}, newest chat ROWID).
 
+    Other chats are in neither map.
     A chat is a group when style = 43, or when its style is unknown and it has several parties.
     """
     styles = dict(conn.execute("SELECT ROWID, style FROM chat"))
@@ -160,7 +170,7 @@ def _chats(conn: sqlite3.Connection, handles: dict[int, Party]) -> tuple[dict[in
             groups[chat] = parties
         elif len(parties) == 1:
             singles[chat] = parties[0]
-    return singles, groups
+    return singles, groups, max(styles, default=0)
 
 
 def _select(cols: frozenset[str], join_cols: frozenset[str], since_ms: int | None) -> tuple[str, dict[str, int]]:

@@ -1,23 +1,30 @@
 """Read-only access to Apple's SQLite stores, and what their failures mean.
 
 Every read opens the database with a percent-encoded `mode=ro` URI (so rows still in the
-`-wal` are seen and nothing is ever written), runs inside one short transaction, and closes
-again so that no read transaction pins Apple's WAL between reads.
+`-wal` are seen and nothing is ever written) and runs inside one short transaction, so that no
+read transaction pins Apple's WAL between reads. A `SourceReader.session()` (one extraction)
+keeps its connection and what it probed between reads; a lone read closes it again.
 """
 
 from __future__ import annotations
 
+import copy
 import errno
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, ClassVar, Self, TypeVar
 
 from crm_syncd import macos
+from crm_syncd.sources import BEFORE_WINDOW, Batch
 
 BUSY_TIMEOUT_MS = 2_000
 RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+
+T = TypeVar("T")
+Trace = Callable[[str], None]
 
 
 class SourceError(Exception):
@@ -65,34 +72,176 @@ def _is_denied(exc: BaseException, path: Path) -> bool:
     return "unable to open database file" in message and path.exists()
 
 
-@contextmanager
-def read(path: Path, *, trace: Callable[[str], None] | None = None) -> Iterator[sqlite3.Connection]:
-    """Open `path` read-only for one consistent read; close it afterwards.
+class Database:
+    """One of Apple's databases; each `read()` is one consistent snapshot.
 
-    Raises SourceMissing, NeedsFullDiskAccess or SourceBusy with a clear message.
-    Locked/busy errors raised inside the block are retried by `retrying`, not here.
-    `trace`, if given, receives every SQL statement run on the connection (a test seam).
+    Without `keep` every read opens and closes its own connection. With `keep` the reads share
+    one (opening one parses the whole schema) until `close()`, and `remembered` values live as
+    long; between reads no transaction stays open, so Apple can still checkpoint its -wal.
+    `trace`, if given, receives every SQL statement run (a test seam).
     """
-    path = Path(path)
-    if not path.exists():
-        raise SourceMissing(f"{path} does not exist")
-    try:
-        conn = sqlite3.connect(readonly_uri(path), uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
-                               isolation_level=None, check_same_thread=False)
-    except (sqlite3.Error, OSError) as exc:
-        raise _classify(exc, path) from exc
-    if trace is not None:
-        conn.set_trace_callback(trace)
-    try:
-        conn.execute("BEGIN")  # one snapshot for the whole read
-        yield conn
-    except (sqlite3.Error, OSError) as exc:
-        raise _classify(exc, path) from exc
-    finally:
+
+    def __init__(self, path: Path, *, trace: Trace | None = None, keep: bool = False) -> None:
+        self.path = Path(path)
+        self._trace = trace
+        self._keep = keep
+        self._conn: sqlite3.Connection | None = None
+        self._memo: dict[str, Any] = {}
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """One snapshot. Raises SourceMissing, NeedsFullDiskAccess or SourceBusy with a clear message.
+
+        Locked/busy errors raised inside the block are retried by `retrying`, not here.
+        """
+        if not self.path.exists():  # also when kept: a deleted file must not be read on
+            self.close()
+            raise SourceMissing(f"{self.path} does not exist")
+        conn = self._conn or self._connect()
+        clean = False
         try:
-            conn.execute("ROLLBACK") if conn.in_transaction else None
+            conn.execute("BEGIN")
+            yield conn
+            clean = True
+        except (sqlite3.Error, OSError) as exc:
+            raise _classify(exc, self.path) from exc
         finally:
+            self._release(conn, keep=clean and self._keep)
+
+    def remembered(self, name: str, load: Callable[[], T], *, fresh: bool = False) -> T:
+        """`load()`, computed once while the connection is kept (every time otherwise); `fresh` reloads."""
+        if not self._keep:
+            return load()
+        if fresh or name not in self._memo:
+            self._memo[name] = load()
+        return self._memo[name]
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        self._memo.clear()
+        if conn is not None:
             conn.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(readonly_uri(self.path), uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                                   isolation_level=None, check_same_thread=False)
+        except (sqlite3.Error, OSError) as exc:
+            raise _classify(exc, self.path) from exc
+        if self._trace is not None:
+            conn.set_trace_callback(self._trace)
+        return conn
+
+    def _release(self, conn: sqlite3.Connection, *, keep: bool) -> None:
+        """End the read's transaction; keep the connection only after a clean read."""
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except BaseException:
+            keep = False
+            raise
+        finally:
+            if keep:
+                self._conn = conn
+            else:
+                self._conn = None
+                self._memo.clear()
+                conn.close()
+
+
+@contextmanager
+def read(path: Path, *, trace: Trace | None = None) -> Iterator[sqlite3.Connection]:
+    """Open `path` read-only for one consistent read; close it afterwards (see `Database.read`)."""
+    with Database(path, trace=trace).read() as conn:
+        yield conn
+
+
+class SourceReader:
+    """Reads one of Apple's stores past a ROWID high-water mark (messages, calls).
+
+    Subclasses name the table, its ROWID column and its anchor, the row's own id (guid,
+    ZUNIQUE_ID) that tells a rebuilt database reusing a ROWID from the one a mark was taken in,
+    and implement `_read`.
+    """
+
+    TABLE: ClassVar[str]
+    ROWID: ClassVar[str]
+    ANCHOR: ClassVar[str]
+
+    def __init__(self, path: Path, *, trace: Trace | None = None) -> None:
+        self.path = Path(path)
+        self._trace = trace  # test seam: receives every SQL statement run
+        self._db: Database | None = None  # set on a session's copy
+
+    @contextmanager
+    def session(self) -> Iterator[Self]:
+        """This reader for several reads in a row (one extraction).
+
+        They share one connection and one probe of columns and lookup maps; no transaction stays
+        open between them. Each session is its own copy: concurrent ones do not interfere.
+        """
+        bound = copy.copy(self)
+        bound._db = Database(self.path, trace=self._trace, keep=True)
+        try:
+            yield bound
+        finally:
+            bound._db.close()
+
+    def read(self, after_rowid: int = 0, limit: int = 5000, since_ms: int | None = None) -> Batch:
+        """Rows past `after_rowid` (at most `limit` examined), as Activities.
+
+        `since_ms` (Unix ms) drops rows dated earlier; they count as `before-window`, and the
+        batch still advances `last_rowid` over them.
+        """
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        return retrying(self._reading, self._batch, after_rowid, limit, since_ms)
+
+    def newest_rowid(self) -> int:
+        """The highest ROWID (0 for an empty database)."""
+        return retrying(self._reading, self._newest)
+
+    def anchor(self, rowid: int) -> str | None:
+        """The anchor of the row at `rowid`; None when no row is there or the store keeps none."""
+        return retrying(self._reading, self._anchor, rowid)
+
+    def _read(self, db: Database, conn: sqlite3.Connection, after_rowid: int, limit: int,
+              since_ms: int | None) -> tuple[Batch, bool]:
+        """The batch of the rows the main SELECT returned, and whether it returned `limit` of them."""
+        raise NotImplementedError
+
+    def _reading(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(db, conn, *args)` inside one snapshot."""
+        db = self._db or Database(self.path, trace=self._trace)
+        with db.read() as conn:
+            return fn(db, conn, *args)
+
+    def _batch(self, db: Database, conn: sqlite3.Connection, after_rowid: int, limit: int,
+               since_ms: int | None) -> Batch:
+        batch, full = self._read(db, conn, after_rowid, limit, since_ms)
+        if since_ms is not None:  # rows the window dropped were examined too
+            examined, highest = conn.execute(
+                f"SELECT COUNT(*), MAX({self.ROWID}) FROM {self.TABLE} WHERE {self.ROWID} > ? AND {self.ROWID} <= ?",
+                (after_rowid, batch.last_rowid if full else 2**63 - 1)).fetchone()
+            if examined > batch.rows:
+                batch.skipped[BEFORE_WINDOW] += examined - batch.rows
+            batch.rows, batch.last_rowid = examined, max(batch.last_rowid, highest or 0)
+        if batch.last_rowid > after_rowid:
+            batch.anchor = self._anchor(db, conn, batch.last_rowid)
+        return batch
+
+    def _newest(self, db: Database, conn: sqlite3.Connection) -> int:
+        return conn.execute(f"SELECT MAX({self.ROWID}) FROM {self.TABLE}").fetchone()[0] or 0
+
+    def _anchor(self, db: Database, conn: sqlite3.Connection, rowid: int) -> str | None:
+        if self.ANCHOR not in self._columns(db, conn):
+            return None
+        row = conn.execute(f"SELECT {self.ANCHOR} FROM {self.TABLE} WHERE {self.ROWID} = ?", (rowid,)).fetchone()
+        return row[0] if row else None
+
+    def _columns(self, db: Database, conn: sqlite3.Connection) -> frozenset[str]:
+        """The columns of the main table (probed once per session)."""
+        return db.remembered("columns", lambda: columns(conn, self.TABLE))
 
 
 def _classify(exc: BaseException, path: Path) -> BaseException:

@@ -217,6 +217,13 @@ class CallHistoryDB:
     def commit(self) -> None:
         self.conn.commit()
 
+    def start_over(self) -> None:
+        """Delete every call and number new ones from Z_PK 1 again, in the same file (a restore over it)."""
+        self.conn.execute("DELETE FROM ZCALLRECORD")
+        self.conn.execute("DELETE FROM Z_2REMOTEPARTICIPANTHANDLES")
+        self.conn.execute("UPDATE Z_PRIMARYKEY SET Z_MAX = 0 WHERE Z_ENT = ?", (self.entities["CallRecord"],))
+        self.commit()
+
     def checkpoint(self) -> None:
         self.conn.commit()
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
