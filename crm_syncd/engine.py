@@ -552,6 +552,12 @@ class Engine:
         leftovers = self.store.sending()
         if not leftovers:
             return True
+        # A request sent less than a timeout ago (a crash, then a quick restart) may still be on its
+        # way into the CRM: looking now could miss it and send it again.
+        claimed_ms = self.store.last_claim_ms() or 0
+        if (wait := claimed_ms / 1000 + self.settings.request_timeout_s - time.time()) > 0:
+            log.info("push.recover_waits", items=len(leftovers), seconds=round(wait, 1))
+            await asyncio.sleep(wait)
         self._day_cache.clear()  # listings taken before these writes may predate them
         adopted, requeue, complete = [], [], True
         for item in leftovers:

@@ -460,6 +460,10 @@ class Store:
                          "FROM outbox WHERE state = 'sending' ORDER BY id")
         return [Item(*r) for r in rows]
 
+    def last_claim_ms(self) -> int | None:
+        """When the newest `sending` item was claimed (its request left then, or just after)."""
+        return self._one("SELECT MAX(updated_ms) FROM outbox WHERE state = 'sending'")
+
     def settle(self, delivered: Sequence[tuple[Item, int]] = (), failed: Sequence[tuple[Item, str]] = (),
                retry: Sequence[tuple[Item, str | None]] = ()) -> int:
         """Record outcomes: (item, crm id) delivered, (item, reason) failed, (item, reason) back to pending.

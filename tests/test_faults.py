@@ -466,3 +466,42 @@ def test_a_placeholder_whose_create_answer_was_lost_is_found_not_made_twice(
         assert d.stop() == 0
     finally:
         d.stop(signal.SIGKILL)
+
+
+def sending_count(home: Path) -> int:
+    """Items the daemon has durably marked `sending` (read from its state database, read-only)."""
+    path = home / "Library" / "Application Support" / "crm-syncd" / "state.db"
+    if not path.exists():
+        return 0
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        return conn.execute("SELECT count(*) FROM outbox WHERE state = 'sending'").fetchone()[0]
+    except sqlite3.OperationalError:  # not migrated yet
+        return 0
+    finally:
+        conn.close()
+
+
+def test_a_restart_right_after_a_crash_waits_for_requests_still_on_their_way(
+        library: Library, citadel: CitadelServer, daemon_env: CLI, home: Path):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    moments = [ago(hours=5 - n) for n in range(5)]
+    for at in moments:
+        library.text(JANE, at=at)
+    citadel.faults = Faults(rate=1.0, kinds=("slow",), slow_s=3.0)  # every write lands 3 s after it arrives
+    daemon_env.env.update(CRM_SYNCD_REQUEST_TIMEOUT_S="5")
+    first = RunningDaemon(daemon_env, home)
+    # the contact's create and the five interactions have reached the CRM, which sits on them
+    eventually(lambda: citadel.faults.fired["slow"] == 6, timeout=30, what="five requests inside the CRM")
+    assert sending_count(home) == 5
+    first.stop(signal.SIGKILL)  # the five are not written yet
+
+    second = RunningDaemon(daemon_env, home)
+    try:
+        eventually(lambda: second.events("push.recovered"), timeout=30, what="the recovery")
+        citadel.faults = Faults()
+        assert second.events("push.recovered")[-1]["adopted"] == 5
+        assert second.stop() == 0
+    finally:
+        second.stop(signal.SIGKILL)
+    assert sorted(r["occurredAt"] for r in interactions_of(citadel, JANE)) == sorted(map(iso, moments))
