@@ -89,7 +89,8 @@ def test_kill_9_at_random_moments_during_a_backfill_loses_nothing_and_sends_noth
         sent.append((phone, "TEXT_OUTBOUND" if from_me else "TEXT_INBOUND", iso(at)))
     library.chat.commit()
     citadel.latency_s = 0.001
-    cli.env.update(CRM_SYNCD_BATCH_SIZE="1000", CRM_SYNCD_CONTACTS_RESCAN_S="2", CRM_SYNCD_SAFETY_PROBE_S="2")
+    cli.env.update(CRM_SYNCD_BATCH_SIZE="1000", CRM_SYNCD_CONTACTS_RESCAN_S="2", CRM_SYNCD_SAFETY_PROBE_S="2",
+                   CRM_SYNCD_REQUEST_TIMEOUT_S="2")  # loopback: a restart waits out at most 2 s of in-flight writes
 
     posts = ("POST", "/api/contacts/:id/interactions", 201)
     kills, early, began = 0, 0, time.monotonic()
