@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import random
 import re
 import shutil
 import signal
 import sqlite3
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -159,13 +162,14 @@ def _payload(i: int) -> dict:
             "source": "IMPORT_IOS"}
 
 
-def load_concurrent(url: str, contact_ids: list[int], count: int, seconds: float, in_flight: int = 8) -> float:
+def load_concurrent(url: str, contact_ids: list[int], count: int, seconds: float, in_flight: int = 8,
+                    start: int = 0) -> float:
     """Requests/s with `in_flight` concurrent POSTs (bounded by count and time)."""
     async def main() -> float:
         limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
         async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
             done = 0
-            counter = iter(range(count))
+            counter = iter(range(start, start + count))
             deadline = time.monotonic() + seconds
 
             async def worker() -> None:
@@ -184,12 +188,12 @@ def load_concurrent(url: str, contact_ids: list[int], count: int, seconds: float
     return asyncio.run(main())
 
 
-def load_sequential(url: str, contact_ids: list[int], count: int, seconds: float) -> float:
+def load_sequential(url: str, contact_ids: list[int], count: int, seconds: float, start: int = 0) -> float:
     with httpx.Client(base_url=url, timeout=30) as client:
         done = 0
         t = time.perf_counter()
         deadline = time.monotonic() + seconds
-        for i in range(count):
+        for i in range(start, start + count):
             if time.monotonic() > deadline:
                 break
             r = client.post(f"/api/contacts/{contact_ids[i % len(contact_ids)]}/interactions", json=_payload(i))
@@ -198,168 +202,410 @@ def load_sequential(url: str, contact_ids: list[int], count: int, seconds: float
         return done / (time.perf_counter() - t)
 
 
-# -- 3, 7, 9: backfill through the CLI ----------------------------------------------------------
+def capacity_and_backfills(lib_home: Path, work: Path, latency_ms: float, reps: int, load_s: tuple[float, float],
+                           expected: int, window_s: float, max_s: float, first_n: int = 0) -> dict:
+    """One stand-in process per latency; `reps` rounds of: its capacity (8 in flight), a sequential
+    client's rate, one backfill run. Interleaved, so a slow spell of a shared machine hits both sides.
 
-def backfill(lib_home: Path, work: Path, latency_ms: float, expected: int, max_s: float) -> dict:
-    """`crm-syncd sync --interactions-only` in its own process against a fresh stand-in process.
-
-    Rate = interactions the stand-in created / span of their createdAt (first to last), i.e. the
-    delivery phase; the run is stopped (SIGINT) if it exceeds `max_s`.
+    Sharing the process does not bias the figures: the database grows by a few thousand rows per
+    round (no measurable effect at these sizes), and the second and third backfill find the first's
+    placeholder contacts instead of creating them, which happens before delivery (not measured).
     """
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    conc, seq, runs = [], [], []
+    with procs.Citadel(work / "citadel.db", latency_ms) as crm:
+        ids = seed_contacts(crm.url, 10)
+        for r in range(reps):
+            conc.append(load_concurrent(crm.url, ids, 1_000_000, load_s[0], start=2_000_000 * r))
+            seq.append(load_sequential(crm.url, ids, 1_000_000, load_s[1], start=2_000_000 * r + 1_000_000))
+            runs.append(backfill(crm, lib_home, work / f"run{r}", expected, window_s, max_s, first_n))
+    return {"concurrent": conc, "sequential": seq, "runs": runs}
+
+
+# -- 3, 7, 9: backfill through the CLI ----------------------------------------------------------
+
+def backfill(crm: procs.Citadel, lib_home: Path, work: Path, expected: int, window_s: float, max_s: float,
+             first_n: int = 0) -> dict:
+    """`crm-syncd sync --interactions-only` in its own process, on a fresh copy of `lib_home`.
+
+    Rate = interactions the stand-in created / span of their createdAt (first to last), i.e. the
+    delivery phase. The run is stopped (SIGINT) once delivery has gone on for `window_s` seconds, or
+    after `max_s` in all. `first_n_s`: createdAt of the `first_n`-th interaction - the first's.
+    """
+    work.mkdir(parents=True)
     from bench.gen import copy
     home = copy(lib_home, work / "home")
-    with procs.Citadel(work / "citadel.db", latency_ms) as crm:
-        env = procs.crm_env(home, crm.url)
-        t0 = time.monotonic()
-        proc = procs.crm_syncd(["sync", "--interactions-only"], env, work / "sync.log")
-        hwm = 0
-        while proc.poll() is None and time.monotonic() - t0 < max_s:
-            hwm = max(hwm, procs.vm_hwm_kb(proc.pid) or 0)
-            time.sleep(0.1)
-        completed = proc.poll() is not None
-        if not completed:
-            hwm = max(hwm, procs.vm_hwm_kb(proc.pid) or 0)
-            procs.stop(proc, signal.SIGINT)
-        wall = time.monotonic() - t0
-        time.sleep(0.2)
-        n, first, last = crm.created_span()
-    state = home / "Library/Application Support/crm-syncd/state.db"
-    delivered, state_bytes = 0, 0
-    if state.exists():
-        conn = sqlite3.connect(state)
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        delivered = conn.execute("SELECT count(*) FROM outbox WHERE state = 'delivered'").fetchone()[0]
-        conn.close()
-        state_bytes = sum(p.stat().st_size for p in state.parent.glob("state.db*") if not p.name.endswith("-shm"))
+    skip = crm.max_id()
+    env = procs.crm_env(home, crm.url)
+    t0 = time.monotonic()
+    proc = procs.crm_syncd(["sync", "--interactions-only"], env, work / "sync.log")
+    hwm, first_seen = 0, None
+    while proc.poll() is None and time.monotonic() - t0 < max_s:
+        hwm = max(hwm, procs.vm_hwm_kb(proc.pid) or 0)
+        if first_seen is None and crm.count_since(skip) > 0:
+            first_seen = time.monotonic()
+        if first_seen is not None and time.monotonic() - first_seen >= window_s:
+            break
+        time.sleep(0.1)
+    completed = proc.poll() is not None
+    if not completed:
+        hwm = max(hwm, procs.vm_hwm_kb(proc.pid) or 0)
+        procs.stop(proc, signal.SIGINT)
+    wall = time.monotonic() - t0
+    time.sleep(0.2)
+    n, first, last = crm.created_span(skip)
+    nth = None
+    if first_n and n >= first_n:
+        nth = crm.reader().execute("SELECT created_at FROM interactions WHERE id > ? ORDER BY created_at, id "
+                                   "LIMIT 1 OFFSET ?", (skip, first_n - 1)).fetchone()[0]
+    size = state_size(home / "Library/Application Support/crm-syncd/state.db")
     return {"interactions": n, "rate": (n - 1) / ((last - first) / 1000) if n > 1 and last > first else 0.0,
             "completed": completed and n >= expected, "wall_s": wall, "vm_hwm_kb": hwm,
-            "delivered": delivered, "state_bytes": state_bytes}
+            "to_first_delivery_s": (first_seen - t0) if first_seen else None,
+            "first_n": first_n, "first_n_s": (nth - first) / 1000 if nth is not None else None,
+            "delivered": size["delivered"], "outbox_rows": size["rows"], "state_bytes": size["bytes"]}
 
 
-def rss_history(lib_home: Path, work: Path, max_s: float, after_extract_s: float) -> dict:
-    """Peak RSS of `crm-syncd sync --interactions-only` over a large history: through extraction,
-    resolution and the first `after_extract_s` seconds of delivery, bounded by `max_s`."""
+def state_size(state: Path) -> dict:
+    """Bytes of a state.db (+ -wal after a TRUNCATE checkpoint; not -shm), outbox rows, delivered rows."""
+    if not state.exists():
+        return {"bytes": 0, "rows": 0, "delivered": 0}
+    conn = sqlite3.connect(state)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        rows, delivered = conn.execute("SELECT count(*), count(*) FILTER (WHERE state = 'delivered') "
+                                       "FROM outbox").fetchone()
+    finally:
+        conn.close()
+    size = sum(p.stat().st_size for p in state.parent.glob("state.db*") if not p.name.endswith("-shm"))
+    return {"bytes": size, "rows": rows, "delivered": delivered}
+
+
+_TS = re.compile(r'(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?)Z?')
+_FIELD = {k: re.compile(rf'(?:"{k}": "?|\b{k}=)(\w+)') for k in ("source", "mark", "rows")}
+
+
+def extraction_batches(log: Path, source: str) -> list[tuple[float, int]]:
+    """(epoch seconds, mark) of every `extract.batch` of `source` in a crm-syncd log (console or JSON)."""
+    from datetime import datetime, timezone
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if "extract.batch" not in line:
+            continue
+        ts, src, mark = _TS.search(line), _FIELD["source"].search(line), _FIELD["mark"].search(line)
+        if not (ts and src and mark) or src.group(1) != source:
+            continue
+        at = datetime.fromisoformat(ts.group(1)).replace(tzinfo=timezone.utc).timestamp()
+        out.append((at, int(mark.group(1))))
+    return out
+
+
+def extraction_rate(batches: list[tuple[float, int]], parts: int = 3) -> dict:
+    """Rows/s from the first logged batch to the last (the first batch's own time is not seen), and
+    per consecutive part of the rows (the rate's trend as the outbox grows)."""
+    if len(batches) < 2:
+        return {"rate": float("nan"), "rows": batches[-1][1] if batches else 0, "parts": []}
+    (t0, m0), (t1, m1) = batches[0], batches[-1]
+    rates = []
+    bounds = [m0 + (m1 - m0) * k / parts for k in range(parts + 1)]
+    for lo, hi in zip(bounds, bounds[1:]):
+        seg = [b for b in batches if lo <= b[1] <= hi]
+        if len(seg) >= 2 and seg[-1][0] > seg[0][0]:
+            rates.append((seg[-1][1] - seg[0][1]) / (seg[-1][0] - seg[0][0]))
+    return {"rate": (m1 - m0) / (t1 - t0) if t1 > t0 else float("nan"), "rows": m1, "seconds": t1 - t0,
+            "parts": rates}
+
+
+def history_sync(lib_home: Path, work: Path, max_s: float, after_delivery_s: float) -> dict:
+    """`crm-syncd sync --interactions-only` over a large history: through extraction, resolution
+    (placeholders) and the first `after_delivery_s` seconds of delivery, bounded by `max_s`.
+    Peak RSS (VmHWM), overall and by phase (from VmRSS polled every 0.2 s and the phases' times in
+    its log), and, from its log, the extraction rate of messages and calls."""
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     from bench.gen import copy
     home = copy(lib_home, work / "home")
+    rss: list[tuple[float, int]] = []  # (epoch s, VmRSS kB)
     with procs.Citadel(work / "citadel.db") as crm:
         env = procs.crm_env(home, crm.url)
         t0 = time.monotonic()
         proc = procs.crm_syncd(["sync", "--interactions-only"], env, work / "sync.log")
-        hwm, first_delivery = 0, None
+        hwm, first_delivery, first_delivery_at = 0, None, None
         while proc.poll() is None and time.monotonic() - t0 < max_s:
             hwm = max(hwm, procs.vm_hwm_kb(proc.pid) or 0)
+            rss.append((time.time(), procs.vm_rss_kb(proc.pid) or 0))
             if first_delivery is None and crm.interactions() > 0:
-                first_delivery = time.monotonic()
-            if first_delivery is not None and time.monotonic() - first_delivery > after_extract_s:
+                first_delivery, first_delivery_at = time.monotonic(), time.time()
+            if first_delivery is not None and time.monotonic() - first_delivery > after_delivery_s:
                 break
             time.sleep(0.2)
         hwm = max(hwm, procs.vm_hwm_kb(proc.pid) or 0)
-        procs.stop(proc, signal.SIGINT)
-        return {"vm_hwm_kb": hwm, "reached_delivery": first_delivery is not None,
-                "to_first_delivery_s": (first_delivery - t0) if first_delivery else None,
-                "wall_s": time.monotonic() - t0, "delivered": crm.interactions()}
-
-
-# -- 4, 5, 6: the daemon ------------------------------------------------------------------------
-
-def daemon_run(lib_home: Path, work: Path, debounce_ms: int, inserts: int, spacing: tuple[float, float],
-               burst: int, bursts: int, idle_windows: int, idle_s: float, log=print) -> dict:
-    import random
-
-    from tests.harness.chatdb import ChatDB
-
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    from bench.gen import copy, phone
-    home = copy(lib_home, work / "home")
-    rng = random.Random(7)
-    out: dict = {"debounce_ms": debounce_ms}
-    with procs.Citadel(work / "citadel.db") as crm:
-        env = procs.crm_env(home, crm.url, debounce_ms=debounce_ms)
-        daemon = procs.crm_syncd(["run"], env, work / "daemon.log")
-        try:
-            chat = ChatDB.open(home / MESSAGES)  # the writer stays open, as Messages' does
-            initial = _count_rows(home)
-            if not procs.wait_until(lambda: crm.interactions() >= initial, 120, 0.1):
-                raise RuntimeError(f"daemon catch-up incomplete: {crm.interactions()} of {initial}")
-            handles = [r[0] for r in chat.conn.execute("SELECT ROWID FROM handle ORDER BY ROWID")]
-            time.sleep(1.0)
-            # 4. live latency
-            latencies = []
-            for i in range(inserts):
-                h = handles[i % len(handles)]
-                before = crm.interactions()
-                chat.conn.execute("BEGIN")
-                _insert_message(chat, h, h)
-                chat.conn.execute("COMMIT")
-                committed_ms = time.time() * 1000
-                ok = procs.wait_until(lambda: crm.interactions() > before, 5.0, 0.01)
-                if ok:
-                    created = crm.reader().execute("SELECT max(created_at) FROM interactions").fetchone()[0]
-                    latencies.append(created - committed_ms)
-                time.sleep(rng.uniform(*spacing))
-            out["latencies_ms"] = latencies
-            out["lost"] = inserts - len(latencies)
-            # 5. burst
-            rates = []
-            for rep in range(bursts):
-                time.sleep(1.0)
-                before = crm.interactions()
-                rows = [(handles[j % len(handles)],) for j in range(burst)]
-                chat.conn.execute("BEGIN")
-                for j, (h,) in enumerate(rows):  # own second each: fingerprints are counterpart|type|second
-                    _insert_message(chat, h, h, seconds_ago=4 * 3600 + rep * burst + burst - j)
-                chat.conn.execute("COMMIT")
-                committed = time.time() * 1000
-                seen = [crm.interactions(), time.monotonic()]
-
-                def settled() -> bool:  # all in, or nothing new for 5 s
-                    now = crm.interactions()
-                    if now != seen[0]:
-                        seen[:] = [now, time.monotonic()]
-                    return now >= before + burst or time.monotonic() - seen[1] > 5
-
-                procs.wait_until(settled, 120, 0.05)
-                n, _, last = crm.created_span()
-                got = crm.interactions() - before
-                rates.append({"delivered": got, "seconds": (last - committed) / 1000,
-                              "rate": got / ((last - committed) / 1000) if last > committed else 0.0})
-            out["bursts"] = rates
-            # 6. idle
-            time.sleep(3.0)
-            cpu = []
-            for _ in range(idle_windows):
-                c0 = procs.cpu_s(daemon.pid)
-                time.sleep(idle_s)
-                cpu.append(procs.cpu_s(daemon.pid) - c0)
-            out["idle_cpu_s"] = cpu
-            out["idle_s"] = idle_s
-            out["vm_hwm_kb"] = procs.vm_hwm_kb(daemon.pid)
-            chat.close()
-        finally:
-            procs.stop(daemon)
+        completed = proc.poll() is not None
+        procs.stop(proc, signal.SIGINT, wait=2.0)  # measured already; a large state db is slow to close
+        out = {"vm_hwm_kb": hwm, "reached_delivery": first_delivery is not None, "completed": completed,
+               "to_first_delivery_s": (first_delivery - t0) if first_delivery else None,
+               "wall_s": time.monotonic() - t0, "delivered": crm.interactions()}
+    out["state_db"] = str(home / "Library/Application Support/crm-syncd/state.db")
+    log = work / "sync.log"
+    out["messages"] = extraction_rate(extraction_batches(log, "messages"))
+    out["calls"] = extraction_rate(extraction_batches(log, "calls"))
+    ends = [b[0] for src in ("messages", "calls") for b in extraction_batches(log, src)]
+    extracted_at = max(ends) if ends else None
+    phases = {"extraction": (0.0, extracted_at), "resolution": (extracted_at, first_delivery_at),
+              "delivery": (first_delivery_at, float("inf"))}
+    out["peak_rss_mb_by_phase"] = {
+        name: max((kb for at, kb in rss if lo is not None and lo <= at and (hi is None or at < hi)), default=0) / 1024
+        for name, (lo, hi) in phases.items()}
+    out["rss_timeline_mb"] = [(round(at - rss[0][0], 1), round(kb / 1024, 1)) for at, kb in rss[::10]] if rss else []
     return out
+
+
+def counts_times(state_db: Path, n: int) -> dict:
+    """Seconds per `Store.counts()` (what the daemon's heartbeat asks every few seconds) on a state db."""
+    store = Store(state_db)
+    try:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            counts = store.counts()
+            times.append(time.perf_counter() - t)
+        return {"seconds": times, "counts": counts}
+    finally:
+        store.close()
+
+
+# -- 4, 5, 6, 10: the daemon --------------------------------------------------------------------
+
+class IdleSampler(threading.Thread):
+    """CPU of a process over `windows` consecutive windows of `window_s` (sampled on a thread, so the
+    caller may do other work meanwhile)."""
+
+    def __init__(self, pid: int, windows: int, window_s: float) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.windows, self.window_s = pid, windows, window_s
+        self.samples: list[dict] = []
+        self.total: dict | None = None
+
+    def run(self) -> None:
+        first = prev = procs.CPUSample(self.pid)
+        for k in range(1, self.windows + 1):
+            time.sleep(max(0.0, first.at + k * self.window_s - time.monotonic()))
+            now = procs.CPUSample(self.pid)
+            self.samples.append(now.since(prev))
+            prev = now
+        self.total = prev.since(first)
+
+
+class Daemon:
+    """`crm-syncd run` on a copy of `lib_home` against its own stand-in process, caught up."""
+
+    def __init__(self, lib_home: Path, work: Path, debounce_ms: int) -> None:
+        from tests.harness.chatdb import ChatDB
+
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        from bench.gen import copy
+        self.home = copy(lib_home, work / "home")
+        self.debounce_ms = debounce_ms
+        self.log_path = self.home / "Library/Logs/crm-syncd/crm-syncd.log"
+        self.state_db = self.home / "Library/Application Support/crm-syncd/state.db"
+        self.rng = random.Random(7)
+        self.crm = procs.Citadel(work / "citadel.db")
+        env = procs.crm_env(self.home, self.crm.url, debounce_ms=debounce_ms)
+        self.proc = procs.crm_syncd(["run"], env, work / "daemon.log")
+        self.chat = None
+        try:
+            self.chat = ChatDB.open(self.home / MESSAGES)  # the writer stays open, as Messages' does
+            initial = _count_rows(self.home)
+            if not procs.wait_until(lambda: self.crm.interactions() >= initial, 120, 0.1):
+                raise RuntimeError(f"daemon catch-up incomplete: {self.crm.interactions()} of {initial}")
+            self.handles = [r[0] for r in self.chat.conn.execute("SELECT ROWID FROM handle ORDER BY ROWID")]
+            time.sleep(1.0)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def close(self, wait: float = 15.0) -> None:
+        if self.chat is not None:
+            self.chat.close()
+            self.chat = None
+        procs.stop(self.proc, wait=wait)
+        self.crm.stop()
+
+    def state_size(self) -> dict:
+        """Bytes of state.db (+ -wal after a TRUNCATE checkpoint), its outbox rows, delivered ones.
+        Call after close()."""
+        return state_size(self.state_db)
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def latency(self, inserts: int, gap: tuple[float, float]) -> dict:
+        """Single messages, each committed `gap` seconds after the previous one was delivered."""
+        latencies = []
+        for i in range(inserts):
+            h = self.handles[i % len(self.handles)]
+            before = self.crm.interactions()
+            self.chat.conn.execute("BEGIN")
+            _insert_message(self.chat, h, h)
+            self.chat.conn.execute("COMMIT")
+            committed_ms = time.time() * 1000
+            if procs.wait_until(lambda: self.crm.interactions() > before, 5.0, 0.01):
+                created = self.crm.reader().execute("SELECT max(created_at) FROM interactions").fetchone()[0]
+                latencies.append(created - committed_ms)
+            time.sleep(self.rng.uniform(*gap))
+        return {"latencies_ms": latencies, "lost": inserts - len(latencies)}
+
+    def bursts(self, size: int, reps: int) -> list[dict]:
+        rates = []
+        for rep in range(reps):
+            time.sleep(0.5)
+            before = self.crm.interactions()
+            self.chat.conn.execute("BEGIN")
+            for j in range(size):  # own second each: fingerprints are counterpart|type|second
+                h = self.handles[j % len(self.handles)]
+                _insert_message(self.chat, h, h, seconds_ago=4 * 3600 + rep * size + size - j)
+            self.chat.conn.execute("COMMIT")
+            committed = time.time() * 1000
+            self._settle(before + size, 120)
+            _, _, last = self.crm.created_span()
+            got = self.crm.interactions() - before
+            rates.append({"delivered": got, "seconds": (last - committed) / 1000,
+                          "rate": got / ((last - committed) / 1000) if last > committed else 0.0})
+        return rates
+
+    def _settle(self, target: int, timeout: float, quiet_s: float = 5.0) -> bool:
+        """Until the stand-in holds `target` interactions, or nothing new arrived for `quiet_s`."""
+        seen = [self.crm.interactions(), time.monotonic()]
+
+        def settled() -> bool:
+            now = self.crm.interactions()
+            if now != seen[0]:
+                seen[:] = [now, time.monotonic()]
+            return now >= target or time.monotonic() - seen[1] > quiet_s
+
+        procs.wait_until(settled, timeout, 0.05)
+        return self.crm.interactions() >= target
+
+    def _undelivered(self) -> int:
+        conn = sqlite3.connect(f"file:{self.state_db}?mode=ro", uri=True, timeout=5)
+        try:
+            return conn.execute("SELECT count(*) FROM outbox WHERE state != 'delivered'").fetchone()[0]
+        finally:
+            conn.close()
+
+    def outage(self, n: int, hold_s: float, max_wait_s: float, batches: int = 4) -> dict:
+        """The stand-in goes down; `n` messages arrive (in `batches` commits, 0.25 s apart) and are
+        queued; after `hold_s` (and at least until the daemon has queued all `n`) it comes back up on
+        the same port and database. Times from its coming up to the first and the last of the `n`
+        in the stand-in; what was missing or duplicated."""
+        from datetime import UTC, datetime, timedelta
+
+        procs.wait_until(lambda: self._undelivered() == 0, 30, 0.1)
+        time.sleep(0.5)
+        max_id = self.crm.reader().execute("SELECT coalesce(max(id), 0) FROM interactions").fetchone()[0]
+        t_down = self.crm.down()
+        t_down_mono = time.monotonic()
+        cpu_down = procs.CPUSample(self.pid)
+        base = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
+        expected = {}
+        per = -(-n // batches)
+        for b in range(batches):
+            self.chat.conn.execute("BEGIN")
+            for j in range(b * per, min(n, (b + 1) * per)):
+                h = self.handles[j % len(self.handles)]
+                at = base - timedelta(seconds=j)  # whole seconds, each its own
+                _insert_message(self.chat, h, h, at=at)
+                expected[int(at.timestamp() * 1000)] = h
+            self.chat.conn.execute("COMMIT")
+            time.sleep(0.25)
+        queued = procs.wait_until(lambda: self._undelivered() >= n, 60, 0.1)
+        queued_s = time.monotonic() - t_down_mono
+        time.sleep(max(0.0, hold_s - (time.monotonic() - t_down_mono)))
+        cpu_up = procs.CPUSample(self.pid)
+        t_up = self.crm.up()
+        first_seen: list[procs.CPUSample] = []
+
+        def all_in() -> bool:
+            got = self._count_since(max_id)
+            if got and not first_seen:
+                first_seen.append(procs.CPUSample(self.pid))
+            return got >= n
+
+        recovered = procs.wait_until(all_in, max_wait_s, 0.02)
+        waited_s = time.time() - t_up / 1000
+        cpu_end = procs.CPUSample(self.pid)
+        if recovered:
+            time.sleep(1.0)  # late duplicates
+        rows = self.crm.reader().execute("SELECT contact_id, type, occurred_at, created_at FROM interactions "
+                                         "WHERE id > ?", (max_id,)).fetchall()
+        ours = [r for r in rows if r[2] in expected]
+        created = sorted(r[3] for r in ours)
+        keys = [(r[0], r[1], r[2]) for r in rows]
+        dups_all = self.crm.reader().execute(
+            "SELECT count(*) - (SELECT count(*) FROM (SELECT DISTINCT contact_id, type, occurred_at "
+            "FROM interactions)) FROM interactions").fetchone()[0]
+        return {"n": n, "down_s": (t_up - t_down) / 1000, "queued": queued, "queued_after_s": queued_s,
+                "recovered": recovered, "waited_s": waited_s,
+                "to_first_s": (created[0] - t_up) / 1000 if created else None,
+                "to_last_s": (created[-1] - t_up) / 1000 if created and len({r[2] for r in ours}) >= n else None,
+                "delivered": len({r[2] for r in ours}), "missing": n - len({r[2] for r in ours}),
+                "duplicates": len(keys) - len(set(keys)), "unexpected": len(rows) - len(ours),
+                "duplicates_whole_run": dups_all,
+                "daemon_events": self._events_between(t_down, t_up + waited_s * 1000),
+                "daemon_cpu": {"while_down": cpu_up.since(cpu_down),
+                               "up_to_first": (first_seen[0] if first_seen else cpu_end).since(cpu_up),
+                               "first_to_end": cpu_end.since(first_seen[0]) if first_seen else None}}
+
+    def _count_since(self, max_id: int) -> int:
+        return self.crm.reader().execute("SELECT count(*) FROM interactions WHERE id > ?", (max_id,)).fetchone()[0]
+
+    def _events_between(self, t0_ms: float, t1_ms: float) -> dict:
+        """Counts of the daemon's log events (its JSON log) between two wall-clock instants."""
+        from collections import Counter
+        from datetime import datetime
+
+        counts: Counter[str] = Counter()
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return {}
+        for line in lines:
+            try:
+                rec = json.loads(line)
+                at = datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp() * 1000
+            except (ValueError, KeyError, TypeError):
+                continue
+            if t0_ms <= at <= t1_ms:
+                counts[rec.get("event", "?")] += 1
+        return dict(counts)
+
+    def events_between(self, t0_ms: float, t1_ms: float) -> dict:
+        return self._events_between(t0_ms, t1_ms)
 
 
 _MSG_COLS = ("guid", "text", "handle_id", "service", "account", "date", "is_from_me", "is_sent", "is_delivered",
              "is_finished", "item_type", "associated_message_type", "error", "is_system_message")
 
 
-def _insert_message(chat, handle: int, chat_id: int, seconds_ago: int = 0) -> None:
+def _insert_message(chat, handle: int, chat_id: int, seconds_ago: int = 0, at=None) -> None:
     import uuid
+    from datetime import UTC, datetime, timedelta
 
     from tests.harness.chatdb import to_apple
-    from datetime import UTC, datetime
 
-    from datetime import timedelta
-    date = to_apple(datetime.now(UTC) - timedelta(seconds=seconds_ago), "ns")
+    date = to_apple(at if at is not None else datetime.now(UTC) - timedelta(seconds=seconds_ago), "ns")
     values = {"guid": str(uuid.uuid4()).upper(), "text": "x", "handle_id": handle, "service": "iMessage",
               "account": "E:me@example.com", "date": date, "is_from_me": 0, "is_sent": 0, "is_delivered": 1,
               "is_finished": 1, "item_type": 0, "associated_message_type": 0, "error": 0, "is_system_message": 0}

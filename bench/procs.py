@@ -15,37 +15,105 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_s(pid: int) -> float:
-    """utime + stime of a process, seconds (/proc/<pid>/stat fields 14 and 15)."""
+    """utime + stime of a process, seconds (/proc/<pid>/stat fields 14 and 15; 10-ms clock ticks,
+    includes threads that have exited)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def vm_hwm_kb(pid: int) -> int | None:
+def thread_cpu_ns(pid: int) -> dict[int, int]:
+    """On-CPU nanoseconds of each live thread (/proc/<pid>/task/<tid>/schedstat, first field)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out[int(task.name)] = int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            pass
+    return out
+
+
+class CPUSample:
+    """CPU time of a process at one instant: clock ticks (all threads, ever) and per-thread ns."""
+
+    def __init__(self, pid: int) -> None:
+        self.ticks_s = cpu_s(pid)
+        self.threads = thread_cpu_ns(pid)
+        self.at = time.monotonic()
+
+    def since(self, before: CPUSample) -> dict:
+        """CPU seconds between two samples: ns-precise when no thread exited in between (threads
+        that started in between count in full), else the 10-ms tick count."""
+        exited = set(before.threads) - set(self.threads)
+        ns = sum(t - before.threads.get(tid, 0) for tid, t in self.threads.items())
+        ticks = self.ticks_s - before.ticks_s
+        return {"cpu_s": ticks if exited else ns / 1e9, "ticks_s": round(ticks, 2),
+                "precise": not exited, "seconds": self.at - before.at}
+
+
+def _status_kb(pid: int, field: str) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1])
     except (FileNotFoundError, ProcessLookupError):
         return None
     return None
 
 
+def vm_hwm_kb(pid: int) -> int | None:
+    """Peak resident set size so far (VmHWM), kB."""
+    return _status_kb(pid, "VmHWM:")
+
+
+def vm_rss_kb(pid: int) -> int | None:
+    """Resident set size now (VmRSS), kB."""
+    return _status_kb(pid, "VmRSS:")
+
+
 class Citadel:
-    """`python -m tests.harness.citadel` as its own process, on loopback."""
+    """`python -m tests.harness.citadel` as its own process, on loopback.
+
+    `down()` ends the process (a real outage: connections are refused); `up()` starts it again on
+    the same port and database.
+    """
 
     def __init__(self, db: Path, latency_ms: float = 0.0) -> None:
         self.db = db
+        self.latency_ms = latency_ms
         for suffix in ("", "-wal", "-shm"):
             Path(str(db) + suffix).unlink(missing_ok=True)
+        self._reader: sqlite3.Connection | None = None
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self._spawn()
+
+    def _spawn(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.harness.citadel", "--db", str(db), "--port", "0",
-             "--latency-ms", str(latency_ms)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            [sys.executable, "-m", "tests.harness.citadel", "--db", str(self.db), "--port", str(self.port),
+             "--latency-ms", str(self.latency_ms)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline().strip()
         if not line.startswith("listening on "):
             self.stop()
             raise RuntimeError(f"stand-in did not start: {line!r}")
         self.url = line.removeprefix("listening on ")
-        self._reader: sqlite3.Connection | None = None
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def down(self) -> float:
+        """End the stand-in process (data kept); wall-clock ms when it had exited."""
+        self.stop()
+        return time.time() * 1000
+
+    def up(self, attempts: int = 50) -> float:
+        """Start it again on the same port and database; wall-clock ms when it was listening."""
+        for attempt in range(attempts):
+            try:
+                self._spawn()
+                return time.time() * 1000
+            except RuntimeError:  # the port may not be free yet
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.1)
+        raise AssertionError("unreachable")
 
     def reader(self) -> sqlite3.Connection:
         if self._reader is None:
@@ -55,6 +123,18 @@ class Citadel:
     def interactions(self) -> int:
         try:
             return self.reader().execute("SELECT count(*) FROM interactions").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+    def max_id(self) -> int:
+        try:
+            return self.reader().execute("SELECT coalesce(max(id), 0) FROM interactions").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+    def count_since(self, skip: int) -> int:
+        try:
+            return self.reader().execute("SELECT count(*) FROM interactions WHERE id > ?", (skip,)).fetchone()[0]
         except sqlite3.OperationalError:
             return 0
 
@@ -68,13 +148,15 @@ class Citadel:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     def __enter__(self) -> Citadel:
         return self
