@@ -185,6 +185,7 @@ class Daemon:
         except crmlib.CRMError as exc:
             self._error(f"contacts not synced: {exc.message}", event="contacts.deferred")
             self.crm_reachable = False
+            self.engine.back_off(getattr(exc, "retry_after", None))
             return
         except NeedsFullDiskAccess as exc:
             self._error(str(exc), event="contacts.denied")
@@ -203,7 +204,7 @@ class Daemon:
                 if not self.contacts_synced:
                     await self._contacts(force=True)
                 if not self.contacts_synced:  # resolving now would make placeholders for people with cards
-                    await self._sleep(min(30.0, self.settings.safety_probe_s))
+                    await self._sleep(self.engine.backoff_left() or min(30.0, self.settings.safety_probe_s))
                     continue
                 await self.engine.resolve()
                 report = await self.engine.push(stop=self.stop)
@@ -213,12 +214,13 @@ class Daemon:
                 if report.unreachable:
                     self.crm_reachable = False
                     self._error(f"CRM unreachable: {report.unreachable}", event="push.deferred")
-                    await self._sleep(min(30.0, self.settings.safety_probe_s))
+                    await self._sleep(self.engine.backoff_left() or 1.0)
                     continue
             except crmlib.CRMError as exc:
                 self.crm_reachable = False
                 self._error(f"CRM: {exc.message}", event="push.deferred")
-                await self._sleep(min(30.0, self.settings.safety_probe_s))
+                self.engine.back_off(getattr(exc, "retry_after", None))
+                await self._sleep(self.engine.backoff_left())
                 continue
             await self._wait_work(self.settings.safety_probe_s)
 
@@ -251,8 +253,8 @@ class Daemon:
             while not self.stop.is_set():
                 self._beat()
                 url = self.settings.heartbeat_url
-                healthy = self.crm_reachable and not self.store.counts().get("failed")
-                if url and healthy and time.monotonic() - last_ping >= self.settings.heartbeat_interval_s:
+                due = url and time.monotonic() - last_ping >= self.settings.heartbeat_interval_s
+                if due and self.crm_reachable and not self.store.failed_count():
                     last_ping = time.monotonic()
                     try:
                         await client.get(url)

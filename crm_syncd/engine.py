@@ -49,7 +49,7 @@ log = get_logger("crm_syncd.engine")
 SOURCES = ("messages", "calls")
 DAY_MS = 86_400_000
 BACKOFF_BASE_S = 0.5
-BACKOFF_CAP_S = 60.0
+BACKOFF_CAP_S = 15.0  # the longest a returning CRM waits for us
 
 
 @dataclass
@@ -450,7 +450,8 @@ class Engine:
                             break
                         continue
                     break
-                _, in_flight = await asyncio.wait(in_flight, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
+                tick = min(1.0, max(0.05, self.backoff_left()))  # no busy waking while everything waits
+                _, in_flight = await asyncio.wait(in_flight, timeout=tick, return_when=asyncio.FIRST_COMPLETED)
             if in_flight:
                 await asyncio.wait(in_flight, timeout=self.settings.shutdown_deadline_s)
         finally:
@@ -471,7 +472,7 @@ class Engine:
                     return "adopted", item, existing
             created = await self.crm.create_interaction(item.contact_id, payload)
         except crmlib.Transient as exc:
-            self._back_off(exc.retry_after)
+            self.back_off(exc.retry_after)
             if not getattr(exc, "maybe_written", False):
                 return "retry", item, exc.message
             return await self._unsure(item, exc)
@@ -484,10 +485,10 @@ class Engine:
         except crmlib.BadResponse as exc:
             if exc.method == "POST" and 200 <= (exc.status or 0) < 300:  # accepted, but the answer was mangled
                 return await self._unsure(item, exc)
-            self._back_off(None)
+            self.back_off()
             return "retry", item, exc.message
         except crmlib.CRMError as exc:  # unauthorised, or answers that are not Citadel's
-            self._back_off(None)
+            self.back_off()
             return "retry", item, exc.message
         self._remember_created(item, created)
         log.debug("push.created", item=item.id, crm_id=created["id"])
@@ -565,6 +566,7 @@ class Engine:
                 existing = await self._find_in_crm(item) if item.contact_id is not None else None
             except crmlib.CRMError as exc:  # keep what was learnt; the rest is looked up next time
                 report.unreachable, complete = exc.message, False
+                self.back_off(getattr(exc, "retry_after", None))
                 log.warning("push.recover_deferred", items=len(leftovers) - len(adopted) - len(requeue),
                             reason=exc.message)
                 break
@@ -620,11 +622,22 @@ class Engine:
             self.store.set_dedupe_flag(contact_id, flag)
         return flag
 
-    def _back_off(self, retry_after: float | None) -> None:
-        self._failures_in_row += 1
+    def back_off(self, retry_after: float | None = None) -> None:
+        """Hold every request for a while: exponential with jitter, capped, at least `retry_after`.
+
+        It grows once per round of failures, not once per request: eight requests failing together
+        are one failure, or a short outage would push the wait to the cap.
+        """
+        now = time.monotonic()
+        if now >= self._backoff_until:
+            self._failures_in_row += 1
         delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(self._failures_in_row - 1, 10))
         delay = max(delay * random.uniform(0.5, 1.0), retry_after or 0.0)
-        self._backoff_until = max(self._backoff_until, time.monotonic() + delay)
+        self._backoff_until = max(self._backoff_until, now + delay)
+
+    def backoff_left(self) -> float:
+        """Seconds until requests may go again (0 when not backing off)."""
+        return max(0.0, self._backoff_until - time.monotonic())
 
     async def _wait_backoff(self) -> None:
         while (wait := self._backoff_until - time.monotonic()) > 0:

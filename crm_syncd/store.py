@@ -504,6 +504,10 @@ class Store:
         counts["delivered"] = counts.pop("") - sum(counts.values())
         return counts
 
+    def failed_count(self) -> int:
+        """Items parked as failed (an index lookup, cheap at any outbox size)."""
+        return self._one("SELECT count(*) FROM outbox WHERE state = 'failed'") or 0
+
     def failures(self, limit: int = 5) -> list[tuple[str, str, str | None]]:
         """(key, type, reason) of the first failed items."""
         return self._all("SELECT key, type, reason FROM outbox WHERE state = 'failed' ORDER BY id LIMIT ?", (limit,))
