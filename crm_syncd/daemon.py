@@ -32,6 +32,7 @@ HEARTBEAT_S = 5.0
 SWEEP_S = 86_400.0  # once a day, re-read a recent window: catches rows a rebuild renumbered below the mark
 SWEEP_DAYS = 7
 SLEEP_JUMP_S = 5.0  # wall clock ahead of the monotonic clock by this much: the Mac slept
+TICK_S = 5.0  # how often the timers look at the clocks (each look costs a wake-up)
 
 
 class AlreadyRunning(Exception):
@@ -109,7 +110,7 @@ class Daemon:
                 self.store = store
                 return await self._serve(loop)
         finally:
-            self._beat(running=False)
+            self.beat(running=False)
             store.close()
             lock.release()
 
@@ -120,7 +121,7 @@ class Daemon:
 
     async def _serve(self, loop: asyncio.AbstractEventLoop) -> int:
         log.info("daemon.started", pid=os.getpid(), version=__version__)
-        self._beat()
+        self.beat()
         debouncers = {s: Debouncer(lambda s=s: self._extract(s), self.settings.debounce_ms / 1000,
                                    self.settings.max_wait_ms / 1000) for s in SOURCES}
         probes = {s: Probe(self.engine.readers[s].path) for s in SOURCES}
@@ -229,7 +230,7 @@ class Daemon:
         next_probe = next_rescan = next_sweep = time.monotonic()
         offset = time.time() - time.monotonic()
         while not self.stop.is_set():
-            await self._sleep(1.0)
+            await self._sleep(min(TICK_S, self.settings.contacts_rescan_s, self.settings.safety_probe_s))
             now = time.monotonic()
             woke = (time.time() - now) - offset > SLEEP_JUMP_S
             offset = time.time() - now
@@ -251,7 +252,7 @@ class Daemon:
         last_ping = 0.0
         async with httpx.AsyncClient(timeout=10) as client:
             while not self.stop.is_set():
-                self._beat()
+                self.beat()
                 url = self.settings.heartbeat_url
                 due = url and time.monotonic() - last_ping >= self.settings.heartbeat_interval_s
                 if due and self.crm_reachable and not self.store.failed_count():
@@ -264,7 +265,8 @@ class Daemon:
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _beat(self, running: bool = True) -> None:
+    def beat(self, running: bool = True) -> None:
+        """Record the heartbeat `status` reads (every few seconds, idle or not: keep it cheap)."""
         store = getattr(self, "store", None)
         if store is None:
             return
