@@ -12,6 +12,8 @@ import sqlite3
 import statistics
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -37,20 +39,26 @@ def settings_for(home: Path, state: Path):
 
 # -- 1, 2: extraction vs the bare SELECT ---------------------------------------------------
 
-def extract_once(home: Path, work: Path, source: str) -> tuple[float, int]:
-    """(seconds, source rows) for engine.extract(source) on a fresh state db."""
+@contextmanager
+def fresh_engine(home: Path, work: Path) -> Iterator[Engine]:
+    """An Engine over `home`'s Library with a new state db in `work` and no CRM (for what never calls it)."""
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     settings = settings_for(home, work)
     store = Store(settings.state_db)
     try:
-        engine = Engine(settings, store, None)  # extract never touches the CRM
+        yield Engine(settings, store, None)
+    finally:
+        store.close()
+
+
+def extract_once(home: Path, work: Path, source: str) -> tuple[float, int]:
+    """(seconds, source rows) for engine.extract(source) on a fresh state db."""
+    with fresh_engine(home, work) as engine:
         t = time.perf_counter()
         report = engine.extract(source)
         return time.perf_counter() - t, report.rows
-    finally:
-        store.close()
 
 
 def _paged_floor(path: Path, main_sql: str, rowid_pat: str, batch: int) -> tuple[float, int]:
@@ -126,14 +134,8 @@ def contacts_floor(sqls: dict[Path, list[str]]) -> tuple[float, int]:
 # -- 8: AddressBook rescan, nothing changed ---------------------------------------------------
 
 def contacts_changed_times(home: Path, work: Path, n: int) -> list[float]:
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    settings = settings_for(home, work)
-    store = Store(settings.state_db)
-    try:
-        engine = Engine(settings, store, None)
-        store.save_signatures(engine.addressbook_signatures())
+    with fresh_engine(home, work) as engine:
+        engine.store.save_signatures(engine.addressbook_signatures())
         times = []
         for _ in range(n):
             t = time.perf_counter()
@@ -141,8 +143,6 @@ def contacts_changed_times(home: Path, work: Path, n: int) -> list[float]:
             times.append(time.perf_counter() - t)
             assert not changed
         return times
-    finally:
-        store.close()
 
 
 # -- 3: capacity of the stand-in --------------------------------------------------------------

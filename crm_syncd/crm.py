@@ -14,7 +14,8 @@ them. The client never retries: the caller owns retry policy and reads it off th
     ├── Unauthorized   401/403
     └── BadResponse    not JSON (Express's HTML 404 page), truncated, wrong shape, too large
 
-Messages never contain the API key.
+Every error also says `maybe_written` (the request may have changed the CRM: look before sending
+it again) and `retry_after` (seconds the server asked for, or None). Messages never contain the API key.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=
 
 class CRMError(Exception):
     """Anything that went wrong talking to Citadel. `message` is human text without secrets."""
+
+    retry_after: float | None = None
+    maybe_written: bool = False
 
     def __init__(self, message: str, *, status: int | None = None, method: str | None = None, path: str | None = None):
         super().__init__(message)
@@ -81,6 +85,8 @@ class ServerBusy(Transient):
 class Ambiguous(CRMError):
     """500: Citadel answers many client mistakes with 500, and an insert may have happened."""
 
+    maybe_written = True
+
 
 class Rejected(CRMError):
     """422 (or another 4xx): the item itself is wrong. `details`: field -> messages; `reason`: one line."""
@@ -101,6 +107,11 @@ class Unauthorized(CRMError):
 
 class BadResponse(CRMError):
     """The answer is not what Citadel sends: not JSON, truncated, unexpected shape or too large."""
+
+    @property
+    def maybe_written(self) -> bool:  # type: ignore[override]
+        """A 2xx to a write whose body was lost or mangled: it was accepted."""
+        return self.method not in (None, "GET") and 200 <= (self.status or 0) < 300
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -186,7 +186,7 @@ class Daemon:
         except crmlib.CRMError as exc:
             self._error(f"contacts not synced: {exc.message}", event="contacts.deferred")
             self.crm_reachable = False
-            self.engine.back_off(getattr(exc, "retry_after", None))
+            self.engine.back_off(exc.retry_after)
             return
         except NeedsFullDiskAccess as exc:
             self._error(str(exc), event="contacts.denied")
@@ -220,7 +220,7 @@ class Daemon:
             except crmlib.CRMError as exc:
                 self.crm_reachable = False
                 self._error(f"CRM: {exc.message}", event="push.deferred")
-                self.engine.back_off(getattr(exc, "retry_after", None))
+                self.engine.back_off(exc.retry_after)
                 await self._sleep(self.engine.backoff_left())
                 continue
             await self._wait_work(self.settings.safety_probe_s)

@@ -308,7 +308,7 @@ class Engine:
                     break
                 items, hints = self._items(batch, report)
                 moved = Mark(batch.last_rowid, current_file, batch.anchor)
-                if mark is not None and floor > batch.last_rowid:
+                if floor > batch.last_rowid:  # --full behind the mark: keep it (floor is only set with a mark)
                     moved = mark._replace(file_id=current_file)
                 result = self.store.enqueue(source, items, moved, hints)
                 report.rows += batch.rows
@@ -471,24 +471,15 @@ class Engine:
                 if existing is not None:
                     return "adopted", item, existing
             created = await self.crm.create_interaction(item.contact_id, payload)
-        except crmlib.Transient as exc:
-            self.back_off(exc.retry_after)
-            if not getattr(exc, "maybe_written", False):
-                return "retry", item, exc.message
-            return await self._unsure(item, exc)
-        except crmlib.Ambiguous as exc:
-            return await self._unsure(item, exc)
         except crmlib.Rejected as exc:
             return "failed", item, exc.reason
         except crmlib.NotFound:
             return "vanished", item, None
-        except crmlib.BadResponse as exc:
-            if exc.method == "POST" and 200 <= (exc.status or 0) < 300:  # accepted, but the answer was mangled
+        except crmlib.CRMError as exc:  # transient, a 500, unauthorised, or answers that are not Citadel's
+            if isinstance(exc, crmlib.Transient) or not exc.maybe_written:  # the CRM is unwell: all wait
+                self.back_off(exc.retry_after)
+            if exc.maybe_written:  # a 500, a lost answer, a mangled 2xx: look before sending again
                 return await self._unsure(item, exc)
-            self.back_off()
-            return "retry", item, exc.message
-        except crmlib.CRMError as exc:  # unauthorised, or answers that are not Citadel's
-            self.back_off()
             return "retry", item, exc.message
         self._remember_created(item, created)
         log.debug("push.created", item=item.id, crm_id=created["id"])
@@ -566,7 +557,7 @@ class Engine:
                 existing = await self._find_in_crm(item) if item.contact_id is not None else None
             except crmlib.CRMError as exc:  # keep what was learnt; the rest is looked up next time
                 report.unreachable, complete = exc.message, False
-                self.back_off(getattr(exc, "retry_after", None))
+                self.back_off(exc.retry_after)
                 log.warning("push.recover_deferred", items=len(leftovers) - len(adopted) - len(requeue),
                             reason=exc.message)
                 break
@@ -640,7 +631,7 @@ class Engine:
         return max(0.0, self._backoff_until - time.monotonic())
 
     async def _wait_backoff(self) -> None:
-        while (wait := self._backoff_until - time.monotonic()) > 0:
+        while (wait := self.backoff_left()) > 0:
             await asyncio.sleep(wait)
 
 

@@ -14,6 +14,7 @@ import pytest
 from crm_syncd import macos
 from crm_syncd.launchd import LABEL, LaunchdError, agent_state, install, plist_path, render_plist, uninstall
 from crm_syncd.settings import Settings
+from tests.harness.processes import in_process_home
 
 REPO = Path(__file__).resolve().parents[1]
 UID = os.getuid()
@@ -123,13 +124,7 @@ class FakeLaunchctl:
 
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    for name in list(os.environ):
-        if name.upper().startswith("CRM_SYNCD_"):
-            monkeypatch.delenv(name)
-    return home
+    return in_process_home(tmp_path, monkeypatch)
 
 
 @pytest.fixture

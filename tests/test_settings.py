@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from crm_syncd.settings import (
     secure_dir,
     secure_file,
 )
+from tests.harness.processes import in_process_home
 
 SECRET = "sk-live-7d1f0c2b9a"
 
@@ -25,12 +25,7 @@ SECRET = "sk-live-7d1f0c2b9a"
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """A fresh HOME with no crm-syncd environment and an empty Keychain."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    for name in list(os.environ):
-        if name.upper().startswith("CRM_SYNCD_"):
-            monkeypatch.delenv(name)
+    home = in_process_home(tmp_path, monkeypatch)
     monkeypatch.setattr(macos, "keychain_api_key", lambda: None)
     return home
 

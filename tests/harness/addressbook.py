@@ -202,15 +202,6 @@ class AddressBookDB:
                 db._record("ABCDInfo", ZNAME=kind, ZUNIQUEID=f"{uuid.uuid4()}".upper() + ":ABInfo")
         return db
 
-    @classmethod
-    def open(cls, path: Path) -> AddressBookDB:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(path)
-        conn = sqlite3.connect(path)
-        conn.execute("PRAGMA wal_autocheckpoint=0")
-        return cls(path, conn)
-
     # -- low level -------------------------------------------------------------------------------
     def _next_pk(self, entity: str) -> int:
         """Core Data hands out Z_PK per inheritance root and records the high mark in Z_MAX."""

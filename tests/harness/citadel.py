@@ -268,6 +268,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"JSON.parse does not accept {name}")
 
 
+def _parse_rows(body: bytes) -> list:
+    """An import endpoint's body: a JSON array, else the validator's 422."""
+    rows = _parse_body(body)
+    if not isinstance(rows, list):
+        raise _invalid({"body": [f"Expected array, received {_js_type(rows)}"]})
+    return rows
+
+
 def _parse_body(body: bytes) -> Any:
     """express.json(strict): an object or array, else the parser's 400 that Citadel turns into 500."""
     if not body.strip():
@@ -885,9 +893,7 @@ class CitadelServer:
         return 201, {"data": _interaction_json((new_id, contact_id, kind, content, duration, occurred, source, now))}
 
     def _import_contacts(self, _ident: None, _query: str, body: bytes) -> tuple[int, Any]:
-        rows = _parse_body(body)
-        if not isinstance(rows, list):
-            raise _invalid({"body": [f"Expected array, received {_js_type(rows)}"]})
+        rows = _parse_rows(body)
         imported, errors = 0, []
         now = _now_ms()
         with self._lock:
@@ -913,9 +919,7 @@ class CitadelServer:
         return 200, {"data": {"imported": imported, "skipped": len(rows) - imported, "errors": errors}}
 
     def _import_interactions(self, _ident: None, _query: str, body: bytes) -> tuple[int, Any]:
-        rows = _parse_body(body)
-        if not isinstance(rows, list):
-            raise _invalid({"body": [f"Expected array, received {_js_type(rows)}"]})
+        rows = _parse_rows(body)
         imported, errors = 0, []
         now = _now_ms()
         with self._lock:

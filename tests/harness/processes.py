@@ -52,6 +52,18 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def in_process_home(tmp_path: Path, monkeypatch) -> Path:
+    """A fresh HOME for code run inside the test process: set in os.environ, no CRM_SYNCD_* variables
+    (what `clean_env` does for a subprocess)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in list(os.environ):
+        if name.upper().startswith("CRM_SYNCD_"):
+            monkeypatch.delenv(name)
+    return home
+
+
 def eventually(check: Callable[[], object], timeout: float = 20.0, what: str = "condition"):
     """Poll `check` until it returns something truthy, or fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
