@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -44,6 +45,9 @@ class Plan:
     idle_window_s: float
     history_max_s: float
     history_after_s: float  # delivery seconds the history run goes on for
+    bulk_bare: m.BulkShape  # issue 6: the bare bulk import
+    bulk_shapes: tuple[m.BulkShape, ...]  # the bulk import as crm-syncd would have to use it
+    bulk_max_s: float  # bound of each bulk run
 
 
 FULL = Plan(
@@ -55,6 +59,9 @@ FULL = Plan(
     outage_n=2_000, outage_hold_s=5.0, outage_wait_s=120.0,
     idle_windows=3, idle_window_s=20.0,
     history_max_s=300.0, history_after_s=3.0,
+    bulk_bare=m.BulkShape("bare", 20, 5, 120),
+    bulk_shapes=(m.BulkShape("dense", 20, 5, 120), m.BulkShape("sparse", 200, 5, 2)),
+    bulk_max_s=30.0,
 )
 QUICK = Plan(
     history=gen.Spec("quick", 50_000, 40, 15, 2_500, 250),
@@ -65,6 +72,9 @@ QUICK = Plan(
     outage_n=500, outage_hold_s=1.5, outage_wait_s=3.0,
     idle_windows=3, idle_window_s=2.0,
     history_max_s=60.0, history_after_s=1.0,
+    bulk_bare=m.BulkShape("bare", 10, 1, 120),
+    bulk_shapes=(m.BulkShape("dense", 10, 1, 120), m.BulkShape("sparse", 50, 2, 2)),
+    bulk_max_s=10.0,
 )
 
 
@@ -143,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
                                                     p.backfill.messages, window, p.bf_max_s,
                                                     first_n=p.outage_n if latency == 0 else 0)
             bf[latency] = cap[latency].pop("runs")
+
+    # 11. issue 6: the bulk import, bare and as crm-syncd would have to use it, vs single POSTs
+    shapes = "; ".join(f"{s.name} {s.contacts} × {s.days} d × {s.per_day}" for s in p.bulk_shapes)
+    with phase(f"bulk import vs single POSTs: {p.reps} × (capacity {p.load_s[0]:g} s, bare bulk of "
+               f"{p.bulk_bare.rows:,} rows, the procedure: {shapes})"):
+        bulk = m.bulk_vs_single(work / "bulk", p.reps, p.load_s[0], p.bulk_bare, p.bulk_shapes, p.bulk_max_s)
 
     # 4, 5, 6, 10 (the daemon); 7 and the messages extraction (the history sync) during its idle window
     with phase("daemon: start, catch-up"):
@@ -291,17 +307,78 @@ def main(argv: list[str] | None = None) -> int:
         f"backfill runs' state, per outbox row ({p.backfill.messages:,}, mostly pending)", "report", None,
         daemon_state=ds)
 
+    # 11. issue 6: the bulk import
+    bulk_rows(row, p, bulk)
+
     show(rows)
     info = {"nproc": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
             "machine": platform.machine(), "quick": q, "elapsed_s": round(time.monotonic() - t_start, 1),
-            "phases_s": phases, "plan": {k: (v.__dict__ if isinstance(v, gen.Spec) else v)
-                                         for k, v in p.__dict__.items()}}
+            "phases_s": phases, "plan": dataclasses.asdict(p)}
     out = HERE / ("results-quick.json" if q else "results.json")
     out.write_text(json.dumps({"machine": info, "rows": rows}, indent=2, default=str))
     console.print("wall time by phase: " + "; ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
     say(f"wrote {out.relative_to(HERE.parent)}; machine: {info['nproc']} cores, Python {info['python']}, "
         f"{info['platform']}")
     return 0
+
+
+def bulk_rows(row, p: Plan, bulk: dict) -> None:
+    """Issue 6: is the bulk import worth it? Stand-in figures, and the same requests at the contract's
+    real-server rates."""
+    cap = spread(bulk["concurrent"])
+    real = m.REAL
+    bare = bulk[p.bulk_bare.name]
+    o = spread([x["rate"] for x in bare])
+    cut = "" if all(x["completed"] for x in bare) else f"; cut by the {p.bulk_max_s:g}-s bound"
+    row(f"bulk import, bare ({p.bulk_bare.rows:,} rows in batches of {m.BULK_BATCH}, {p.bulk_bare.contacts} contacts "
+        f"with unique emails{cut})", o, "rows/s", cap, "single POSTs, httpx 8 in flight", "report", None,
+        runs=bare, samples=bulk["concurrent"],
+        note=f"bare bulk ÷ single POSTs in the stand-in: {o['median'] / cap['median']:.0f}×; on the real server "
+             f"(contract): ~{real['bulk_rows_s']:.0f} rows/s vs ~{real['single_s']:.0f}/s = "
+             f"{real['bulk_rows_s'] / real['single_s']:.1f}×. The stand-in takes ~{1e6 / o['median']:.0f} µs "
+             f"per bulk row (HTTP and JSON included), the real server ~{1e3 / real['bulk_rows_s']:.1f} ms. "
+             f"Not timed: after the bulk alone, lastContactedAt was still unset on {sum(x['stale'] for x in bare)} of "
+             f"{sum(x['with_outbound'] for x in bare)} contacts with outbound rows (no recompute, as the contract "
+             f"says)")
+    right = total = stale = with_out = inbound = 0
+    for shape in p.bulk_shapes:
+        runs = bulk[shape.name]
+        x = runs[0]
+        o = spread([r["rate"] for r in runs])
+        learned, expected = (sum(r["listings"][k] for r in runs) for k in ("ids_learned", "ids_expected"))
+        cut = "" if all(r["completed"] for r in runs) else f"; cut by the {p.bulk_max_s:g}-s bound"
+        row(f"bulk as crm-syncd would use it, {shape.name}: {shape.contacts} contacts × {shape.days} day{'s' if shape.days != 1 else ''} × "
+            f"{shape.per_day} rows ({x['bulk']['requests']} bulk + {x['listings']['requests']:,} day listings + "
+            f"{x['singles']['requests']} single POSTs{cut})", o, "rows/s", cap, "single POSTs, httpx 8 in flight",
+            "report", None, runs=runs,
+            note=f"{shape.name}, stand-in, median seconds: bulk {m.med([r['bulk']['seconds'] for r in runs]):.2f}, "
+                 f"listings {m.med([r['listings']['seconds'] for r in runs]):.2f} "
+                 f"({m.med([r['listings']['requests'] / r['listings']['seconds'] for r in runs]):,.0f}/s), "
+                 f"singles {m.med([r['singles']['seconds'] for r in runs]):.2f}; ids learned "
+                 f"{learned:,} of {expected:,} bulk rows ({sum(r['listings']['foreign_rows'] for r in runs)} "
+                 f"foreign rows, {sum(r['listings']['short_days'] for r in runs)} days short of meta.total)")
+        proj = m.real_projection(x)
+        half = m.real_projection(x, 2 * real["single_s"])
+        row(f"  … {shape.name}, projected on the real server (same requests at the contract's rates)",
+            one(proj["rate"]), "rows/s", {"median": real["single_s"]}, "contract: single POST, 8 in flight",
+            "report", None, projection=proj,
+            note=f"{shape.name}: {x['bulk']['rows']:,} bulk rows at {real['bulk_rows_s']:.0f}/s + "
+                 f"{x['listings']['requests']:,} listings and {x['singles']['requests']} single POSTs at "
+                 f"{real['single_s']:.0f}/s (the contract has no rate for a day listing: assumed as dear as a POST) = "
+                 f"{proj['seconds']:.1f} s for {x['rows']:,} rows; with listings at twice that rate: "
+                 f"{half['rate']:.0f} rows/s ({half['rate'] / real['single_s']:.2f}×)")
+        right += sum(r["last_contacted_right"] for r in runs)
+        total += sum(r["contacts"] for r in runs)
+        stale += sum(r["stale_after_bulk"] for r in runs)
+        with_out += sum(r["with_outbound_bulk"] for r in runs)
+        inbound += sum(r["newest_inbound"] for r in runs)
+    row("  … lastContactedAt = newest outbound interaction, after the procedure (every contact, every run)",
+        one(f"{right:,} of {total:,}"), "", None, "", "all", right == total,
+        note=f"checked through GET /api/contacts on the stand-in. After the bulk step alone (before the single "
+             f"POSTs) {stale:,} of {with_out:,} contacts with outbound bulk rows had a stale lastContactedAt (the "
+             f"stand-in does not recompute on a bulk import, like the contract); {inbound:,} contacts' newest "
+             f"interaction was inbound: their lastContactedAt came from a bulk row, through the single POST's full "
+             f"recompute")
 
 
 def quiet_logs() -> None:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -163,30 +164,54 @@ def _payload(i: int) -> dict:
             "source": "IMPORT_IOS"}
 
 
+def async_client(url: str, in_flight: int = 8) -> httpx.AsyncClient:
+    """Plain HTTP on loopback: verify=False only skips loading the CA bundle (~40 ms per client)."""
+    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
+    return httpx.AsyncClient(base_url=url, timeout=30, limits=limits, verify=False)
+
+
+async def drive(client: httpx.AsyncClient, requests, in_flight: int = 8, seconds: float | None = None,
+                keep=None) -> tuple[int, float]:
+    """Send `requests` ((method, path, httpx kwargs, tag) tuples, taken lazily) from `in_flight`
+    workers sharing `client`; a non-2xx answer raises. No new request is started after `seconds`.
+    `keep(tag, response)` sees each answer. (requests done, seconds until the last worker ended)."""
+    done = 0
+    todo = iter(requests)
+    deadline = time.monotonic() + seconds if seconds is not None else float("inf")
+
+    async def worker() -> None:
+        nonlocal done
+        for method, path, kwargs, tag in todo:
+            if time.monotonic() > deadline:
+                return
+            r = await client.request(method, path, **kwargs)
+            r.raise_for_status()
+            if keep is not None:
+                keep(tag, r)
+            done += 1
+
+    t = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    return done, time.perf_counter() - t
+
+
+def concurrent_requests(url: str, requests, in_flight: int = 8, seconds: float | None = None,
+                        keep=None) -> tuple[int, float]:
+    """`drive` on a new AsyncClient with `in_flight` connections."""
+    async def main() -> tuple[int, float]:
+        async with async_client(url, in_flight) as client:
+            return await drive(client, requests, in_flight, seconds, keep)
+    return asyncio.run(main())
+
+
 def load_concurrent(url: str, contact_ids: list[int], count: int, seconds: float, in_flight: int = 8,
                     start: int = 0) -> float:
     """Requests/s with `in_flight` concurrent POSTs (bounded by count and time)."""
-    async def main() -> float:
-        limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
-        async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
-            done = 0
-            counter = iter(range(start, start + count))
-            deadline = time.monotonic() + seconds
-
-            async def worker() -> None:
-                nonlocal done
-                for i in counter:
-                    if time.monotonic() > deadline:
-                        return
-                    r = await client.post(f"/api/contacts/{contact_ids[i % len(contact_ids)]}/interactions",
-                                          json=_payload(i))
-                    r.raise_for_status()
-                    done += 1
-
-            t = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(in_flight)))
-            return done / (time.perf_counter() - t)
-    return asyncio.run(main())
+    n = len(contact_ids)
+    done, secs = concurrent_requests(
+        url, (("POST", f"/api/contacts/{contact_ids[i % n]}/interactions", {"json": _payload(i)}, None)
+              for i in range(start, start + count)), in_flight, seconds)
+    return done / secs
 
 
 def load_sequential(url: str, contact_ids: list[int], count: int, seconds: float, start: int = 0) -> float:
@@ -223,6 +248,262 @@ def capacity_and_backfills(lib_home: Path, work: Path, latency_ms: float, reps: 
             seq.append(load_sequential(crm.url, ids, 1_000_000, load_s[1], start=2_000_000 * r + 1_000_000))
             runs.append(backfill(crm, lib_home, work / f"run{r}", expected, window_s, max_s, first_n))
     return {"concurrent": conc, "sequential": seq, "runs": runs}
+
+
+# -- 11: the bulk import (issue 6): bare, and as crm-syncd would have to use it ---------------
+
+BULK_BATCH = 500  # rows per POST /api/import/interactions
+BULK_BASE_MS = 1_704_096_000_000  # 2024-01-01T08:00:00Z: each round and shape gets its own 30 days after it
+_DAY_MS = 86_400_000
+OUTBOUND = frozenset(("CALL_OUTBOUND", "TEXT_OUTBOUND", "EMAIL_OUTBOUND", "MAIL_SENT"))  # lastContactedAt
+# The contract's capacity table (real server, 2 cores, loopback), for the projection.
+REAL = {"bulk_rows_s": 530.0, "single_s": 255.0}
+
+
+@dataclass(frozen=True)
+class BulkShape:
+    """Interactions of `contacts` contacts with unique emails: `per_day` rows (a minute apart) on each
+    of `days` UTC days, 45 % outbound."""
+
+    name: str
+    contacts: int
+    days: int
+    per_day: int
+
+    @property
+    def rows(self) -> int:
+        return self.contacts * self.days * self.per_day
+
+
+def _contacts_by_tag(client: httpx.Client, tag: str) -> dict[int, dict]:
+    """Every contact whose email ends in `@{tag}.bulk.example`, by id (listing paged at 100, deduplicated
+    by id, checked against meta.total, bounded)."""
+    out: dict[int, dict] = {}
+    total = None
+    for page in range(1, 1_000):
+        r = client.get("/api/contacts", params={"search": f"@{tag}.bulk.example", "limit": 100, "page": page,
+                                                "sort": "created_asc"})
+        r.raise_for_status()
+        body = r.json()
+        out.update({c["id"]: c for c in body["data"]})
+        total = body["meta"]["total"]
+        if page >= body["meta"]["totalPages"]:
+            break
+    if len(out) != total:
+        raise RuntimeError(f"contacts of {tag}: {len(out)} listed, meta.total {total}")
+    return out
+
+
+def _bulk_contacts(client: httpx.Client, tag: str, n: int) -> dict[str, int]:
+    """`n` contacts with unique emails `c{i}@{tag}.bulk.example` (one bulk contact import; it returns no
+    ids, so they are learned from the listing): email -> id."""
+    rows = [{"first_name": "Bulk", "last_name": f"{tag}-{i}", "email": f"c{i}@{tag}.bulk.example"} for i in range(n)]
+    r = client.post("/api/import/contacts", json=rows)
+    r.raise_for_status()
+    ids = {c["email"]: cid for cid, c in _contacts_by_tag(client, tag).items()}
+    if len(ids) != n:
+        raise RuntimeError(f"seeding {tag}: {len(ids)} of {n} contacts")
+    return ids
+
+
+def _bulk_items(shape: BulkShape, emails: list[str], base_ms: int, rng: random.Random) -> dict[str, list]:
+    """(occurred ms, type) per email, oldest first."""
+    out = {}
+    for c, email in enumerate(emails):
+        out[email] = [(base_ms + d * _DAY_MS + k * 60_000 + c * 1000,
+                       "TEXT_OUTBOUND" if rng.random() < 0.45 else "TEXT_INBOUND")
+                      for d in range(shape.days) for k in range(shape.per_day)]
+    return out
+
+
+async def _send_bulk(client: httpx.AsyncClient, rows: list[tuple[str, int, str]], deadline: float) -> tuple[int, bool]:
+    """(email, ms, type) rows through POST /api/import/interactions, BULK_BATCH per request, one request
+    at a time (the real server inserts them one by one on its single thread). (imported, all sent
+    before the deadline)."""
+    imported = 0
+    for k in range(0, len(rows), BULK_BATCH):
+        if time.monotonic() > deadline:
+            return imported, False
+        batch = [{"email": e, "type": kind, "occurred_at": occurred_iso(ms), "source": "IMPORT_IOS"}
+                 for e, ms, kind in rows[k:k + BULK_BATCH]]
+        r = await client.post("/api/import/interactions", json=batch)
+        r.raise_for_status()
+        data = r.json()["data"]
+        if data["errors"]:
+            raise RuntimeError(f"bulk import skipped rows: {data['errors'][:3]}")
+        imported += data["imported"]
+    return imported, True
+
+
+def _newest_outbound(items) -> int | None:
+    return max((ms for ms, kind in items if kind in OUTBOUND), default=None)
+
+
+def _last_contacted(client: httpx.Client, tag: str, ids: dict[str, int], expect: dict[str, int | None]) -> dict:
+    """Each contact's lastContactedAt (from the listing) against `expect` (email -> ms or None)."""
+    from datetime import datetime
+
+    listed = _contacts_by_tag(client, tag)
+    equal = 0
+    for email, ms in expect.items():
+        got = listed[ids[email]]["lastContactedAt"]
+        got_ms = round(datetime.fromisoformat(got.replace("Z", "+00:00")).timestamp() * 1000) if got else None
+        equal += got_ms == ms
+    return {"contacts": len(expect), "equal": equal}
+
+
+async def _warm(client: httpx.AsyncClient) -> None:
+    """Open the client's 8 connections first: crm-syncd's client is long-lived."""
+    await drive(client, [("GET", "/api/health", {}, None)] * 16, 8)
+
+
+def bulk_bare(url: str, client: httpx.Client, tag: str, ids: dict[str, int], items: dict[str, list],
+              max_s: float) -> dict:
+    """Every row through the bulk import, nothing else; then (not timed) is lastContactedAt still unset?"""
+    rows = [(e, ms, kind) for e, its in items.items() for ms, kind in its]
+
+    async def timed() -> tuple[int, float, bool]:
+        async with async_client(url) as ac:
+            await _warm(ac)
+            t = time.perf_counter()
+            imported, done = await _send_bulk(ac, rows, time.monotonic() + max_s)
+            return imported, time.perf_counter() - t, done
+
+    imported, secs, done = asyncio.run(timed())
+    would = {e: _newest_outbound(its) for e, its in items.items() if _newest_outbound(its) is not None}
+    after = _last_contacted(client, tag, ids, would)  # what a recomputing server would show
+    return {"rows": imported, "seconds": secs, "rate": imported / secs if secs else 0.0, "completed": done,
+            "requests": -(-imported // BULK_BATCH), "stale": after["contacts"] - after["equal"],
+            "with_outbound": after["contacts"]}
+
+
+def bulk_procedure(url: str, client: httpx.Client, tag: str, ids: dict[str, int], items: dict[str, list],
+                   max_s: float) -> dict:
+    """The bulk import as crm-syncd would have to use it, timed end to end (three steps, one client
+    with 8 connections, opened before the clock starts):
+
+    1. every contact's rows but its newest through the bulk import (batches of BULK_BATCH, one at a time);
+    2. the ids of what it created: GET /api/contacts/:id/interactions?date=DAY&limit=100, one per contact
+       and UTC day that got bulk rows (8 in flight; further pages after the first from meta.totalPages),
+       deduplicated by id, checked against meta.total, matched to our rows by (type, occurredAt);
+    3. each contact's newest interaction by a single POST (8 in flight), so the server recomputes
+       lastContactedAt over everything, the bulk rows included.
+
+    Not timed: lastContactedAt of every contact after step 1 (stale?) and after step 3 (right?)."""
+    bulk = [(e, ms, kind) for e, its in items.items() for ms, kind in its[:-1]]
+    would = {e: _newest_outbound(its[:-1]) for e, its in items.items() if _newest_outbound(its[:-1]) is not None}
+    pages: dict[tuple[int, str], list[dict]] = {}
+    meta: dict[tuple[int, str], dict] = {}
+    created: dict[str, int] = {}
+
+    def keep(key, r: httpx.Response) -> None:
+        body = r.json()
+        pages.setdefault(key, []).extend(body["data"])
+        meta[key] = body["meta"]
+
+    def remember(email, r: httpx.Response) -> None:
+        created[email] = r.json()["data"]["id"]
+
+    def listing(keys_pages):
+        return (("GET", f"/api/contacts/{cid}/interactions", {"params": {"date": day, "limit": 100, "page": page}},
+                 (cid, day)) for (cid, day), page in keys_pages)
+
+    async def timed() -> dict:
+        async with async_client(url) as ac:
+            await _warm(ac)
+            deadline = time.monotonic() + max_s
+            t = time.perf_counter()
+            imported, bulk_done = await _send_bulk(ac, bulk, deadline)
+            bulk_s = time.perf_counter() - t
+            stale = _last_contacted(client, tag, ids, would)  # not timed (blocks the loop; nothing else runs)
+            expected: dict[tuple[int, str], set[tuple[str, str]]] = {}
+            for e, ms, kind in bulk[:imported]:
+                iso = occurred_iso(ms)
+                expected.setdefault((ids[e], iso[:10]), set()).add((kind, iso))
+            t = time.perf_counter()
+            n1, _ = await drive(ac, listing(((key, 1) for key in expected)), 8, max(0.0, deadline - time.monotonic()),
+                                keep)
+            more = [(key, page) for key, m in meta.items() for page in range(2, min(m["totalPages"], 1_000) + 1)]
+            n2, _ = await drive(ac, listing(more), 8, max(0.0, deadline - time.monotonic()), keep)
+            learned: dict[tuple[str, str, int], int] = {}
+            short = foreign = 0
+            for key, rows in pages.items():
+                unique = {r["id"]: r for r in rows}
+                short += len(unique) != meta[key]["total"]
+                for r in unique.values():
+                    mark = (r["type"], r["occurredAt"])
+                    if mark in expected.get(key, ()):
+                        learned[(*mark, key[0])] = r["id"]
+                    else:
+                        foreign += 1
+            list_s = time.perf_counter() - t
+            newest = (("POST", f"/api/contacts/{ids[e]}/interactions",
+                       {"json": {"type": its[-1][1], "occurredAt": occurred_iso(its[-1][0]), "source": "IMPORT_IOS"}},
+                       e) for e, its in items.items())
+            singles, single_s = await drive(ac, newest, 8, max(0.0, deadline - time.monotonic()), remember)
+            return {"imported": imported, "bulk_s": bulk_s, "bulk_done": bulk_done, "stale": stale,
+                    "list_requests": n1 + n2, "later_pages": n2, "list_s": list_s,
+                    "list_done": n1 == len(expected) and n2 == len(more), "learned": len(learned), "short": short,
+                    "foreign": foreign, "singles": singles, "single_s": single_s}
+
+    x = asyncio.run(timed())
+    secs = x["bulk_s"] + x["list_s"] + x["single_s"]
+    rows = x["imported"] + x["singles"]
+    after = _last_contacted(client, tag, ids, {e: _newest_outbound(its) for e, its in items.items()})
+    return {"rows": rows, "seconds": secs, "rate": rows / secs if secs else 0.0,
+            "completed": x["bulk_done"] and x["list_done"] and x["singles"] == len(items),
+            "bulk": {"rows": x["imported"], "requests": -(-x["imported"] // BULK_BATCH), "seconds": x["bulk_s"]},
+            "listings": {"requests": x["list_requests"], "later_pages": x["later_pages"], "seconds": x["list_s"],
+                         "ids_learned": x["learned"], "ids_expected": x["imported"], "foreign_rows": x["foreign"],
+                         "short_days": x["short"]},
+            "singles": {"requests": x["singles"], "seconds": x["single_s"], "ids": len(created)},
+            "newest_inbound": sum(its[-1][1] not in OUTBOUND for its in items.values()),
+            "stale_after_bulk": x["stale"]["contacts"] - x["stale"]["equal"],
+            "with_outbound_bulk": x["stale"]["contacts"],
+            "last_contacted_right": after["equal"], "contacts": after["contacts"]}
+
+
+def real_projection(run: dict, list_s: float | None = None) -> dict:
+    """The same requests at the contract's real-server rates: bulk rows at ~530/s, single POSTs at ~255/s
+    (8 in flight), day listings assumed to cost what a single POST does (`list_s`, per second)."""
+    list_s = list_s or REAL["single_s"]
+    if "bulk" not in run:  # bare
+        return {"rate": REAL["bulk_rows_s"], "seconds": run["rows"] / REAL["bulk_rows_s"]}
+    secs = (run["bulk"]["rows"] / REAL["bulk_rows_s"] + run["listings"]["requests"] / list_s
+            + run["singles"]["requests"] / REAL["single_s"])
+    return {"rate": run["rows"] / secs if secs else float("nan"), "seconds": secs}
+
+
+def bulk_vs_single(work: Path, reps: int, load_s: float, bare: BulkShape, shapes: tuple[BulkShape, ...],
+                   max_s: float) -> dict:
+    """One stand-in process; `reps` rounds of: its single-POST capacity (load_concurrent, 8 in flight),
+    the bare bulk import of `bare`, the procedure for each of `shapes`. Interleaved, so a slow spell of a
+    shared machine hits all sides. Fresh contacts (unique emails) for every round and shape, seeded
+    before the first round; each round and shape has its own 30 days."""
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    rng = random.Random(6)
+    out: dict = {"concurrent": [], bare.name: [], **{s.name: [] for s in shapes}}
+    with procs.Citadel(work / "citadel.db") as crm, httpx.Client(base_url=crm.url, timeout=60) as client:
+        cap_ids = seed_contacts(crm.url, 10)
+        rounds = []
+        for r in range(reps):
+            sets = []
+            for k, shape in enumerate((bare, *shapes)):
+                tag = f"{shape.name}-r{r}"
+                ids = _bulk_contacts(client, tag, shape.contacts)
+                items = _bulk_items(shape, list(ids), BULK_BASE_MS + (r * 8 + k) * 30 * _DAY_MS, rng)
+                sets.append((shape, tag, ids, items))
+            rounds.append(sets)
+        for r, sets in enumerate(rounds):
+            out["concurrent"].append(load_concurrent(crm.url, cap_ids, 1_000_000, load_s, start=2_000_000 * r))
+            for shape, tag, ids, items in sets:
+                if shape is bare:
+                    out[shape.name].append(bulk_bare(crm.url, client, tag, ids, items, max_s))
+                else:
+                    out[shape.name].append(bulk_procedure(crm.url, client, tag, ids, items, max_s))
+    return out
 
 
 # -- 3, 7, 9: backfill through the CLI ----------------------------------------------------------
