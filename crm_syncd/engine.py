@@ -185,6 +185,7 @@ class Engine:
             except crmlib.Rejected as exc:
                 report.failed.append((person.crm_fields()["firstName"] or person.key, exc.reason))
                 log.warning("contacts.rejected", person=person.key, reason=exc.reason)
+        await asyncio.to_thread(self.store.attach)  # off the loop: a big backlog may wait for these mappings
         self.store.save_signatures(signatures)
         self.store.put("duplicates", [{"kept": kept, "duplicate": other} for kept, other in report.duplicates])
         self.contacts_stale = False
@@ -290,6 +291,7 @@ class Engine:
         now = now_ms()
         since = now - days * DAY_MS if days is not None else None
         after, floor = 0, 0
+        verdicts: dict[str, tuple[str, bool]] = {}  # raw address -> (normalised, True) or (skip reason, False)
         with reader.session() as session:
             if mark is None and since is None and not full:
                 since = now - self.settings.initial_lookback_days * DAY_MS
@@ -306,7 +308,7 @@ class Engine:
                 batch = session.read(after, limit=self.settings.batch_size, since_ms=since)
                 if batch.rows == 0 and batch.last_rowid <= after:
                     break
-                items, hints = self._items(batch, report)
+                items, hints = self._items(batch, report, verdicts)
                 moved = Mark(batch.last_rowid, current_file, batch.anchor)
                 if floor > batch.last_rowid:  # --full behind the mark: keep it (floor is only set with a mark)
                     moved = mark._replace(file_id=current_file)
@@ -336,12 +338,15 @@ class Engine:
             return True
         return mark.anchor is not None and session.anchor(mark.rowid) not in (None, mark.anchor)
 
-    def _items(self, batch: Batch, report: SourceReport) -> tuple[list[NewItem], dict[str, str]]:
-        """The batch's Activities as outbox items; counterparts that are not other people are counted as skipped."""
+    def _items(self, batch: Batch, report: SourceReport,
+               verdicts: dict[str, tuple[str, bool]]) -> tuple[list[NewItem], dict[str, str]]:
+        """The batch's Activities as outbox items; counterparts that are not other people are counted as skipped.
+
+        `verdicts` remembers each raw address's `_counterpart` across the batches of one extraction.
+        """
         items: list[NewItem] = []
         hints: dict[str, str] = {}
         add, new, skipped = items.append, tuple.__new__, report.skipped
-        verdicts: dict[str, tuple[str, bool]] = {}  # raw address -> (normalised, True) or (skip reason, False)
         for key, address, interaction, occurred_ms, duration_s, person in batch.activities:
             verdict = verdicts.get(address)
             if verdict is None:
@@ -370,7 +375,8 @@ class Engine:
         """Give open items a contact; returns the placeholder names created."""
         created: list[str] = []
         if self.known_only or not self.settings.create_unknown_contacts:
-            self.store.hold(self.store.unresolved_addresses(), "unknown contact")
+            await asyncio.to_thread(self.store.attach)
+            self.store.hold_unresolved("unknown contact")
             return created
         unresolved = self.store.unresolved_addresses(held=True)
         done: set[str] = set()
@@ -400,6 +406,7 @@ class Engine:
             self.store.map_addresses(group, contact["id"], "placeholder")
             created.append(f"{fields['firstName']} {fields['lastName']}")
             log.info("contacts.placeholder", contact_id=contact["id"], address=primary)
+        await asyncio.to_thread(self.store.attach)
         return created
 
     async def _contact_in_crm(self, address: str) -> dict | None:

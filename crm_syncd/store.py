@@ -7,7 +7,8 @@
   CRM id) or failed (with the reason); `held` waits for a contact. Delivered rows are the
   ledger: a unique `key` and a unique fingerprint (counterpart, type, second of `occurred_ms`)
   are what make a second delivery impossible.
-- `handles`: the identity map, normalised address → CRM contact id.
+- `handles`: the identity map, normalised address → CRM contact id. An item takes its contact
+  from it when extracted, or, if its address had none yet, at the next `attach`.
 - `contacts`: the CRM contacts crm-syncd knows, where they came from and what it last wrote.
 - `sources`: AddressBook file signatures, so an unchanged store is not re-read.
 - `kv`: heartbeat, last error and other small facts `status` reads without the daemon.
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 APPLICATION_ID = 0x43524D53  # "CRMS": tells our database from any other SQLite file
 
 MIGRATIONS: dict[int, str] = {
@@ -129,7 +130,23 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX outbox_sent_or_failed ON outbox(state, id) WHERE state = 'sending' OR state = 'failed';
     CREATE INDEX outbox_contact ON outbox(contact_id, occurred_ms) WHERE contact_id IS NOT NULL;
     """,
+    # A backfill only appends. Every index an extracted row enters is led by something that grows with
+    # it (its time or its id), so a batch writes a few index pages, not one per row: the key is unique
+    # with its time (a row's time never changes), items waiting for a contact are found by id, not
+    # address (`attach` gives them their contact in one pass), and contacts are indexed by the ledger.
+    # (contact_id, always NULL in outbox_unresolved, makes it a covering index for SQLite.)
+    4: """
+    DROP INDEX outbox_key;
+    CREATE UNIQUE INDEX outbox_key ON outbox(occurred_ms, key);
+    DROP INDEX outbox_waiting;
+    CREATE INDEX outbox_unresolved ON outbox(state, id, address, contact_id)
+        WHERE (state = 'pending' OR state = 'held') AND contact_id IS NULL;
+    DROP INDEX outbox_contact;
+    CREATE INDEX outbox_ledger ON outbox(contact_id, crm_id) WHERE crm_id IS NOT NULL;
+    """,
 }
+UNRESOLVED = "(state = 'pending' OR state = 'held') AND contact_id IS NULL"  # as outbox_unresolved's WHERE
+ATTACH_ROWS = 20_000  # items given their contact per transaction
 CACHE_KIB = 16_384  # page cache: a backfill's index pages stay in memory between its batches
 WAL_PAGES = 8_192  # checkpoint every ~32 MiB of WAL, not every 4: a backfill rewrites the same index pages
 
@@ -186,6 +203,7 @@ class Store:
         self.path = Path(path) if path != ":memory:" else None
         self._lock = threading.RLock()
         self._conn = self._open(path)
+        self._unattached = True  # a mapping may have been made just before the last process stopped
         self._migrate()
 
     # -- opening and migrating -------------------------------------------------------------
@@ -245,6 +263,7 @@ class Store:
         copy = Store.__new__(Store)
         copy.path = None
         copy._lock = threading.RLock()
+        copy._unattached = True
         copy._conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         with self._lock:
             self._conn.backup(copy._conn)
@@ -336,18 +355,40 @@ class Store:
         return self._one("SELECT contact_id FROM handles WHERE address = ?", (address,))
 
     def map_addresses(self, addresses: Iterable[str], contact_id: int, origin: str, *, replace: bool = True) -> None:
-        """Point addresses at a contact and attach their open items to it."""
+        """Point addresses at a contact; their waiting items get it at the next `attach`."""
         verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
-        addresses = list(addresses)
         with self.transaction() as tx:
             tx.conn.executemany(f"{verb} INTO handles (address, contact_id, origin) VALUES (?, ?, ?)",
                                 [(a, contact_id, origin) for a in addresses])
-            tx.conn.executemany(
-                "UPDATE outbox SET contact_id = (SELECT contact_id FROM handles WHERE address = ?1), "
-                "state = CASE state WHEN 'held' THEN 'pending' ELSE state END, reason = NULL "
-                "WHERE address = ?1 AND (state = 'pending' OR state = 'held')",
-                [(a,) for a in addresses],
-            )
+        self._unattached = True
+
+    def attach(self) -> int:
+        """Give items waiting for a contact the one their address now has (held ones become pending).
+
+        One pass over the waiting items in id order, ATTACH_ROWS per transaction, and none at all
+        unless an address was mapped since the last pass: mapping is per person or address, this
+        is once per batch of them. `claim` and `unresolved_addresses` attach first. Returns the
+        items attached.
+        """
+        if not self._unattached:
+            return 0
+        self._unattached = False  # first: a mapping made during the pass asks for another
+        attached = 0
+        for state in ("pending", "held"):  # one state at a time walks the index in id order, unsorted
+            after = 0
+            while True:
+                with self.transaction() as tx:
+                    ids = [r[0] for r in tx.execute(
+                        "UPDATE outbox SET contact_id = (SELECT contact_id FROM handles WHERE address = outbox.address), "
+                        "state = 'pending', reason = NULL WHERE id IN ("
+                        "SELECT id FROM outbox WHERE state = ? AND contact_id IS NULL AND id > ? "
+                        "AND address IN (SELECT address FROM handles) ORDER BY id LIMIT ?) RETURNING id",
+                        (state, after, ATTACH_ROWS))]
+                attached += len(ids)
+                if len(ids) < ATTACH_ROWS:
+                    break
+                after = max(ids)
+        return attached
 
     def handles(self) -> dict[str, int]:
         return dict(self._all("SELECT address, contact_id FROM handles"))
@@ -387,9 +428,9 @@ class Store:
         contact sync deletes it without mistaking the now-unledgered copies for the owner's.
         """
         with self.transaction() as tx:
-            tx.execute("UPDATE outbox SET state = 'pending', crm_id = NULL, contact_id = ?, updated_ms = ? "
-                       "WHERE contact_id = ? AND state IN ('delivered', 'sending', 'pending', 'held')",
-                       (survivor, now_ms(), victim))
+            for items in ("crm_id IS NOT NULL AND state = 'delivered'", "state = 'sending'", "state = 'pending'"):
+                tx.execute(f"UPDATE outbox SET state = 'pending', crm_id = NULL, contact_id = ?, updated_ms = ? "
+                           f"WHERE contact_id = ? AND {items}", (survivor, now_ms(), victim))
             tx.execute("UPDATE handles SET contact_id = ? WHERE contact_id = ?", (survivor, victim))
             tx.execute("UPDATE contacts SET origin = 'merging' WHERE contact_id = ?", (victim,))
 
@@ -416,34 +457,35 @@ class Store:
         with self.transaction() as tx:
             tx.execute("DELETE FROM handles WHERE contact_id = ?", (contact_id,))
             tx.execute("DELETE FROM contacts WHERE contact_id = ?", (contact_id,))
-            cur = tx.execute(
-                "UPDATE outbox SET contact_id = NULL, state = 'pending' "
-                "WHERE contact_id = ? AND state IN ('pending', 'sending', 'held')", (contact_id,))
-            return cur.rowcount
+            return sum(tx.execute(f"UPDATE outbox SET contact_id = NULL, state = 'pending' "
+                                  f"WHERE contact_id = ? AND state = '{state}'", (contact_id,)).rowcount
+                       for state in ("pending", "sending"))
 
     # -- the outbox ------------------------------------------------------------------------
 
     def unresolved_addresses(self, *, held: bool = False) -> list[str]:
-        """Addresses of pending (and, with `held`, held) items that no contact claims yet."""
-        states = "(state = 'pending' OR state = 'held')" if held else "state = 'pending'"
-        return [r[0] for r in self._all(
-            f"SELECT DISTINCT address FROM outbox WHERE {states} AND contact_id IS NULL")]
+        """Addresses of pending (and, with `held`, held) items that no contact claims yet, sorted."""
+        self.attach()
+        waiting = UNRESOLVED if held else "state = 'pending' AND contact_id IS NULL"
+        return sorted(r[0] for r in self._all(f"SELECT DISTINCT address FROM outbox WHERE {waiting}"))
 
     def fail_open(self, addresses: Iterable[str], reason: str) -> None:
-        """Park the open items of addresses that cannot get a contact (kept for `retry-failed`)."""
+        """Park the waiting items of addresses that cannot get a contact (kept for `retry-failed`)."""
+        addresses = list(addresses)
         with self.transaction() as tx:
-            tx.conn.executemany("UPDATE outbox SET state = 'failed', reason = ? WHERE address = ? "
-                                "AND (state = 'pending' OR state = 'held')", [(reason, a) for a in addresses])
+            tx.execute(f"UPDATE outbox SET state = 'failed', reason = ? WHERE {UNRESOLVED} "
+                       f"AND address IN ({', '.join('?' * len(addresses))})", (reason, *addresses))
 
-    def hold(self, addresses: Iterable[str], reason: str) -> int:
+    def hold_unresolved(self, reason: str) -> int:
+        """Hold every pending item no contact claims (they wait for the owner's address book)."""
+        self.attach()
         with self.transaction() as tx:
-            cur = tx.conn.executemany(
-                "UPDATE outbox SET state = 'held', reason = ? WHERE address = ? AND state = 'pending' "
-                "AND contact_id IS NULL", [(reason, a) for a in addresses])
-            return cur.rowcount
+            return tx.execute("UPDATE outbox SET state = 'held', reason = ? WHERE state = 'pending' "
+                              "AND contact_id IS NULL", (reason,)).rowcount
 
     def claim(self, limit: int) -> list[Item]:
         """Mark up to `limit` deliverable items as sending (durably) and return them."""
+        self.attach()
         with self.transaction() as tx:
             rows = tx.execute(
                 "UPDATE outbox SET state = 'sending', attempts = attempts + 1, updated_ms = ? "
@@ -500,10 +542,14 @@ class Store:
 
         Counting all items reads the whole key index (~0.3 s at 1M rows): for `status`, not a timer.
         """
-        counts = dict(self._all(
-            "SELECT state, count(*) FROM outbox WHERE state = 'pending' OR state = 'held' GROUP BY state UNION ALL "
-            "SELECT state, count(*) FROM outbox WHERE state = 'sending' OR state = 'failed' GROUP BY state UNION ALL "
-            "SELECT '', count(*) FROM outbox"))
+        counts: dict[str, int] = {}
+        for state, n in self._all(  # one partial index each: waiting, ready, sending or failed
+                f"SELECT state, count(*) FROM outbox WHERE {UNRESOLVED} GROUP BY state UNION ALL "
+                "SELECT state, count(*) FROM outbox WHERE state = 'pending' AND contact_id IS NOT NULL UNION ALL "
+                "SELECT state, count(*) FROM outbox WHERE state = 'sending' OR state = 'failed' GROUP BY state UNION ALL "
+                "SELECT '', count(*) FROM outbox"):
+            if state is not None:  # the ready count's row when none are ready
+                counts[state] = counts.get(state, 0) + n
         counts["delivered"] = counts.pop("") - sum(counts.values())
         return counts
 
@@ -516,7 +562,8 @@ class Store:
         return self._all("SELECT key, type, reason FROM outbox WHERE state = 'failed' ORDER BY id LIMIT ?", (limit,))
 
     def held_by_reason(self) -> dict[str, int]:
-        return dict(self._all("SELECT reason, count(*) FROM outbox WHERE state = 'held' GROUP BY reason"))
+        return dict(self._all("SELECT reason, count(*) FROM outbox WHERE state = 'held' AND contact_id IS NULL "
+                              "GROUP BY reason"))
 
     # -- AddressBook signatures and small facts ---------------------------------------------
 

@@ -279,9 +279,9 @@ def test_chat_db_deleted_and_recreated_delivers_the_new_rows_once(library: Libra
 
     library.chat = ChatDB.create(library.messages_db)  # Messages starts over: ROWIDs from 1
     library._chats.clear()
-    again = [ago(hours=10 - n) for n in range(6)]
+    again = first[:2] + [ago(hours=10 - n) for n in range(4)]
     for n, at in enumerate(again):
-        library.text(JANE, at=at, guid=f"FIRST-{n}" if n < 2 else None)  # two restored, four new
+        library.text(JANE, at=at, guid=f"FIRST-{n}" if n < 2 else None)  # two restored (as they were), four new
     expected = Counter(("TEXT_INBOUND", iso(at)) for at in first + again[2:])
     eventually(lambda: len(interactions_of(citadel, JANE)) >= 8, timeout=20, what="the recreated rows")
     assert d.stop() == 0

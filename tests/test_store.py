@@ -39,7 +39,7 @@ def test_a_version_2_state_database_keeps_its_ledger_and_marks_and_still_refuses
     assert store.mark("messages") == Mark(41, "1:2", None)
     assert (store.counts()["delivered"], store.crm_ids(7)) == (1, {70})
     result = store.enqueue("messages", [
-        NewItem("msg:A", "+16135550199", "TEXT_INBOUND", 1, None),  # the same key
+        NewItem("msg:A", "+16135550199", "TEXT_INBOUND", 1700000000123, None),  # the same key (and so time)
         NewItem("msg:B", JANE, "TEXT_INBOUND", 1700000000999, None),  # the same counterpart, type and second
         NewItem("msg:C", JANE, "TEXT_INBOUND", 1700000001000, None),
     ], Mark(44, "1:2", "C"))
@@ -52,17 +52,19 @@ def test_a_version_2_state_database_keeps_its_ledger_and_marks_and_still_refuses
 def test_call_history_started_over_in_the_same_file_is_read_again_and_delivers_only_new_calls(
         library: Library, tmp_path):
     engine = extraction(library, tmp_path / "state")
-    for n in range(3):
-        library.call(JANE, at=ago(hours=10 - n), unique_id=f"OLD-{n}")
+    times = [ago(hours=10 - n) for n in range(3)]
+    for n, at in enumerate(times):
+        library.call(JANE, at=at, unique_id=f"OLD-{n}")
     assert engine.extract("calls").added == 3
 
     library.calls.start_over()  # same file, same inode; Z_PK 4 will exist again, so only the anchor tells
-    for n in range(4):
-        library.call(JANE, at=ago(hours=5 - n), unique_id="OLD-0" if n == 0 else None)
+    library.call(JANE, at=times[0], unique_id="OLD-0")
+    for n in range(3):
+        library.call(JANE, at=ago(hours=5 - n))
     report = engine.extract("calls")
 
     assert report.rebuilt
-    assert (report.added, report.duplicates) == (3, 1)  # OLD-0 came back: its key is in the outbox
+    assert (report.added, report.duplicates) == (3, 1)  # OLD-0 came back: it is in the outbox
 
 
 def test_a_call_the_owner_deleted_at_the_mark_is_no_rebuild(library: Library, tmp_path):
@@ -76,3 +78,63 @@ def test_a_call_the_owner_deleted_at_the_mark_is_no_rebuild(library: Library, tm
 
     assert not report.rebuilt
     assert (report.rows, report.added) == (1, 1)
+
+
+# -- contacts for waiting items, and the queries' plans ---------------------------------------------
+
+def items(address: str, n: int, start: int = 0) -> list[NewItem]:
+    return [NewItem(f"msg:{address}:{i}", address, "TEXT_INBOUND", 1_700_000_000_000 + i * 1000, None)
+            for i in range(start, start + n)]
+
+
+def test_items_waiting_for_a_contact_get_it_in_passes_however_many_wait(monkeypatch):
+    monkeypatch.setattr("crm_syncd.store.ATTACH_ROWS", 3)  # several transactions for one pass
+    store = Store.memory()
+    store.enqueue("messages", items(JANE, 7) + items("+16135550122", 4, start=100), Mark(11, "1:2"))
+    store.hold_unresolved("unknown contact")
+    store.enqueue("messages", items(JANE, 2, start=50), Mark(13, "1:2"))
+
+    store.map_addresses([JANE], 7, "card")
+    assert store.counts() == {"held": 11, "pending": 2, "delivered": 0}  # status sees what is written
+
+    claimed = store.claim(100)
+    assert sorted(item.id for item in claimed) == list(range(1, 8)) + [12, 13]  # held ones were released too
+    assert {item.contact_id for item in claimed} == {7}
+    assert store.unresolved_addresses(held=True) == ["+16135550122"]
+    assert store.attach() == 0  # nothing mapped since
+
+
+def test_an_item_extracted_after_its_address_is_known_needs_no_pass():
+    store = Store.memory()
+    store.map_addresses([JANE], 7, "card")
+    store.attach()
+    store.enqueue("messages", items(JANE, 2), Mark(2, "1:2"))
+    assert store.attach() == 0
+    assert [item.contact_id for item in store.claim(10)] == [7, 7]
+
+
+def test_the_outbox_queries_of_extraction_resolution_and_delivery_never_scan_or_sort_the_outbox():
+    store = Store.memory()
+    statements: list[str] = []
+    store._conn.set_trace_callback(statements.append)
+    store.enqueue("messages", items(JANE, 3) + items("+16135550122", 3, start=10), Mark(6, "1:2"))
+    store.map_addresses([JANE], 7, "card")
+    sending = store.claim(2)
+    store.settle(delivered=[(sending[0], 70)], retry=[(sending[1], "503")])
+    store.unresolved_addresses()
+    store.hold_unresolved("unknown contact")
+    store.unresolved_addresses(held=True)
+    store.fail_open(["+16135550122"], "placeholder rejected")
+    store.crm_ids(7), store.sending(), store.last_claim_ms(), store.failed_count(), store.held_by_reason()
+    store.map_addresses(["+16135550122"], 8, "placeholder")
+    store.attach()
+    store.begin_merge(8, 7)
+    store.forget_contact(7)
+    store._conn.set_trace_callback(None)
+
+    plans = {}
+    for sql in {s for s in statements if " outbox" in s and not s.startswith(("BEGIN", "COMMIT", "PRAGMA"))}:
+        plans[sql] = [row[3] for row in store._conn.execute("EXPLAIN QUERY PLAN " + sql)]
+    assert len(plans) >= 15
+    assert {sql: plan for sql, plan in plans.items()
+            if any(step.startswith("SCAN outbox") or "TEMP B-TREE FOR ORDER BY" in step for step in plan)} == {}
