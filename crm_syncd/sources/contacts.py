@@ -10,6 +10,7 @@ own addresses.
 
 from __future__ import annotations
 
+import functools
 import re
 import sqlite3
 from collections import Counter
@@ -30,6 +31,7 @@ _TABLES = ("ZABCDRECORD", "ZABCDPHONENUMBER", "ZABCDEMAILADDRESS", "ZABCDNOTE")
 _FIELDS = (("unique_id", "ZUNIQUEID"), ("first", "ZFIRSTNAME"), ("last", "ZLASTNAME"),
            ("middle", "ZMIDDLENAME"), ("nickname", "ZNICKNAME"), ("organization", "ZORGANIZATION"),
            ("job_title", "ZJOBTITLE"), ("link_id", "ZLINKID"))
+_NAMES = tuple(name for name, _ in _FIELDS)
 
 Trace = Callable[[str], None]
 
@@ -164,7 +166,7 @@ def _cards(records: list[tuple], phones: dict[int, list[Entry]], emails: dict[in
             own.update(p.value for p in card_phones)
             own.update(e.value for e in card_emails)
             continue
-        values = {name: _text(raw) for (name, _), raw in zip(_FIELDS, fields)}
+        values = dict(zip(_NAMES, map(_text, fields)))
         if not (values["first"] or values["last"] or values["middle"] or values["nickname"]
                 or values["organization"] or card_phones or card_emails):
             skipped[EMPTY_CARD] += 1
@@ -180,12 +182,11 @@ def _cards(records: list[tuple], phones: dict[int, list[Entry]], emails: dict[in
 
 
 def _text(raw: object) -> str | None:
-    if isinstance(raw, bytes):
-        raw = raw.decode("utf-8", "replace")
     if raw is None:
         return None
-    text = str(raw).strip()
-    return text or None
+    if type(raw) is not str:  # a BLOB or a number where text belongs
+        raw = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    return raw.strip() or None
 
 
 def _note(raw: object) -> str | None:
@@ -194,6 +195,7 @@ def _note(raw: object) -> str | None:
     return raw if isinstance(raw, str) and raw.strip() else None
 
 
+@functools.lru_cache(maxsize=1024)  # a store has a handful of distinct labels
 def _unwrap(label: object) -> str | None:
     text = _text(label)
     if text is None:
