@@ -62,10 +62,22 @@ def extract_once(home: Path, work: Path, source: str) -> tuple[float, int]:
         return time.perf_counter() - t, report.rows
 
 
-def _paged_floor(path: Path, main_sql: str, rowid_pat: str, batch: int) -> tuple[float, int]:
-    """Run the reader's main SELECT page by page (same pages), iterating rows, no processing."""
+def _paged_floor(path: Path, main_sql: str, rowid_pat: str, batch: int,
+                 into: Path | None = None) -> tuple[float, int]:
+    """Run the reader's main SELECT page by page (same pages), iterating rows, no processing.
+
+    With `into`, also write each page's rows as they are into an unindexed table of a new WAL
+    database there (synchronous=NORMAL, one transaction per page, as extraction commits): the
+    least any extraction that keeps its rows must do.
+    """
     sql = re.sub(rowid_pat, lambda m: m.group(1) + " ?", main_sql, count=1)
     sql = re.sub(r"LIMIT \d+\s*$", "LIMIT ?", sql.strip())
+    out = None
+    if into is not None:
+        into.unlink(missing_ok=True)
+        out = sqlite3.connect(into, isolation_level=None)
+        out.execute("PRAGMA journal_mode=WAL")
+        out.execute("PRAGMA synchronous=NORMAL")
     t = time.perf_counter()
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
     rows, after = 0, 0
@@ -73,15 +85,24 @@ def _paged_floor(path: Path, main_sql: str, rowid_pat: str, batch: int) -> tuple
         while True:
             last = None
             n = 0
-            for row in conn.execute(sql, (after, batch)):
+            page = conn.execute(sql, (after, batch)).fetchall() if out else conn.execute(sql, (after, batch))
+            for row in page:
                 last = row[0]
                 n += 1
+            if out and page:
+                if rows == 0:  # the first page: its width
+                    out.execute(f"CREATE TABLE IF NOT EXISTS t ({', '.join(f'c{i}' for i in range(len(page[0])))})")
+                out.execute("BEGIN")
+                out.executemany(f"INSERT INTO t VALUES ({', '.join('?' * len(page[0]))})", page)
+                out.execute("COMMIT")
             rows += n
             if n < batch or last is None:
                 break
             after = last
     finally:
         conn.close()
+        if out:
+            out.close()
     return time.perf_counter() - t, rows
 
 
@@ -91,10 +112,10 @@ def traced_select(reader_cls, path: Path, prefix: str, since_ms: int) -> str:
     return next(s for s in statements if s.lstrip().startswith(prefix))
 
 
-def messages_floor(home: Path, since_ms: int, batch: int) -> tuple[float, int]:
+def messages_floor(home: Path, since_ms: int, batch: int, into: Path | None = None) -> tuple[float, int]:
     path = home / MESSAGES
     sql = traced_select(MessagesReader, path, "SELECT m.ROWID", since_ms)
-    return _paged_floor(path, sql, r"(WHERE m\.ROWID >)\s*\d+", batch)
+    return _paged_floor(path, sql, r"(WHERE m\.ROWID >)\s*\d+", batch, into)
 
 
 def calls_floor(home: Path, since_ms: int, batch: int) -> tuple[float, int]:
