@@ -355,12 +355,20 @@ class Store:
         return self._one("SELECT contact_id FROM handles WHERE address = ?", (address,))
 
     def map_addresses(self, addresses: Iterable[str], contact_id: int, origin: str, *, replace: bool = True) -> None:
-        """Point addresses at a contact; their waiting items get it at the next `attach`."""
-        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        """Point addresses at a contact; their waiting items get it at the next `attach`.
+
+        Mappings already in place are not written again: a contacts sync re-maps every address
+        of the address book, and a transaction that writes nothing costs no fsync.
+        """
+        update = ("DO UPDATE SET contact_id = excluded.contact_id, origin = excluded.origin "
+                  "WHERE contact_id != excluded.contact_id OR origin != excluded.origin") if replace else "DO NOTHING"
         with self.transaction() as tx:
-            tx.conn.executemany(f"{verb} INTO handles (address, contact_id, origin) VALUES (?, ?, ?)",
-                                [(a, contact_id, origin) for a in addresses])
-        self._unattached = True
+            before = tx.conn.total_changes
+            tx.conn.executemany(f"INSERT INTO handles (address, contact_id, origin) VALUES (?, ?, ?) "
+                                f"ON CONFLICT(address) {update}", [(a, contact_id, origin) for a in addresses])
+            changed = tx.conn.total_changes != before
+        if changed:
+            self._unattached = True
 
     def attach(self) -> int:
         """Give items waiting for a contact the one their address now has (held ones become pending).

@@ -113,6 +113,19 @@ def test_an_item_extracted_after_its_address_is_known_needs_no_pass():
     assert [item.contact_id for item in store.claim(10)] == [7, 7]
 
 
+def test_mapping_an_address_to_the_contact_it_already_has_writes_nothing():
+    store = Store.memory()
+    store.map_addresses([JANE], 7, "card")
+    written = store._conn.total_changes
+
+    store.map_addresses([JANE], 7, "card")  # every contacts sync maps the whole address book again
+    store.map_addresses([JANE], 9, "crm", replace=False)
+    assert store._conn.total_changes == written
+
+    store.map_addresses([JANE], 9, "card")
+    assert store.contact_for(JANE) == 9
+
+
 def test_the_outbox_queries_of_extraction_resolution_and_delivery_never_scan_or_sort_the_outbox():
     store = Store.memory()
     statements: list[str] = []
