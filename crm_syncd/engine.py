@@ -421,33 +421,60 @@ class Engine:
     async def push(self, *, stop: asyncio.Event | None = None) -> PushReport:
         """Deliver everything deliverable, then return (early when `stop` is set).
 
+        `push_concurrency` workers take claimed items from one queue, each sending its next
+        request as soon as its last is answered (keep-alive connections never wait for a
+        scheduler); this loop keeps the queue topped up and settles outcomes in batches.
         Without `stop` (one-shot sync) it also gives up once the CRM has failed several
         times in a row: whatever is left stays queued for the next run.
         """
         report = PushReport()
         limit = self.settings.push_concurrency
-        gate = asyncio.Semaphore(limit)
+        queue: asyncio.Queue[Item] = asyncio.Queue()
         outcomes: list[tuple[str, Item, Any]] = []
-        in_flight: set[asyncio.Task] = set()
-        last_settle = time.monotonic()
+        wake = asyncio.Event()  # the queue runs low, outcomes pile up, or a worker fell idle
+        busy = 0
 
-        async def deliver(item: Item) -> None:
-            async with gate:
-                outcomes.append(await self._deliver(item))
+        async def worker() -> None:
+            nonlocal busy
+            while True:
+                await self._wait_backoff()  # holding no item: a halt meanwhile finds them all in the queue
+                item = await queue.get()
+                busy += 1
+                try:
+                    outcomes.append(await self._deliver(item))
+                finally:
+                    busy -= 1
+                if queue.qsize() < limit or len(outcomes) >= 64 or not busy:
+                    wake.set()
+
+        async def woken(seconds: float) -> None:
+            wake.clear()
+            try:
+                await asyncio.wait_for(wake.wait(), seconds)
+            except TimeoutError:
+                pass
+
+        def halted() -> bool:
+            return bool(stop and stop.is_set()) or (
+                stop is None and report.unreachable is not None and self._failures_in_row >= 3)
 
         if not await self._recover(report):
             return report
+        workers = [asyncio.create_task(worker()) for _ in range(limit)]
+        last_settle = time.monotonic()
         try:
-            while not (stop and stop.is_set()):
-                if len(outcomes) >= 64 or time.monotonic() - last_settle > 0.05 or not in_flight:
+            while True:
+                if outcomes and (len(outcomes) >= 64 or time.monotonic() - last_settle > 0.05 or not busy):
                     self._settle(outcomes, report)
                     last_settle = time.monotonic()
-                if stop is None and report.unreachable and self._failures_in_row >= 3:
+                if dead := next((task for task in workers if task.done()), None):
+                    dead.result()  # a worker fell to a bug: raise it (its item stays `sending`, looked up later)
+                if halted():
                     break
-                if len(in_flight) <= limit:
-                    for item in self.store.claim(3 * limit - len(in_flight)):
-                        in_flight.add(asyncio.create_task(deliver(item)))
-                if not in_flight:
+                if queue.qsize() < limit:  # at most 3 × limit `sending` at once, as many as a crash leaves to look up
+                    for item in self.store.claim(2 * limit - queue.qsize()):
+                        queue.put_nowait(item)
+                if queue.empty() and not busy:
                     if self.contacts_stale:
                         await self.sync_contacts()
                         await self.resolve()
@@ -457,14 +484,17 @@ class Engine:
                             break
                         continue
                     break
-                tick = min(1.0, max(0.05, self.backoff_left()))  # no busy waking while everything waits
-                _, in_flight = await asyncio.wait(in_flight, timeout=tick, return_when=asyncio.FIRST_COMPLETED)
-            if in_flight:
-                await asyncio.wait(in_flight, timeout=self.settings.shutdown_deadline_s)
+                await woken(min(1.0, max(0.05, self.backoff_left())))  # no busy waking while everything waits
         finally:
-            for task in in_flight:
-                task.cancel()  # abandoned requests stay `sending`; the next start looks them up
+            unsent = [queue.get_nowait() for _ in range(queue.qsize())]  # claimed, never sent: back to pending
+            deadline = time.monotonic() + self.settings.shutdown_deadline_s
+            while busy and time.monotonic() < deadline and not asyncio.current_task().cancelling():
+                await woken(min(0.1, deadline - time.monotonic()))
+            for task in workers:
+                task.cancel()  # an abandoned request stays `sending`: the next start looks it up
             self._settle(outcomes, report)
+            if unsent:
+                self.store.settle(retry=[(item, None) for item in unsent])
         return report
 
     async def _deliver(self, item: Item) -> tuple[str, Item, Any]:

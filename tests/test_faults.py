@@ -368,6 +368,26 @@ def state_db(home: Path) -> Path:
     return home / "Library" / "Application Support" / "crm-syncd" / "state.db"
 
 
+def test_a_sync_that_gives_up_on_a_failing_crm_leaves_nothing_sending_that_it_never_sent(
+        library: Library, citadel: CitadelServer, cli: CLI, home: Path):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    assert cli("sync").code == 0
+    moments = [ago(hours=40 - n) for n in range(40)]
+    for at in moments:
+        library.text(JANE, at=at)
+    citadel.faults = Faults(rate=1.0, kinds=("503",))
+
+    assert cli("sync").code == 1  # gives up after a few rounds of 503s
+
+    with sqlite3.connect(state_db(home)) as conn:
+        states = dict(conn.execute("SELECT state, count(*) FROM outbox GROUP BY state"))
+    assert states == {"pending": 40}  # a 503 wrote nothing, and what was claimed but not sent went back
+    citadel.faults = Faults()
+    assert cli("sync").code == 0
+    got = Counter(occurred for _contact, _type, occurred in delivered(citadel).elements())
+    assert compare(Counter(iso(at) for at in moments), got) == (0, 0)
+
+
 def refused(cli: CLI, what: str) -> None:
     for command in ("sync", "run"):
         result = cli(command, timeout=60)
