@@ -1,4 +1,5 @@
-"""The state database and the marks extraction resumes from: migrations, file identity, anchors.
+"""The state database: migrations, the marks extraction resumes from (file identity, anchors), how
+waiting items get their contact, and the plans of the outbox's queries.
 
 The real Store and Engine run against fixture stores; extraction never talks to the CRM.
 """
