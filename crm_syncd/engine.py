@@ -449,8 +449,9 @@ class Engine:
 
         async def woken(seconds: float) -> None:
             wake.clear()
-            try:
-                await asyncio.wait_for(wake.wait(), seconds)
+            try:  # not wait_for: on 3.11 it swallows a cancellation that comes as the event is set
+                async with asyncio.timeout(seconds):
+                    await wake.wait()
             except TimeoutError:
                 pass
 

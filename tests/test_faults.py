@@ -388,6 +388,26 @@ def test_a_sync_that_gives_up_on_a_failing_crm_leaves_nothing_sending_that_it_ne
     assert compare(Counter(iso(at) for at in moments), got) == (0, 0)
 
 
+def test_ctrl_c_stops_a_sync_at_once_and_the_next_sync_delivers_the_rest_once(
+        library: Library, citadel: CitadelServer, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    assert cli("sync").code == 0
+    moments = [ago(minutes=1500 - n) for n in range(1500)]  # several seconds of delivery
+    for at in moments:
+        library.text(JANE, at=at)
+
+    sync = cli.popen("sync")
+    eventually(lambda: count_interactions(citadel) > 0, what="the first delivery")
+    sync.send_signal(signal.SIGINT)
+    sync.communicate(timeout=30)
+
+    assert 0 < count_interactions(citadel) < len(moments)  # it stopped rather than carry on to the end
+    citadel.faults = Faults()
+    assert cli("sync").code == 0
+    got = Counter(occurred for _contact, _type, occurred in delivered(citadel).elements())
+    assert compare(Counter(iso(at) for at in moments), got) == (0, 0)
+
+
 def refused(cli: CLI, what: str) -> None:
     for command in ("sync", "run"):
         result = cli(command, timeout=60)
