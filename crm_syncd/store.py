@@ -343,12 +343,6 @@ class Store:
             )
         return Enqueued(added, len(items) - added)
 
-    def rebaseline(self, source: str, file_id: str | None) -> None:
-        """Forget the mark of a rebuilt source; the ledger still blocks re-delivery."""
-        with self.transaction() as tx:
-            tx.execute("UPDATE marks SET rowid = 0, file_id = ?, anchor = NULL, updated_ms = ? WHERE source = ?",
-                       (file_id, now_ms(), source))
-
     # -- identity map ----------------------------------------------------------------------
 
     def contact_for(self, address: str) -> int | None:
