@@ -179,8 +179,8 @@ class Daemon:
             self.work.set()
 
     async def _contacts(self, force: bool = False) -> None:
-        if not force and not self.engine.contacts_changed():
-            return
+        if not force and (self.engine.backoff_left() or not self.engine.contacts_changed()):
+            return  # a rescan does not knock on a CRM we are backing off from
         try:
             report = await self.engine.sync_contacts()
         except crmlib.CRMError as exc:
@@ -191,11 +191,12 @@ class Daemon:
         except NeedsFullDiskAccess as exc:
             self._error(str(exc), event="contacts.denied")
             return
+        finally:
+            self.work.set()  # the pusher skips resolution while a sync runs: wake it either way
         self.crm_reachable = self.contacts_synced = True
         log.info("contacts.rescan", created=len(report.created), promoted=len(report.promoted),
                  updated=len(report.updated))
         self.sources.setdefault("contacts", SourceState()).last_sync_ms = now_ms()
-        self.work.set()
 
     async def _pusher(self) -> None:
         """Drain the outbox whenever there is work; retry forever through CRM outages."""
@@ -207,7 +208,8 @@ class Daemon:
                 if not self.contacts_synced:  # resolving now would make placeholders for people with cards
                     await self._sleep(self.engine.backoff_left() or min(30.0, self.settings.safety_probe_s))
                     continue
-                await self.engine.resolve()
+                if not self.engine.contacts_busy:  # a rescan's sync is running: it sets `work` when done
+                    await self.engine.resolve()
                 report = await self.engine.push(stop=self.stop)
                 if report.delivered:
                     self.crm_reachable = True

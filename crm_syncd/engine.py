@@ -122,6 +122,7 @@ class Engine:
         self._ambiguous: Counter[int] = Counter()  # outbox id -> 500s answered to it (this process)
         self._backoff_until = 0.0
         self._failures_in_row = 0
+        self._contacts_lock = asyncio.Lock()
 
     # -- 1. contacts ----------------------------------------------------------------------
 
@@ -143,8 +144,21 @@ class Engine:
     def contacts_changed(self) -> bool:
         return self.addressbook_signatures() != self.store.signatures()
 
+    @property
+    def contacts_busy(self) -> bool:
+        """A contacts sync or a resolution is under way (they take turns: see `sync_contacts`)."""
+        return self._contacts_lock.locked()
+
     async def sync_contacts(self) -> ContactsReport:
-        """Bring the CRM's contacts and the identity map in line with the address book."""
+        """Bring the CRM's contacts and the identity map in line with the address book.
+
+        One at a time, and never beside `resolve`: two passes at once would each find a person
+        missing from the CRM and each create a contact for them.
+        """
+        async with self._contacts_lock:
+            return await self._sync_contacts()
+
+    async def _sync_contacts(self) -> ContactsReport:
         report = ContactsReport()
         base = Path(self.settings.addressbook_dir)
         signatures = self.addressbook_signatures()
@@ -373,6 +387,10 @@ class Engine:
 
     async def resolve(self) -> list[str]:
         """Give open items a contact; returns the placeholder names created."""
+        async with self._contacts_lock:
+            return await self._resolve()
+
+    async def _resolve(self) -> list[str]:
         created: list[str] = []
         if self.known_only or not self.settings.create_unknown_contacts:
             await asyncio.to_thread(self.store.attach)

@@ -14,6 +14,7 @@ from datetime import timedelta
 import pytest
 
 from tests.conftest import CLI
+from tests.harness.citadel import Faults
 from tests.harness.library import Library, ago
 from tests.harness.processes import eventually
 
@@ -132,6 +133,25 @@ def test_the_crm_down_for_a_while_queues_everything_and_delivers_it_when_it_retu
 
     eventually(lambda: len(interactions_of(citadel, JANE)) == 3, timeout=60, what="delivery after the outage")
     assert d.stop() == 0
+
+
+def test_a_contacts_sync_retried_from_two_sides_at_once_creates_each_contact_once(
+        library: Library, citadel, daemon):
+    """After a failed first sync both the pusher and the rescan timer retry it; run together,
+    each would find every person missing from the CRM and create them."""
+    phones = [f"+1613555{n:04d}" for n in range(200, 212)]
+    for n, phone in enumerate(phones):
+        library.card(first=f"Slow{n}", last="Sync", phones=[phone])
+    library.text(phones[-1], at=ago(hours=1))
+    citadel.faults = Faults(rate=1.0, reads=True, limit=1)  # the first request (the contacts listing): 503
+    citadel.latency_s = 0.2  # a sync now takes seconds, so two retries would overlap
+
+    d = daemon()
+    eventually(lambda: len(interactions_of(citadel, phones[-1])) == 1, timeout=60, what="the message")
+    assert d.stop() == 0
+
+    assert d.events("contacts.deferred"), "the first sync was meant to fail"
+    assert sorted(c["phone"] for c in citadel.contacts()) == phones
 
 
 def test_an_idle_daemon_holds_no_read_transaction_so_apple_can_truncate_its_wal(library: Library, citadel, daemon):
