@@ -154,6 +154,22 @@ def test_a_contacts_sync_retried_from_two_sides_at_once_creates_each_contact_onc
     assert sorted(c["phone"] for c in citadel.contacts()) == phones
 
 
+def test_a_message_from_a_card_added_that_moment_gets_that_contact_not_a_placeholder_too(
+        library: Library, citadel, daemon):
+    """The rescan's sync would create the card's contact while resolution, not finding it yet,
+    created a placeholder for the same number: they take turns instead."""
+    d = daemon()
+    citadel.latency_s = 1.0  # both would have looked the number up before either created a contact
+
+    library.card(source=1, first="Just", last="Added", phones=[JANE])
+    library.text(JANE)
+
+    eventually(lambda: len(interactions_of(citadel, JANE)) == 1, timeout=60, what="the message")
+    eventually(lambda: [c for c in citadel.contacts() if c["lastName"] == "Added"], timeout=60, what="the card's contact")
+    assert d.stop() == 0
+    assert [(c["firstName"], c["lastName"]) for c in citadel.contacts() if c["phone"] == JANE] == [("Just", "Added")]
+
+
 def test_an_idle_daemon_holds_no_read_transaction_so_apple_can_truncate_its_wal(library: Library, citadel, daemon):
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE)
