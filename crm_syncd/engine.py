@@ -127,7 +127,11 @@ class Engine:
     # -- 1. contacts ----------------------------------------------------------------------
 
     def addressbook_signatures(self) -> dict[str, str]:
-        """size+mtime of every AddressBook store and its -wal: one stat per file."""
+        """size+mtime of every AddressBook store and its -wal: one stat per file.
+
+        An empty -wal signs like a missing one: reading a store Apple has closed creates one, and
+        holds nothing (a commit grows it; a checkpoint that empties it writes the store).
+        """
         base = Path(self.settings.addressbook_dir)
         signatures = {}
         for db in contacts_source.store_paths(base):
@@ -135,9 +139,9 @@ class Engine:
             for f in (db, db.with_name(db.name + "-wal")):
                 try:
                     st = f.stat()
-                    parts.append(f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}")
                 except FileNotFoundError:
-                    parts.append("-")
+                    st = None
+                parts.append(f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}" if st and st.st_size else "-")
             signatures[db.relative_to(base).as_posix()] = "|".join(parts)
         return signatures
 

@@ -13,12 +13,16 @@ from datetime import timedelta
 
 import pytest
 
+from crm_syncd.engine import Engine
+from crm_syncd.settings import Settings
+from crm_syncd.store import Store
 from tests.conftest import CLI
 from tests.harness.citadel import Faults
 from tests.harness.library import Library, ago
 from tests.harness.processes import eventually
 
 JANE = "+16135550111"
+STATE_DIR = "Library/Application Support/crm-syncd"  # the default, under HOME
 
 
 def interactions_of(citadel, phone: str) -> list[dict]:
@@ -168,6 +172,21 @@ def test_a_message_from_a_card_added_that_moment_gets_that_contact_not_a_placeho
     eventually(lambda: [c for c in citadel.contacts() if c["lastName"] == "Added"], timeout=60, what="the card's contact")
     assert d.stop() == 0
     assert [(c["firstName"], c["lastName"]) for c in citadel.contacts() if c["phone"] == JANE] == [("Just", "Added")]
+
+
+def test_reading_an_address_book_apple_had_closed_is_no_change_for_the_rescan(library: Library, citadel, cli: CLI):
+    """With no -wal beside a store, the read itself creates an empty one (as any WAL reader does);
+    counting that as a change made every daemon sync all contacts again at its first rescan."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    for book in library.books:
+        book.close()  # Apple is done with it: no -wal
+    assert not (library.addressbook_dir / "AddressBook-v22.abcddb-wal").exists()
+
+    assert cli("sync", "--contacts-only").code == 0
+
+    assert (library.addressbook_dir / "AddressBook-v22.abcddb-wal").exists()
+    settings = Settings(addressbook_dir=library.addressbook_dir, state_dir=library.home / STATE_DIR)
+    assert not Engine(settings, Store(settings.state_db), None).contacts_changed()  # type: ignore[arg-type]
 
 
 def test_an_idle_daemon_holds_no_read_transaction_so_apple_can_truncate_its_wal(library: Library, citadel, daemon):

@@ -154,6 +154,7 @@ class AddressBookDB:
     def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
         self.path = Path(path)
         self.conn = conn
+        self.closed = False
         rows = conn.execute("SELECT Z_ENT, Z_NAME, Z_SUPER FROM Z_PRIMARYKEY").fetchall()
         self.entities = {name: ent for ent, name, _ in rows}
         self._root_of: dict[str, int] = {}
@@ -326,5 +327,8 @@ class AddressBookDB:
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
-        self.conn.commit()
-        self.conn.close()
+        """Commit and close, as Apple does when it is done (SQLite removes the -wal); again: nothing."""
+        if not self.closed:
+            self.conn.commit()
+            self.conn.close()
+            self.closed = True
