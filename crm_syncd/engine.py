@@ -195,8 +195,7 @@ class Engine:
         crm_contacts = await self.crm.list_contacts()
         index = _CRMIndex(crm_contacts, self.normalize)
         self.store.prune_contacts(index.by_id)
-        for address, contact_id in index.single_owner():
-            self.store.map_addresses([address], contact_id, "crm", replace=False)
+        self.store.map_each(index.single_owner(), "crm", replace=False)
         for person in sorted(people, key=lambda p: p.key):
             try:
                 await self._apply_person(person, index, report)

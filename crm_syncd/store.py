@@ -349,7 +349,11 @@ class Store:
         return self._one("SELECT contact_id FROM handles WHERE address = ?", (address,))
 
     def map_addresses(self, addresses: Iterable[str], contact_id: int, origin: str, *, replace: bool = True) -> None:
-        """Point addresses at a contact; their waiting items get it at the next `attach`.
+        """Point addresses at a contact; their waiting items get it at the next `attach`."""
+        self.map_each(((a, contact_id) for a in addresses), origin, replace=replace)
+
+    def map_each(self, pairs: Iterable[tuple[str, int]], origin: str, *, replace: bool = True) -> None:
+        """Point each address at its contact, in one transaction (`replace=False`: unmapped ones only).
 
         Mappings already in place are not written again: a contacts sync re-maps every address
         of the address book, and a transaction that writes nothing costs no fsync.
@@ -359,7 +363,7 @@ class Store:
         with self.transaction() as tx:
             before = tx.conn.total_changes
             tx.conn.executemany(f"INSERT INTO handles (address, contact_id, origin) VALUES (?, ?, ?) "
-                                f"ON CONFLICT(address) {update}", [(a, contact_id, origin) for a in addresses])
+                                f"ON CONFLICT(address) {update}", [(a, c, origin) for a, c in pairs])
             changed = tx.conn.total_changes != before
         if changed:
             self._unattached = True
