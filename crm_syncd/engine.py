@@ -395,8 +395,8 @@ class Engine:
 
     async def _resolve(self) -> list[str]:
         created: list[str] = []
+        await asyncio.to_thread(self.store.attach)  # off the loop; the store's own calls below then find none due
         if self.known_only or not self.settings.create_unknown_contacts:
-            await asyncio.to_thread(self.store.attach)
             self.store.hold_unresolved("unknown contact")
             return created
         unresolved = self.store.unresolved_addresses(held=True)
