@@ -234,3 +234,10 @@ def test_modified_is_unix_seconds(book, stores, folder):
     commit_all(stores)
     raw = book.conn.execute("SELECT ZMODIFICATIONDATE FROM ZABCDRECORD WHERE ZFIRSTNAME = 'Stamp'").fetchone()[0]
     assert cards_of(folder)["Stamp"].modified == raw + APPLE_EPOCH
+
+
+def test_a_modification_date_that_is_not_a_number_reads_as_unknown(book, stores, folder):
+    book.card("Stamp")
+    book.conn.execute("UPDATE ZABCDRECORD SET ZMODIFICATIONDATE = 'yesterday' WHERE ZFIRSTNAME = 'Stamp'")
+    commit_all(stores)
+    assert cards_of(folder)["Stamp"].modified is None

@@ -49,8 +49,7 @@ class Email(NamedTuple):
     primary: bool
 
 
-@dataclass(frozen=True)
-class Card:
+class Card(NamedTuple):
     """A person or company card from one AddressBook store."""
 
     store: str  # which AddressBook database (root or Sources/<UUID>), relative to the AddressBook dir
@@ -61,9 +60,9 @@ class Card:
     nickname: str | None = None
     organization: str | None = None
     job_title: str | None = None
+    link_id: str | None = None  # ZLINKID: Contacts' own cross-account link
     company: bool = False  # ZDISPLAYFLAGS bit 0: shown by its organisation
     phones: tuple[Phone, ...] = ()  # ordered: primary first, then Apple's ordering index
     emails: tuple[Email, ...] = ()
     note: str | None = None
-    link_id: str | None = None  # ZLINKID: Contacts' own cross-account link
     modified: float | None = None  # ZMODIFICATIONDATE, Unix seconds

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from crm_syncd.sources import APPLE_EPOCH, Card, Email, Phone, sqlite
 
@@ -27,13 +28,14 @@ EMPTY_CARD, NO_UNIQUE_ID = "empty-card", "no-unique-id"
 
 _LABEL = re.compile(r"^_\$!<(.*)>!\$_$", re.DOTALL)
 _TABLES = ("ZABCDRECORD", "ZABCDPHONENUMBER", "ZABCDEMAILADDRESS", "ZABCDNOTE")
-# Card field -> ZABCDRECORD column, in SELECT order after Z_PK.
+# Card field -> ZABCDRECORD column, in SELECT order after Z_PK, which is Card's order after `store`.
 _FIELDS = (("unique_id", "ZUNIQUEID"), ("first", "ZFIRSTNAME"), ("last", "ZLASTNAME"),
            ("middle", "ZMIDDLENAME"), ("nickname", "ZNICKNAME"), ("organization", "ZORGANIZATION"),
            ("job_title", "ZJOBTITLE"), ("link_id", "ZLINKID"))
-_NAMES = tuple(name for name, _ in _FIELDS)
+assert Card._fields[1:1 + len(_FIELDS)] == tuple(name for name, _ in _FIELDS)
 
 Trace = Callable[[str], None]
+Entry = TypeVar("Entry", Phone, Email)
 
 
 @dataclass
@@ -88,8 +90,8 @@ def read_store(path: Path, store: str, *, trace: Trace | None = None) -> tuple[l
             raise sqlite.SourceError(f"{path}: no {CONTACT_ENTITY} entity in Z_PRIMARYKEY")
         entity = row[0]
         records = conn.execute(_records_sql(cols["ZABCDRECORD"]), (entity,)).fetchall()
-        phones = _values(conn, cols, "ZABCDPHONENUMBER", "ZFULLNUMBER", entity)
-        emails = _values(conn, cols, "ZABCDEMAILADDRESS", "ZADDRESS", entity)
+        phones = _values(conn, cols, "ZABCDPHONENUMBER", "ZFULLNUMBER", entity, Phone)
+        emails = _values(conn, cols, "ZABCDEMAILADDRESS", "ZADDRESS", entity, Email)
         notes = _notes(conn, cols, entity)
     return _cards(records, phones, emails, notes, store)
 
@@ -112,16 +114,15 @@ def _records_sql(cols: frozenset[str]) -> str:
     me = [c for c in ME_COLUMNS if c in cols]
     is_me = " OR ".join(f"{c} IS NOT NULL" for c in me) or "0"
     selected = ", ".join(col(c) for _, c in _FIELDS)
-    return (f"SELECT Z_PK, {selected}, COALESCE({col('ZDISPLAYFLAGS')}, 0) & 1, {col('ZMODIFICATIONDATE')}, "
+    modified = col("ZMODIFICATIONDATE")  # Apple seconds -> Unix seconds; NULL unless a number
+    return (f"SELECT Z_PK, {selected}, COALESCE({col('ZDISPLAYFLAGS')}, 0) & 1, "
+            f"CASE WHEN typeof({modified}) IN ('integer', 'real') THEN {modified} + {APPLE_EPOCH} END, "
             f"({is_me}) FROM ZABCDRECORD WHERE Z_ENT = ? ORDER BY Z_PK")
 
 
-Entry = tuple[str, str | None, bool]
-
-
 def _values(conn: sqlite3.Connection, cols: dict[str, frozenset[str]], table: str, value: str,
-            entity: int) -> dict[int, list[Entry]]:
-    """Owner Z_PK -> (value, unwrapped label, primary), primary first then Apple's ordering index."""
+            entity: int, record: type[Entry]) -> dict[int, tuple[Entry, ...]]:
+    """Owner Z_PK -> its Phones or Emails, primary first, then Apple's ordering index."""
     have = cols[table]
     if not {"ZOWNER", value} <= have:
         return {}
@@ -135,8 +136,8 @@ def _values(conn: sqlite3.Connection, cols: dict[str, frozenset[str]], table: st
             f"ORDER BY v.ZOWNER, {primary} DESC, {ordering}v.Z_PK", (entity,)):
         text = _text(raw)
         if text is not None:
-            out.setdefault(owner, []).append((text, _unwrap(lab), bool(prim)))
-    return out
+            out.setdefault(owner, []).append(record(text, _unwrap(lab), bool(prim)))
+    return {owner: tuple(entries) for owner, entries in out.items()}
 
 
 def _notes(conn: sqlite3.Connection, cols: dict[str, frozenset[str]], entity: int) -> dict[int, str]:
@@ -154,30 +155,27 @@ def _notes(conn: sqlite3.Connection, cols: dict[str, frozenset[str]], entity: in
     return {pk: text for pk, raw in conn.execute(sql, (entity,)) if (text := _note(raw)) is not None}
 
 
-def _cards(records: list[tuple], phones: dict[int, list[Entry]], emails: dict[int, list[Entry]],
+def _cards(records: list[tuple], phones: dict[int, tuple[Phone, ...]], emails: dict[int, tuple[Email, ...]],
            notes: dict[int, str], store: str) -> tuple[list[Card], set[str], Counter[str]]:
     cards: list[Card] = []
     own: set[str] = set()
     skipped: Counter[str] = Counter()
     for pk, *fields, company, modified, is_me in records:
-        card_phones = tuple(Phone(*e) for e in phones.get(pk, ()))
-        card_emails = tuple(Email(*e) for e in emails.get(pk, ()))
+        card_phones = phones.get(pk, ())
+        card_emails = emails.get(pk, ())
         if is_me:
             own.update(p.value for p in card_phones)
             own.update(e.value for e in card_emails)
             continue
-        values = dict(zip(_NAMES, map(_text, fields)))
-        if not (values["first"] or values["last"] or values["middle"] or values["nickname"]
-                or values["organization"] or card_phones or card_emails):
+        values = list(map(_text, fields))
+        unique_id, first, last, middle, nickname, organization, _job_title, _link_id = values
+        if not (first or last or middle or nickname or organization or card_phones or card_emails):
             skipped[EMPTY_CARD] += 1
             continue
-        if values["unique_id"] is None:
+        if unique_id is None:
             skipped[NO_UNIQUE_ID] += 1
             continue
-        cards.append(Card(
-            store=store, phones=card_phones, emails=card_emails, note=notes.get(pk), company=bool(company),
-            modified=modified + APPLE_EPOCH if isinstance(modified, (int, float)) else None, **values,
-        ))
+        cards.append(Card(store, *values, bool(company), card_phones, card_emails, notes.get(pk), modified))
     return cards, own, skipped
 
 
