@@ -38,7 +38,7 @@ from crm_syncd.identity import (
 )
 from crm_syncd.logs import get_logger, mask_address
 from crm_syncd.settings import Settings
-from crm_syncd.sources import Batch, Card, contacts as contacts_source
+from crm_syncd.sources import Batch, Card, contacts as contacts_source, sqlite
 from crm_syncd.sources.calls import CallsReader
 from crm_syncd.sources.messages import MessagesReader
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError, SourceMissing, SourceReader
@@ -127,23 +127,9 @@ class Engine:
     # -- 1. contacts ----------------------------------------------------------------------
 
     def addressbook_signatures(self) -> dict[str, str]:
-        """size+mtime of every AddressBook store and its -wal: one stat per file.
-
-        An empty -wal signs like a missing one: reading a store Apple has closed creates one, and
-        holds nothing (a commit grows it; a checkpoint that empties it writes the store).
-        """
+        """The `sqlite.signature` of every AddressBook store: two stats per store."""
         base = Path(self.settings.addressbook_dir)
-        signatures = {}
-        for db in contacts_source.store_paths(base):
-            parts = []
-            for f in (db, db.with_name(db.name + "-wal")):
-                try:
-                    st = f.stat()
-                except FileNotFoundError:
-                    st = None
-                parts.append(f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}" if st and st.st_size else "-")
-            signatures[db.relative_to(base).as_posix()] = "|".join(parts)
-        return signatures
+        return {db.relative_to(base).as_posix(): sqlite.signature(db) for db in contacts_source.store_paths(base)}
 
     def contacts_changed(self) -> bool:
         return self.addressbook_signatures() != self.store.signatures()

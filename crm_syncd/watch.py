@@ -16,16 +16,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-
-def _signature(path: Path) -> tuple:
-    parts = []
-    for f in (path, path.with_name(path.name + "-wal")):
-        try:
-            st = os.stat(f)
-            parts.append((st.st_ino, st.st_size, st.st_mtime_ns))
-        except FileNotFoundError:
-            parts.append(None)
-    return tuple(parts)
+from crm_syncd.sources import sqlite
 
 
 class Probe:
@@ -33,11 +24,11 @@ class Probe:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._seen: tuple | None = None
+        self._seen: str | None = None
 
     def changed(self) -> bool:
         """True when the database or its -wal differ from the last call (and on the first)."""
-        current = _signature(self.path)
+        current = sqlite.signature(self.path)
         if current == self._seen:
             return False
         self._seen = current

@@ -15,8 +15,11 @@ import pytest
 
 from crm_syncd.engine import Engine
 from crm_syncd.settings import Settings
+from crm_syncd.sources.messages import MessagesReader
 from crm_syncd.store import Store
+from crm_syncd.watch import Probe
 from tests.conftest import CLI
+from tests.harness.chatdb import ChatDB
 from tests.harness.citadel import Faults
 from tests.harness.library import Library, ago
 from tests.harness.processes import eventually
@@ -187,6 +190,23 @@ def test_reading_an_address_book_apple_had_closed_is_no_change_for_the_rescan(li
     assert (library.addressbook_dir / "AddressBook-v22.abcddb-wal").exists()
     settings = Settings(addressbook_dir=library.addressbook_dir, state_dir=library.home / STATE_DIR)
     assert not Engine(settings, Store(settings.state_db), None).contacts_changed()  # type: ignore[arg-type]
+
+
+def test_reading_a_chat_db_messages_had_closed_is_no_change_for_its_probe(library: Library):
+    """The same empty -wal beside chat.db cost the daemon an extraction that found nothing."""
+    library.text(JANE)
+    library.chat.close()  # Messages is done with it: no -wal
+    wal = library.messages_db.with_name("chat.db-wal")
+    probe = Probe(library.messages_db)
+    assert probe.changed() and not wal.exists()  # the first look
+
+    MessagesReader(library.messages_db).read()
+
+    assert wal.exists() and wal.stat().st_size == 0
+    assert not probe.changed()
+    library.chat = ChatDB.open(library.messages_db)
+    library.text(JANE)  # Messages writes again
+    assert probe.changed()
 
 
 def test_an_idle_daemon_holds_no_read_transaction_so_apple_can_truncate_its_wal(library: Library, citadel, daemon):

@@ -52,6 +52,23 @@ class NeedsFullDiskAccess(SourceError):
         )
 
 
+def signature(path: Path) -> str:
+    """Size, mtime and inode of a database and its `-wal`: two stats, no SQLite.
+
+    A missing file signs "-", and so does an empty `-wal`: reading a database its writer has
+    closed creates one, and it holds nothing (a commit grows it; a checkpoint that empties it
+    writes the database, whose own stat then changes).
+    """
+    parts = []
+    for f in (path, path.with_name(path.name + "-wal")):
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            st = None
+        parts.append(f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}" if st and st.st_size else "-")
+    return "|".join(parts)
+
+
 def readonly_uri(path: Path) -> str:
     """A `file:` URI that keeps `mode=ro` whatever the path holds (spaces, '#', '?')."""
     return Path(path).absolute().as_uri() + "?mode=ro"

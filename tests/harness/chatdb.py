@@ -107,6 +107,7 @@ class ChatDB:
         self.conn, self.path, self.version, self.autocommit = conn, path, version, autocommit
         self.cols = {t: _columns(conn, t) for t in ("message", "handle", "chat", "chat_message_join")}
         self.unit: Literal["s", "ns"] = "ns" if VERSIONS.index(version) >= VERSIONS.index(NS_FROM) else "s"
+        self.closed = False
 
     @classmethod
     def create(cls, path: Path, version: str = "sequoia", *, indexes: bool = True,
@@ -220,9 +221,11 @@ class ChatDB:
         self.conn.execute(f"PRAGMA wal_checkpoint({mode})")
 
     def close(self) -> None:
-        """Commit and close; SQLite checkpoints and removes the -wal."""
-        self.commit()
-        self.conn.close()
+        """Commit and close; SQLite checkpoints and removes the -wal. Again: nothing."""
+        if not self.closed:
+            self.commit()
+            self.conn.close()
+            self.closed = True
 
     def __enter__(self) -> ChatDB:
         return self
