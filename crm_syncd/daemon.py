@@ -179,8 +179,8 @@ class Daemon:
             self.work.set()
 
     async def _contacts(self, force: bool = False) -> None:
-        if not force and (self.engine.backoff_left() or not self.engine.contacts_changed()):
-            return  # a rescan does not knock on a CRM we are backing off from
+        if self.engine.backoff_left() or not (force or self.engine.contacts_changed()):
+            return  # no sync knocks on a CRM we are backing off from
         try:
             report = await self.engine.sync_contacts()
         except crmlib.CRMError as exc:

@@ -161,6 +161,23 @@ def test_a_contacts_sync_retried_from_two_sides_at_once_creates_each_contact_onc
     assert sorted(c["phone"] for c in citadel.contacts()) == phones
 
 
+def test_a_crm_that_says_wait_at_start_up_is_not_asked_again_before_then(library: Library, citadel, daemon):
+    """The first contacts sync is rate-limited (429, Retry-After: 1 s); the pusher used to retry it at once."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    citadel.faults = Faults(rate=1.0, kinds=("429",), reads=True, limit=1)
+    citadel.timeline = []
+
+    d = daemon()
+    eventually(lambda: citadel.contacts(), what="Jane's contact")
+    assert d.stop() == 0
+
+    listings = [(at, status) for at, method, route, status in citadel.timeline
+                if (method, route) == ("GET", "/api/contacts")]
+    (refused_at, refusal), (retried_at, _) = listings[:2]
+    assert refusal == 429
+    assert retried_at - refused_at >= 1.0
+
+
 def test_a_message_from_a_card_added_that_moment_gets_that_contact_not_a_placeholder_too(
         library: Library, citadel, daemon):
     """The rescan's sync would create the card's contact while resolution, not finding it yet,

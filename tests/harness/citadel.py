@@ -522,6 +522,7 @@ class CitadelServer:
         self.faults = Faults()
         self.reject_interactions_at: set[str] = set()  # UTC days whose interaction POSTs get a 422
         self.stats: Counter[tuple[str, str, int | str]] = Counter()  # (method, route, status|fault)
+        self.timeline: list[tuple[float, str, str, int | str]] | None = None  # set to [] to log each answer
         self.connections_accepted = 0
         self.last_headers: dict[str, str] = {}  # the most recent request's headers (lower-case keys)
         self.errors: list[str] = []  # unexpected exceptions in the stand-in itself (should stay empty)
@@ -699,6 +700,8 @@ class CitadelServer:
         key = (method, route, status)
         with self._stats_lock:
             self.stats[key] += 1
+            if self.timeline is not None:
+                self.timeline.append((time.monotonic(), *key))
 
     def _answer(
         self, method: str, path: str, query: str, headers: dict[str, str], body: bytes,
