@@ -38,7 +38,7 @@ from crm_syncd.identity import (
 )
 from crm_syncd.logs import get_logger, mask_address
 from crm_syncd.settings import Settings
-from crm_syncd.sources import Batch, Card, contacts as contacts_source, sqlite
+from crm_syncd.sources import BEFORE_WINDOW, Batch, Card, contacts as contacts_source, sqlite
 from crm_syncd.sources.calls import CallsReader
 from crm_syncd.sources.messages import MessagesReader
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError, SourceMissing, SourceReader
@@ -307,15 +307,19 @@ class Engine:
                     log.warning("extract.rebuilt", source=source, mark=after)
                     after = 0
                     since = since or now - self.settings.initial_lookback_days * DAY_MS
+            kept = mark._replace(file_id=current_file) if mark else None  # the mark while it may not move
+            held = False
             while True:
                 batch = session.read(after, limit=self.settings.batch_size, since_ms=since)
                 if batch.rows == 0 and batch.last_rowid <= after:
                     break
                 items, hints = self._items(batch, report, verdicts)
-                moved = Mark(batch.last_rowid, current_file, batch.anchor)
-                if floor > batch.last_rowid:  # --full behind the mark: keep it (floor is only set with a mark)
-                    moved = mark._replace(file_id=current_file)
-                result = self.store.enqueue(source, items, moved, hints)
+                if (mark is not None and not report.rebuilt and batch.skipped[BEFORE_WINDOW]
+                        and batch.last_rowid > mark.rowid):
+                    held = True  # the window dropped rows above the mark (old ones that came late): the next read's
+                if not held and batch.last_rowid >= floor:  # --full behind the mark keeps it (floor is 0 without one)
+                    kept = Mark(batch.last_rowid, current_file, batch.anchor)
+                result = self.store.enqueue(source, items, kept, hints)
                 report.rows += batch.rows
                 report.added += result.added
                 report.duplicates += result.duplicates

@@ -290,6 +290,24 @@ def test_days_limits_the_window_of_a_first_sync(library: Library, citadel, cli: 
     assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1}
 
 
+@pytest.mark.parametrize("window", [["--days", "7"], ["--full", "--days", "7"]])
+def test_a_windowed_sync_leaves_older_rows_above_the_mark_to_the_next_sync(
+        library: Library, citadel, cli: CLI, window: list[str]):
+    """A message dated a month back that arrives late (iCloud downloading history) lies above the
+    mark; a run limited to the last 7 days (or the daemon's daily sweep) must not step over it."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(days=1))
+    assert cli("sync").code == 0
+    library.text(JANE, at=ago(days=30))
+    library.text(JANE, at=ago(hours=1))
+
+    assert cli("sync", *window).code == 0
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 2}
+    assert cli("sync").code == 0
+
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 3}
+
+
 def test_an_unreachable_crm_queues_everything_and_a_later_run_delivers_it(library: Library, citadel, cli: CLI):
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE)
