@@ -90,6 +90,7 @@ class Daemon:
         self.stop = asyncio.Event()
         self.work = asyncio.Event()  # the outbox may have something deliverable
         self.sources = {s: SourceState() for s in SOURCES}
+        self._extracting = {s: asyncio.Lock() for s in SOURCES}  # the daily sweep and a live extraction take turns
         self.last_error: str | None = None
         self.crm_reachable: bool | None = None
         self.contacts_synced = False
@@ -136,13 +137,19 @@ class Daemon:
             await self._extract(source)
         watcher = Watcher({s: self.engine.readers[s].path for s in SOURCES}, hint, loop)
         watcher.start()
-        tasks = [asyncio.create_task(d.run()) for d in debouncers.values()]
-        tasks += [asyncio.create_task(self._pusher()), asyncio.create_task(self._timers(hint)),
-                  asyncio.create_task(self._heartbeats())]
+        tasks = [asyncio.create_task(d.run(), name=f"extract {s}") for s, d in debouncers.items()]
+        tasks += [asyncio.create_task(self._pusher(), name="pusher"),
+                  asyncio.create_task(self._timers(hint), name="timers"),
+                  asyncio.create_task(self._heartbeats(), name="heartbeats")]
         log.info("daemon.watching", directories=[str(d) for d in watcher.watched])
+        code = 0
+        stopping = asyncio.create_task(self.stop.wait())
         try:
-            await self.stop.wait()
+            done, _ = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            if died := [t for t in tasks if t in done]:
+                code = self._died(died[0])
         finally:
+            stopping.cancel()
             watcher.stop()
             pusher = tasks[len(debouncers)]
             others = [t for t in tasks if t is not pusher]
@@ -154,16 +161,26 @@ class Daemon:
             if not done:
                 pusher.cancel()
                 await asyncio.gather(pusher, return_exceptions=True)
-        log.info("daemon.stopped")
-        return 0
+        log.info("daemon.stopped", code=code)
+        return code
+
+    def _died(self, task: asyncio.Task) -> int:
+        """A task ended on its own: stop with exit 1 rather than live on without it (launchd restarts us)."""
+        exc = task.exception()
+        self.last_error = f"{task.get_name()} stopped: {exc!r}"
+        log.error("daemon.failed", task=task.get_name(), error=repr(exc), exc_info=exc)
+        self.stop.set()
+        self.work.set()
+        return 1
 
     # -- work -----------------------------------------------------------------------------
 
     async def _extract(self, source: str, sweep: bool = False) -> None:
-        started = time.monotonic()
         window = {"full": True, "days": SWEEP_DAYS} if sweep else {}
         try:
-            report = await asyncio.to_thread(self.engine.extract, source, **window)
+            async with self._extracting[source]:
+                started = time.monotonic()
+                report = await asyncio.to_thread(self.engine.extract, source, **window)
         except NeedsFullDiskAccess as exc:
             self._error(str(exc), event="extract.denied", source=source)
             return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 from collections import Counter
 from datetime import timedelta
 
@@ -224,6 +225,25 @@ def test_reading_a_chat_db_messages_had_closed_is_no_change_for_its_probe(librar
     library.chat = ChatDB.open(library.messages_db)
     library.text(JANE)  # Messages writes again
     assert probe.changed()
+
+
+def test_a_daemon_that_loses_a_task_to_an_error_exits_1_saying_why_instead_of_idling_on(
+        library: Library, citadel, daemon, home):
+    """Its state database locked for longer than the store waits (10 s): the heartbeat's write fails.
+    That task used to die alone, leaving a daemon that looked alive and did nothing; launchd
+    restarts a daemon that exits 1."""
+    d = daemon()
+    blocker = sqlite3.connect(home / STATE_DIR / "state.db", isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        failed = eventually(lambda: d.events("daemon.failed"), timeout=60, what="the daemon to give up")
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+    assert d.proc.wait(timeout=60) == 1
+    assert "database is locked" in failed[0]["error"]
+    assert d.events("daemon.stopped")[0]["code"] == 1
 
 
 def test_an_idle_daemon_holds_no_read_transaction_so_apple_can_truncate_its_wal(library: Library, citadel, daemon):
