@@ -285,11 +285,11 @@ class Store:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield _Tx(self._conn)
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-                else:
                     self._conn.execute("COMMIT")
+                except BaseException:
+                    if self._conn.in_transaction:  # not when SQLite rolled back itself (a full disk, an I/O error)
+                        self._conn.execute("ROLLBACK")
+                    raise
             finally:
                 if not durable:
                     self._conn.execute("PRAGMA synchronous=FULL")
@@ -379,6 +379,13 @@ class Store:
         if not self._unattached:
             return 0
         self._unattached = False  # first: a mapping made during the pass asks for another
+        try:
+            return self._attach_pass()
+        except BaseException:
+            self._unattached = True  # the pass did not finish (a lock, a full disk): the next call makes it
+            raise
+
+    def _attach_pass(self) -> int:
         attached = 0
         for state in ("pending", "held"):  # one state at a time walks the index in id order, unsorted
             after = 0

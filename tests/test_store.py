@@ -6,7 +6,10 @@ The real Store and Engine run against fixture stores; extraction never talks to 
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
+
+import pytest
 
 from crm_syncd.engine import Engine
 from crm_syncd.settings import Settings
@@ -103,6 +106,24 @@ def test_items_waiting_for_a_contact_get_it_in_passes_however_many_wait(monkeypa
     assert {item.contact_id for item in claimed} == {7}
     assert store.unresolved_addresses(held=True) == ["+16135550122"]
     assert store.attach() == 0  # nothing mapped since
+
+
+def test_an_attach_pass_that_fails_is_made_again_by_the_next_call(tmp_path):
+    """The pass cleared its 'something was mapped' flag first; failing, it left the items waiting
+    for good (until some other address was mapped)."""
+    store = Store(tmp_path / "state.db")
+    store.enqueue("messages", items(JANE, 3), Mark(3, "1:2"))
+    store.map_addresses([JANE], 7, "card")
+    store._conn.execute("PRAGMA busy_timeout = 50")  # give up on a lock at once, not after 10 s
+    blocker = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # another writer, e.g. `crm-syncd retry-failed`
+
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        store.attach()
+    blocker.execute("ROLLBACK")
+
+    assert store.attach() == 3
+    assert [item.contact_id for item in store.claim(10)] == [7, 7, 7]
 
 
 def test_an_item_extracted_after_its_address_is_known_needs_no_pass():
