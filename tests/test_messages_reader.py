@@ -132,6 +132,34 @@ def test_tapbacks_and_stickers_are_skipped_as_reactions(tmp_path, kind):
             assert batch.skipped == {"reaction": 1}, version
 
 
+@pytest.mark.parametrize("kind", [1, 4, 999])
+def test_associated_types_outside_the_known_ones_are_not_messages(tmp_path, kind):
+    with ChatDB.create(tmp_path / "chat.db") as db:
+        ann = db.handle("+15551230001")
+        chat = db.chat([ann])
+        db.message(chat, ann, at=AT, associated_type=kind)
+        db.message(chat, ann, at=AT, associated_type=3, guid="APP")  # app payloads are messages
+
+        batch = read(db)
+        assert [a.key for a in batch.activities] == ["msg:APP"]
+        assert batch.skipped == {"not-a-message": 1}
+
+
+def test_a_message_in_recently_deleted_when_read_is_skipped_as_deleted(tmp_path):
+    for version in VERSIONS[VERSIONS.index("ventura"):]:
+        with ChatDB.create(tmp_path / f"{version}.db", version) as db:
+            ann = db.handle("+15551230001")
+            chat = db.chat([ann])
+            gone = db.message(chat, ann, at=AT, guid="GONE")
+            db.message(chat, ann, at=AT, guid="KEPT")
+            db.message(None, ann, at=AT, guid="ORPHAN")  # in no chat at all: still a message
+            db.move_to_recently_deleted(gone)
+
+            batch = read(db)
+            assert [a.key for a in batch.activities] == ["msg:KEPT", "msg:ORPHAN"], version
+            assert batch.skipped == {"deleted": 1}, version
+
+
 @pytest.mark.parametrize("item_type", [1, 2, 3, 4, 6])
 def test_group_events_and_other_item_types_are_skipped(db, item_type):
     ann = db.handle("+15551230001")

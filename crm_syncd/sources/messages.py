@@ -31,9 +31,11 @@ REQUIRED = ("guid", "date", "is_from_me", "handle_id")
 
 # Skip reasons: stable names, counted in Batch.skipped.
 NOT_A_MESSAGE, REACTION, SYSTEM, FAILED_SEND = "not-a-message", "reaction", "system", "failed-send"
+DELETED = "deleted"  # in Recently Deleted (macOS 13+) when read
 NO_DATE, BAD_DATE = "no-date", "bad-date"  # and sources.BEFORE_WINDOW, counted by every reader
 NO_COUNTERPART, GROUP_OUTGOING = "no-counterpart", "group-outgoing"
 
+RECENTLY_DELETED = "chat_recoverable_message_join"
 Party = tuple[str, str | None]  # (handle.id as stored, handle.person_centric_id)
 _ROWID, _HANDLE, _CHAT = itemgetter(0), itemgetter(4), itemgetter(5)  # columns of the SELECT's rows
 
@@ -56,7 +58,8 @@ class MessagesReader(sqlite.SourceReader):
         if missing := [c for c in REQUIRED if c not in cols]:
             raise sqlite.SourceError(f"{self.path}: message table lacks {', '.join(missing)}")
         join_cols = db.remembered("chat_message_join", lambda: sqlite.columns(conn, "chat_message_join"))
-        sql, params = _select(cols, join_cols, since_ms)
+        deleted = db.remembered("recently_deleted", lambda: "message_id" in sqlite.columns(conn, RECENTLY_DELETED))
+        sql, params = _select(cols, join_cols, deleted, since_ms)
         params |= {"after": after_rowid, "limit": limit}
         with _gc_paused():
             rows = conn.execute(sql, params).fetchall()
@@ -173,7 +176,8 @@ def _chats(conn: sqlite3.Connection,
     return singles, groups, max(styles, default=0)
 
 
-def _select(cols: frozenset[str], join_cols: frozenset[str], since_ms: int | None) -> tuple[str, dict[str, int]]:
+def _select(cols: frozenset[str], join_cols: frozenset[str], deleted: bool,
+            since_ms: int | None) -> tuple[str, dict[str, int]]:
     """The one SELECT over message: ROWID, guid, date, is_from_me, handle_id, chat_id, skip reason.
 
     Date rules compare the raw column against thresholds pre-computed in both units, so SQLite
@@ -184,8 +188,9 @@ def _select(cols: frozenset[str], join_cols: frozenset[str], since_ms: int | Non
     reasons = []
     if "item_type" in cols:
         reasons.append(f"WHEN m.item_type != 0 THEN '{NOT_A_MESSAGE}'")
-    if "associated_message_type" in cols:
-        reasons.append(f"WHEN m.associated_message_type >= 1000 THEN '{REACTION}'")
+    if "associated_message_type" in cols:  # 0 a message, 2 and 3 app payloads; others are not messages
+        reasons += [f"WHEN m.associated_message_type >= 1000 THEN '{REACTION}'",
+                    f"WHEN m.associated_message_type NOT IN (0, 2, 3) THEN '{NOT_A_MESSAGE}'"]
     if flags := [f"m.{c} = 1" for c in ("is_system_message", "is_service_message") if c in cols]:
         reasons.append(f"WHEN {' OR '.join(flags)} THEN '{SYSTEM}'")
     if "error" in cols:
@@ -202,6 +207,9 @@ def _select(cols: frozenset[str], join_cols: frozenset[str], since_ms: int | Non
     joined = {"chat_id", "message_id"} <= join_cols
     chat, join = (("j.chat_id", "LEFT JOIN chat_message_join j ON j.message_id = m.ROWID") if joined
                   else ("NULL", ""))
+    if joined and deleted:  # deleting moves a message's chat join row there
+        reasons.append(f"WHEN j.chat_id IS NULL AND m.ROWID IN (SELECT message_id FROM {RECENTLY_DELETED}) "
+                       f"THEN '{DELETED}'")
     sql = (f"SELECT m.ROWID, m.guid, m.date, m.is_from_me, m.handle_id, {chat}, CASE {' '.join(reasons)} END "
            f"FROM message m {join} WHERE m.ROWID > :after {window} ORDER BY m.ROWID LIMIT :limit")
     return sql, params

@@ -37,6 +37,12 @@ INDEXES = (
     "CREATE INDEX chat_handle_join_idx_handle_id ON chat_handle_join(handle_id)",
 )
 CLIENT_VERSION = {"el-capitan": "9005", "sequoia": "18020"}  # _ClientVersion seen on real DBs
+# Recently Deleted (macOS 13+), as apple-databases.md §1.4 gives it: the DDL dumps lack it.
+RECOVERABLE_FROM = "ventura"
+RECOVERABLE_JOIN = ("CREATE TABLE chat_recoverable_message_join (chat_id INTEGER REFERENCES chat (ROWID) "
+                    "ON DELETE CASCADE, message_id INTEGER REFERENCES message (ROWID) ON DELETE CASCADE, "
+                    "delete_date INTEGER, ck_sync_state INTEGER DEFAULT 0, PRIMARY KEY (chat_id, message_id), "
+                    "CHECK (delete_date != 0))")
 
 _NOW = object()  # default for message(at=...)
 
@@ -125,6 +131,8 @@ class ChatDB:
                           ("__CSDBRecordSequenceNumber", "0")])
         for sql in tables.values():
             conn.execute(sql)
+        if VERSIONS.index(version) >= VERSIONS.index(RECOVERABLE_FROM):
+            conn.execute(RECOVERABLE_JOIN)
         for sql in INDEXES if indexes else ():
             conn.execute(sql)
         conn.execute("COMMIT")
@@ -201,6 +209,14 @@ class ChatDB:
                          message_date=date or 0)
         self._done()
         return rowid
+
+    def move_to_recently_deleted(self, rowid: int) -> None:
+        """What deleting a message does on macOS 13+: its chat join row moves to Recently Deleted."""
+        chats = [r[0] for r in self.conn.execute("SELECT chat_id FROM chat_message_join WHERE message_id = ?", (rowid,))]
+        self.conn.execute("DELETE FROM chat_message_join WHERE message_id = ?", (rowid,))
+        self.conn.executemany("INSERT INTO chat_recoverable_message_join (chat_id, message_id, delete_date) "
+                              "VALUES (?, ?, ?)", [(c, rowid, to_apple(datetime.now(UTC), self.unit)) for c in chats])
+        self._done()
 
     def delete_message(self, rowid: int) -> None:
         for sql in ("DELETE FROM chat_message_join WHERE message_id = ?",
