@@ -162,6 +162,23 @@ def test_a_contacts_sync_retried_from_two_sides_at_once_creates_each_contact_onc
     assert sorted(c["phone"] for c in citadel.contacts()) == phones
 
 
+def test_a_message_sent_from_the_mac_arrives_once_sent_and_a_failed_send_never(library: Library, citadel, daemon):
+    """Messages commits an outgoing row before sending it (is_sent = 0), then updates it."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    d = daemon()
+    sent = library.text(JANE, from_me=True, is_sent=0)
+    failed = library.text(JANE, from_me=True, is_sent=0)
+    library.text(JANE)
+    eventually(lambda: interactions_of(citadel, JANE), what="the reply, read past both sends under way")
+
+    library.chat.finish_sending(sent)
+    library.chat.finish_sending(failed, error=4)
+    eventually(lambda: len(interactions_of(citadel, JANE)) == 2, what="the message once sent")
+    assert d.stop() == 0
+
+    assert Counter(i["type"] for i in interactions_of(citadel, JANE)) == {"TEXT_INBOUND": 1, "TEXT_OUTBOUND": 1}
+
+
 def test_a_crm_that_says_wait_at_start_up_is_not_asked_again_before_then(library: Library, citadel, daemon):
     """The first contacts sync is rate-limited (429, Retry-After: 1 s); the pusher used to retry it at once."""
     library.card(first="Jane", last="Doe", phones=[JANE])

@@ -176,11 +176,27 @@ def test_failed_sends_and_system_messages_are_skipped(db):
     db.message(chat, ann, from_me=True, at=AT, error=4)
     db.message(chat, ann, at=AT, is_system=1)
     db.message(chat, ann, at=AT, error=4, guid="IN-ERR")  # an error on an incoming row is not a failed send
-    db.message(chat, ann, from_me=True, at=AT, is_sent=0, guid="UNSENT")  # not yet sent: still reported
+    db.message(chat, ann, from_me=True, at=AT, is_sent=0, guid="UNSENT")  # unsent for days: taken as it is
 
     batch = read(db)
     assert [a.key for a in batch.activities] == ["msg:IN-ERR", "msg:UNSENT"]
     assert batch.skipped == {"failed-send": 1, "system": 1}
+    assert batch.unsettled is None
+
+
+def test_an_outgoing_message_still_being_sent_is_left_for_a_later_read(db):
+    ann = db.handle("+15551230001")
+    chat = db.chat([ann])
+    db.message(chat, ann, at=datetime.now(UTC), guid="BEFORE")
+    sending = db.message(chat, ann, from_me=True, at=datetime.now(UTC), is_sent=0, guid="SENDING")
+    db.message(chat, ann, at=datetime.now(UTC), guid="AFTER")
+
+    batch = read(db)
+    assert [a.key for a in batch.activities] == ["msg:BEFORE", "msg:AFTER"]
+    assert (batch.skipped, batch.unsettled) == ({"not-sent-yet": 1}, sending)
+
+    db.finish_sending(sending)
+    assert [a.key for a in read(db, after_rowid=sending - 1).activities] == ["msg:SENDING", "msg:AFTER"]
 
 
 def test_missing_and_impossible_dates_are_skipped(db):

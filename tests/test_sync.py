@@ -290,6 +290,30 @@ def test_days_limits_the_window_of_a_first_sync(library: Library, citadel, cli: 
     assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1}
 
 
+@pytest.mark.parametrize("first_sync", [True, False])
+def test_an_outgoing_message_is_delivered_once_sent_and_never_if_its_send_fails(
+        library: Library, citadel, cli: CLI, first_sync: bool):
+    """Messages writes an outgoing row before it is sent (is_sent = 0) and updates it afterwards;
+    a send that then fails is not an interaction, and nothing read meanwhile is lost."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    if not first_sync:
+        library.text(JANE, at=ago(hours=2))
+        assert cli("sync").code == 0
+    sent = library.text(JANE, from_me=True, is_sent=0, at=ago(seconds=30))
+    failed = library.text(JANE, from_me=True, is_sent=0, at=ago(seconds=20))
+    library.text(JANE, at=ago(seconds=10))
+
+    assert cli("sync").code == 0
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 2 - first_sync}
+
+    library.chat.finish_sending(sent)
+    library.chat.finish_sending(failed, error=4)
+    assert cli("sync").code == 0
+    assert cli("sync").code == 0
+
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 2 - first_sync, "TEXT_OUTBOUND": 1}
+
+
 @pytest.mark.parametrize("window", [["--days", "7"], ["--full", "--days", "7"]])
 def test_a_windowed_sync_leaves_older_rows_above_the_mark_to_the_next_sync(
         library: Library, citadel, cli: CLI, window: list[str]):

@@ -35,6 +35,7 @@ class Batch:
     last_rowid: int = 0  # highest source row examined (the next mark), even if it was skipped
     rows: int = 0  # source rows examined
     anchor: str | None = None  # the own id (guid, ZUNIQUE_ID) of the row at last_rowid, if any
+    unsettled: int | None = None  # the first row that may still change (a send under way): read it again later
 
 
 class Phone(NamedTuple):

@@ -32,6 +32,8 @@ REQUIRED = ("guid", "date", "is_from_me", "handle_id")
 # Skip reasons: stable names, counted in Batch.skipped.
 NOT_A_MESSAGE, REACTION, SYSTEM, FAILED_SEND = "not-a-message", "reaction", "system", "failed-send"
 DELETED = "deleted"  # in Recently Deleted (macOS 13+) when read
+NOT_SENT_YET = "not-sent-yet"  # outgoing, Messages still sending it: read again until it is sent or failed
+PENDING_SEND_MS = 86_400_000  # an outgoing message still unsent a day after its date is taken as it is
 NO_DATE, BAD_DATE = "no-date", "bad-date"  # and sources.BEFORE_WINDOW, counted by every reader
 NO_COUNTERPART, GROUP_OUTGOING = "no-counterpart", "group-outgoing"
 
@@ -80,9 +82,12 @@ class MessagesReader(sqlite.SourceReader):
         skipped: Counter[str] = Counter()
         fan_out = self.group_messages == "each-participant"
         get_handle, get_single, get_group = maps.handles.get, maps.singles.get, maps.groups.get
-        for _rowid, guid, date, from_me, handle_id, chat_id, skip in rows:
+        unsettled = None
+        for rowid, guid, date, from_me, handle_id, chat_id, skip in rows:
             if skip is not None:
                 skipped[skip] += 1
+                if skip == NOT_SENT_YET and unsettled is None:
+                    unsettled = rowid
                 continue
             occurred = (date // 1_000_000 if date > NS_THRESHOLD else date * 1000) + EPOCH_MS
             parties = get_group(chat_id)
@@ -104,7 +109,7 @@ class MessagesReader(sqlite.SourceReader):
                 continue
             add(new(Activity, (f"msg:{guid}", party[0], TEXT_OUTBOUND if from_me else TEXT_INBOUND,
                                occurred, None, party[1])))
-        return Batch(activities=out, skipped=skipped)
+        return Batch(activities=out, skipped=skipped, unsettled=unsettled)
 
 
 @contextmanager
@@ -198,6 +203,11 @@ def _select(cols: frozenset[str], join_cols: frozenset[str], deleted: bool,
     reasons += [f"WHEN m.date IS NULL OR m.date = 0 THEN '{NO_DATE}'",
                 "WHEN m.date < 0 OR m.date > :future_ns OR (m.date <= :ns AND m.date > :future_s) "
                 f"THEN '{BAD_DATE}'"]
+    if "is_sent" in cols:  # rows appear before they are sent and are updated once sent (or failed)
+        pending = time.time_ns() // 1_000_000 - PENDING_SEND_MS - EPOCH_MS
+        params |= {"pending_ns": pending * 1_000_000, "pending_s": -(-pending // 1000)}
+        reasons.append("WHEN m.is_from_me = 1 AND m.is_sent = 0 AND "
+                       f"m.date >= CASE WHEN m.date > :ns THEN :pending_ns ELSE :pending_s END THEN '{NOT_SENT_YET}'")
     window = ""
     if since_ms is not None:
         after = since_ms - EPOCH_MS

@@ -210,6 +210,13 @@ class ChatDB:
         self._done()
         return rowid
 
+    def finish_sending(self, rowid: int, *, error: int = 0) -> None:
+        """Messages is done sending an outgoing row: sent, or failed with `error`."""
+        if not self.conn.in_transaction:
+            self.conn.execute("BEGIN")
+        self.conn.execute("UPDATE message SET is_sent = ?, error = ? WHERE ROWID = ?", (int(not error), error, rowid))
+        self._done()
+
     def move_to_recently_deleted(self, rowid: int) -> None:
         """What deleting a message does on macOS 13+: its chat join row moves to Recently Deleted."""
         chats = [r[0] for r in self.conn.execute("SELECT chat_id FROM chat_message_join WHERE message_id = ?", (rowid,))]
