@@ -134,6 +134,18 @@ def test_the_same_person_in_two_sources_becomes_one_contact(library: Library, ci
     assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 2}
 
 
+def test_linked_cards_become_one_contact_named_from_the_card_contacts_prefers(library: Library, citadel, cli: CLI):
+    """Contacts shows cards with one ZLINKID as one person, named from the card marked
+    ZPREFERREDFORLINKNAME, however recently the other was edited."""
+    library.card(source=1, first="Jane", last="Doe", link_id="LINK-1", preferred_name=True, modified=ago(days=400))
+    library.card(source=2, first="J.", last="Doe (work)", link_id="LINK-1", phones=[JANE], modified=ago(days=1))
+
+    assert cli("sync").code == 0
+
+    assert list(names(citadel)) == ["Jane Doe"]
+    assert names(citadel)["Jane Doe"]["phone"] == JANE
+
+
 def test_company_cards_and_first_name_only_cards_get_findable_names(library: Library, citadel, cli: CLI):
     library.card(organization="Acme Plumbing", company=True, phones=["+1 613 555 0144"])
     library.card(first="Prince", phones=["+1 613 555 0155"])

@@ -67,3 +67,4 @@ class Card(NamedTuple):
     emails: tuple[Email, ...] = ()
     note: str | None = None
     modified: float | None = None  # ZMODIFICATIONDATE, Unix seconds
+    preferred_name: bool = False  # ZPREFERREDFORLINKNAME: of linked cards, the one Contacts takes the name from

@@ -117,7 +117,7 @@ def _records_sql(cols: frozenset[str]) -> str:
     modified = col("ZMODIFICATIONDATE")  # Apple seconds -> Unix seconds; NULL unless a number
     return (f"SELECT Z_PK, {selected}, COALESCE({col('ZDISPLAYFLAGS')}, 0) & 1, "
             f"CASE WHEN typeof({modified}) IN ('integer', 'real') THEN {modified} + {APPLE_EPOCH} END, "
-            f"({is_me}) FROM ZABCDRECORD WHERE Z_ENT = ? ORDER BY Z_PK")
+            f"COALESCE({col('ZPREFERREDFORLINKNAME')}, 0) != 0, ({is_me}) FROM ZABCDRECORD WHERE Z_ENT = ? ORDER BY Z_PK")
 
 
 def _values(conn: sqlite3.Connection, cols: dict[str, frozenset[str]], table: str, value: str,
@@ -160,7 +160,7 @@ def _cards(records: list[tuple], phones: dict[int, tuple[Phone, ...]], emails: d
     cards: list[Card] = []
     own: set[str] = set()
     skipped: Counter[str] = Counter()
-    for pk, *fields, company, modified, is_me in records:
+    for pk, *fields, company, modified, preferred, is_me in records:
         card_phones = phones.get(pk, ())
         card_emails = emails.get(pk, ())
         if is_me:
@@ -175,7 +175,8 @@ def _cards(records: list[tuple], phones: dict[int, tuple[Phone, ...]], emails: d
         if unique_id is None:
             skipped[NO_UNIQUE_ID] += 1
             continue
-        cards.append(Card(store, *values, bool(company), card_phones, card_emails, notes.get(pk), modified))
+        cards.append(Card(store, *values, bool(company), card_phones, card_emails, notes.get(pk), modified,
+                          bool(preferred)))
     return cards, own, skipped
 
 

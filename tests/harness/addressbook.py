@@ -259,6 +259,7 @@ class AddressBookDB:
         middle: str | None = None,
         job_title: str | None = None,
         modified: datetime | None = None,
+        preferred_name: bool = False,
         entity: str = "ABCDContact",
     ) -> int:
         """Insert a card (ABCDContact unless `entity` says otherwise); returns its Z_PK."""
@@ -270,6 +271,7 @@ class AddressBookDB:
             ZCONTAINER1=self.container, **{self.me_column: self.container if me else None},
             ZCREATIONDATE=stamp, ZMODIFICATIONDATE=stamp, ZSORTINGFIRSTNAME=(first or organization or "").upper(),
             ZSORTINGLASTNAME=(last or "").upper(), ZPRIVACYFLAGS=0, ZSYNCSTATUS=0,
+            ZPREFERREDFORLINKNAME=int(preferred_name),
         )
         self._multi_values("ZABCDPHONENUMBER", pk, _entries(phones))
         self._multi_values("ZABCDEMAILADDRESS", pk, _entries(emails))
