@@ -146,7 +146,8 @@ class Daemon:
         stopping = asyncio.create_task(self.stop.wait())
         try:
             done, _ = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            if died := [t for t in tasks if t in done]:
+            # a task may end with the stop (the pusher does), never on its own or on an error
+            if died := [t for t in tasks if t in done and (t.exception() or not self.stop.is_set())]:
                 code = self._died(died[0])
         finally:
             stopping.cancel()
