@@ -296,6 +296,7 @@ class Engine:
         after, floor = 0, 0
         verdicts: dict[str, tuple[str, bool]] = {}  # raw address -> (normalised, True) or (skip reason, False)
         with reader.session() as session:
+            self.own_addresses.update(a for a in map(self.normalize.person, session.own_addresses()) if a)
             if mark is None and since is None and not full:
                 since = now - self.settings.initial_lookback_days * DAY_MS
             elif mark is not None and full:

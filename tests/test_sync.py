@@ -110,6 +110,21 @@ def test_email_handles_match_cards_by_email_case_insensitively(library: Library,
     assert kinds(citadel, "Ann Lee") == {"TEXT_INBOUND": 1}
 
 
+def test_notes_to_self_are_not_interactions_even_without_a_me_card(library: Library, citadel, cli: CLI):
+    """chat.last_addressed_handle names the owner's own addresses: a chat with oneself is nobody's."""
+    own = "+16135550199"
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE)
+    handle = library.chat.handle(own)
+    library.chat.message(library.chat.chat([handle], last_addressed=own), handle, from_me=True, at=ago(minutes=1))
+
+    result = cli("sync", "-v")
+
+    assert result.code == 0
+    assert list(names(citadel)) == ["Jane Doe"]
+    assert "own-address" in result.output
+
+
 def test_short_codes_and_sender_names_are_skipped_and_counted_not_contacts(library: Library, citadel, cli: CLI):
     library.text("88202", service="SMS")
     library.text("AMAZON", service="SMS")

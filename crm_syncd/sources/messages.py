@@ -54,6 +54,10 @@ class MessagesReader(sqlite.SourceReader):
         super().__init__(path, trace=trace)
         self.group_messages = group_messages
 
+    def own_addresses(self) -> set[str]:
+        """The addresses the owner's chats were last addressed from (chat.last_addressed_handle)."""
+        return sqlite.retrying(self._reading, _own_addresses)
+
     def _read(self, db: sqlite.Database, conn: sqlite3.Connection, after_rowid: int, limit: int,
               since_ms: int | None) -> tuple[Batch, bool]:
         cols = self._columns(db, conn)
@@ -156,6 +160,13 @@ def _maps(db: sqlite.Database, conn: sqlite3.Connection, rows: list[tuple]) -> _
 def _handles(conn: sqlite3.Connection) -> dict[int, Party]:
     person = "person_centric_id" if "person_centric_id" in sqlite.columns(conn, "handle") else "NULL"
     return {rowid: (address, pcid) for rowid, address, pcid in conn.execute(f"SELECT ROWID, id, {person} FROM handle")}
+
+
+def _own_addresses(db: sqlite.Database, conn: sqlite3.Connection) -> set[str]:
+    if "last_addressed_handle" not in sqlite.columns(conn, "chat"):
+        return set()
+    return {address for (address,) in conn.execute("SELECT DISTINCT last_addressed_handle FROM chat")
+            if isinstance(address, str) and address.strip()}
 
 
 def _chats(conn: sqlite3.Connection,

@@ -222,6 +222,10 @@ class SourceReader:
         """The anchor of the row at `rowid`; None when no row is there or the store keeps none."""
         return retrying(self._reading, self._anchor, rowid)
 
+    def own_addresses(self) -> set[str]:
+        """The owner's own addresses as this database names them (none unless it keeps them)."""
+        return set()
+
     def _read(self, db: Database, conn: sqlite3.Connection, after_rowid: int, limit: int,
               since_ms: int | None) -> tuple[Batch, bool]:
         """The batch of the rows the main SELECT returned, and whether it returned `limit` of them."""

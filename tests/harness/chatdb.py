@@ -164,7 +164,9 @@ class ChatDB:
                             uncanonicalized_id=None, person_centric_id=person_centric_id)
 
     def chat(self, handles: list[int], group: bool = False, service: str = "iMessage",
-             guid: str | None = None, display_name: str | None = None) -> int:
+             guid: str | None = None, display_name: str | None = None,
+             last_addressed: str = "me@example.com") -> int:
+        """A chat with `handles`; `last_addressed` is the owner's own address Messages last used in it."""
         if group:
             identifier = f"chat{uuid.uuid4().int % 10**18}"
             guid = guid or f"any;+;{uuid.uuid4().hex}"
@@ -175,7 +177,8 @@ class ChatDB:
         chat = self._insert("chat", commit=False, guid=guid, style=GROUP if group else DIRECT, state=3,
                             chat_identifier=identifier, service_name=service,
                             room_name=identifier if group else None, display_name=display_name,
-                            account_login="E:me@example.com", is_filtered=0, successful_query=1)
+                            account_login="E:me@example.com", last_addressed_handle=last_addressed,
+                            is_filtered=0, successful_query=1)
         self.conn.executemany("INSERT INTO chat_handle_join (chat_id, handle_id) VALUES (?, ?)",
                               [(chat, h) for h in handles])
         self._done()
