@@ -33,7 +33,7 @@ REQUIRED = ("guid", "date", "is_from_me", "handle_id")
 NOT_A_MESSAGE, REACTION, SYSTEM, FAILED_SEND = "not-a-message", "reaction", "system", "failed-send"
 DELETED = "deleted"  # in Recently Deleted (macOS 13+) when read
 NOT_SENT_YET = "not-sent-yet"  # outgoing, Messages still sending it: read again until it is sent or failed
-PENDING_SEND_MS = 86_400_000  # an outgoing message still unsent a day after its date is taken as it is
+PENDING_SEND_MS = 900_000  # still unsent 15 min after its date: taken as it is (Messages has sent or given up by then)
 NO_DATE, BAD_DATE = "no-date", "bad-date"  # and sources.BEFORE_WINDOW, counted by every reader
 NO_COUNTERPART, GROUP_OUTGOING = "no-counterpart", "group-outgoing"
 
