@@ -308,7 +308,8 @@ class Engine:
                     log.warning("extract.rebuilt", source=source, mark=after)
                     after = 0
                     since = since or now - self.settings.initial_lookback_days * DAY_MS
-            kept = mark._replace(file_id=current_file) if mark and not report.rebuilt else None
+            resumed = mark is not None and not report.rebuilt  # else a lookback pass: its window lives in no mark
+            kept = mark._replace(file_id=current_file) if resumed else None
             held = False  # once a row must be read again, the mark moves no further in this read
             while True:
                 batch = session.read(after, limit=self.settings.batch_size, since_ms=since)
@@ -317,12 +318,13 @@ class Engine:
                 items, hints = self._items(batch, report, verdicts)
                 if not held:
                     again = [batch.unsettled] if batch.unsettled is not None else []  # a message still being sent
-                    if (mark is not None and not report.rebuilt and batch.skipped[BEFORE_WINDOW]
-                            and batch.last_rowid > mark.rowid):
+                    if resumed and batch.skipped[BEFORE_WINDOW] and batch.last_rowid > mark.rowid:
                         again.append(mark.rowid + 1)  # the window dropped rows above the mark (old ones, come late)
                     if again:  # rows a later read must see: the mark stops before the first of them
                         held = True
-                        if kept is None or kept.rowid < min(again) - 1:
+                        if not resumed:  # a mark would drop the lookback next time: the next pass repeats this one
+                            kept = mark
+                        elif kept.rowid < min(again) - 1:
                             kept = Mark(min(again) - 1, current_file, None)
                     elif batch.last_rowid >= floor:  # --full behind the mark keeps it (floor is 0 without one)
                         kept = Mark(batch.last_rowid, current_file, batch.anchor)

@@ -318,9 +318,10 @@ class Store:
                                      (source,)).fetchone()
         return {"rowid": row[0], "file_id": row[1], "updated_ms": row[2]} if row else None
 
-    def enqueue(self, source: str, items: Sequence[NewItem], mark: Mark,
+    def enqueue(self, source: str, items: Sequence[NewItem], mark: Mark | None,
                 hints: dict[str, str] | None = None) -> Enqueued:
-        """Add extracted items (ignoring any whose key or fingerprint is known) and move the mark.
+        """Add extracted items (ignoring any whose key or fingerprint is known) and move the mark
+        (None: no mark, so the next extraction starts over as a first one).
 
         Not fsynced: a power cut may undo both, and the rows are then extracted again.
         """
@@ -335,12 +336,15 @@ class Store:
             added = tx.conn.total_changes - before
             if hints:
                 tx.conn.executemany("INSERT OR REPLACE INTO hints (address, person) VALUES (?, ?)", hints.items())
-            tx.execute(
-                "INSERT INTO marks (source, rowid, file_id, anchor, updated_ms) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT(source) DO UPDATE SET rowid = excluded.rowid, file_id = excluded.file_id, "
-                "anchor = excluded.anchor, updated_ms = excluded.updated_ms",
-                (source, *mark, stamp),
-            )
+            if mark is None:
+                tx.execute("DELETE FROM marks WHERE source = ?", (source,))
+            else:
+                tx.execute(
+                    "INSERT INTO marks (source, rowid, file_id, anchor, updated_ms) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT(source) DO UPDATE SET rowid = excluded.rowid, file_id = excluded.file_id, "
+                    "anchor = excluded.anchor, updated_ms = excluded.updated_ms",
+                    (source, *mark, stamp),
+                )
         return Enqueued(added, len(items) - added)
 
     # -- identity map ----------------------------------------------------------------------

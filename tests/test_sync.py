@@ -341,6 +341,22 @@ def test_an_outgoing_message_is_delivered_once_sent_and_never_if_its_send_fails(
     assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 2 - first_sync, "TEXT_OUTBOUND": 1}
 
 
+def test_a_first_sync_that_waits_for_a_send_keeps_its_lookback_window(library: Library, citadel, cli: CLI):
+    """The mark cannot stop before the unsent row: the next run, resuming from it, would read
+    without the first sync's window. The first sync is made again instead."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=1))
+    sending = library.text(JANE, from_me=True, is_sent=0, at=ago(seconds=30))
+    library.text(JANE, at=ago(days=3 * 365))  # history iCloud brought in late, beyond the 365-day lookback
+
+    assert cli("sync").code == 0
+    library.chat.finish_sending(sending)
+    assert cli("sync").code == 0
+    assert cli("sync").code == 0
+
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1, "TEXT_OUTBOUND": 1}
+
+
 @pytest.mark.parametrize("window", [["--days", "7"], ["--full", "--days", "7"]])
 def test_a_windowed_sync_leaves_older_rows_above_the_mark_to_the_next_sync(
         library: Library, citadel, cli: CLI, window: list[str]):
