@@ -136,7 +136,8 @@ class Person:
     def card(self) -> Card:
         """The card that supplies name and organisation: the one Contacts takes a linked person's name
         from, else the most recently modified one."""
-        return max(self.cards, key=lambda c: (c.preferred_name, c.modified or 0.0, c.store, c.unique_id))
+        return max(self.cards, key=lambda c: (bool(c.link_id and c.preferred_name), c.modified or 0.0,
+                                              c.store, c.unique_id))
 
     def crm_fields(self) -> dict[str, str | None]:
         """The CRM contact this person should be, by a deterministic naming rule.
