@@ -161,6 +161,16 @@ def test_linked_cards_become_one_contact_named_from_the_card_contacts_prefers(li
     assert names(citadel)["Jane Doe"]["phone"] == JANE
 
 
+def test_cards_merged_for_a_shared_number_take_the_newest_name_whatever_their_link_flags(
+        library: Library, citadel, cli: CLI):
+    library.card(source=1, first="Old", last="Name", phones=[JANE], preferred_name=True, modified=ago(days=400))
+    library.card(source=2, first="Jane", last="Doe", phones=[JANE], modified=ago(days=1))
+
+    assert cli("sync").code == 0
+
+    assert list(names(citadel)) == ["Jane Doe"]
+
+
 def test_company_cards_and_first_name_only_cards_get_findable_names(library: Library, citadel, cli: CLI):
     library.card(organization="Acme Plumbing", company=True, phones=["+1 613 555 0144"])
     library.card(first="Prince", phones=["+1 613 555 0155"])
