@@ -324,8 +324,8 @@ class Engine:
                         held = True
                         if not resumed:  # a mark would drop the lookback next time: the next pass repeats this one
                             kept = mark
-                        elif kept.rowid < min(again) - 1:
-                            kept = Mark(min(again) - 1, current_file, None)
+                        elif kept.rowid < min(again) - 1:  # with its row's anchor: a rebuild is told by it
+                            kept = Mark(min(again) - 1, current_file, session.anchor(min(again) - 1))
                     elif batch.last_rowid >= floor:  # --full behind the mark keeps it (floor is 0 without one)
                         kept = Mark(batch.last_rowid, current_file, batch.anchor)
                 result = self.store.enqueue(source, items, kept, hints)

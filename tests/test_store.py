@@ -71,6 +71,25 @@ def test_call_history_started_over_in_the_same_file_is_read_again_and_delivers_o
     assert (report.added, report.duplicates) == (3, 1)  # OLD-0 came back: it is in the outbox
 
 
+def test_a_chat_db_started_over_while_a_send_is_under_way_is_read_again(library: Library, tmp_path):
+    """The mark waiting before the unsent row keeps that row's neighbour as its anchor, so a rebuild
+    in the same file is still told apart from more rows."""
+    engine = extraction(library, tmp_path / "state")
+    library.text(JANE, at=ago(hours=2), guid="OLD-0")
+    engine.extract("messages")  # the source's first mark
+    library.text(JANE, at=ago(hours=1), guid="OLD-1")
+    library.text(JANE, from_me=True, is_sent=0, at=ago(seconds=30), guid="SENDING")
+    assert engine.extract("messages").added == 1  # the mark waits at OLD-1's row
+
+    library.chat.start_over()  # same file, same inode; ROWID 2 exists again, so only the anchor tells
+    for n in range(3):
+        library.text(JANE, at=ago(minutes=30 - n), guid=f"NEW-{n}")
+    report = engine.extract("messages")
+
+    assert report.rebuilt
+    assert report.added == 3
+
+
 def test_a_call_the_owner_deleted_at_the_mark_is_no_rebuild(library: Library, tmp_path):
     engine = extraction(library, tmp_path / "state")
     last = [library.call(JANE, at=ago(hours=10 - n)) for n in range(3)][-1]

@@ -220,6 +220,15 @@ class ChatDB:
         self.conn.execute("UPDATE message SET is_sent = ?, error = ? WHERE ROWID = ?", (int(not error), error, rowid))
         self._done()
 
+    def start_over(self) -> None:
+        """Delete every message and number new ones from ROWID 1 again, in the same file (a restore over it)."""
+        if not self.conn.in_transaction:
+            self.conn.execute("BEGIN")
+        for sql in ("DELETE FROM chat_message_join", "DELETE FROM message",
+                    "DELETE FROM sqlite_sequence WHERE name = 'message'"):
+            self.conn.execute(sql)
+        self._done()
+
     def move_to_recently_deleted(self, rowid: int) -> None:
         """What deleting a message does on macOS 13+: its chat join row moves to Recently Deleted."""
         chats = [r[0] for r in self.conn.execute("SELECT chat_id FROM chat_message_join WHERE message_id = ?", (rowid,))]
