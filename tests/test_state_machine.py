@@ -49,6 +49,7 @@ class SyncMachine(RuleBasedStateMachine):
         self.rows: list[tuple[str, bool, object]] = []  # what chat.db holds: (address, from_me, at)
         self.sending: list[tuple[str, str, datetime]] = []  # sends under way: (guid, address, at)
         self.finished: set[str] = set()  # guids of those sent or failed
+        self.send_clock = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)  # recent, own seconds
 
     # -- Apple's side ---------------------------------------------------------------------
 
@@ -62,7 +63,8 @@ class SyncMachine(RuleBasedStateMachine):
     @rule(person=st.sampled_from(PEOPLE))
     def start_sending(self, person: str) -> None:
         """Messages writes an outgoing row before sending it (is_sent = 0); it is sent or fails later."""
-        at = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=len(self.sending) + 1)
+        self.send_clock += timedelta(seconds=3)
+        at = self.send_clock
         guid = f"SENDING-{len(self.sending)}"
         self.lib.text(person, from_me=True, is_sent=0, at=at, guid=guid)
         self.sending.append((guid, person, at))
