@@ -316,18 +316,19 @@ class Engine:
                 if batch.rows == 0 and batch.last_rowid <= after:
                     break
                 items, hints = self._items(batch, report, verdicts)
-                if not held:
-                    again = [batch.unsettled] if batch.unsettled is not None else []  # a message still being sent
-                    if resumed and batch.skipped[BEFORE_WINDOW] and batch.last_rowid > mark.rowid:
-                        again.append(mark.rowid + 1)  # the window dropped rows above the mark (old ones, come late)
-                    if again:  # rows a later read must see: the mark stops before the first of them
-                        held = True
-                        if not resumed:  # a mark would drop the lookback next time: the next pass repeats this one
-                            kept = mark
-                        elif kept.rowid < min(again) - 1:  # with its row's anchor: a rebuild is told by it
-                            kept = Mark(min(again) - 1, current_file, session.anchor(min(again) - 1))
-                    elif batch.last_rowid >= floor:  # --full behind the mark keeps it (floor is 0 without one)
-                        kept = Mark(batch.last_rowid, current_file, batch.anchor)
+                # rows a later read must see stop the mark: old ones above it the window left out (they
+                # came late), or a message still being sent (the mark waits just before it)
+                dropped = resumed and batch.skipped[BEFORE_WINDOW] and batch.last_rowid > mark.rowid
+                if held or dropped:
+                    held = True
+                elif batch.unsettled is not None:
+                    held = True
+                    if not resumed:  # a mark would drop the lookback next time: the next pass repeats this one
+                        kept = mark
+                    elif kept.rowid < batch.unsettled - 1:  # with its row's anchor: a rebuild is told by it
+                        kept = Mark(batch.unsettled - 1, current_file, session.anchor(batch.unsettled - 1))
+                elif batch.last_rowid >= floor:  # --full behind the mark keeps it (floor is 0 without one)
+                    kept = Mark(batch.last_rowid, current_file, batch.anchor)
                 result = self.store.enqueue(source, items, kept, hints)
                 report.rows += batch.rows
                 report.added += result.added

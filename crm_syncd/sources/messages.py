@@ -56,7 +56,7 @@ class MessagesReader(sqlite.SourceReader):
 
     def own_addresses(self) -> set[str]:
         """The addresses the owner's chats were last addressed from (chat.last_addressed_handle)."""
-        return sqlite.retrying(self._reading, _own_addresses)
+        return sqlite.retrying(self._reading, lambda db, conn: set(_maps(db, conn, []).own))
 
     def _read(self, db: sqlite.Database, conn: sqlite3.Connection, after_rowid: int, limit: int,
               since_ms: int | None) -> tuple[Batch, bool]:
@@ -136,12 +136,13 @@ class _Maps(NamedTuple):
     groups: dict[int, tuple[Party, ...]]  # group chat -> its distinct parties
     newest_handle: int
     newest_chat: int
+    own: frozenset[str]  # the owner's addresses the chats were last addressed from
 
     @classmethod
     def load(cls, conn: sqlite3.Connection) -> _Maps:
         handles = _handles(conn)
-        singles, groups, newest_chat = _chats(conn, handles)
-        return cls(handles, singles, groups, max(handles, default=0), newest_chat)
+        singles, groups, newest_chat, own = _chats(conn, handles)
+        return cls(handles, singles, groups, max(handles, default=0), newest_chat, own)
 
     def behind(self, rows: list[tuple]) -> bool:
         """Whether some row names a handle or chat newer than these maps (Apple added it since)."""
@@ -162,21 +163,20 @@ def _handles(conn: sqlite3.Connection) -> dict[int, Party]:
     return {rowid: (address, pcid) for rowid, address, pcid in conn.execute(f"SELECT ROWID, id, {person} FROM handle")}
 
 
-def _own_addresses(db: sqlite.Database, conn: sqlite3.Connection) -> set[str]:
-    if "last_addressed_handle" not in sqlite.columns(conn, "chat"):
-        return set()
-    return {address for (address,) in conn.execute("SELECT DISTINCT last_addressed_handle FROM chat")
-            if isinstance(address, str) and address.strip()}
-
-
-def _chats(conn: sqlite3.Connection,
-           handles: dict[int, Party]) -> tuple[dict[int, Party], dict[int, tuple[Party, ...]], int]:
-    """({one-to-one chat: its party}, {group chat: its distinct parties}, newest chat ROWID).
+def _chats(conn: sqlite3.Connection, handles: dict[int, Party]
+           ) -> tuple[dict[int, Party], dict[int, tuple[Party, ...]], int, frozenset[str]]:
+    """({one-to-one chat: its party}, {group chat: its distinct parties}, newest chat ROWID,
+    the owner's addresses the chats were last addressed from).
 
     Other chats are in neither map.
     A chat is a group when style = 43, or when its style is unknown and it has several parties.
     """
-    styles = dict(conn.execute("SELECT ROWID, style FROM chat"))
+    last = "last_addressed_handle" if "last_addressed_handle" in sqlite.columns(conn, "chat") else "NULL"
+    styles, own = {}, set()
+    for chat, style, address in conn.execute(f"SELECT ROWID, style, {last} FROM chat"):
+        styles[chat] = style
+        if isinstance(address, str) and address.strip():
+            own.add(address)
     members: dict[int, dict[str, Party]] = {chat: {} for chat in styles}
     if {"chat_id", "handle_id"} <= sqlite.columns(conn, "chat_handle_join"):
         for chat, handle in conn.execute("SELECT chat_id, handle_id FROM chat_handle_join ORDER BY chat_id, handle_id"):
@@ -189,7 +189,7 @@ def _chats(conn: sqlite3.Connection,
             groups[chat] = parties
         elif len(parties) == 1:
             singles[chat] = parties[0]
-    return singles, groups, max(styles, default=0)
+    return singles, groups, max(styles, default=0), frozenset(own)
 
 
 def _select(cols: frozenset[str], join_cols: frozenset[str], deleted: bool,
