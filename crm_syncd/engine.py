@@ -182,9 +182,10 @@ class Engine:
         index = _CRMIndex(crm_contacts, self.normalize)
         self.store.prune_contacts(index.by_id)
         self.store.map_each(index.single_owner(), "crm", replace=False)
+        live = {person.key for person in people}
         for person in sorted(people, key=lambda p: p.key):
             try:
-                await self._apply_person(person, index, report)
+                await self._apply_person(person, index, report, live)
             except crmlib.Rejected as exc:
                 report.failed.append((person.crm_fields()["firstName"] or person.key, exc.reason))
                 log.warning("contacts.rejected", person=person.key, reason=exc.reason)
@@ -196,15 +197,20 @@ class Engine:
                  existing=report.existing, promoted=len(report.promoted), updated=len(report.updated))
         return report
 
-    async def _apply_person(self, person: Person, index: _CRMIndex, report: ContactsReport) -> None:
+    async def _apply_person(self, person: Person, index: _CRMIndex, report: ContactsReport, live: set[str]) -> None:
+        """Match, create or promote the person's contact, follow card edits, fold in duplicates.
+
+        A contact remembered for another person of this address book (`live` keys) is theirs: a number
+        moved from their card to this one moves alone, whichever person comes first.
+        """
         fields = person.crm_fields()
         name = f"{fields['firstName']} {fields['lastName']}"
-        candidates = index.matching(person.addresses)
+        candidates = self._unclaimed(index.matching(person.addresses), person.key, live)
         remembered = self.store.contact_for_person(person.key)
         if remembered in index.by_id:
             candidates.add(remembered)
         if not candidates and not person.addresses:
-            candidates = index.named(fields["firstName"], fields["lastName"])
+            candidates = self._unclaimed(index.named(fields["firstName"], fields["lastName"]), person.key, live)
         real = sorted(c for c in candidates if not is_placeholder(index.by_id[c]))
         placeholders = sorted(c for c in candidates if is_placeholder(index.by_id[c]))
 
@@ -231,6 +237,11 @@ class Engine:
                 report.duplicates.append((survivor, other))
             else:
                 report.merged.append(name)
+
+    def _unclaimed(self, contact_ids: set[int], person_key: str, live: set[str]) -> set[int]:
+        """The contacts not remembered for another person still in the address book."""
+        claims = {c: (self.store.known_contact(c) or ("", None))[1] for c in contact_ids}
+        return {c for c, key in claims.items() if key == person_key or key not in live}
 
     def _preferred(self, contact_ids: list[int]) -> int:
         """Among several real contacts, the owner's own survives (the lowest id among equals)."""

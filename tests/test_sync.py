@@ -206,6 +206,30 @@ def test_a_crm_contact_with_an_unnormalised_phone_is_matched_not_duplicated(libr
     assert kinds(citadel, "Robert Roe") == {"TEXT_INBOUND": 1}
 
 
+@pytest.mark.parametrize("alice,bob", [("B-ALICE:ABPerson", "A-BOB:ABPerson"),
+                                       ("A-ALICE:ABPerson", "B-BOB:ABPerson")], ids=["bob-first", "alice-first"])
+def test_a_number_moved_to_another_card_moves_alone_and_both_contacts_keep_their_history(
+        library: Library, citadel, cli: CLI, alice: str, bob: str):
+    alice_card = library.card(first="Alice", last="Ames", phones=[JANE], unique_id=alice)
+    bob_card = library.card(first="Bob", last="Roe", phones=[BOB], unique_id=bob)
+    library.text(JANE, at=ago(days=3))
+    library.text(JANE, from_me=True, at=ago(days=2))
+    assert cli("sync").code == 0
+    before = {name: c["id"] for name, c in names(citadel).items()}
+
+    library.books[0].update_card(alice_card, phones=[CAROL])  # Alice has a new number; her old one is Bob's now
+    library.books[0].update_card(bob_card, phones=[BOB, JANE])
+    library.books[0].commit()
+    library.text(JANE, at=ago(hours=1))
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert {name: c["id"] for name, c in names(citadel).items()} == before
+    assert names(citadel)["Alice Ames"]["phone"] == CAROL  # her contact follows her card
+    assert kinds(citadel, "Alice Ames") == {"TEXT_INBOUND": 1, "TEXT_OUTBOUND": 1}
+    assert kinds(citadel, "Bob Roe") == {"TEXT_INBOUND": 1}  # the number's new message, not Alice's past
+
+
 def test_facetime_and_callkit_calls_are_included_and_direction_comes_from_originated(
         library: Library, citadel, cli: CLI):
     library.card(first="Jane", last="Doe", phones=[JANE], emails=["jane@example.com"])
