@@ -258,6 +258,9 @@ class Engine:
         if not known or known[0] not in ("card", "placeholder", "merging"):
             return False  # made by the owner: never deleted, only reported
         if known[0] != "merging":
+            current = index.by_id[victim]
+            if _owner_edited(known[2], current) or (known[0] == "placeholder" and not is_placeholder(current)):
+                return False  # the owner renamed or annotated it: theirs now
             theirs = {i["id"] for i in await self.crm.list_interactions(victim)} - self.store.crm_ids(victim)
             if theirs:
                 return False  # the owner added something to it: keep it, report it
@@ -277,8 +280,8 @@ class Engine:
         known = self.store.known_contact(contact_id)
         if not known or known[0] != "card" or known[2] is None or known[2] == fields:
             return
-        written, current = known[2], index.by_id[contact_id]
-        if any((current.get(k) or None) != (v or None) for k, v in written.items()):
+        written = known[2]
+        if _owner_edited(written, index.by_id[contact_id]):
             report.owner_edits.append(name)
             log.info("contacts.owner_edit_kept", contact_id=contact_id)
             return
@@ -746,6 +749,11 @@ class _CRMIndex:
 
 def _present(fields: dict) -> dict:
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def _owner_edited(written: dict | None, current: dict) -> bool:
+    """Whether a contact's CRM fields differ from what crm-syncd last wrote to them (empty equals absent)."""
+    return written is not None and any((current.get(k) or None) != (v or None) for k, v in written.items())
 
 
 def _promotion(fields: dict) -> dict:

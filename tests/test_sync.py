@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -228,6 +229,42 @@ def test_a_number_moved_to_another_card_moves_alone_and_both_contacts_keep_their
     assert names(citadel)["Alice Ames"]["phone"] == CAROL  # her contact follows her card
     assert kinds(citadel, "Alice Ames") == {"TEXT_INBOUND": 1, "TEXT_OUTBOUND": 1}
     assert kinds(citadel, "Bob Roe") == {"TEXT_INBOUND": 1}  # the number's new message, not Alice's past
+
+
+def test_a_placeholder_the_owner_made_their_own_is_kept_when_a_card_claims_its_address(
+        library: Library, citadel, cli: CLI):
+    bob = library.card(first="Bob", last="Roe", phones=[BOB])
+    library.text("bob.work@example.org", at=ago(days=2))  # nobody's card has it: a placeholder
+    assert cli("sync").code == 0
+    placeholder = names(citadel)["Unknown (bob.work@example.org)"]
+    citadel.update_contact(placeholder["id"], firstName="Robert", lastName="Roe (work)",
+                           notes="Procurement lead at Acme")  # the owner names it, in the CRM
+
+    library.books[0].update_card(bob, emails=["bob.work@example.org"])
+    library.books[0].commit()
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert sorted(names(citadel)) == ["Bob Roe", "Robert Roe (work)"]
+    assert len(citadel.interactions(placeholder["id"])) == 1
+    kept = names(citadel)["Bob Roe"]["id"]
+    assert json.loads(cli("status", "--json").stdout)["duplicates"] == [{"kept": kept, "duplicate": placeholder["id"]}]
+
+
+def test_a_card_contact_the_owner_annotated_is_kept_when_its_card_joins_another(library: Library, citadel, cli: CLI):
+    bob = library.card(first="Bob", last="Roe", phones=[BOB], unique_id="A-1:ABPerson")
+    library.card(first="Robert", last="Roe", emails=["bob@example.org"], unique_id="B-2:ABPerson")
+    assert cli("sync").code == 0
+    robert = names(citadel)["Robert Roe"]
+    citadel.update_contact(robert["id"], notes="Allergic to peanuts")  # the owner's own note
+
+    library.books[0].update_card(bob, emails=["bob@example.org"])  # one person on two cards now
+    library.books[0].commit()
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert sorted(names(citadel)) == ["Bob Roe", "Robert Roe"]
+    assert names(citadel)["Robert Roe"]["notes"] == "Allergic to peanuts"
 
 
 def test_facetime_and_callkit_calls_are_included_and_direction_comes_from_originated(
