@@ -209,10 +209,6 @@ class CitadelClient:
         by id and checked against meta.total; a short listing is re-paged (created_desc) and merged."""
         return await self._collect("/api/contacts", {}, _CONTACT_SORTS, "contacts")
 
-    async def find_contacts(self, text: str) -> list[dict[str, Any]]:
-        """Contacts whose name, phone, email or organisation contain `text` (Citadel's raw substring search)."""
-        return await self._collect("/api/contacts", {"search": text}, (None,), "contacts")
-
     async def get_contact(self, contact_id: int) -> dict[str, Any]:
         return await self._data("GET", f"/api/contacts/{int(contact_id)}")
 

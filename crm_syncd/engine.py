@@ -415,6 +415,7 @@ class Engine:
             return created
         unresolved = self.store.unresolved_addresses(held=True)
         done: set[str] = set()
+        listed: _CRMIndex | None = None  # the CRM's contacts, listed once a placeholder may be needed
         for address in unresolved:
             if address in done:
                 continue
@@ -426,7 +427,13 @@ class Engine:
                 self.store.map_addresses(group, known, "person")
                 continue
             primary = next((a for a in group if a.startswith("+")), group[0])
-            if (existing := await self._contact_in_crm(primary)) is not None:
+            # A contact may hold it since the last contacts sync: made by the owner or another Mac, or by
+            # a placeholder create of ours whose answer was lost. Citadel's search cannot find a phone
+            # stored in another format, so the listing is searched here, normalised like the cards.
+            if listed is None:
+                listed = _CRMIndex(await self.crm.list_contacts(), self.normalize)
+            if owners := listed.matching(group):
+                existing = listed.by_id[min(owners)]
                 if is_placeholder(existing):
                     self.store.remember_contact(existing["id"], "placeholder", f"placeholder:{primary}")
                 self.store.map_addresses(group, existing["id"], "crm")
@@ -443,13 +450,6 @@ class Engine:
             log.info("contacts.placeholder", contact_id=contact["id"], address=primary)
         await asyncio.to_thread(self.store.attach)
         return created
-
-    async def _contact_in_crm(self, address: str) -> dict | None:
-        """A CRM contact that already holds `address`: made since the last contacts sync by the owner or
-        another Mac, or by a placeholder create of ours whose answer was lost. Asked before creating one."""
-        found = await self.crm.find_contacts(address)
-        owners = [c for c in found if address in crm_addresses(c, self.normalize)]
-        return min(owners, key=lambda c: c["id"]) if owners else None
 
     # -- 4. delivery ----------------------------------------------------------------------
 

@@ -334,6 +334,20 @@ def test_unknown_numbers_get_one_placeholder_and_known_only_holds_them(library: 
     assert len(citadel.interactions(placeholder["id"])) == 2
 
 
+def test_a_number_the_owner_typed_into_the_crm_in_another_format_gets_that_contact_not_a_placeholder(
+        library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    assert cli("sync").code == 0
+    citadel.add_contact(firstName="Sam", lastName="Poe", phone="(905) 555-1234")  # Citadel's search misses it
+    library.text("+19055551234")
+
+    result = cli("sync", "--interactions-only")  # as the daemon does while the address book is unchanged
+
+    assert result.code == 0, result.output
+    assert sorted(names(citadel)) == ["Jane Doe", "Sam Poe"]
+    assert kinds(citadel, "Sam Poe") == {"TEXT_INBOUND": 1}
+
+
 def test_create_unknown_contacts_false_holds_unknown_people(library: Library, citadel, cli: CLI):
     library.text("someone@example.org")
     cli.env["CRM_SYNCD_CREATE_UNKNOWN_CONTACTS"] = "false"
