@@ -34,6 +34,7 @@ from crm_syncd.identity import (
     crm_addresses,
     is_placeholder,
     merge_cards,
+    owner_notes,
     placeholder_fields,
 )
 from crm_syncd.logs import get_logger, mask_address
@@ -226,8 +227,9 @@ class Engine:
             await self._follow_edits(survivor, fields, index, report, name)
         else:
             survivor = placeholders[0]
-            updated = await self.crm.update_contact(survivor, _present(_promotion(fields)))
+            updated = await self.crm.update_contact(survivor, _present(_promotion(fields, index.by_id[survivor])))
             index.replace(updated)
+            # the card's fields: notes the owner kept differ from them, so they are never written over
             self.store.remember_contact(survivor, "card", person.key, written=fields)
             report.promoted.append(name)
             log.info("contacts.promoted", contact_id=survivor)
@@ -756,6 +758,7 @@ def _owner_edited(written: dict | None, current: dict) -> bool:
     return written is not None and any((current.get(k) or None) != (v or None) for k, v in written.items())
 
 
-def _promotion(fields: dict) -> dict:
-    """What a placeholder becomes when its person appears on a card: the card's fields, a clean note."""
-    return {**fields, "notes": fields.get("notes") or ""}
+def _promotion(fields: dict, placeholder: dict) -> dict:
+    """What a placeholder becomes when its person appears on a card: the card's fields; its notes lose
+    the marker but keep what the owner wrote there, followed by the card's note."""
+    return {**fields, "notes": "\n".join(n for n in (owner_notes(placeholder), fields.get("notes")) if n)}

@@ -119,6 +119,11 @@ def is_placeholder(contact: dict) -> bool:
     return contact.get("firstName") == PLACEHOLDER_FIRST and PLACEHOLDER_NOTE in (contact.get("notes") or "")
 
 
+def owner_notes(contact: dict) -> str:
+    """A placeholder's notes without crm-syncd's marker: what the owner wrote there."""
+    return (contact.get("notes") or "").replace(PLACEHOLDER_NOTE, "").strip()
+
+
 @dataclass
 class Person:
     """One human (or company), merged from every card that describes them."""

@@ -348,6 +348,21 @@ def test_a_number_the_owner_typed_into_the_crm_in_another_format_gets_that_conta
     assert kinds(citadel, "Sam Poe") == {"TEXT_INBOUND": 1}
 
 
+def test_a_promoted_placeholder_keeps_what_the_owner_wrote_in_its_notes(library: Library, citadel, cli: CLI):
+    library.text("+19055551234")
+    assert cli("sync").code == 0
+    (placeholder,) = citadel.contacts()
+    citadel.update_contact(placeholder["id"], notes=placeholder["notes"] + "\nThe plumber: fixed the sink")
+
+    library.card(first="Joe", last="Pipes", phones=["905-555-1234"], note="Call before 9")
+    assert cli("sync").code == 0
+    assert cli("sync").code == 0  # a later sync leaves them too
+
+    (joe,) = citadel.contacts()
+    assert (joe["id"], joe["firstName"]) == (placeholder["id"], "Joe")
+    assert joe["notes"] == "The plumber: fixed the sink\nCall before 9"
+
+
 def test_create_unknown_contacts_false_holds_unknown_people(library: Library, citadel, cli: CLI):
     library.text("someone@example.org")
     cli.env["CRM_SYNCD_CREATE_UNKNOWN_CONTACTS"] = "false"
