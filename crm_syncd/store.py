@@ -459,9 +459,14 @@ class Store:
             tx.execute("UPDATE contacts SET origin = 'merging' WHERE contact_id = ?", (victim,))
 
     def prune_contacts(self, existing: Iterable[int]) -> list[int]:
-        """Forget every mapped contact that the CRM no longer has."""
+        """Forget every contact, mapped or remembered, that the CRM no longer has.
+
+        Remembered ones too: a card without addresses has no mapping, and its person's stale row
+        would otherwise outrank the contact made again for it (`contact_for_person`).
+        """
         existing = set(existing)
-        gone = [c for c in {r[0] for r in self._all("SELECT DISTINCT contact_id FROM handles")} if c not in existing]
+        known = {r[0] for r in self._all("SELECT contact_id FROM handles UNION SELECT contact_id FROM contacts")}
+        gone = [c for c in known if c not in existing]
         for contact_id in gone:
             self.forget_contact(contact_id)
         return gone

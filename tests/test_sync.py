@@ -267,6 +267,22 @@ def test_a_card_contact_the_owner_annotated_is_kept_when_its_card_joins_another(
     assert names(citadel)["Robert Roe"]["notes"] == "Allergic to peanuts"
 
 
+def test_a_card_without_addresses_whose_contact_the_owner_deleted_is_made_again_then_renamed_not_duplicated(
+        library: Library, citadel, cli: CLI):
+    card = library.card(first="Jon", last="Smiht", note="lives next door")  # found by its name only
+    assert cli("sync").code == 0
+    citadel.delete_contact(citadel.contacts()[0]["id"])  # the owner deletes it in the CRM
+    assert cli("sync").code == 0  # made again, as for any card whose contact was deleted
+    (again,) = citadel.contacts()
+
+    library.books[0].update_card(card, first="John", last="Smith")
+    library.books[0].commit()
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert [(c["id"], c["firstName"], c["lastName"]) for c in citadel.contacts()] == [(again["id"], "John", "Smith")]
+
+
 def test_facetime_and_callkit_calls_are_included_and_direction_comes_from_originated(
         library: Library, citadel, cli: CLI):
     library.card(first="Jane", last="Doe", phones=[JANE], emails=["jane@example.com"])
