@@ -551,7 +551,9 @@ class Engine:
         except crmlib.NotFound:
             return "vanished", item, None
         except crmlib.CRMError as exc:  # transient, a 500, unauthorised, or answers that are not Citadel's
-            if isinstance(exc, crmlib.Transient) or not exc.maybe_written:  # the CRM is unwell: all wait
+            # The CRM is unwell: all wait. A 500 too, so its bounded retries are spread over the growing
+            # backoff, not spent in one burst. Only a mangled 2xx (the write was accepted) does not wait.
+            if not (isinstance(exc, crmlib.BadResponse) and exc.maybe_written):
                 self.back_off(exc.retry_after)
             if exc.maybe_written:  # a 500, a lost answer, a mangled 2xx: look before sending again
                 return await self._unsure(item, exc)

@@ -188,6 +188,48 @@ def doubled_story(citadel: CitadelServer, d: RunningDaemon, extra: Counter) -> l
     return [rows, [e for e in d.events() if e.get("item") in items]]
 
 
+# -- 500s: a short burst, and one that keeps coming back ---------------------------------------------
+
+def outbox_states(home: Path) -> dict[str, int]:
+    with sqlite3.connect(home / "Library/Application Support/crm-syncd/state.db") as conn:
+        return dict(conn.execute("SELECT state, count(*) FROM outbox GROUP BY state"))
+
+
+def test_a_burst_of_500s_on_writes_fails_nothing_and_a_later_run_delivers_all_once(
+        library: Library, citadel: CitadelServer, cli: CLI, home: Path):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    assert cli("sync").code == 0
+    moments = [ago(hours=20 - n) for n in range(10)]
+    for at in moments:
+        library.text(JANE, at=at)
+    citadel.faults = Faults(rate=1.0, kinds=("500-before-write",))  # every write fails while this run lasts
+
+    result = cli("sync")  # each round of 500s makes all wait longer: the run gives up, nothing tried 3 times
+
+    assert result.code == 1 and outbox_states(home) == {"pending": 10}, (result.output, outbox_states(home))
+    citadel.faults = Faults()  # the burst is over
+    assert cli("sync").code == 0
+    assert Counter(r["occurredAt"] for r in interactions_of(citadel, JANE)) == Counter(map(iso, moments))
+
+
+def test_a_500_that_keeps_coming_back_fails_the_item_after_bounded_retries_spread_over_time(
+        library: Library, citadel: CitadelServer, cli: CLI, daemon):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    assert cli("sync").code == 0
+    citadel.faults = Faults(rate=1.0, kinds=("500-before-write",))
+    citadel.timeline = []
+    library.text(JANE, at=ago(hours=2))
+
+    d = daemon()
+    (failed,) = eventually(lambda: d.events("push.failed"), what="the item failed")
+
+    fives = [t for t, method, _route, status in citadel.timeline if method == "POST" and status == 500]
+    assert len(fives) == 3 and "unclear CRM answer 3 times" in failed["reason"]  # max_ambiguous_retries
+    assert fives[-1] - fives[0] >= 0.5, "retried without waiting: a short burst would fail items for good"
+    assert d.proc.poll() is None and d.stop() == 0
+    assert interactions_of(citadel, JANE) == []
+
+
 # -- the CRM changes under the daemon ------------------------------------------------------------
 
 def interactions_of(citadel: CitadelServer, phone: str) -> list[dict]:
