@@ -8,7 +8,7 @@ them. The client never retries: the caller owns retry policy and reads it off th
     │   ├── Unreachable    connection refused/reset, DNS, timeouts
     │   ├── Throttled      429
     │   └── ServerBusy     502/503/504 (and 408)
-    ├── Ambiguous      500 (or another 5xx): the write may or may not have happened
+    ├── Ambiguous      500 (or another 5xx): a write may or may not have happened
     ├── Rejected       422 (or another 4xx): a fact about the item; `details`, `reason`
     ├── NotFound       404 with Citadel's JSON envelope
     ├── Unauthorized   401/403
@@ -85,7 +85,10 @@ class ServerBusy(Transient):
 class Ambiguous(CRMError):
     """500: Citadel answers many client mistakes with 500, and an insert may have happened."""
 
-    maybe_written = True
+    @property
+    def maybe_written(self) -> bool:  # type: ignore[override]
+        """Only a write may have happened: a 500 to a read changed nothing."""
+        return self.method != "GET"
 
 
 class Rejected(CRMError):

@@ -555,7 +555,7 @@ class Engine:
             # backoff, not spent in one burst. Only a mangled 2xx (the write was accepted) does not wait.
             if not (isinstance(exc, crmlib.BadResponse) and exc.maybe_written):
                 self.back_off(exc.retry_after)
-            if exc.maybe_written:  # a 500, a lost answer, a mangled 2xx: look before sending again
+            if exc.maybe_written:  # a 500 to the POST, a lost answer, a mangled 2xx: look before sending again
                 return await self._unsure(item, exc)
             return "retry", item, exc.message
         self._remember_created(item, created)

@@ -180,6 +180,14 @@ def test_500_after_write_is_ambiguous_and_the_write_happened(crm: CitadelServer)
     assert len(crm.interactions(cid)) == 1
 
 
+def test_500_is_maybe_written_only_for_a_write(crm: CitadelServer) -> None:
+    cid = crm.add_contact(firstName="Ann", lastName="Lee")
+    crm.faults = Faults(rate=1.0, kinds=("500-before-write",), reads=True)
+    read = raises(Ambiguous, crm.url, lambda c: c.list_interactions(cid, dt.date(2024, 3, 1)))
+    write = raises(Ambiguous, crm.url, lambda c: c.create_interaction(cid, TEXT))
+    assert read.maybe_written is False and write.maybe_written is True
+
+
 @pytest.mark.parametrize("status", ["502", "503", "504"])
 def test_gateway_and_unavailable_statuses_are_server_busy(crm: CitadelServer, status: str) -> None:
     crm.faults = Faults(rate=1.0, kinds=(status,))

@@ -230,6 +230,22 @@ def test_a_500_that_keeps_coming_back_fails_the_item_after_bounded_retries_sprea
     assert interactions_of(citadel, JANE) == []
 
 
+def test_a_500_to_the_pre_check_read_is_retried_and_never_fails_an_item_it_did_not_send(
+        library: Library, citadel: CitadelServer, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    cli.env.update(CRM_SYNCD_DEDUPE_AGAINST_CRM="on", CRM_SYNCD_MAX_AMBIGUOUS_RETRIES="1")
+    assert cli("sync").code == 0
+    at = ago(hours=3)
+    library.text(JANE, at=at)
+    faults = citadel.faults = Faults(rate=1.0, kinds=("500-before-write",), reads=True, limit=1)
+
+    result = cli("sync", "--interactions-only")  # its first request is the listing of Jane's day: a 500
+
+    assert faults.fired.total() == 1
+    assert result.code == 0, result.output
+    assert [r["occurredAt"] for r in interactions_of(citadel, JANE)] == [iso(at)]
+
+
 # -- the CRM changes under the daemon ------------------------------------------------------------
 
 def interactions_of(citadel: CitadelServer, phone: str) -> list[dict]:
