@@ -118,7 +118,7 @@ class Engine:
         self.own_addresses: set[str] = set()
         self.contacts_stale = False  # set when a contact vanished from the CRM
         self._cards: dict[str, list[Card]] = {}  # AddressBook store → its cards, as last read
-        self._day_cache: dict[tuple[int, str], list[dict]] = {}
+        self._day_cache: dict[tuple[int, str], list[dict]] = {}  # (contact, UTC day) -> listing, for one push
         self._adopted: dict[int, int] = {}  # CRM interaction id -> the outbox item that adopted it
         self._ambiguous: Counter[int] = Counter()  # outbox id -> 500s answered to it (this process)
         self._backoff_until = 0.0
@@ -496,6 +496,7 @@ class Engine:
             return bool(stop and stop.is_set()) or (
                 stop is None and report.unreachable is not None and self._failures_in_row >= 3)
 
+        self._day_cache.clear()  # another Mac may have written since the last pass: list each day afresh
         if not await self._recover(report):
             return report
         workers = [asyncio.create_task(worker()) for _ in range(limit)]

@@ -12,9 +12,10 @@ import sqlite3
 from collections import Counter
 from datetime import timedelta
 
+import httpx
 import pytest
 
-from crm_syncd.engine import Engine
+from crm_syncd.engine import Engine, occurred_iso
 from crm_syncd.settings import Settings
 from crm_syncd.sources.messages import MessagesReader
 from crm_syncd.store import Store
@@ -27,6 +28,10 @@ from tests.harness.processes import eventually
 
 JANE = "+16135550111"
 STATE_DIR = "Library/Application Support/crm-syncd"  # the default, under HOME
+
+
+def iso(at) -> str:
+    return occurred_iso(int(at.timestamp() * 1000))
 
 
 def interactions_of(citadel, phone: str) -> list[dict]:
@@ -93,6 +98,31 @@ def test_sigterm_drains_and_a_restart_continues_from_the_mark(library: Library, 
     eventually(lambda: len(interactions_of(citadel, JANE)) == 3, what="the live message")
     assert second.stop() == 0
     assert len(interactions_of(citadel, JANE)) == 3
+
+
+def test_an_interaction_another_mac_sent_later_the_same_day_is_adopted_not_created_twice(
+        library: Library, citadel, daemon):
+    """The pre-check's listing of a contact's day is read afresh by every push pass, not kept for the daemon's life."""
+    jane = citadel.add_contact(firstName="Jane", lastName="Doe", phone=JANE)  # the owner's contact
+
+    def from_another_mac(at) -> None:
+        httpx.post(f"{citadel.url}/api/contacts/{jane}/interactions", json={
+            "type": "TEXT_INBOUND", "occurredAt": iso(at), "source": "IMPORT_IOS"}).raise_for_status()
+
+    base = ago(hours=30).replace(hour=6, minute=0, second=0, microsecond=0)  # well inside one UTC day
+    older, first, second = base, base + timedelta(hours=1), base + timedelta(hours=2)
+    from_another_mac(older)  # Jane holds IMPORT_IOS interactions crm-syncd did not send: it checks first
+    library.text(JANE, at=older)
+    library.text(JANE, at=first)
+    d = daemon()
+    eventually(lambda: d.events("push.done"), what="the first push pass")
+
+    from_another_mac(second)  # the other Mac delivers the next message first; then iCloud brings it here
+    library.text(JANE, at=second)
+
+    eventually(lambda: len(d.events("push.done")) == 2, what="the second push pass")
+    assert d.stop() == 0
+    assert sorted(i["occurredAt"] for i in citadel.interactions(jane)) == [iso(older), iso(first), iso(second)]
 
 
 def test_a_second_run_is_refused_at_once(library: Library, daemon, daemon_env: CLI):
