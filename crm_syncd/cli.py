@@ -223,7 +223,7 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
     if push and push.failed:
         out.print(f"[red]✗ {len(push.failed)} interaction(s) failed[/] (kept; `crm-syncd retry-failed` resends):")
         for key, reason in push.failed[:5]:
-            out.print(f"  {key}: {reason}")
+            out.print(f"  {logs.mask_key(key)}: {reason}")
     if crm_down or (push and push.unreachable):
         out.print(f"[red]✗ CRM unreachable:[/] {crm_down or push.unreachable}; everything stays queued for the next run")
     elif not (push and push.failed) and not (contacts and contacts.failed):

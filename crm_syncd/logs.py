@@ -1,8 +1,9 @@
 """Structured logging: one event per line, readable on a terminal, JSON lines in the log file.
 
 At info level and above, values of keys naming a counterpart (address, phone, email, handle,
-counterpart, also as `*_phone`, `phones`, ...) are masked; secrets (api_key, authorization, token)
-are always redacted. Call `configure()` once at start-up; it may be called again to reconfigure.
+counterpart, also as `*_phone`, `phones`, ...) are masked, as is the counterpart an outbox item's
+`key` may end in; secrets (api_key, authorization, token) are always redacted. Call `configure()`
+once at start-up; it may be called again to reconfigure.
 """
 
 from __future__ import annotations
@@ -46,6 +47,19 @@ def mask_address(value: str) -> str:
     return f"{value[:1]}{BULLETS}" if value else value
 
 
+def mask_key(key: str) -> str:
+    """An outbox item key with the counterpart it may end in masked: `msg:<guid>:+1•••••••1234`.
+
+    Keys are `msg:<guid>` or `call:<id>` (`<id>` may be `pk:<n>`); an item for one party of a group
+    message or call adds `:<address>`.
+    """
+    parts = str(key).split(":")
+    head = 3 if parts[1:2] == ["pk"] else 2
+    if len(parts) <= head:
+        return str(key)
+    return ":".join(parts[:head] + [mask_address(":".join(parts[head:]))])
+
+
 def _norm(key: str) -> str:
     return key.lower().replace("-", "_")
 
@@ -75,6 +89,8 @@ def _scrub(data: dict[str, Any], mask: bool) -> dict[str, Any]:
             out[key] = REDACTED
         elif mask and _is_masked(str(key)):
             out[key] = _mask_value(value)
+        elif mask and _norm(str(key)) == "key" and isinstance(value, str):
+            out[key] = mask_key(value)
         elif isinstance(value, dict):
             out[key] = _scrub(value, mask)
         else:

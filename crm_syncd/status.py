@@ -14,6 +14,7 @@ from typing import Any
 
 from crm_syncd import crm as crmlib, launchd
 from crm_syncd.daemon import Lock
+from crm_syncd.logs import mask_key
 from crm_syncd.settings import Settings
 from crm_syncd.sources import contacts as contacts_source
 from crm_syncd.sources.calls import CallsReader
@@ -100,7 +101,7 @@ def gather(settings: Settings) -> dict[str, Any]:
         "sources": sources,
         "outbox": {"pending": counts.get("pending", 0) + counts.get("sending", 0), "held": counts.get("held", 0),
                    "failed": counts.get("failed", 0), "delivered": counts.get("delivered", 0),
-                   "failures": [{"key": k, "type": t, "reason": r} for k, t, r in failures]},
+                   "failures": [{"key": mask_key(k), "type": t, "reason": r} for k, t, r in failures]},
         "crm": {"url": settings.api_url, "reachable": reachable},
         "duplicates": duplicates,  # CRM contacts that look like one person but were left alone
         "last_error": beat.get("last_error"),

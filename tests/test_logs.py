@@ -10,7 +10,7 @@ import pytest
 import structlog
 
 from crm_syncd import logs
-from crm_syncd.logs import configure, get_logger, mask_address
+from crm_syncd.logs import configure, get_logger, mask_address, mask_key
 
 PHONE = "+15551231234"
 EMAIL = "john.appleseed@example.com"
@@ -137,6 +137,27 @@ def test_exceptions_are_kept_on_one_json_line(tmp_path):
 ])
 def test_mask_address(raw, masked):
     assert mask_address(raw) == masked
+
+
+@pytest.mark.parametrize("raw, masked", [
+    ("msg:6F9A61C2-5B1E-4C4B-9E1D-3A6C2F0B7D11", "msg:6F9A61C2-5B1E-4C4B-9E1D-3A6C2F0B7D11"),
+    ("msg:6F9A61C2-5B1E-4C4B-9E1D-3A6C2F0B7D11:+15551231234", "msg:6F9A61C2-5B1E-4C4B-9E1D-3A6C2F0B7D11:+1•••••••1234"),
+    ("msg:6F9A61C2:john@example.com", "msg:6F9A61C2:j•••@example.com"),
+    ("call:0B7D11A2-77C4-4E0D-8F3A-2C6E9D1B5A40:+15551231234", "call:0B7D11A2-77C4-4E0D-8F3A-2C6E9D1B5A40:+1•••••••1234"),
+    ("call:pk:42", "call:pk:42"),
+    ("call:pk:42:+15551231234", "call:pk:42:+1•••••••1234"),
+])
+def test_mask_key_masks_the_counterpart_an_item_key_ends_in(raw, masked):
+    assert mask_key(raw) == masked
+
+
+def test_item_keys_are_masked_at_info_level_and_whole_at_debug(tmp_path):
+    log_file = tmp_path / "crm-syncd.log"
+    configure(log_file=log_file, console=False, verbose=True)
+    get_logger().warning("push.failed", key=f"msg:6F9A61C2:{PHONE}", reason="occurredAt: invalid")
+    get_logger().debug("push.looked_up", key=f"msg:6F9A61C2:{PHONE}")
+    warning, debug = read_events(log_file)
+    assert warning["key"] == "msg:6F9A61C2:+1•••••••1234" and debug["key"] == f"msg:6F9A61C2:{PHONE}"
 
 
 def test_privacy_processor_is_exported_for_reuse():

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import stat
+from datetime import timedelta
 from pathlib import Path
 
 from tests.conftest import CLI, clean_env
 from tests.harness.citadel import CitadelServer
-from tests.harness.library import Library
+from tests.harness.library import Library, ago
 
 JANE = "+16135550111"
 SECRET = "sk-test-4f1c9a7e2b"
@@ -77,3 +79,24 @@ def test_logs_at_info_level_carry_no_full_phone_numbers_or_emails(library: Libra
     assert result.code == 0, result.output
     assert "+19055551234" not in result.stderr and "someone@example.org" not in result.stderr
     assert "1234" in result.stderr  # masked, not dropped
+
+
+def test_a_rejected_group_message_shows_its_key_without_the_full_number_in_logs_output_and_status(
+        library: Library, citadel: CitadelServer, cli: CLI):
+    ana, bob = "+16135550111", "+19025550122"
+    library.card(first="Ana", last="A", phones=[ana])
+    library.card(first="Bob", last="B", phones=[bob])
+    at = ago(hours=3)
+    library.group_text([ana, bob], at=at)  # from me: one item per participant, keyed msg:<guid>:<address>
+    citadel.reject_interactions_at.update((at + timedelta(days=d)).strftime("%Y-%m-%d") for d in (-1, 0, 1))
+
+    result = cli("sync")
+    status = cli("status", "--json")
+
+    assert "push.failed" in result.stderr and "2 interaction(s) failed" in result.stdout, result.output
+    for text in (result.stderr, result.stdout):
+        assert ana not in text and bob not in text
+        assert "+1•••••••0111" in text and "+1•••••••0122" in text  # masked, not dropped
+    failures = json.loads(status.stdout)["outbox"]["failures"]
+    assert sorted(f["key"][-13:] for f in failures) == ["+1•••••••0111", "+1•••••••0122"]
+    assert ana not in status.stdout and bob not in status.stdout
