@@ -33,6 +33,7 @@ SWEEP_S = 86_400.0  # once a day, re-read a recent window: catches rows a rebuil
 SWEEP_DAYS = 7
 SLEEP_JUMP_S = 5.0  # wall clock ahead of the monotonic clock by this much: the Mac slept
 TICK_S = 5.0  # how often the timers look at the clocks (each look costs a wake-up)
+RETRY_S, RETRY_MAX_S = 2.0, 60.0  # a failed extraction is made again after 2, 4, 8 ... 60 s
 
 
 class AlreadyRunning(Exception):
@@ -82,6 +83,7 @@ class Lock:
 @dataclass
 class SourceState:
     last_sync_ms: int | None = None
+    failures: int = 0  # extractions failed in a row
 
 
 class Daemon:
@@ -95,6 +97,9 @@ class Daemon:
         self.crm_reachable: bool | None = None
         self.contacts_synced = False
         self.started_ms = now_ms()
+        self._probes: dict[str, Probe] = {}
+        self._debouncers: dict[str, Debouncer] = {}
+        self._retries: dict[str, asyncio.TimerHandle] = {}
 
     async def run(self) -> int:
         lock = Lock(self.settings.lock_path)
@@ -123,9 +128,10 @@ class Daemon:
     async def _serve(self, loop: asyncio.AbstractEventLoop) -> int:
         log.info("daemon.started", pid=os.getpid(), version=__version__)
         self.beat()
-        debouncers = {s: Debouncer(lambda s=s: self._extract(s), self.settings.debounce_ms / 1000,
-                                   self.settings.max_wait_ms / 1000) for s in SOURCES}
-        probes = {s: Probe(self.engine.readers[s].path) for s in SOURCES}
+        self._debouncers = debouncers = {
+            s: Debouncer(lambda s=s: self._extract(s), self.settings.debounce_ms / 1000,
+                         self.settings.max_wait_ms / 1000) for s in SOURCES}
+        self._probes = probes = {s: Probe(self.engine.readers[s].path) for s in SOURCES}
 
         def hint(source: str) -> None:
             if probes[source].changed():
@@ -183,18 +189,35 @@ class Daemon:
                 started = time.monotonic()
                 report = await asyncio.to_thread(self.engine.extract, source, **window)
         except NeedsFullDiskAccess as exc:
-            self._error(str(exc), event="extract.denied", source=source)
+            self._failed(source, str(exc), event="extract.denied")
             return
         except SourceError as exc:
-            self._error(str(exc), event="extract.failed", source=source)
+            self._failed(source, str(exc), event="extract.failed")
             return
         state = self.sources[source]
         state.last_sync_ms = now_ms()
+        state.failures = 0
         if report.rows:
             log.info("extract.done", source=source, rows=report.rows, added=report.added,
                      duration_ms=round((time.monotonic() - started) * 1000, 1))
         if report.added:
             self.work.set()
+
+    def _failed(self, source: str, message: str, *, event: str) -> None:
+        """An extraction failed: make it again after a back-off, and at the next probe or wake-up.
+
+        Nothing else would: its file event is spent, and the probe already saw the file as it is.
+        """
+        self._error(message, event=event, source=source)
+        state = self.sources[source]
+        state.failures += 1
+        if source in self._probes:
+            self._probes[source].forget()
+        if source in self._debouncers:
+            if pending := self._retries.get(source):
+                pending.cancel()
+            delay = min(RETRY_S * 2 ** min(state.failures - 1, 5), RETRY_MAX_S)
+            self._retries[source] = asyncio.get_running_loop().call_later(delay, self._debouncers[source].poke)
 
     async def _contacts(self, force: bool = False) -> None:
         if self.engine.backoff_left() or not (force or self.engine.contacts_changed()):

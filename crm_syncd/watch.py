@@ -34,6 +34,10 @@ class Probe:
         self._seen = current
         return True
 
+    def forget(self) -> None:
+        """Make the next `changed()` true: what the last one saw was never read."""
+        self._seen = None
+
 
 async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
     """Wait until `event` is set or `timeout` passes; True if it was set.

@@ -125,6 +125,28 @@ def test_an_interaction_another_mac_sent_later_the_same_day_is_adopted_not_creat
     assert sorted(i["occurredAt"] for i in citadel.interactions(jane)) == [iso(older), iso(first), iso(second)]
 
 
+def test_rows_an_extraction_failed_to_read_are_read_once_chat_db_is_readable_again(
+        library: Library, citadel, daemon):
+    """Messages held chat.db locked through every retry of an extraction, then let go without writing:
+    no file event follows and the probe sees nothing new, so the daemon must try again on its own
+    (well before its 30 s safety probe)."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=3))
+    d = daemon()
+    eventually(lambda: len(interactions_of(citadel, JANE)) == 1, what="the first message")
+
+    library.chat.close()
+    library.chat = ChatDB.open(library.messages_db)
+    library.chat.conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+    library.text(JANE, at=ago(hours=2))  # takes the exclusive lock and keeps it
+    eventually(lambda: d.events("extract.failed"), timeout=60, what="the extraction to give up on the lock")
+    library.chat.conn.execute("PRAGMA locking_mode=NORMAL")
+    library.chat.conn.execute("SELECT count(*) FROM message").fetchone()  # lets go, writing nothing
+
+    eventually(lambda: len(interactions_of(citadel, JANE)) == 2, timeout=10, what="the message read after the lock")
+    assert d.stop() == 0
+
+
 def test_a_second_run_is_refused_at_once(library: Library, daemon, daemon_env: CLI):
     first = daemon()
 
