@@ -84,6 +84,7 @@ class Lock:
 class SourceState:
     last_sync_ms: int | None = None
     failures: int = 0  # extractions failed in a row
+    error: str | None = None  # why the last one failed (`status` shows it)
 
 
 class Daemon:
@@ -196,7 +197,7 @@ class Daemon:
             return
         state = self.sources[source]
         state.last_sync_ms = now_ms()
-        state.failures = 0
+        state.failures, state.error = 0, None
         if report.rows:
             log.info("extract.done", source=source, rows=report.rows, added=report.added,
                      duration_ms=round((time.monotonic() - started) * 1000, 1))
@@ -211,6 +212,7 @@ class Daemon:
         self._error(message, event=event, source=source)
         state = self.sources[source]
         state.failures += 1
+        state.error = message
         if source in self._probes:
             self._probes[source].forget()
         if source in self._debouncers:
@@ -316,7 +318,7 @@ class Daemon:
         store.put("daemon", {
             "running": running, "pid": os.getpid(), "started_ms": self.started_ms, "beat_ms": now_ms(),
             "version": __version__, "crm_reachable": self.crm_reachable, "last_error": self.last_error,
-            "sources": {s: {"last_sync_ms": st.last_sync_ms} for s, st in self.sources.items()},
+            "sources": {s: {"last_sync_ms": st.last_sync_ms, "error": st.error} for s, st in self.sources.items()},
         })
 
     def _error(self, message: str, *, event: str, **fields) -> None:

@@ -24,6 +24,7 @@ from crm_syncd.store import Store, now_ms
 
 HEALTHY, DEGRADED, NOT_RUNNING = 0, 1, 3
 STALL_MS = 180_000  # rows waiting and the mark unmoved this long: the lag is growing
+MISSING = "database not found"  # the feature is unused on this Mac: a problem for nobody
 
 
 def _iso(ms: int | None) -> str | None:
@@ -38,7 +39,7 @@ def _newest(reader) -> tuple[int | None, str | None]:
     try:
         return reader.newest_rowid(), None
     except SourceMissing:
-        return None, "database not found"
+        return None, MISSING
     except SourceError as exc:
         return None, str(exc)
 
@@ -71,19 +72,22 @@ def gather(settings: Settings) -> dict[str, Any]:
             store.close()
     now = now_ms()
     sources: dict[str, Any] = {}
+    daemon_sources = beat.get("sources") or {}
     readers = {"messages": MessagesReader(settings.messages_db), "calls": CallsReader(settings.calls_db)}
     for name, reader in readers.items():
         newest, problem = _newest(reader)
         mark = marks[name]
+        theirs = daemon_sources.get(name) or {}
         lag = max(0, newest - mark["rowid"]) if newest is not None and mark else None
         stalled_ms = now - mark["updated_ms"] if mark and lag else 0
         sources[name] = {
-            "last_sync_at": _iso(((beat.get("sources") or {}).get(name) or {}).get("last_sync_ms")
-                                 or (mark or {}).get("updated_ms")),
+            "last_sync_at": _iso(theirs.get("last_sync_ms") or (mark or {}).get("updated_ms")),
             "mark": mark["rowid"] if mark else None, "newest": newest, "lag_rows": lag,
-            "lag_seconds": round(stalled_ms / 1000) if lag else 0, "problem": problem,
+            "lag_seconds": round(stalled_ms / 1000) if lag else 0,
+            # the daemon's own failure first: it may lack Full Disk Access that this Terminal has
+            "problem": (theirs.get("error") if running else None) or problem,
         }
-    contacts_sync = ((beat.get("sources") or {}).get("contacts") or {}).get("last_sync_ms")
+    contacts_sync = (daemon_sources.get("contacts") or {}).get("last_sync_ms")
     sources["contacts"] = {"last_sync_at": _iso(contacts_sync), "lag_rows": 0,
                            "stores": len(contacts_source.store_paths(Path(settings.addressbook_dir)))}
     try:
@@ -107,8 +111,10 @@ def gather(settings: Settings) -> dict[str, Any]:
         "last_error": beat.get("last_error"),
     }
     lag_growing = any(s.get("lag_seconds", 0) * 1000 > STALL_MS for s in sources.values())
+    unreadable = any(s.get("problem") not in (None, MISSING) for s in sources.values())
     doc["health"] = ("not running" if not running else
-                     "degraded" if (doc["outbox"]["failed"] or not reachable or lag_growing) else "healthy")
+                     "degraded" if (doc["outbox"]["failed"] or not reachable or lag_growing or unreadable)
+                     else "healthy")
     return doc
 
 

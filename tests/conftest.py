@@ -55,8 +55,8 @@ def daemon(library: Library, daemon_env: CLI, home: Path):
     """Starts `crm-syncd run` (call it); every daemon started is killed at the end of the test."""
     running: list[RunningDaemon] = []
 
-    def start() -> RunningDaemon:
-        running.append(RunningDaemon(daemon_env, home))
+    def start(**kwargs) -> RunningDaemon:
+        running.append(RunningDaemon(daemon_env, home, **kwargs))
         return running[-1]
 
     yield start

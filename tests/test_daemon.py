@@ -7,6 +7,8 @@ keeps its connections open, so new rows live only in the -wal files, as on a rea
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import sqlite3
 from collections import Counter
@@ -24,7 +26,7 @@ from tests.conftest import CLI
 from tests.harness.chatdb import ChatDB
 from tests.harness.citadel import Faults
 from tests.harness.library import Library, ago
-from tests.harness.processes import eventually
+from tests.harness.processes import eventually, unprivileged
 
 JANE = "+16135550111"
 STATE_DIR = "Library/Application Support/crm-syncd"  # the default, under HOME
@@ -37,6 +39,10 @@ def iso(at) -> str:
 def interactions_of(citadel, phone: str) -> list[dict]:
     ids = [c["id"] for c in citadel.contacts() if c["phone"] == phone]
     return [i for cid in ids for i in citadel.interactions(cid)]
+
+
+def status(cli: CLI) -> dict:
+    return json.loads(cli("status", "--json").stdout)
 
 
 def test_new_messages_and_calls_arrive_once_each_while_apple_keeps_the_database_open(
@@ -178,6 +184,44 @@ def test_status_json_reflects_running_stopped_pending_and_failed(library: Librar
                what="the queued item in status")
     d.stop()
     assert json.loads(daemon_env("status", "--json").stdout)["running"] is False
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root without setpriv")
+def test_status_names_the_full_disk_access_fix_while_the_daemon_cannot_read_chat_db(
+        library: Library, citadel, daemon, daemon_env: CLI):
+    """The daemon's binary lacks Full Disk Access; the Terminal running `status` may well have it
+    (as root: the daemon runs without the capabilities that read anything, `status` with them)."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=1))
+    os.chmod(library.messages_db, 0)
+    d = daemon(prefix=unprivileged())
+
+    doc = eventually(lambda: (lambda s: s if s["sources"]["messages"]["problem"] else None)(status(daemon_env)),
+                     what="the daemon's refusal in status")
+    assert doc["health"] == "degraded" and daemon_env("status", "--json").code == 1
+    assert "Full Disk Access" in doc["sources"]["messages"]["problem"]
+    assert "Privacy & Security" in doc["sources"]["messages"]["problem"]
+
+    os.chmod(library.messages_db, 0o644)  # granted: the daemon's next attempt reads it
+    eventually(lambda: len(interactions_of(citadel, JANE)) == 1, what="the message")
+    eventually(lambda: status(daemon_env)["health"] == "healthy", what="a healthy status")
+    assert d.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root without setpriv")
+def test_status_is_degraded_when_it_cannot_read_a_source_itself(library: Library, citadel, daemon, daemon_env: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    d = daemon()
+    eventually(lambda: status(daemon_env)["health"] == "healthy", what="a healthy daemon")
+
+    os.chmod(library.calls_db, 0)  # nothing written: the daemon has no reason to look
+
+    result = daemon_env.run_with_prefix(unprivileged(), "status", "--json")
+    assert result.code == 1, result.output
+    doc = json.loads(result.stdout)
+    assert doc["health"] == "degraded" and "Full Disk Access" in doc["sources"]["calls"]["problem"]
+    os.chmod(library.calls_db, 0o644)
+    assert d.stop() == 0
 
 
 def test_the_crm_down_for_a_while_queues_everything_and_delivers_it_when_it_returns(

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +41,8 @@ class CLI:
                               capture_output=True, text=True, timeout=timeout)
         return Result(done.returncode, done.stdout, done.stderr)
 
-    def popen(self, *args: str, **kwargs) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "crm_syncd", *args], env=self.env, cwd=REPO,
+    def popen(self, *args: str, prefix: Sequence[str] = (), **kwargs) -> subprocess.Popen:
+        return subprocess.Popen([*prefix, sys.executable, "-m", "crm_syncd", *args], env=self.env, cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
@@ -64,6 +64,15 @@ def in_process_home(tmp_path: Path, monkeypatch) -> Path:
     return home
 
 
+def unprivileged() -> list[str]:
+    """A command prefix that denies reading files a mode forbids, even to root (the Linux stand-in
+    for a macOS TCC refusal: the file exists, opening it is denied)."""
+    if os.geteuid() != 0:
+        return []
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+
 def eventually(check: Callable[[], object], timeout: float = 20.0, what: str = "condition"):
     """Poll `check` until it returns something truthy, or fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -77,10 +86,10 @@ def eventually(check: Callable[[], object], timeout: float = 20.0, what: str = "
 
 
 class RunningDaemon:
-    def __init__(self, cli: CLI, home: Path, *, verbose: bool = False) -> None:
+    def __init__(self, cli: CLI, home: Path, *, verbose: bool = False, prefix: Sequence[str] = ()) -> None:
         self.cli = cli
         self.log = home / "Library" / "Logs" / "crm-syncd" / "crm-syncd.log"
-        self.proc = cli.popen("run", *(["-v"] if verbose else []))
+        self.proc = cli.popen("run", *(["-v"] if verbose else []), prefix=prefix)
         eventually(lambda: self.events("daemon.watching") or self.proc.poll() is not None, what="daemon start")
         assert self.proc.poll() is None, self.proc.communicate()
 
