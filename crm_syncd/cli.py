@@ -292,6 +292,8 @@ def _print_status(doc: dict) -> None:
     head = f"[bold {colour}]{doc['health']}[/]"
     if doc["running"]:
         head += f" · pid {doc['pid']} · up {doc['uptime_s']}s"
+    if doc["responding"] is False:
+        head += f" · [red]not responding (last heartbeat {doc['last_beat_age_s']}s ago)[/]"
     out.print(head)
     agent = doc["agent"]
     out.print(f"launchd agent: {'loaded' if agent.get('loaded') else 'installed' if agent.get('installed') else 'not installed'}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from crm_syncd import crm as crmlib, launchd
-from crm_syncd.daemon import Lock
+from crm_syncd.daemon import HEARTBEAT_S, Lock
 from crm_syncd.logs import mask_key
 from crm_syncd.settings import Settings
 from crm_syncd.sources import contacts as contacts_source
@@ -24,6 +24,7 @@ from crm_syncd.store import Store, now_ms
 
 HEALTHY, DEGRADED, NOT_RUNNING = 0, 1, 3
 STALL_MS = 180_000  # rows waiting and the mark unmoved this long: the lag is growing
+STALE_BEAT_MS = 3 * HEARTBEAT_S * 1000  # a running daemon that missed three beats is hung
 MISSING = "database not found"  # the feature is unused on this Mac: a problem for nobody
 
 
@@ -95,12 +96,15 @@ def gather(settings: Settings) -> dict[str, Any]:
     except Exception:
         reachable = False
     started = beat.get("started_ms") if running else None
+    beat_age = now - beat["beat_ms"] if running and beat.get("beat_ms") else None
     doc = {
         "running": running,
         "pid": beat.get("pid") if running else None,
         "started_at": _iso(started),
         "uptime_s": round((now - started) / 1000) if started else None,
         "last_beat_at": _iso(beat.get("beat_ms")),
+        "last_beat_age_s": round(beat_age / 1000) if beat_age is not None else None,
+        "responding": beat_age <= STALE_BEAT_MS if beat_age is not None else None,
         "agent": _agent(),
         "sources": sources,
         "outbox": {"pending": counts.get("pending", 0) + counts.get("sending", 0), "held": counts.get("held", 0),
@@ -113,7 +117,8 @@ def gather(settings: Settings) -> dict[str, Any]:
     lag_growing = any(s.get("lag_seconds", 0) * 1000 > STALL_MS for s in sources.values())
     unreadable = any(s.get("problem") not in (None, MISSING) for s in sources.values())
     doc["health"] = ("not running" if not running else
-                     "degraded" if (doc["outbox"]["failed"] or not reachable or lag_growing or unreadable)
+                     "degraded" if (doc["outbox"]["failed"] or not reachable or lag_growing or unreadable
+                                    or doc["responding"] is False)
                      else "healthy")
     return doc
 

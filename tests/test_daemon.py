@@ -224,6 +224,24 @@ def test_status_is_degraded_when_it_cannot_read_a_source_itself(library: Library
     assert d.stop() == 0
 
 
+def test_status_is_degraded_while_the_daemon_holds_its_lock_but_no_longer_beats(
+        library: Library, citadel, daemon, daemon_env: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    d = daemon()
+    eventually(lambda: status(daemon_env)["health"] == "healthy", what="a healthy daemon")
+
+    d.proc.send_signal(signal.SIGSTOP)  # hung: it holds its lock and does nothing
+    try:
+        doc = eventually(lambda: (lambda s: s if s["health"] != "healthy" else None)(status(daemon_env)),
+                         timeout=30, what="three missed heartbeats (15 s)")
+        assert doc["running"] is True and doc["responding"] is False and doc["last_beat_age_s"] >= 15
+        assert "not responding" in daemon_env("status").stdout
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    eventually(lambda: status(daemon_env)["health"] == "healthy", what="the heartbeat again")
+    assert d.stop() == 0
+
+
 def test_the_crm_down_for_a_while_queues_everything_and_delivers_it_when_it_returns(
         library: Library, citadel, daemon):
     library.card(first="Jane", last="Doe", phones=[JANE])
