@@ -13,6 +13,7 @@ import fcntl
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,17 +139,30 @@ class Daemon:
             if probes[source].changed():
                 debouncers[source].poke()
 
-        await self._contacts(force=True)
-        for source in SOURCES:
-            probes[source].changed()  # the catch-up below covers the current state
-            await self._extract(source)
         watcher = Watcher({s: self.engine.readers[s].path for s in SOURCES}, hint, loop)
-        watcher.start()
-        tasks = [asyncio.create_task(d.run(), name=f"extract {s}") for s, d in debouncers.items()]
-        tasks += [asyncio.create_task(self._pusher(), name="pusher"),
-                  asyncio.create_task(self._timers(hint), name="timers"),
-                  asyncio.create_task(self._heartbeats(), name="heartbeats")]
-        log.info("daemon.watching", directories=[str(d) for d in watcher.watched])
+        started = asyncio.Event()
+
+        async def start_up() -> None:
+            """Contacts first (they name the owner's own addresses), then each source from its mark, then watch."""
+            await self._contacts(force=True)
+            for source in SOURCES:
+                probes[source].changed()  # the catch-up below covers the current state
+                await self._extract(source)
+            watcher.start()
+            log.info("daemon.watching", directories=[str(d) for d in watcher.watched])
+            started.set()
+            await self.stop.wait()  # like the other tasks, it ends with the stop
+
+        async def after_start_up(work: Callable[[], Awaitable[None]]) -> None:
+            await started.wait()
+            await work()
+
+        # the start-up is a task like the others: a stop during it is not kept waiting, and beats go on
+        pusher = asyncio.create_task(after_start_up(self._pusher), name="pusher")
+        tasks = [asyncio.create_task(start_up(), name="start-up"), pusher,
+                 asyncio.create_task(self._heartbeats(), name="heartbeats"),
+                 asyncio.create_task(after_start_up(lambda: self._timers(hint)), name="timers")]
+        tasks += [asyncio.create_task(after_start_up(d.run), name=f"extract {s}") for s, d in debouncers.items()]
         code = 0
         stopping = asyncio.create_task(self.stop.wait())
         try:
@@ -159,11 +173,11 @@ class Daemon:
         finally:
             stopping.cancel()
             watcher.stop()
-            pusher = tasks[len(debouncers)]
             others = [t for t in tasks if t is not pusher]
             for task in others:
                 task.cancel()
             await asyncio.gather(*others, return_exceptions=True)
+            started.set()  # a pusher still waiting for the start-up ends at once: the stop is set
             # the pusher finishes or abandons in-flight requests within the deadline
             done, _ = await asyncio.wait({pusher}, timeout=self.settings.shutdown_deadline_s + 1)
             if not done:

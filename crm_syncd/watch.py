@@ -123,5 +123,6 @@ class Watcher:
         self.observer.start()
 
     def stop(self) -> None:
-        self.observer.stop()
-        self.observer.join(timeout=5)
+        if self.observer.is_alive():  # not when stopped before it started
+            self.observer.stop()
+            self.observer.join(timeout=5)

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import time
 from collections import Counter
 from datetime import timedelta
 
@@ -151,6 +152,34 @@ def test_rows_an_extraction_failed_to_read_are_read_once_chat_db_is_readable_aga
 
     eventually(lambda: len(interactions_of(citadel, JANE)) == 2, timeout=10, what="the message read after the lock")
     assert d.stop() == 0
+
+
+def test_sigterm_during_the_start_up_stops_within_the_shutdown_deadline_and_a_restart_loses_nothing(
+        library: Library, citadel, daemon, daemon_env: CLI, home):
+    daemon_env.env["CRM_SYNCD_SHUTDOWN_DEADLINE_S"] = "2"
+    phones = [f"+1613555{n:04d}" for n in range(300, 315)]
+    for n, phone in enumerate(phones):
+        library.card(first=f"Card{n}", last="Slow", phones=[phone])
+    citadel.latency_s = 1.0  # a slow CRM: the first contacts sync takes some 16 s
+    proc = daemon_env.popen("run")
+    log = home / "Library" / "Logs" / "crm-syncd" / "crm-syncd.log"
+    try:
+        eventually(lambda: citadel.contacts(), what="the first contact created by the start-up")
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        code = proc.wait(timeout=60)
+        took = time.monotonic() - sent
+        assert code == 0 and took < 2 + 1, f"SIGTERM took {took:.1f}s, exit {code}"
+        assert "daemon.watching" not in log.read_text()  # it was still starting up
+    finally:
+        proc.kill()
+        proc.communicate()
+
+    citadel.latency_s = 0
+    d = daemon()
+    eventually(lambda: len(citadel.contacts()) == len(phones), what="the rest of the contacts")
+    assert d.stop() == 0
+    assert sorted(c["phone"] for c in citadel.contacts()) == phones
 
 
 def test_a_second_run_is_refused_at_once(library: Library, daemon, daemon_env: CLI):
