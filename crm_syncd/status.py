@@ -21,6 +21,7 @@ from crm_syncd.sources.calls import CallsReader
 from crm_syncd.sources.messages import MessagesReader
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError, SourceMissing
 from crm_syncd.store import Store, now_ms
+from crm_syncd.watch import existing_ancestor
 
 HEALTHY, DEGRADED, NOT_RUNNING = 0, 1, 3
 STALL_MS = 180_000  # rows waiting and the mark unmoved this long: the lag is growing
@@ -160,7 +161,7 @@ def doctor(settings: Settings) -> list[Check]:
                         "loaded" if agent.get("loaded") else "installed, not loaded" if agent.get("installed")
                         else "not installed", None if agent.get("loaded") else "run `crm-syncd install`"))
     log_dir = Path(settings.log_dir)
-    writable = os.access(log_dir if log_dir.exists() else _existing_parent(log_dir), os.W_OK)
+    writable = os.access(existing_ancestor(log_dir), os.W_OK)
     checks.append(Check("log directory", writable, str(log_dir), None if writable else f"chmod u+w {log_dir}"))
     return checks
 
@@ -175,9 +176,3 @@ def _probe(label: str, path: Path, query) -> Check:
     except SourceError as exc:
         return Check(label, False, str(exc), "retry later; if it persists, restart the Mac")
     return Check(label, True, f"{path} readable")
-
-
-def _existing_parent(path: Path) -> Path:
-    while not path.exists():
-        path = path.parent
-    return path

@@ -16,7 +16,10 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from crm_syncd.logs import get_logger
 from crm_syncd.sources import sqlite
+
+log = get_logger("crm_syncd.watch")
 
 
 class Probe:
@@ -102,27 +105,80 @@ class _Handler(FileSystemEventHandler):
                 self.notify(source)
 
 
+class _Lookout(FileSystemEventHandler):
+    def __init__(self, notify: Callable[[], None]) -> None:
+        self.notify = notify
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        self.notify()
+
+
 class Watcher:
-    """Calls `on_hint(source)` on the event loop when a watched database or its -wal changes."""
+    """Calls `on_hint(source)` on the event loop when a watched database or its -wal changes.
+
+    A directory not there yet (no call history on this Mac so far) is looked out for from its
+    nearest existing ancestor, non-recursively; once it appears it is watched and its sources hinted.
+    """
 
     def __init__(self, databases: dict[str, Path], on_hint: Callable[[str], None],
                  loop: asyncio.AbstractEventLoop) -> None:
         self.observer = Observer()
+        self.on_hint = on_hint
+        self._notify = lambda source: loop.call_soon_threadsafe(on_hint, source)
+        self._refresh_soon = lambda: loop.call_soon_threadsafe(self.refresh)
+        self._missing: dict[Path, dict[str, str]] = {}  # directory not there yet -> its names
+        self._lookouts: set[Path] = set()  # existing ancestors watched for them
+        self.watched: list[Path] = []
         by_dir: dict[Path, dict[str, str]] = {}
         for source, db in databases.items():
             names = by_dir.setdefault(Path(db).parent, {})
             names[db.name] = names[db.name + "-wal"] = source
-        notify = lambda source: loop.call_soon_threadsafe(on_hint, source)  # noqa: E731
-        self.watched: list[Path] = []
         for directory, names in by_dir.items():
             if directory.is_dir():
-                self.observer.schedule(_Handler(names, notify), str(directory), recursive=False)
-                self.watched.append(directory)
+                self._watch(directory, names)
+            else:
+                self._missing[directory] = names
 
     def start(self) -> None:
         self.observer.start()
+        self.refresh()
 
     def stop(self) -> None:
         if self.observer.is_alive():  # not when stopped before it started
             self.observer.stop()
             self.observer.join(timeout=5)
+
+    def refresh(self) -> None:
+        """Move the lookouts down to what exists now, then watch the missing directories that
+        appeared and hint their sources (their files may predate the watch). On the loop's thread."""
+        self._look_out()  # first: what appears from here on is heard of
+        while appeared := [d for d in self._missing if d.is_dir()]:
+            for directory in appeared:
+                names = self._missing.pop(directory)
+                self._watch(directory, names)
+                log.info("watch.appeared", directory=str(directory))
+                for source in set(names.values()):
+                    self.on_hint(source)
+            self._look_out()
+
+    def _watch(self, directory: Path, names: dict[str, str]) -> None:
+        self.observer.schedule(_Handler(names, self._notify), str(directory), recursive=False)
+        self.watched.append(directory)
+
+    def _look_out(self) -> None:
+        """Watch the nearest existing ancestor of each missing directory for its next step down.
+
+        Any event there counts: FSEvents reports a directory created in a non-recursive watch only
+        as a change of the watched directory itself (inotify names the new one). A lookout stays
+        (a few cheap no-op refreshes): unscheduling it could end a database watch on the same directory.
+        """
+        for ancestor in {existing_ancestor(d.parent) for d in self._missing} - self._lookouts:
+            self.observer.schedule(_Lookout(self._refresh_soon), str(ancestor), recursive=False)
+            self._lookouts.add(ancestor)
+
+
+def existing_ancestor(path: Path) -> Path:
+    """`path` itself or its nearest ancestor that exists."""
+    while not path.exists():
+        path = path.parent
+    return path

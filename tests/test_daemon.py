@@ -6,6 +6,7 @@ keeps its connections open, so new rows live only in the -wal files, as on a rea
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -22,12 +23,14 @@ from crm_syncd.engine import Engine, occurred_iso
 from crm_syncd.settings import Settings
 from crm_syncd.sources.messages import MessagesReader
 from crm_syncd.store import Store
-from crm_syncd.watch import Probe
+from crm_syncd.watch import Probe, Watcher
 from tests.conftest import CLI
+from tests.harness.callhistory import CallHistoryDB
 from tests.harness.chatdb import ChatDB
 from tests.harness.citadel import Faults
 from tests.harness.library import Library, ago
 from tests.harness.processes import eventually, unprivileged
+from tests.test_wake import until
 
 JANE = "+16135550111"
 STATE_DIR = "Library/Application Support/crm-syncd"  # the default, under HOME
@@ -180,6 +183,24 @@ def test_sigterm_during_the_start_up_stops_within_the_shutdown_deadline_and_a_re
     eventually(lambda: len(citadel.contacts()) == len(phones), what="the rest of the contacts")
     assert d.stop() == 0
     assert sorted(c["phone"] for c in citadel.contacts()) == phones
+
+
+def test_calls_arrive_promptly_once_the_call_history_folder_appears_after_the_start(
+        library: Library, citadel, daemon):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.calls.close()
+    shutil.rmtree(library.calls_db.parent)  # a Mac that has had no call yet
+    d = daemon()  # its safety probe: every 30 s
+    assert str(library.calls_db.parent) not in d.events("daemon.watching")[0]["directories"]
+
+    library.calls_db.parent.mkdir()
+    library.calls = CallHistoryDB.create(library.calls_db)
+    library.call(JANE, originated=True, duration=12)
+
+    eventually(lambda: len(interactions_of(citadel, JANE)) == 1, timeout=10, what="the first call")
+    library.call(JANE, originated=False, duration=5)  # and the folder is watched from now on
+    eventually(lambda: len(interactions_of(citadel, JANE)) == 2, timeout=10, what="the second call")
+    assert d.stop() == 0
 
 
 def test_a_second_run_is_refused_at_once(library: Library, daemon, daemon_env: CLI):
@@ -385,6 +406,31 @@ def test_reading_a_chat_db_messages_had_closed_is_no_change_for_its_probe(librar
     library.chat = ChatDB.open(library.messages_db)
     library.text(JANE)  # Messages writes again
     assert probe.changed()
+
+
+def test_a_folder_missing_two_levels_deep_is_watched_once_it_appears(tmp_path):
+    """Looked out for from its nearest existing ancestor, one level at a time (FSEvents and inotify
+    alike report only what appears directly in a directory watched non-recursively)."""
+    hinted: list[str] = []
+    a, b = tmp_path / "a", tmp_path / "a" / "b"
+
+    async def scenario() -> None:
+        watcher = Watcher({"calls": b / "calls.db"}, hinted.append, asyncio.get_running_loop())
+        watched = lambda: {e.watch.path for e in watcher.observer.emitters}  # noqa: E731
+        watcher.start()
+        try:
+            assert watched() == {str(tmp_path)} and watcher.watched == []
+            a.mkdir()
+            await until(lambda: str(a) in watched(), "the lookout moving down to a/")
+            b.mkdir()
+            await until(lambda: hinted == ["calls"], "the hint that the folder appeared")
+            assert str(b) in watched() and watcher.watched == [b]
+            (b / "calls.db").write_bytes(b"rows")
+            await until(lambda: len(hinted) > 1, "a hint from the new folder's watch")
+        finally:
+            watcher.stop()
+
+    asyncio.run(scenario())
 
 
 def test_a_daemon_that_loses_a_task_to_an_error_exits_1_saying_why_instead_of_idling_on(
