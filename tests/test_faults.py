@@ -191,7 +191,7 @@ def doubled_story(citadel: CitadelServer, d: RunningDaemon, extra: Counter) -> l
 # -- 500s: a short burst, and one that keeps coming back ---------------------------------------------
 
 def outbox_states(home: Path) -> dict[str, int]:
-    with sqlite3.connect(home / "Library/Application Support/crm-syncd/state.db") as conn:
+    with sqlite3.connect(state_db(home)) as conn:
         return dict(conn.execute("SELECT state, count(*) FROM outbox GROUP BY state"))
 
 
