@@ -49,6 +49,7 @@ log = get_logger("crm_syncd.engine")
 
 SOURCES = ("messages", "calls")
 DAY_MS = 86_400_000
+CREATE_SENT = "contact_create_sent_ms"  # kv: when a contact pass that has not finished last sent a create
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 15.0  # the longest a returning CRM waits for us
 
@@ -179,6 +180,7 @@ class Engine:
 
         people = merge_cards([c for cards in self._cards.values() for c in cards], self.normalize)
         report.cards = sum(len(c) for c in self._cards.values())
+        await self._creates_landed()
         crm_contacts = await self.crm.list_contacts()
         index = _CRMIndex(crm_contacts, self.normalize)
         self.store.prune_contacts(index.by_id)
@@ -190,6 +192,7 @@ class Engine:
             except crmlib.Rejected as exc:
                 report.failed.append((person.crm_fields()["firstName"] or person.key, exc.reason))
                 log.warning("contacts.rejected", person=person.key, reason=exc.reason)
+        self._creates_answered()
         await asyncio.to_thread(self.store.attach)  # off the loop: a big backlog may wait for these mappings
         self.store.save_signatures(signatures)
         self.store.put("duplicates", [{"kept": kept, "duplicate": other} for kept, other in report.duplicates])
@@ -216,7 +219,7 @@ class Engine:
         placeholders = sorted(c for c in candidates if is_placeholder(index.by_id[c]))
 
         if not candidates:
-            created = await self.crm.create_contact(_present(fields))
+            created = await self._create_contact(_present(fields))
             survivor = created["id"]
             index.add(created)
             self.store.remember_contact(survivor, "card", person.key, written=fields)
@@ -433,6 +436,7 @@ class Engine:
             # a placeholder create of ours whose answer was lost. Citadel's search cannot find a phone
             # stored in another format, so the listing is searched here, normalised like the cards.
             if listed is None:
+                await self._creates_landed()
                 listed = _CRMIndex(await self.crm.list_contacts(), self.normalize)
             if owners := listed.matching(group):
                 existing = listed.by_id[min(owners)]
@@ -442,7 +446,7 @@ class Engine:
                 continue
             fields = placeholder_fields(primary)
             try:
-                contact = await self.crm.create_contact(fields)
+                contact = await self._create_contact(fields)
             except crmlib.Rejected as exc:
                 self.store.fail_open(group, f"placeholder rejected by the CRM: {exc.reason}")
                 continue
@@ -450,8 +454,28 @@ class Engine:
             self.store.map_addresses(group, contact["id"], "placeholder")
             created.append(f"{fields['firstName']} {fields['lastName']}")
             log.info("contacts.placeholder", contact_id=contact["id"], address=primary)
+        self._creates_answered()
         await asyncio.to_thread(self.store.attach)
         return created
+
+    async def _create_contact(self, fields: dict) -> dict:
+        """POST a contact, noting the moment first: if its pass ends before the answer (a stop, a crash,
+        a lost answer), the next pass knows the contact may still appear (`_creates_landed`)."""
+        self.store.put(CREATE_SENT, now_ms(), durable=False)  # a power cut outlasts any request anyway
+        return await self.crm.create_contact(fields)
+
+    def _creates_answered(self) -> None:
+        """The pass ends: every create it sent was answered (or refused)."""
+        if self.store.get(CREATE_SENT) is not None:
+            self.store.put(CREATE_SENT, None, durable=False)
+
+    async def _creates_landed(self) -> None:
+        """Before listing the CRM's contacts: a create an unfinished pass sent less than a request timeout
+        ago may still be on its way in, and a listing taken now would miss it and make the contact twice."""
+        sent = self.store.get(CREATE_SENT)
+        if sent is not None and (wait := sent / 1000 + self.settings.request_timeout_s - time.time()) > 0:
+            log.info("contacts.create_waits", seconds=round(wait, 1))
+            await asyncio.sleep(wait)
 
     # -- 4. delivery ----------------------------------------------------------------------
 

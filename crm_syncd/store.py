@@ -604,8 +604,8 @@ class Store:
             tx.execute("DELETE FROM sources")
             tx.conn.executemany("INSERT INTO sources (path, signature) VALUES (?, ?)", signatures.items())
 
-    def put(self, key: str, value: Any) -> None:
-        with self.transaction() as tx:
+    def put(self, key: str, value: Any, *, durable: bool = True) -> None:
+        with self.transaction(durable=durable) as tx:
             tx.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, json.dumps(value)))
 
     def get(self, key: str, default: Any = None) -> Any:

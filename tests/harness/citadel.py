@@ -452,7 +452,13 @@ class _Handler(socketserver.StreamRequestHandler):
         body = self._body(headers)
         if body is None:
             return False
-        return owner._serve(self, method, target, headers, body, keep)
+        with owner._stats_lock:
+            owner.serving += 1
+        try:
+            return owner._serve(self, method, target, headers, body, keep)
+        finally:
+            with owner._stats_lock:
+                owner.serving -= 1
 
     def _body(self, headers: dict[str, str]) -> bytes | None:
         rfile = self.rfile
@@ -524,6 +530,7 @@ class CitadelServer:
         self.stats: Counter[tuple[str, str, int | str]] = Counter()  # (method, route, status|fault)
         self.timeline: list[tuple[float, str, str, int | str]] | None = None  # set to [] to log each answer
         self.connections_accepted = 0
+        self.serving = 0  # requests received and not yet answered (a slow CRM still working on them)
         self.last_headers: dict[str, str] = {}  # the most recent request's headers (lower-case keys)
         self.errors: list[str] = []  # unexpected exceptions in the stand-in itself (should stay empty)
         self._lock = threading.Lock()  # guards the one SQLite connection
