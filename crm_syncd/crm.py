@@ -26,6 +26,7 @@ import email.utils
 import importlib.util
 import json
 import sys
+import time
 from typing import Any
 
 import httpx
@@ -174,6 +175,7 @@ class CitadelClient:
         self._timeout = timeout
         self._max_connections = max_connections
         self._max_bytes = max_response_bytes
+        self.wrote_at = 0.0  # time.monotonic() of the last write the CRM accepted (2xx to a POST/PUT/DELETE)
         headers = {"User-Agent": f"crm-syncd/{__version__}", "Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
@@ -343,6 +345,8 @@ class CitadelClient:
                 raise BadResponse(f"{status}: response is not JSON", status=status, method=method, path=path) from None
             if not isinstance(doc, dict) or (envelope and "data" not in doc):
                 raise BadResponse(f"{status}: unexpected response shape", status=status, method=method, path=path)
+            if method != "GET":
+                self.wrote_at = time.monotonic()
             return doc
         raise self._error(response, raw, method, path)
 

@@ -123,6 +123,7 @@ class Engine:
         self._adopted: dict[int, int] = {}  # CRM interaction id -> the outbox item that adopted it
         self._ambiguous: Counter[int] = Counter()  # outbox id -> 500s answered to it (this process)
         self._backoff_until = 0.0
+        self._backoff_since = 0.0  # when the current round of failures began
         self._failures_in_row = 0
         self._contacts_lock = asyncio.Lock()
 
@@ -722,8 +723,10 @@ class Engine:
         are one failure, or a short outage would push the wait to the cap.
         """
         now = time.monotonic()
-        if now >= self._backoff_until:
-            self._failures_in_row += 1
+        if now >= self._backoff_until:  # a new round; one after a write the CRM accepted starts the count again
+            accepted = self.crm.wrote_at > self._backoff_since
+            self._failures_in_row = 1 if accepted else self._failures_in_row + 1
+            self._backoff_since = now
         delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(self._failures_in_row - 1, 10))
         delay = max(delay * random.uniform(0.5, 1.0), retry_after or 0.0)
         self._backoff_until = max(self._backoff_until, now + delay)

@@ -5,6 +5,7 @@ interaction arrives exactly once (none missing, none twice) and that the process
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -16,6 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from crm_syncd.crm import CitadelClient
+from crm_syncd.engine import Engine
+from crm_syncd.settings import Settings
+from crm_syncd.store import Store
 from tests.conftest import CLI
 from tests.harness.chatdb import ChatDB
 from tests.harness.citadel import CitadelServer, Faults
@@ -206,6 +211,29 @@ def test_a_500_that_keeps_coming_back_fails_the_item_after_bounded_retries_sprea
     assert fives[-1] - fives[0] >= 0.5, "retried without waiting: a short burst would fail items for good"
     assert d.proc.poll() is None and d.stop() == 0
     assert interactions_of(citadel, JANE) == []
+
+
+def test_the_back_off_grows_round_by_round_only_while_the_crm_accepts_no_write(tmp_path: Path, citadel: CitadelServer):
+    """A down CRM is waited on longer each round; a flaky one that accepted a write since the last round
+    is not failing in a row, and its next wait starts short again (or a run of bad luck before the
+    first delivery, such as a contact sync that keeps meeting faults, would wait the 15-s cap)."""
+    settings = Settings(state_dir=tmp_path / "state")
+
+    async def rounds() -> list[float]:
+        async with CitadelClient(citadel.url) as crm:
+            engine = Engine(settings, Store(settings.state_db), crm)
+            waits = []
+            for n in range(4):
+                if n == 3:
+                    await crm.create_contact({"firstName": "Jane", "lastName": "Doe"})  # accepted
+                engine.back_off()
+                waits.append(engine.backoff_left())
+                await asyncio.sleep(waits[-1])  # the round's wait runs out before the next failure
+            return waits
+
+    waits = asyncio.run(rounds())
+    assert waits[2] >= 0.9, waits  # 0.5 s doubled twice (2 s), jittered by at most half
+    assert waits[3] <= 0.5, waits  # after the accepted write: the first round's wait again
 
 
 def test_a_500_to_the_pre_check_read_is_retried_and_never_fails_an_item_it_did_not_send(
