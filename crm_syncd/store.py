@@ -26,6 +26,7 @@ before it is durably `sending`, and durably `sending` before its request leaves.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -34,6 +35,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -149,6 +151,21 @@ UNRESOLVED = "(state = 'pending' OR state = 'held') AND contact_id IS NULL"  # a
 ATTACH_ROWS = 20_000  # items given their contact per transaction
 CACHE_KIB = 16_384  # page cache: a backfill's index pages stay in memory between its batches
 WAL_PAGES = 8_192  # checkpoint every ~32 MiB of WAL, not every 4: a backfill rewrites the same index pages
+ENQUEUE_ROWS = 100  # items per INSERT (501 variables: under the 999 that SQLite before 3.32 allows)
+
+
+@functools.cache
+def _enqueue_sql(rows: int) -> str:
+    """One INSERT of `rows` new items, given as VALUES in their order, each with its contact if known.
+
+    Measured on 1M items against an executemany into a staging table moved by one INSERT ... SELECT
+    (itself 25-45 % cheaper than an INSERT per item): about a third less CPU (bench/README.md).
+    """
+    values = ", ".join(["(?, ?, ?, ?, ?)"] * rows)
+    return ("INSERT OR IGNORE INTO outbox (key, address, type, occurred_ms, duration_s, contact_id, updated_ms) "
+            "SELECT column1, column2, column3, column4, column5, "
+            "(SELECT contact_id FROM handles h WHERE h.address = v.column2), ? "
+            f"FROM (VALUES {values}) v")
 
 
 class StoreError(Exception):
@@ -224,7 +241,6 @@ class Store:
             conn.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
             conn.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
             conn.execute("PRAGMA foreign_keys=OFF")
-            conn.execute("PRAGMA temp_store=MEMORY")  # extraction's staging table
             conn.execute("PRAGMA quick_check(1)")
         except sqlite3.DatabaseError as exc:
             raise StoreError(
@@ -328,19 +344,11 @@ class Store:
         """
         stamp = now_ms()
         with self.transaction(durable=False) as tx:
-            # Staged in a bare temp table, then moved by one INSERT ... SELECT: measured 25-45 % cheaper
-            # than one indexed INSERT per item (bench: 1M messages).
-            tx.execute(f"CREATE TEMP TABLE IF NOT EXISTS extracted ({', '.join(NewItem._fields)})")
-            tx.conn.executemany("INSERT INTO temp.extracted VALUES (?, ?, ?, ?, ?)", items)
             before = tx.conn.total_changes
-            tx.execute(
-                "INSERT OR IGNORE INTO outbox (key, address, type, occurred_ms, duration_s, contact_id, updated_ms) "
-                "SELECT key, address, type, occurred_ms, duration_s, "
-                "(SELECT contact_id FROM handles h WHERE h.address = e.address), ? FROM temp.extracted e ORDER BY rowid",
-                (stamp,),
-            )
+            for start in range(0, len(items), ENQUEUE_ROWS):
+                chunk = items[start:start + ENQUEUE_ROWS]
+                tx.execute(_enqueue_sql(len(chunk)), (stamp, *chain.from_iterable(chunk)))
             added = tx.conn.total_changes - before
-            tx.execute("DELETE FROM temp.extracted")
             if hints:
                 tx.conn.executemany("INSERT OR REPLACE INTO hints (address, person) VALUES (?, ?)", hints.items())
             if mark is None:

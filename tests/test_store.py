@@ -154,6 +154,20 @@ def test_an_item_extracted_after_its_address_is_known_needs_no_pass():
     assert [item.contact_id for item in store.claim(10)] == [7, 7]
 
 
+def test_a_batch_of_several_statements_keeps_its_order_refuses_its_duplicates_and_finds_known_contacts(monkeypatch):
+    monkeypatch.setattr("crm_syncd.store.ENQUEUE_ROWS", 4)  # 11 items: statements of 4, 4 and 3
+    store = Store.memory()
+    store.map_addresses([JANE], 7, "card")
+    store.attach()
+    batch = items("+16135550122", 5, start=20)[::-1] + items(JANE, 3)
+    again = [batch[1], batch[6]._replace(key="msg:elsewhere")]  # the same key; the same address, type and second
+    result = store.enqueue("messages", batch + again + items(JANE, 1, start=9), Mark(11, "1:2"))
+
+    assert (result.added, result.duplicates) == (9, 2)
+    assert store._conn.execute("SELECT key, contact_id FROM outbox ORDER BY id").fetchall() == (
+        [(item.key, None) for item in batch[:5]] + [(item.key, 7) for item in batch[5:]] + [(f"msg:{JANE}:9", 7)])
+
+
 def test_mapping_an_address_to_the_contact_it_already_has_writes_nothing():
     store = Store.memory()
     store.map_addresses([JANE], 7, "card")
