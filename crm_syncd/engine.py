@@ -120,8 +120,8 @@ class Engine:
         self.contacts_stale = False  # set when a contact vanished from the CRM
         self._cards: dict[str, list[Card]] = {}  # AddressBook store → its cards, as last read
         self._day_cache: dict[tuple[int, str], list[dict]] = {}  # (contact, UTC day) -> listing, for one push
-        self._adopted: dict[int, int] = {}  # CRM interaction id -> the outbox item that adopted it
-        self._ambiguous: Counter[int] = Counter()  # outbox id -> 500s answered to it (this process)
+        self._adopted: dict[int, int] = {}  # CRM interaction id -> the outbox item that adopted it, for one push
+        self._ambiguous: Counter[int] = Counter()  # outbox id -> 500s answered to it (this process), until settled
         self._backoff_until = 0.0
         self._backoff_since = 0.0  # when the current round of failures began
         self._failures_in_row = 0
@@ -522,6 +522,7 @@ class Engine:
                 stop is None and report.unreachable is not None and self._failures_in_row >= 3)
 
         self._day_cache.clear()  # another Mac may have written since the last pass: list each day afresh
+        self._adopted.clear()  # the last pass's adoptions are in the ledger now, or still `sending` and looked up anew
         if not await self._recover(report):
             return report
         workers = [asyncio.create_task(worker()) for _ in range(limit)]
@@ -634,6 +635,8 @@ class Engine:
                 retry.append((item, value))
                 report.retried += 1
                 report.unreachable = value
+        for item, _ in delivered + failed:
+            self._ambiguous.pop(item.id, None)
         if stale := self.store.settle(delivered, failed, retry):
             log.debug("push.stale_outcomes", items=stale)  # their items were moved by a merge or a 404
         for contact_id in {item.contact_id for outcome, item, _ in batch if outcome == "vanished"}:
