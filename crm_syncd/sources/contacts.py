@@ -130,13 +130,14 @@ def _values(conn: sqlite3.Connection, cols: dict[str, frozenset[str]], table: st
     primary = "COALESCE(v.ZISPRIMARY, 0)" if "ZISPRIMARY" in have else "0"
     ordering = "v.ZORDERINGINDEX, " if "ZORDERINGINDEX" in have else ""
     out: dict[int, list[Entry]] = {}
+    new = tuple.__new__  # NamedTuples built positionally, without their Python-level __new__
     for owner, raw, lab, prim in conn.execute(
             f"SELECT v.ZOWNER, v.{value}, {label}, {primary} FROM {table} v "
             f"JOIN ZABCDRECORD r ON r.Z_PK = v.ZOWNER WHERE r.Z_ENT = ? "
             f"ORDER BY v.ZOWNER, {primary} DESC, {ordering}v.Z_PK", (entity,)):
         text = _text(raw)
         if text is not None:
-            out.setdefault(owner, []).append(record(text, _unwrap(lab), bool(prim)))
+            out.setdefault(owner, []).append(new(record, (text, _unwrap(lab), bool(prim))))
     return {owner: tuple(entries) for owner, entries in out.items()}
 
 
@@ -160,6 +161,7 @@ def _cards(records: list[tuple], phones: dict[int, tuple[Phone, ...]], emails: d
     cards: list[Card] = []
     own: set[str] = set()
     skipped: Counter[str] = Counter()
+    new = tuple.__new__
     for pk, *fields, company, modified, preferred, is_me in records:
         card_phones = phones.get(pk, ())
         card_emails = emails.get(pk, ())
@@ -167,7 +169,7 @@ def _cards(records: list[tuple], phones: dict[int, tuple[Phone, ...]], emails: d
             own.update(p.value for p in card_phones)
             own.update(e.value for e in card_emails)
             continue
-        values = list(map(_text, fields))
+        values = [raw if raw is None else _text(raw) for raw in fields]  # most fields are empty
         unique_id, first, last, middle, nickname, organization, _job_title, _link_id = values
         if not (first or last or middle or nickname or organization or card_phones or card_emails):
             skipped[EMPTY_CARD] += 1
@@ -175,8 +177,8 @@ def _cards(records: list[tuple], phones: dict[int, tuple[Phone, ...]], emails: d
         if unique_id is None:
             skipped[NO_UNIQUE_ID] += 1
             continue
-        cards.append(Card(store, *values, bool(company), card_phones, card_emails, notes.get(pk), modified,
-                          bool(preferred)))
+        cards.append(new(Card, (store, *values, bool(company), card_phones, card_emails, notes.get(pk), modified,
+                                bool(preferred))))
     return cards, own, skipped
 
 
