@@ -12,7 +12,8 @@ them. The client never retries: the caller owns retry policy and reads it off th
     ├── Rejected       422 (or another 4xx): a fact about the item; `details`, `reason`
     ├── NotFound       404 with Citadel's JSON envelope
     ├── Unauthorized   401/403
-    └── BadResponse    not JSON (Express's HTML 404 page), truncated, wrong shape, too large
+    └── BadResponse    not JSON (Express's HTML 404 page), truncated, wrong shape, too large;
+                       `accepted` when it answered a write with a 2xx
 
 Every error also says `maybe_written` (the request may have changed the CRM: look before sending
 it again) and `retry_after` (seconds the server asked for, or None). Messages never contain the API key.
@@ -37,6 +38,7 @@ CONTACTS_PAGE = 100  # the server's cap
 _MAX_PASSES = 4  # listing passes before an incomplete listing is reported
 _CONTACT_SORTS = ("name_asc", "created_desc", "created_desc", "created_desc")
 _JSON_HEADERS = {"Content-Type": "application/json"}
+BUSY_STATUSES = (408, 502, 503, 504)  # the request was not handled (a timeout, a proxy, a restart): try again
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
@@ -113,9 +115,15 @@ class BadResponse(CRMError):
     """The answer is not what Citadel sends: not JSON, truncated, unexpected shape or too large."""
 
     @property
-    def maybe_written(self) -> bool:  # type: ignore[override]
-        """A 2xx to a write whose body was lost or mangled: it was accepted."""
+    def accepted(self) -> bool:
+        """A 2xx to a write whose body was lost or mangled: the write happened."""
         return self.method not in (None, "GET") and 200 <= (self.status or 0) < 300
+
+    @property
+    def maybe_written(self) -> bool:  # type: ignore[override]
+        """Accepted, or a write answered by a status that leaves it unclear (a 500) whose body was cut off."""
+        status = self.status or 0
+        return self.accepted or (self.method not in (None, "GET") and status >= 500 and status not in BUSY_STATUSES)
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -401,7 +409,7 @@ class CitadelClient:
             return NotFound(message, **where)
         if status == 429:
             return Throttled(message, retry_after=_retry_after(response.headers.get("retry-after")), **where)
-        if status in (408, 502, 503, 504):
+        if status in BUSY_STATUSES:
             return ServerBusy(message, retry_after=_retry_after(response.headers.get("retry-after")), **where)
         if status >= 500:
             return Ambiguous(message, **where)

@@ -580,9 +580,9 @@ class Engine:
         except crmlib.CRMError as exc:  # transient, a 500, unauthorised, or answers that are not Citadel's
             # The CRM is unwell: all wait. A 500 too, so its bounded retries are spread over the growing
             # backoff, not spent in one burst. Only a mangled 2xx (the write was accepted) does not wait.
-            if not (isinstance(exc, crmlib.BadResponse) and exc.maybe_written):
+            if not (isinstance(exc, crmlib.BadResponse) and exc.accepted):
                 self.back_off(exc.retry_after)
-            if exc.maybe_written:  # a 500 to the POST, a lost answer, a mangled 2xx: look before sending again
+            if exc.maybe_written:  # a 500 to the POST (whole or cut off), a lost answer, a mangled 2xx: look first
                 return await self._unsure(item, exc)
             return "retry", item, exc.message
         self._remember_created(item, created)
@@ -603,7 +603,7 @@ class Engine:
         log.debug("push.looked_up", item=item.id, error=exc.message, found=existing)
         if existing is not None:
             return "adopted", item, existing
-        if isinstance(exc, (crmlib.Ambiguous, crmlib.BadResponse)):  # bounded: 500s and mangled 2xx, not 503s
+        if isinstance(exc, (crmlib.Ambiguous, crmlib.BadResponse)):  # bounded: 500s and mangled answers, not 503s
             self._ambiguous[item.id] += 1
             if self._ambiguous[item.id] >= self.settings.max_ambiguous_retries:
                 return "failed", item, f"unclear CRM answer {self._ambiguous[item.id]} times: {exc.message}"

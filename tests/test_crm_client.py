@@ -168,8 +168,18 @@ def test_response_larger_than_the_limit_is_a_bad_response(crm: CitadelServer) ->
 
 def test_truncated_body_is_a_bad_response(crm: CitadelServer) -> None:
     crm.faults = Faults(rate=1.0, kinds=("truncate",))
-    raises(BadResponse, crm.url, lambda c: c.create_contact({"firstName": "Ann", "lastName": "Lee"}))
+    err = raises(BadResponse, crm.url, lambda c: c.create_contact({"firstName": "Ann", "lastName": "Lee"}))
+    assert err.status == 201 and err.maybe_written is True
     assert len(crm.contacts()) == 1  # the write happened; only the answer was cut
+
+
+def test_a_500_cut_off_mid_body_may_have_written_as_any_500_to_a_write(crm: CitadelServer) -> None:
+    cid = crm.add_contact(firstName="Ann", lastName="Lee")
+    crm.faults = Faults(rate=1.0, kinds=("500-after-write-truncated",), reads=True)
+    write = raises(BadResponse, crm.url, lambda c: c.create_interaction(cid, TEXT))
+    read = raises(BadResponse, crm.url, lambda c: c.list_interactions(cid, dt.date(2024, 3, 1)))
+    assert (write.status, write.maybe_written, read.maybe_written) == (500, True, False)
+    assert len(crm.interactions(cid)) == 1
 
 
 def test_500_after_write_is_ambiguous_and_the_write_happened(crm: CitadelServer) -> None:

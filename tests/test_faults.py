@@ -549,17 +549,18 @@ def test_an_empty_state_database_file_is_migrated_to_the_current_schema(
     assert len(citadel.interactions()) == 1
 
 
-def test_an_accepted_interaction_whose_answer_was_cut_off_is_looked_up_not_sent_again(
-        library: Library, citadel: CitadelServer, cli: CLI):
+@pytest.mark.parametrize("fault", ["truncate", "500-after-write-truncated"])  # a 201, or a 500, arrives half
+def test_a_written_interaction_whose_answer_was_cut_off_is_looked_up_not_sent_again(
+        library: Library, citadel: CitadelServer, cli: CLI, fault: str):
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE, at=ago(hours=1))
     assert cli("sync", "--contacts-only").code == 0
-    citadel.faults = Faults(rate=1.0, kinds=("truncate",), limit=1)  # the POST is written; its 201 arrives half
+    citadel.faults = Faults(rate=1.0, kinds=(fault,), limit=1)  # the POST is written; its answer is cut off
 
     result = cli("sync")
 
     assert result.code == 0, result.output
-    assert citadel.faults.fired["truncate"] == 1
+    assert citadel.faults.fired[fault] == 1
     assert len(interactions_of(citadel, JANE)) == 1
 
 

@@ -50,7 +50,8 @@ _DAY_MS = 86_400_000
 _PRIME = 2_147_483_647  # (id * salt) % _PRIME permutes ids: a per-request shuffle of name ties
 _MUTATING = frozenset(("POST", "PUT", "DELETE", "PATCH"))
 FAULT_KINDS = frozenset(
-    ("503", "502", "504", "429", "500-before-write", "500-after-write", "timeout", "reset", "slow", "truncate")
+    ("503", "502", "504", "429", "500-before-write", "500-after-write", "timeout", "reset", "slow", "truncate",
+     "500-after-write-truncated")
 )
 
 _SCHEMA = """
@@ -147,7 +148,8 @@ class Faults:
     """Which requests fail and how. Kinds: 503 502 504 429 (Retry-After: 1), 500-before-write,
     500-after-write (the write happens, then 500), timeout (hold `hold_s` or until the client
     gives up, then close without answering), reset (RST, no response), slow (wait `slow_s`, then
-    answer normally), truncate (answer with half the announced body, then close).
+    answer normally), truncate (answer with half the announced body, then close), 500-after-write-truncated
+    (both: the write happens, then half of a 500's body).
 
     Only mutating requests are affected unless `reads`; `limit` caps how many faults fire in total.
     """
@@ -672,11 +674,11 @@ class CitadelServer:
         route, fn, ident = self._route(method, path)
         fault = self.faults.pick(method) if fn is not None else None
         extra = b""
-        if fault is None or fault in ("slow", "500-after-write", "truncate"):
+        if fault is None or fault in ("slow", "500-after-write", "truncate", "500-after-write-truncated"):
             if fault == "slow":
                 self._stopping.wait(self.faults.slow_s)
             status, out, ctype = self._answer(method, path, query, headers, body, fn, ident)
-            if fault == "500-after-write":
+            if fault in ("500-after-write", "500-after-write-truncated"):
                 status, out = 500, _internal().body()
         elif fault in ("timeout", "reset"):
             if fault == "timeout":
@@ -695,7 +697,7 @@ class CitadelServer:
             else:
                 out, ctype = _REASONS[status].encode(), b"text/plain; charset=utf-8"
         self._count(method, route, status)
-        if fault == "truncate":
+        if fault in ("truncate", "500-after-write-truncated"):
             head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (
                 status, _REASONS.get(status, "Unknown").encode(), ctype, len(out))
             h.connection.sendall(head + out[: len(out) // 2])
