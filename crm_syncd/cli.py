@@ -310,7 +310,10 @@ def _print_status(doc: dict) -> None:
     for failure in box["failures"]:
         out.print(f"  {failure['key']}: {failure['reason']}")
     crm = doc["crm"]
-    out.print(f"CRM {crm['url']}: " + ("[green]reachable[/]" if crm["reachable"] else "[red]unreachable[/]"))
+    out.print(f"CRM {crm['url']}: " + ("[red]unreachable[/]" if not crm["reachable"] else
+                                       f"[yellow]up, but the daemon's requests fail: "
+                                       f"{crm['daemon_failure'] or 'see the last error'}[/]"
+                                       if crm["daemon_reachable"] is False else "[green]reachable[/]"))
     for pair in doc["duplicates"][:5]:
         out.print(f"[yellow]possible duplicate:[/] CRM contact {pair['duplicate']} looks like {pair['kept']}")
     if doc["last_error"]:

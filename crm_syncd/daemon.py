@@ -329,9 +329,12 @@ class Daemon:
         store = getattr(self, "store", None)
         if store is None:
             return
+        # a push keeps retrying within its pass through a long outage: its latest failure is live news
+        crm_failure = self.engine.crm_failure if hasattr(self, "engine") else None
         store.put("daemon", {
             "running": running, "pid": os.getpid(), "started_ms": self.started_ms, "beat_ms": now_ms(),
-            "version": __version__, "crm_reachable": self.crm_reachable, "last_error": self.last_error,
+            "version": __version__, "crm_reachable": False if crm_failure else self.crm_reachable,
+            "crm_failure": crm_failure, "last_error": self.last_error,
             "sources": {s: {"last_sync_ms": st.last_sync_ms, "error": st.error} for s, st in self.sources.items()},
         })
 

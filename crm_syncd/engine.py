@@ -124,6 +124,7 @@ class Engine:
         self._ambiguous: Counter[int] = Counter()  # outbox id -> 500s answered to it (this process), until settled
         self._backoff_until = 0.0
         self._backoff_since = 0.0  # when the current round of failures began
+        self.crm_failure: str | None = None  # why the CRM did not answer the last delivery; None once it does
         self._failures_in_row = 0
         self._contacts_lock = asyncio.Lock()
 
@@ -621,20 +622,22 @@ class Engine:
                 report.delivered_by_type[item.type] += 1
                 report.adopted += outcome == "adopted"
                 self._failures_in_row = 0
-                report.unreachable = None
-            elif outcome == "failed":
+                report.unreachable = self.crm_failure = None
+            elif outcome == "failed":  # the CRM answered: this item is wrong, not the CRM
                 failed.append((item, value))
+                self.crm_failure = None
                 report.failed.append((item.key, value))
                 log.warning("push.failed", key=item.key, reason=value)
             elif outcome == "vanished":
                 retry.append((item, "contact deleted in the CRM"))
+                self.crm_failure = None
                 self.contacts_stale = True
             elif outcome == "unsure":
-                report.unreachable = value
+                report.unreachable = self.crm_failure = value
             else:
                 retry.append((item, value))
                 report.retried += 1
-                report.unreachable = value
+                report.unreachable = self.crm_failure = value
         for item, _ in delivered + failed:
             self._ambiguous.pop(item.id, None)
         if stale := self.store.settle(delivered, failed, retry):

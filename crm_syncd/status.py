@@ -111,7 +111,10 @@ def gather(settings: Settings) -> dict[str, Any]:
         "outbox": {"pending": counts.get("pending", 0) + counts.get("sending", 0), "held": counts.get("held", 0),
                    "failed": counts.get("failed", 0), "delivered": counts.get("delivered", 0),
                    "failures": [{"key": mask_key(k), "type": t, "reason": r} for k, t, r in failures]},
-        "crm": {"url": settings.api_url, "reachable": reachable},
+        # /api/health answers "ok" whatever its database does; the daemon knows whether its requests got through
+        "crm": {"url": settings.api_url, "reachable": reachable,
+                "daemon_reachable": beat.get("crm_reachable") if running else None,
+                "daemon_failure": beat.get("crm_failure") if running else None},
         "duplicates": duplicates,  # CRM contacts that look like one person but were left alone
         "last_error": beat.get("last_error"),
     }
@@ -119,7 +122,7 @@ def gather(settings: Settings) -> dict[str, Any]:
     unreadable = any(s.get("problem") not in (None, MISSING) for s in sources.values())
     doc["health"] = ("not running" if not running else
                      "degraded" if (doc["outbox"]["failed"] or not reachable or lag_growing or unreadable
-                                    or doc["responding"] is False)
+                                    or doc["responding"] is False or doc["crm"]["daemon_reachable"] is False)
                      else "healthy")
     return doc
 

@@ -295,6 +295,28 @@ def test_status_is_degraded_while_the_daemon_holds_its_lock_but_no_longer_beats(
     assert d.stop() == 0
 
 
+def test_status_is_degraded_while_the_crm_says_it_is_up_but_refuses_the_daemons_writes(
+        library: Library, citadel, daemon, daemon_env: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    d = daemon()
+    eventually(lambda: status(daemon_env)["crm"]["daemon_reachable"], what="the daemon's contacts in the CRM")
+
+    citadel.faults = Faults(rate=1.0, kinds=("503",))  # writes refused; /api/health still answers "ok"
+    library.text(JANE)
+
+    doc = eventually(lambda: (lambda s: s if s["health"] != "healthy" else None)(status(daemon_env)),
+                     what="the refused write in status")
+    assert doc["crm"]["reachable"] is True and doc["crm"]["daemon_reachable"] is False
+    assert doc["crm"]["daemon_failure"].startswith("503") and doc["outbox"]["pending"] == 1
+    text = daemon_env("status")
+    assert text.code == 1 and "the daemon's requests fail: 503" in text.stdout
+
+    citadel.faults = Faults()
+    eventually(lambda: len(interactions_of(citadel, JANE)) == 1, timeout=30, what="the message, writes accepted again")
+    eventually(lambda: status(daemon_env)["health"] == "healthy", what="a healthy status again")
+    assert d.stop() == 0
+
+
 def test_the_crm_down_for_a_while_queues_everything_and_delivers_it_when_it_returns(
         library: Library, citadel, daemon):
     library.card(first="Jane", last="Doe", phones=[JANE])
