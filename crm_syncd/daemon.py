@@ -314,7 +314,7 @@ class Daemon:
                 self.beat()
                 url = self.settings.heartbeat_url
                 due = url and time.monotonic() - last_ping >= self.settings.heartbeat_interval_s
-                if due and self.crm_reachable and not self.store.failed_count():
+                if due and self._crm_view()[0] and not self.store.failed_count():
                     last_ping = time.monotonic()
                     try:
                         await client.get(url)
@@ -329,14 +329,19 @@ class Daemon:
         store = getattr(self, "store", None)
         if store is None:
             return
-        # a push keeps retrying within its pass through a long outage: its latest failure is live news
-        crm_failure = self.engine.crm_failure if hasattr(self, "engine") else None
+        crm_reachable, crm_failure = self._crm_view()
         store.put("daemon", {
             "running": running, "pid": os.getpid(), "started_ms": self.started_ms, "beat_ms": now_ms(),
-            "version": __version__, "crm_reachable": False if crm_failure else self.crm_reachable,
-            "crm_failure": crm_failure, "last_error": self.last_error,
+            "version": __version__, "crm_reachable": crm_reachable, "crm_failure": crm_failure,
+            "last_error": self.last_error,
             "sources": {s: {"last_sync_ms": st.last_sync_ms, "error": st.error} for s, st in self.sources.items()},
         })
+
+    def _crm_view(self) -> tuple[bool | None, str | None]:
+        """Does the CRM take our requests, and if not why. A push retries inside its pass through an
+        outage, so the engine's latest delivery failure is news before the pass returns."""
+        failure = self.engine.crm_failure if hasattr(self, "engine") else None
+        return (False if failure else self.crm_reachable), failure
 
     def _error(self, message: str, *, event: str, **fields) -> None:
         self.last_error = message
