@@ -99,7 +99,7 @@ def test_tapbacks_events_system_rows_and_failed_sends_are_not_interactions(libra
 
     assert result.code == 0, result.output
     assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1}
-    assert "reaction 3" in result.stdout and "failed-send 1" in result.stdout
+    assert "reaction 3" in result.stdout and "failed-send 1" in result.stdout and "no-date 1" in result.stdout
 
 
 def test_email_handles_match_cards_by_email_case_insensitively(library: Library, citadel, cli: CLI):

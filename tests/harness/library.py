@@ -22,6 +22,7 @@ from tests.harness.callhistory import CallHistoryDB
 from tests.harness.chatdb import ChatDB
 
 DB_NAME = "AddressBook-v22.abcddb"
+RECENT: datetime = datetime.min.replace(tzinfo=UTC)  # `at` unless given: a minute ago (None: no date, NULL)
 
 
 def ago(**delta: float) -> datetime:
@@ -89,17 +90,17 @@ class Library:
         self.books[source].commit()
         return pk
 
-    def text(self, address: str, *, from_me: bool = False, at: datetime | int | None = None,
+    def text(self, address: str, *, from_me: bool = False, at: datetime | int | None = RECENT,
              service: str = "iMessage", person: str | None = None, **row) -> int:
         """A message in the 1:1 chat with `address` (created on first use)."""
         handle = self.chat.handle(address, service=service, person_centric_id=person)
         chat = self._chats.get((address, service))
         if chat is None:
             chat = self._chats[(address, service)] = self.chat.chat([handle], service=service)
-        return self.chat.message(chat=chat, handle=handle, from_me=from_me, at=at or ago(minutes=1),
+        return self.chat.message(chat=chat, handle=handle, from_me=from_me, at=_recent(at),
                                  service=service, **row)
 
-    def group_text(self, members: list[str], *, sender: str | None = None, at: datetime | None = None,
+    def group_text(self, members: list[str], *, sender: str | None = None, at: datetime | None = RECENT,
                    **row) -> int:
         """A message in the group chat of `members`: from `sender`, or from me when sender is None."""
         handles = [self.chat.handle(m) for m in members]
@@ -107,13 +108,18 @@ class Library:
         if chat is None:
             chat = self._chats[tuple(sorted(members))] = self.chat.chat(handles, group=True)
         handle = self.chat.handle(sender) if sender else 0
-        return self.chat.message(chat=chat, handle=handle, from_me=sender is None, at=at or ago(minutes=1), **row)
+        return self.chat.message(chat=chat, handle=handle, from_me=sender is None, at=_recent(at), **row)
 
-    def call(self, address: str | bytes | None, *, at: datetime | float | None = None, **row) -> int:
-        pk = self.calls.call(address, at if at is not None else ago(minutes=1), **row)
+    def call(self, address: str | bytes | None, *, at: datetime | float | None = RECENT, **row) -> int:
+        pk = self.calls.call(address, _recent(at), **row)
         self.calls.commit()
         return pk
 
     def close(self) -> None:
         for db in (self.chat, self.calls, *self.books):
             db.close()
+
+
+def _recent(at):
+    """`at` as given (None and 0 included: rows without a date), or a minute ago by default."""
+    return ago(minutes=1) if at is RECENT else at
