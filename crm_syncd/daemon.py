@@ -227,13 +227,11 @@ class Daemon:
         state = self.sources[source]
         state.failures += 1
         state.error = message
-        if source in self._probes:
-            self._probes[source].forget()
-        if source in self._debouncers:
-            if pending := self._retries.get(source):
-                pending.cancel()
-            delay = min(RETRY_S * 2 ** min(state.failures - 1, 5), RETRY_MAX_S)
-            self._retries[source] = asyncio.get_running_loop().call_later(delay, self._debouncers[source].poke)
+        self._probes[source].forget()
+        if pending := self._retries.get(source):
+            pending.cancel()
+        delay = min(RETRY_S * 2 ** min(state.failures - 1, 5), RETRY_MAX_S)
+        self._retries[source] = asyncio.get_running_loop().call_later(delay, self._debouncers[source].poke)
 
     async def _contacts(self, force: bool = False) -> None:
         if self.engine.backoff_left() or not (force or self.engine.contacts_changed()):
@@ -340,7 +338,7 @@ class Daemon:
     def _crm_view(self) -> tuple[bool | None, str | None]:
         """Does the CRM take our requests, and if not why. A push retries inside its pass through an
         outage, so the engine's latest delivery failure is news before the pass returns."""
-        failure = self.engine.crm_failure if hasattr(self, "engine") else None
+        failure = self.engine.crm_failure  # set before `store`, so before any beat
         return (False if failure else self.crm_reachable), failure
 
     def _error(self, message: str, *, event: str, **fields) -> None:
