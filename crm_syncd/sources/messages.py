@@ -10,12 +10,10 @@ handle or chat newer than them.
 
 from __future__ import annotations
 
-import gc
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from operator import itemgetter
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -67,15 +65,14 @@ class MessagesReader(sqlite.SourceReader):
         deleted = db.remembered("recently_deleted", lambda: "message_id" in sqlite.columns(conn, RECENTLY_DELETED))
         sql, params = _select(cols, join_cols, deleted, since_ms)
         params |= {"after": after_rowid, "limit": limit}
-        with _gc_paused():
-            rows = conn.execute(sql, params).fetchall()
-            full = len(rows) == limit
-            if full and (cut := _rows_cut_off(conn, rows)):  # LIMIT split a message in several chats
-                start, short = cut
-                rows = rows[:start] if start else conn.execute(sql, params | {"limit": limit + short}).fetchall()
-            if len(rows) != len(set(map(_ROWID, rows))):
-                rows = _lowest_chat_each(rows)
-            batch = self._activities(rows, _maps(db, conn, rows))
+        rows = conn.execute(sql, params).fetchall()
+        full = len(rows) == limit
+        if full and (cut := _rows_cut_off(conn, rows)):  # LIMIT split a message in several chats
+            start, short = cut
+            rows = rows[:start] if start else conn.execute(sql, params | {"limit": limit + short}).fetchall()
+        if len(rows) != len(set(map(_ROWID, rows))):
+            rows = _lowest_chat_each(rows)
+        batch = self._activities(rows, _maps(db, conn, rows))
         batch.last_rowid, batch.rows = (rows[-1][0] if rows else after_rowid), len(rows)
         return batch, full
 
@@ -114,18 +111,6 @@ class MessagesReader(sqlite.SourceReader):
             add(new(Activity, (f"msg:{guid}", party[0], TEXT_OUTBOUND if from_me else TEXT_INBOUND,
                                occurred, None, party[1])))
         return Batch(activities=out, skipped=skipped, unsettled=unsettled)
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Hold off the cyclic GC while building many small tuples (none of them form cycles)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 class _Maps(NamedTuple):

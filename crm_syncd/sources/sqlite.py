@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
 from crm_syncd import macos
-from crm_syncd.sources import BEFORE_WINDOW, Batch
+from crm_syncd.sources import BEFORE_WINDOW, Batch, gc_paused
 
 BUSY_TIMEOUT_MS = 2_000
 RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
@@ -239,7 +239,8 @@ class SourceReader:
 
     def _batch(self, db: Database, conn: sqlite3.Connection, after_rowid: int, limit: int,
                since_ms: int | None) -> Batch:
-        batch, full = self._read(db, conn, after_rowid, limit, since_ms)
+        with gc_paused():
+            batch, full = self._read(db, conn, after_rowid, limit, since_ms)
         if since_ms is not None:  # rows the window dropped were examined too
             examined, highest = conn.execute(
                 f"SELECT COUNT(*), MAX({self.ROWID}) FROM {self.TABLE} WHERE {self.ROWID} > ? AND {self.ROWID} <= ?",
