@@ -133,6 +133,23 @@ def test_cards_with_nothing_on_them_are_skipped_and_counted(book, stores, folder
     assert snapshot.skipped == {"empty-card": 1}
 
 
+def test_blank_fields_read_as_nothing_and_blobs_or_numbers_as_text(book, stores, folder):
+    pk = book.card("Odd", "   ", middle="", nickname="x", organization="x", job_title=" ",
+                   phones=[("  +1 613 555 0100 ", "Mobile"), ("   ", "Home"), ("+1 613 555 0101", "Work")],
+                   emails=[("", None), (" odd@example.com", None)])
+    book.conn.execute("UPDATE ZABCDRECORD SET ZNICKNAME = X'4f6464696521', ZORGANIZATION = 42 WHERE Z_PK = ?", (pk,))
+    book.conn.execute("UPDATE ZABCDPHONENUMBER SET ZFULLNUMBER = CAST(ZFULLNUMBER AS BLOB) WHERE ZOWNER = ? "
+                      "AND ZORDERINGINDEX = 2", (pk,))
+    book.card("  ", phones=[(" ", "Mobile")], emails=[("", None)])  # blanks only: nothing on the card
+    commit_all(stores)
+    snapshot = read_contacts(folder)
+    odd = next(c for c in snapshot.cards if c.first == "Odd")
+    assert (odd.last, odd.middle, odd.nickname, odd.organization, odd.job_title) == (None, None, "Oddie!", "42", None)
+    assert [p.value for p in odd.phones] == ["+1 613 555 0100", "+1 613 555 0101"]
+    assert [e.value for e in odd.emails] == ["odd@example.com"]
+    assert len(snapshot.cards) == 1 and snapshot.skipped == {"empty-card": 1}
+
+
 def test_card_fields_come_through(book, stores, folder):
     when = datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc)
     book.card("Jane", "Doe", middle="Q", nickname="JD", unique_id="AAAA-1111:ABPerson", link_id="LINK-1",

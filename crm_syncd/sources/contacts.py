@@ -129,16 +129,24 @@ def _values(conn: sqlite3.Connection, cols: dict[str, frozenset[str]], table: st
     label = "v.ZLABEL" if "ZLABEL" in have else "NULL"
     primary = "COALESCE(v.ZISPRIMARY, 0)" if "ZISPRIMARY" in have else "0"
     ordering = "v.ZORDERINGINDEX, " if "ZORDERINGINDEX" in have else ""
-    out: dict[int, list[Entry]] = {}
+    out: dict[int, tuple[Entry, ...]] = {}
     new = tuple.__new__  # NamedTuples built positionally, without their Python-level __new__
+    owner_now, entries = None, []  # rows come grouped by owner
     for owner, raw, lab, prim in conn.execute(
             f"SELECT v.ZOWNER, v.{value}, {label}, {primary} FROM {table} v "
             f"JOIN ZABCDRECORD r ON r.Z_PK = v.ZOWNER WHERE r.Z_ENT = ? "
             f"ORDER BY v.ZOWNER, {primary} DESC, {ordering}v.Z_PK", (entity,)):
-        text = _text(raw)
-        if text is not None:
-            out.setdefault(owner, []).append(new(record, (text, _unwrap(lab), bool(prim))))
-    return {owner: tuple(entries) for owner, entries in out.items()}
+        text = raw.strip() if type(raw) is str else _text(raw)
+        if not text:
+            continue
+        if owner != owner_now:
+            if entries:
+                out[owner_now] = tuple(entries)
+            owner_now, entries = owner, []
+        entries.append(new(record, (text, _unwrap(lab), bool(prim))))
+    if entries:
+        out[owner_now] = tuple(entries)
+    return out
 
 
 def _notes(conn: sqlite3.Connection, cols: dict[str, frozenset[str]], entity: int) -> dict[int, str]:
@@ -161,24 +169,30 @@ def _cards(records: list[tuple], phones: dict[int, tuple[Phone, ...]], emails: d
     cards: list[Card] = []
     own: set[str] = set()
     skipped: Counter[str] = Counter()
-    new = tuple.__new__
-    for pk, *fields, company, modified, preferred, is_me in records:
+    add, new = cards.append, tuple.__new__
+    for pk, unique_id, first, last, middle, nickname, organization, job_title, link_id, company, modified, \
+            preferred, is_me in records:
         card_phones = phones.get(pk, ())
         card_emails = emails.get(pk, ())
         if is_me:
             own.update(p.value for p in card_phones)
             own.update(e.value for e in card_emails)
             continue
-        values = [raw if raw is None else _text(raw) for raw in fields]  # most fields are empty
-        unique_id, first, last, middle, nickname, organization, _job_title, _link_id = values
+        # most fields are empty (None): `_text` only for the others
+        first = None if first is None else _text(first)
+        last = None if last is None else _text(last)
+        middle = None if middle is None else _text(middle)
+        nickname = None if nickname is None else _text(nickname)
+        organization = None if organization is None else _text(organization)
         if not (first or last or middle or nickname or organization or card_phones or card_emails):
             skipped[EMPTY_CARD] += 1
             continue
-        if unique_id is None:
+        if (unique_id := _text(unique_id)) is None:
             skipped[NO_UNIQUE_ID] += 1
             continue
-        cards.append(new(Card, (store, *values, bool(company), card_phones, card_emails, notes.get(pk), modified,
-                                bool(preferred))))
+        add(new(Card, (store, unique_id, first, last, middle, nickname, organization,
+                       None if job_title is None else _text(job_title), None if link_id is None else _text(link_id),
+                       bool(company), card_phones, card_emails, notes.get(pk), modified, bool(preferred))))
     return cards, own, skipped
 
 
