@@ -671,8 +671,9 @@ def heartbeat_times(state_db: Path, n: int) -> dict:
     heartbeat_url ping asks for (the daemon does this every HEARTBEAT_S, idle or not)."""
     store = Store(state_db)
     try:
-        beating = daemonlib.Daemon(load_settings(state_dir=state_db.parent, log_dir=state_db.parent / "logs"))
-        beating.store = store
+        settings = load_settings(state_dir=state_db.parent, log_dir=state_db.parent / "logs")
+        beating = daemonlib.Daemon(settings)
+        beating.engine, beating.store = Engine(settings, store, None), store  # what `Daemon.run` sets
         times = []
         for _ in range(n):
             t = time.perf_counter()
