@@ -40,11 +40,6 @@ def iso(at) -> str:
     return occurred_iso(int(at.timestamp() * 1000))
 
 
-def interactions_of(citadel, phone: str) -> list[dict]:
-    ids = [c["id"] for c in citadel.contacts() if c["phone"] == phone]
-    return [i for cid in ids for i in citadel.interactions(cid)]
-
-
 def status(cli: CLI) -> dict:
     return json.loads(cli("status", "--json").stdout)
 
@@ -55,14 +50,14 @@ def test_new_messages_and_calls_arrive_once_each_while_apple_keeps_the_database_
     d = daemon()
 
     library.text(JANE)
-    eventually(lambda: len(interactions_of(citadel, JANE)) == 1, what="the message")
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 1, what="the message")
     library.call(JANE, originated=True, duration=12)
     library.text(JANE, from_me=True)
-    eventually(lambda: len(interactions_of(citadel, JANE)) == 3, what="the call and the reply")
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 3, what="the call and the reply")
 
     assert library.messages_db.with_name("chat.db-wal").stat().st_size > 0  # still only in the WAL
     assert d.stop() == 0
-    assert Counter(i["type"] for i in interactions_of(citadel, JANE)) == {
+    assert Counter(i["type"] for i in citadel.interactions_of(JANE)) == {
         "TEXT_INBOUND": 1, "TEXT_OUTBOUND": 1, "CALL_OUTBOUND": 1}
 
 
@@ -77,11 +72,11 @@ def test_a_burst_of_5000_messages_arrives_complete_in_bounded_batches(library: L
         library.text(JANE, at=start.replace(microsecond=0) + timedelta(seconds=n))
     library.chat.commit()
 
-    eventually(lambda: len(interactions_of(citadel, JANE)) >= 5000, timeout=120, what="5000 interactions")
+    eventually(lambda: len(citadel.interactions_of(JANE)) >= 5000, timeout=120, what="5000 interactions")
     assert d.stop() == 0
     batches = [e["rows"] for e in d.events("extract.batch") if e.get("source") == "messages"]
     assert sum(batches) == 5000 and max(batches) <= 500
-    assert len(interactions_of(citadel, JANE)) == 5000
+    assert len(citadel.interactions_of(JANE)) == 5000
 
 
 def test_a_new_address_book_card_is_picked_up_by_the_rescan_timer(library: Library, citadel, daemon):
@@ -98,16 +93,16 @@ def test_sigterm_drains_and_a_restart_continues_from_the_mark(library: Library, 
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE, at=ago(hours=3))
     first = daemon()
-    eventually(lambda: len(interactions_of(citadel, JANE)) == 1, what="the first message")
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 1, what="the first message")
     assert first.stop() == 0
 
     library.text(JANE, at=ago(hours=2))  # arrives while the daemon is stopped
     second = daemon()
-    eventually(lambda: len(interactions_of(citadel, JANE)) == 2, what="the catch-up")
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 2, what="the catch-up")
     library.text(JANE, at=ago(hours=1))
-    eventually(lambda: len(interactions_of(citadel, JANE)) == 3, what="the live message")
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 3, what="the live message")
     assert second.stop() == 0
-    assert len(interactions_of(citadel, JANE)) == 3
+    assert len(citadel.interactions_of(JANE)) == 3
 
 
 def test_an_interaction_another_mac_sent_later_the_same_day_is_adopted_not_created_twice(
@@ -143,7 +138,7 @@ def test_rows_an_extraction_failed_to_read_are_read_once_chat_db_is_readable_aga
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE, at=ago(hours=3))
     d = daemon()
-    eventually(lambda: len(interactions_of(citadel, JANE)) == 1, what="the first message")
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 1, what="the first message")
 
     library.chat.close()
     library.chat = ChatDB.open(library.messages_db)
@@ -153,7 +148,7 @@ def test_rows_an_extraction_failed_to_read_are_read_once_chat_db_is_readable_aga
     library.chat.conn.execute("PRAGMA locking_mode=NORMAL")
     library.chat.conn.execute("SELECT count(*) FROM message").fetchone()  # lets go, writing nothing
 
-    eventually(lambda: len(interactions_of(citadel, JANE)) == 2, timeout=10, what="the message read after the lock")
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 2, timeout=10, what="the message read after the lock")
     assert d.stop() == 0
 
 
@@ -200,9 +195,9 @@ def test_calls_arrive_promptly_once_the_call_history_folder_appears_after_the_st
     library.calls = CallHistoryDB.create(library.calls_db)
     library.call(JANE, originated=True, duration=12)
 
-    eventually(lambda: len(interactions_of(citadel, JANE)) == 1, timeout=10, what="the first call")
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 1, timeout=10, what="the first call")
     library.call(JANE, originated=False, duration=5)  # and the folder is watched from now on
-    eventually(lambda: len(interactions_of(citadel, JANE)) == 2, timeout=10, what="the second call")
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 2, timeout=10, what="the second call")
     assert d.stop() == 0
 
 
@@ -256,7 +251,7 @@ def test_status_names_the_full_disk_access_fix_while_the_daemon_cannot_read_chat
     assert "Privacy & Security" in doc["sources"]["messages"]["problem"]
 
     os.chmod(library.messages_db, 0o644)  # granted: the daemon's next attempt reads it
-    eventually(lambda: len(interactions_of(citadel, JANE)) == 1, what="the message")
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 1, what="the message")
     eventually(lambda: status(daemon_env)["health"] == "healthy", what="a healthy status")
     assert d.stop() == 0
 
@@ -312,7 +307,7 @@ def test_status_is_degraded_while_the_crm_says_it_is_up_but_refuses_the_daemons_
     assert text.code == 1 and "the daemon's requests fail: 503" in text.stdout
 
     citadel.faults = Faults()
-    eventually(lambda: len(interactions_of(citadel, JANE)) == 1, timeout=30, what="the message, writes accepted again")
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 1, timeout=30, what="the message, writes accepted again")
     eventually(lambda: status(daemon_env)["health"] == "healthy", what="a healthy status again")
     assert d.stop() == 0
 
@@ -328,7 +323,7 @@ def test_the_crm_down_for_a_while_queues_everything_and_delivers_it_when_it_retu
 
     citadel.come_up()
 
-    eventually(lambda: len(interactions_of(citadel, JANE)) == 3, timeout=60, what="delivery after the outage")
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 3, timeout=60, what="delivery after the outage")
     assert d.stop() == 0
 
 
@@ -344,7 +339,7 @@ def test_a_contacts_sync_retried_from_two_sides_at_once_creates_each_contact_onc
     citadel.latency_s = 0.2  # a sync now takes seconds, so two retries would overlap
 
     d = daemon()
-    eventually(lambda: len(interactions_of(citadel, phones[-1])) == 1, timeout=60, what="the message")
+    eventually(lambda: len(citadel.interactions_of(phones[-1])) == 1, timeout=60, what="the message")
     assert d.stop() == 0
 
     assert d.events("contacts.deferred"), "the first sync was meant to fail"
@@ -358,14 +353,14 @@ def test_a_message_sent_from_the_mac_arrives_once_sent_and_a_failed_send_never(l
     sent = library.text(JANE, from_me=True, is_sent=0)
     failed = library.text(JANE, from_me=True, is_sent=0)
     library.text(JANE)
-    eventually(lambda: interactions_of(citadel, JANE), what="the reply, read past both sends under way")
+    eventually(lambda: citadel.interactions_of(JANE), what="the reply, read past both sends under way")
 
     library.chat.finish_sending(sent)
     library.chat.finish_sending(failed, error=4)
-    eventually(lambda: len(interactions_of(citadel, JANE)) == 2, what="the message once sent")
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 2, what="the message once sent")
     assert d.stop() == 0
 
-    assert Counter(i["type"] for i in interactions_of(citadel, JANE)) == {"TEXT_INBOUND": 1, "TEXT_OUTBOUND": 1}
+    assert Counter(i["type"] for i in citadel.interactions_of(JANE)) == {"TEXT_INBOUND": 1, "TEXT_OUTBOUND": 1}
 
 
 def test_a_crm_that_says_wait_at_start_up_is_not_asked_again_before_then(library: Library, citadel, daemon):
@@ -395,7 +390,7 @@ def test_a_message_from_a_card_added_that_moment_gets_that_contact_not_a_placeho
     library.card(source=1, first="Just", last="Added", phones=[JANE])
     library.text(JANE)
 
-    eventually(lambda: len(interactions_of(citadel, JANE)) == 1, timeout=60, what="the message")
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 1, timeout=60, what="the message")
     eventually(lambda: [c for c in citadel.contacts() if c["lastName"] == "Added"], timeout=60, what="the card's contact")
     assert d.stop() == 0
     assert [(c["firstName"], c["lastName"]) for c in citadel.contacts() if c["phone"] == JANE] == [("Just", "Added")]
@@ -481,7 +476,7 @@ def test_an_idle_daemon_holds_no_read_transaction_so_apple_can_truncate_its_wal(
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE)
     d = daemon()
-    eventually(lambda: len(interactions_of(citadel, JANE)) == 1, what="the message")
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 1, what="the message")
 
     busy, log_frames, checkpointed = library.chat.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
 

@@ -210,7 +210,7 @@ def test_a_500_that_keeps_coming_back_fails_the_item_after_bounded_retries_sprea
     assert len(fives) == 3 and "unclear CRM answer 3 times" in failed["reason"]  # max_ambiguous_retries
     assert fives[-1] - fives[0] >= 0.5, "retried without waiting: a short burst would fail items for good"
     assert d.proc.poll() is None and d.stop() == 0
-    assert interactions_of(citadel, JANE) == []
+    assert citadel.interactions_of(JANE) == []
 
 
 def test_the_back_off_grows_round_by_round_only_while_the_crm_accepts_no_write(tmp_path: Path, citadel: CitadelServer):
@@ -249,36 +249,31 @@ def test_a_500_to_the_pre_check_read_is_retried_and_never_fails_an_item_it_did_n
 
     assert faults.fired.total() == 1
     assert result.code == 0, result.output
-    assert [r["occurredAt"] for r in interactions_of(citadel, JANE)] == [iso(at)]
+    assert [r["occurredAt"] for r in citadel.interactions_of(JANE)] == [iso(at)]
 
 
 # -- the CRM changes under the daemon ------------------------------------------------------------
-
-def interactions_of(citadel: CitadelServer, phone: str) -> list[dict]:
-    ids = [c["id"] for c in citadel.contacts() if c["phone"] == phone]
-    return [i for cid in ids for i in citadel.interactions(cid)]
-
 
 def test_a_contact_deleted_in_the_crm_is_recreated_and_its_next_interaction_arrives(
         library: Library, citadel: CitadelServer, daemon):
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE, at=ago(hours=2))
     d = daemon()
-    eventually(lambda: len(interactions_of(citadel, JANE)) == 1, what="the first message")
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 1, what="the first message")
     (old,) = [c["id"] for c in citadel.contacts() if c["phone"] == JANE]
 
     citadel.delete_contact(old)  # the owner deletes Jane in Citadel (her interactions go with her)
     later = ago(hours=1)
     library.text(JANE, from_me=True, at=later)
 
-    rows = eventually(lambda: interactions_of(citadel, JANE), timeout=30, what="the message after the deletion")
+    rows = eventually(lambda: citadel.interactions_of(JANE), timeout=30, what="the message after the deletion")
     (new,) = [c["id"] for c in citadel.contacts() if c["phone"] == JANE]
     assert new != old and [c["lastName"] for c in citadel.contacts()] == ["Doe"]
     assert [(r["type"], r["occurredAt"]) for r in rows] == [("TEXT_OUTBOUND", iso(later))]
     assert d.proc.poll() is None  # no crash loop
     assert len(d.events("push.contact_vanished")) == 1
     assert d.stop() == 0
-    assert [(r["type"], r["occurredAt"]) for r in interactions_of(citadel, JANE)] == [("TEXT_OUTBOUND", iso(later))]
+    assert [(r["type"], r["occurredAt"]) for r in citadel.interactions_of(JANE)] == [("TEXT_OUTBOUND", iso(later))]
 
 
 # -- chat.db rebuilt, deleted, checkpointed, locked ------------------------------------------------
@@ -312,7 +307,7 @@ def test_chat_db_replaced_by_a_rebuilt_copy_with_lower_rowids(library: Library, 
     for address, guid, from_me, at in old:
         library.text(address, from_me=from_me, at=at, guid=guid)
     d = daemon()
-    eventually(lambda: len(interactions_of(citadel, JANE)) == 5, what="the original messages")
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 5, what="the original messages")
 
     new = [(JANE, f"NEW-{n}", False, ago(minutes=30 - n)) for n in range(3)]
     staging = library.messages_db.parent / "rebuild"
@@ -320,10 +315,10 @@ def test_chat_db_replaced_by_a_rebuilt_copy_with_lower_rowids(library: Library, 
     rebuilt_chat_db(staging / "chat.db", old + new)  # same guids at ROWIDs 1-5, new ones at 6-8
     swap_in(library, staging / "chat.db")
 
-    eventually(lambda: len(interactions_of(citadel, JANE)) >= 8, timeout=30, what="the new messages")
+    eventually(lambda: len(citadel.interactions_of(JANE)) >= 8, timeout=30, what="the new messages")
     assert d.proc.poll() is None
     assert d.stop() == 0
-    got = Counter((r["type"], r["occurredAt"]) for r in interactions_of(citadel, JANE))
+    got = Counter((r["type"], r["occurredAt"]) for r in citadel.interactions_of(JANE))
     assert got == Counter(("TEXT_OUTBOUND" if m else "TEXT_INBOUND", iso(at)) for _, _, m, at in old + new)
 
 
@@ -333,7 +328,7 @@ def test_chat_db_deleted_and_recreated_delivers_the_new_rows_once(library: Libra
     for n, at in enumerate(first):
         library.text(JANE, at=at, guid=f"FIRST-{n}")
     d = daemon()
-    eventually(lambda: len(interactions_of(citadel, JANE)) == 4, what="the first messages")
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 4, what="the first messages")
 
     library.chat.close()
     for suffix in ("", "-wal", "-shm"):
@@ -347,9 +342,9 @@ def test_chat_db_deleted_and_recreated_delivers_the_new_rows_once(library: Libra
     for n, at in enumerate(again):
         library.text(JANE, at=at, guid=f"FIRST-{n}" if n < 2 else None)  # two restored (as they were), four new
     expected = Counter(("TEXT_INBOUND", iso(at)) for at in first + again[2:])
-    eventually(lambda: len(interactions_of(citadel, JANE)) >= 8, timeout=20, what="the recreated rows")
+    eventually(lambda: len(citadel.interactions_of(JANE)) >= 8, timeout=20, what="the recreated rows")
     assert d.stop() == 0
-    assert Counter((r["type"], r["occurredAt"]) for r in interactions_of(citadel, JANE)) == expected
+    assert Counter((r["type"], r["occurredAt"]) for r in citadel.interactions_of(JANE)) == expected
 
 
 def test_the_wal_truncated_by_checkpoints_mid_run_loses_and_repeats_nothing(
@@ -357,17 +352,17 @@ def test_the_wal_truncated_by_checkpoints_mid_run_loses_and_repeats_nothing(
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE, at=ago(hours=30))
     d = daemon()
-    eventually(lambda: len(interactions_of(citadel, JANE)) == 1, what="the first message")
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 1, what="the first message")
     moments = [ago(hours=20 - n) for n in range(12)]
     for n, at in enumerate(moments):
         library.text(JANE, at=at)
         if n % 3 == 2:
             library.chat.checkpoint("TRUNCATE")  # Messages empties the -wal while the daemon reads
             assert library.messages_db.with_name("chat.db-wal").stat().st_size == 0
-    eventually(lambda: len(interactions_of(citadel, JANE)) >= 13, timeout=30, what="every row")
+    eventually(lambda: len(citadel.interactions_of(JANE)) >= 13, timeout=30, what="every row")
     assert d.proc.poll() is None
     assert d.stop() == 0
-    got = Counter(r["occurredAt"] for r in interactions_of(citadel, JANE))
+    got = Counter(r["occurredAt"] for r in citadel.interactions_of(JANE))
     assert sum(got.values()) == 13 and max(got.values()) == 1
     assert {iso(at) for at in moments} <= set(got)
 
@@ -377,7 +372,7 @@ def test_chat_db_locked_by_a_writer_for_seconds_delays_but_loses_nothing(
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE, at=ago(hours=3))
     d = daemon()
-    eventually(lambda: len(interactions_of(citadel, JANE)) == 1, what="the first message")
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 1, what="the first message")
 
     library.chat.close()  # the locker is Messages itself: its one connection takes the database
     locker = ChatDB.open(library.messages_db)
@@ -400,9 +395,9 @@ def test_chat_db_locked_by_a_writer_for_seconds_delays_but_loses_nothing(
     library.chat = ChatDB.open(library.messages_db)
     after = ago(hours=1)
     library.text(JANE, at=after)
-    eventually(lambda: len(interactions_of(citadel, JANE)) >= 3, timeout=30, what="the rows written around the lock")
+    eventually(lambda: len(citadel.interactions_of(JANE)) >= 3, timeout=30, what="the rows written around the lock")
     assert d.stop() == 0
-    got = Counter((r["type"], r["occurredAt"]) for r in interactions_of(citadel, JANE))
+    got = Counter((r["type"], r["occurredAt"]) for r in citadel.interactions_of(JANE))
     assert sum(got.values()) == 3 and max(got.values()) == 1
     assert {iso(during), iso(after)} <= {at for _, at in got}
 
@@ -422,7 +417,7 @@ def test_an_icloud_redownload_with_new_rowid_and_guid_is_not_delivered_twice(
     second = cli("sync")
 
     assert second.code == 0, second.output
-    got = Counter((r["type"], r["occurredAt"][:19]) for r in interactions_of(citadel, JANE))
+    got = Counter((r["type"], r["occurredAt"][:19]) for r in citadel.interactions_of(JANE))
     assert got == {("TEXT_INBOUND", iso(at)[:19]): 1, ("TEXT_OUTBOUND", iso(at)[:19]): 1}
 
 
@@ -561,7 +556,7 @@ def test_a_written_interaction_whose_answer_was_cut_off_is_looked_up_not_sent_ag
 
     assert result.code == 0, result.output
     assert citadel.faults.fired[fault] == 1
-    assert len(interactions_of(citadel, JANE)) == 1
+    assert len(citadel.interactions_of(JANE)) == 1
 
 
 def test_a_placeholder_whose_create_answer_was_lost_is_found_not_made_twice(
@@ -572,7 +567,7 @@ def test_a_placeholder_whose_create_answer_was_lost_is_found_not_made_twice(
     daemon_env.env.update(CRM_SYNCD_SAFETY_PROBE_S="1")  # retry soon after the error
     d = RunningDaemon(daemon_env, home)
     try:
-        rows = eventually(lambda: interactions_of(citadel, stranger), timeout=30, what="the stranger's message")
+        rows = eventually(lambda: citadel.interactions_of(stranger), timeout=30, what="the stranger's message")
         assert citadel.faults.fired["500-after-write"] == 1
         assert [c["firstName"] for c in citadel.contacts()] == ["Unknown"]
         assert len(rows) == 1
@@ -617,4 +612,4 @@ def test_a_restart_right_after_a_crash_waits_for_requests_still_on_their_way(
         assert second.stop() == 0
     finally:
         second.stop(signal.SIGKILL)
-    assert sorted(r["occurredAt"] for r in interactions_of(citadel, JANE)) == sorted(map(iso, moments))
+    assert sorted(r["occurredAt"] for r in citadel.interactions_of(JANE)) == sorted(map(iso, moments))

@@ -993,6 +993,10 @@ class CitadelServer:
             rows = self._db().execute(sql + " ORDER BY id", params).fetchall()
         return [_interaction_json(r) for r in rows]
 
+    def interactions_of(self, phone: str) -> list[dict[str, Any]]:
+        """Interactions of every contact whose phone is exactly `phone`, by contact, then by id."""
+        return [i for c in self.contacts() if c["phone"] == phone for i in self.interactions(c["id"])]
+
     def add_contact(self, **fields: Any) -> int:
         """Seed a contact as if the owner typed it (no validation: any phone format). Keys are API
         names (firstName, phone, cadenceDays, lastContactedAt as epoch ms, ...) or column names."""
