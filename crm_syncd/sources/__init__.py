@@ -7,10 +7,7 @@
 
 from __future__ import annotations
 
-import gc
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -71,19 +68,3 @@ class Card(NamedTuple):
     note: str | None = None
     modified: float | None = None  # ZMODIFICATIONDATE, Unix seconds
     preferred_name: bool = False  # ZPREFERREDFORLINKNAME: of linked cards, the one Contacts takes the name from
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Hold off the cyclic GC while a reader builds many small tuples (none of them form cycles).
-
-    Thousands of new tuples would otherwise start several collections per batch, each walking
-    every tracked object: ~10 % of reading the AddressBook.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from crm_syncd.sources import APPLE_EPOCH, Card, Email, Phone, gc_paused, sqlite
+from crm_syncd.sources import APPLE_EPOCH, Card, Email, Phone, sqlite
 
 DB_NAME = "AddressBook-v22.abcddb"
 CONTACT_ENTITY = "ABCDContact"
@@ -81,7 +81,7 @@ def read_contacts(addressbook_dir: Path, *, trace: Trace | None = None) -> Conta
 
 def read_store(path: Path, store: str, *, trace: Trace | None = None) -> tuple[list[Card], set[str], Counter[str]]:
     """The cards of one store (Me card excluded), the Me card's raw addresses, and skip counts."""
-    with sqlite.read(path, trace=trace) as conn, gc_paused():
+    with sqlite.read(path, trace=trace) as conn:
         cols = _columns(conn)
         if "Z_PK" not in cols["ZABCDRECORD"]:
             raise sqlite.SourceError(f"{path}: not an AddressBook store (no ZABCDRECORD)")

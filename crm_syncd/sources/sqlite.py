@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import gc
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
 from crm_syncd import macos
-from crm_syncd.sources import BEFORE_WINDOW, Batch, gc_paused
+from crm_syncd.sources import BEFORE_WINDOW, Batch
 
 BUSY_TIMEOUT_MS = 2_000
 RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
@@ -239,7 +240,7 @@ class SourceReader:
 
     def _batch(self, db: Database, conn: sqlite3.Connection, after_rowid: int, limit: int,
                since_ms: int | None) -> Batch:
-        with gc_paused():
+        with _gc_paused():
             batch, full = self._read(db, conn, after_rowid, limit, since_ms)
         if since_ms is not None:  # rows the window dropped were examined too
             examined, highest = conn.execute(
@@ -264,6 +265,21 @@ class SourceReader:
     def _columns(self, db: Database, conn: sqlite3.Connection) -> frozenset[str]:
         """The columns of the main table (probed once per session)."""
         return db.remembered("columns", lambda: columns(conn, self.TABLE))
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Hold off the cyclic GC while a reader builds a batch of small tuples (none of them form cycles).
+
+    Extracting the 1M bench history, GC took 1.1-1.2 s with the pause and 1.8-1.9 s without.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _classify(exc: BaseException, path: Path) -> BaseException:
