@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bench import gen, measure as m
+from tests.harness.processes import sigint_handled
 
 HERE = Path(__file__).resolve().parent
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     q = args.quick
     p = QUICK if q else FULL
     quiet_logs()
+    sigint_handled()  # the backfill syncs are stopped with SIGINT
     gc.freeze()  # as crm-syncd's CLI does before a command: the in-process rows run like it
     t_start = time.monotonic()
     work = gen.CACHE / ("run-quick" if q else "run")

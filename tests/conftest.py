@@ -14,6 +14,9 @@ import pytest
 from tests.harness.citadel import CitadelServer
 from tests.harness.library import Library
 from tests.harness.processes import CLI, RunningDaemon, clean_env  # noqa: F401 (tests import CLI, clean_env from here)
+from tests.harness.processes import sigint_handled
+
+sigint_handled()
 
 
 @pytest.fixture

@@ -46,6 +46,17 @@ class CLI:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+def sigint_handled() -> None:
+    """Undo an inherited "ignore SIGINT", which every subprocess would inherit in turn.
+
+    A suite started in the background by a shell without job control (`cmd &` in a script) gets
+    SIGINT ignored, and so would each CLI it starts: the tests and the bench that stop a sync with
+    SIGINT, as Ctrl-C does, would then see it run on to the end.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_SYNCD_")}
     env.update(HOME=str(home), NO_COLOR="1", COLUMNS="200", PYTHONPATH=str(REPO), **extra)
