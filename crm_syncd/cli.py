@@ -314,10 +314,13 @@ def _print_status(doc: dict) -> None:
     for failure in box["failures"]:
         out.print(f"  {failure['key']}: {failure['reason']}")
     crm = doc["crm"]
-    out.print(f"CRM {crm['url']}: " + ("[red]unreachable[/]" if not crm["reachable"] else
-                                       f"[yellow]up, but the daemon's requests fail: "
-                                       f"{crm['daemon_failure'] or 'see the last error'}[/]"
-                                       if crm["daemon_reachable"] is False else "[green]reachable[/]"))
+    if not crm["reachable"]:
+        crm_state = "[red]unreachable[/]"
+    elif crm["daemon_reachable"] is False:
+        crm_state = f"[yellow]up, but the daemon's requests fail: {crm['daemon_failure'] or 'see the last error'}[/]"
+    else:
+        crm_state = "[green]reachable[/]"
+    out.print(f"CRM {crm['url']}: {crm_state}")
     for pair in doc["duplicates"][:5]:
         out.print(f"[yellow]possible duplicate:[/] CRM contact {pair['duplicate']} looks like {pair['kept']}")
     if doc["last_error"]:
