@@ -140,6 +140,13 @@ class Daemon:
                 debouncers[source].poke()
 
         watcher = Watcher({s: self.engine.readers[s].path for s in SOURCES}, hint, loop)
+
+        def look_again() -> None:
+            """The safety net: watches a lost folder took with it are made anew, every source is probed."""
+            watcher.refresh()
+            for source in SOURCES:
+                hint(source)
+
         started = asyncio.Event()
 
         async def start_up() -> None:
@@ -161,7 +168,7 @@ class Daemon:
         pusher = asyncio.create_task(after_start_up(self._pusher), name="pusher")
         tasks = [asyncio.create_task(start_up(), name="start-up"), pusher,
                  asyncio.create_task(self._heartbeats(), name="heartbeats"),
-                 asyncio.create_task(after_start_up(lambda: self._timers(hint)), name="timers")]
+                 asyncio.create_task(after_start_up(lambda: self._timers(look_again)), name="timers")]
         tasks += [asyncio.create_task(after_start_up(d.run), name=f"extract {s}") for s, d in debouncers.items()]
         code = 0
         stopping = asyncio.create_task(self.stop.wait())
@@ -282,7 +289,7 @@ class Daemon:
                 continue
             await self._wait_work(self.settings.safety_probe_s)
 
-    async def _timers(self, hint) -> None:
+    async def _timers(self, look_again: Callable[[], None]) -> None:
         """Safety-net probes, wake-from-sleep detection and the AddressBook rescan."""
         next_probe = next_rescan = next_sweep = time.monotonic()
         offset = time.time() - time.monotonic()
@@ -295,8 +302,7 @@ class Daemon:
                 log.info("daemon.woke")
             if woke or now >= next_probe + self.settings.safety_probe_s:
                 next_probe = now
-                for source in SOURCES:
-                    hint(source)
+                look_again()
             if woke or now >= next_rescan + self.settings.contacts_rescan_s:
                 next_rescan = now
                 await self._contacts()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import ObservedWatch
 
 from crm_syncd.logs import get_logger
 from crm_syncd.sources import sqlite
@@ -94,11 +95,17 @@ class Debouncer:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, names: dict[str, str], notify: Callable[[str], None]) -> None:
+    def __init__(self, directory: Path, names: dict[str, str], notify: Callable[[str], None],
+                 lost: Callable[[Path], None]) -> None:
+        self.directory = directory
         self.names = names  # file name -> source
         self.notify = notify
+        self.lost = lost
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("deleted", "moved") and Path(os.fsdecode(event.src_path)) == self.directory:
+            self.lost(self.directory)  # the watch ends with its folder (inotify and FSEvents alike)
+            return
         for path in (event.src_path, getattr(event, "dest_path", "")):
             source = self.names.get(os.path.basename(os.fsdecode(path))) if path else None
             if source:
@@ -118,6 +125,8 @@ class Watcher:
 
     A directory not there yet (no call history on this Mac so far) is looked out for from its
     nearest existing ancestor, non-recursively; once it appears it is watched and its sources hinted.
+    A watched directory that is deleted or replaced (a watch follows the folder, not its path) is
+    looked out for again: at once when its watch reports it, else at the next `refresh`.
     """
 
     def __init__(self, databases: dict[str, Path], on_hint: Callable[[str], None],
@@ -126,8 +135,11 @@ class Watcher:
         self.on_hint = on_hint
         self._notify = lambda source: loop.call_soon_threadsafe(on_hint, source)
         self._refresh_soon = lambda: loop.call_soon_threadsafe(self.refresh)
+        self._lost_soon = lambda directory: loop.call_soon_threadsafe(self._lose, directory)
         self._missing: dict[Path, dict[str, str]] = {}  # directory not there yet -> its names
+        self._names: dict[Path, dict[str, str]] = {}  # watched directory -> its names
         self._lookouts: set[Path] = set()  # existing ancestors watched for them
+        self._watches: dict[Path, tuple[ObservedWatch, tuple[int, int]]] = {}  # every watch: (it, (device, inode))
         self.watched: list[Path] = []
         by_dir: dict[Path, dict[str, str]] = {}
         for source, db in databases.items():
@@ -149,8 +161,12 @@ class Watcher:
             self.observer.join(timeout=5)
 
     def refresh(self) -> None:
-        """Move the lookouts down to what exists now, then watch the missing directories that
-        appeared and hint their sources (their files may predate the watch). On the loop's thread."""
+        """Drop the watches whose directory is gone or replaced, move the lookouts down to what exists
+        now, then watch the missing directories that appeared and hint their sources (their files may
+        predate the watch). On the loop's thread; the daemon's safety probe calls it too."""
+        for directory, (watch, identity) in list(self._watches.items()):
+            if _identity(directory) != identity or not self._alive(watch):
+                self._lose(directory, refresh=False)
         self._look_out()  # first: what appears from here on is heard of
         while appeared := [d for d in self._missing if d.is_dir()]:
             for directory in appeared:
@@ -162,8 +178,38 @@ class Watcher:
             self._look_out()
 
     def _watch(self, directory: Path, names: dict[str, str]) -> None:
-        self.observer.schedule(_Handler(names, self._notify), str(directory), recursive=False)
+        self._schedule(_Handler(directory, names, self._notify, self._lost_soon), directory)
+        self._names[directory] = names
         self.watched.append(directory)
+
+    def _schedule(self, handler: FileSystemEventHandler, directory: Path) -> None:
+        identity = _identity(directory)
+        watch = self.observer.schedule(handler, str(directory), recursive=False)
+        if identity is not None:
+            self._watches[directory] = (watch, identity)
+
+    def _alive(self, watch: ObservedWatch) -> bool:
+        """Whether the watch still reports (an inotify watch stops when its folder is deleted)."""
+        if not self.observer.is_alive():  # before `start` no watch runs yet
+            return True
+        return any(e.watch == watch and e.is_alive() for e in self.observer.emitters)
+
+    def _lose(self, directory: Path, *, refresh: bool = True) -> None:
+        """Stop watching a directory that is gone or replaced; a database directory is looked out for again.
+
+        Unscheduling removes every handler on that path, a lookout's too: both are scheduled anew.
+        """
+        watch, _ = self._watches.pop(directory, (None, None))
+        if watch is None:
+            return  # already lost (the event and a refresh both noticed)
+        self.observer.unschedule(watch)
+        self._lookouts.discard(directory)
+        if (names := self._names.pop(directory, None)) is not None:
+            self.watched.remove(directory)
+            self._missing[directory] = names
+            log.warning("watch.lost", directory=str(directory))
+        if refresh:
+            self.refresh()
 
     def _look_out(self) -> None:
         """Watch the nearest existing ancestor of each missing directory for its next step down.
@@ -173,8 +219,16 @@ class Watcher:
         (a few cheap no-op refreshes): unscheduling it could end a database watch on the same directory.
         """
         for ancestor in {existing_ancestor(d.parent) for d in self._missing} - self._lookouts:
-            self.observer.schedule(_Lookout(self._refresh_soon), str(ancestor), recursive=False)
+            self._schedule(_Lookout(self._refresh_soon), ancestor)
             self._lookouts.add(ancestor)
+
+
+def _identity(directory: Path) -> tuple[int, int] | None:
+    try:
+        st = directory.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def existing_ancestor(path: Path) -> Path:

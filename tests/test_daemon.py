@@ -453,6 +453,74 @@ def test_a_folder_missing_two_levels_deep_is_watched_once_it_appears(tmp_path):
     asyncio.run(scenario())
 
 
+def test_a_watched_folder_deleted_and_made_again_is_watched_again_at_once(tmp_path):
+    """A watch follows its folder, not its path: inotify's ends when the folder is deleted (FSEvents'
+    stream stops when its root goes), so a folder made again in its place was never heard of."""
+    hinted: list[str] = []
+    folder = tmp_path / "Messages"
+    folder.mkdir()
+
+    async def scenario() -> None:
+        watcher = Watcher({"messages": folder / "chat.db"}, hinted.append, asyncio.get_running_loop())
+        watcher.start()
+        try:
+            shutil.rmtree(folder)
+            await until(lambda: watcher.watched == [], "the lost watch noticed")
+            folder.mkdir()
+            await until(lambda: watcher.watched == [folder], "the folder watched again")
+            hinted.clear()
+            (folder / "chat.db").write_bytes(b"rows")
+            await until(lambda: "messages" in hinted, "a hint from the new folder")
+        finally:
+            watcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_watched_folder_moved_away_and_replaced_is_watched_again_at_the_next_refresh(tmp_path):
+    """A moved folder takes its inotify watch along and nothing reports it: the safety probe's refresh
+    compares the folder at the path with the one watched."""
+    hinted: list[str] = []
+    folder = tmp_path / "Messages"
+    folder.mkdir()
+
+    async def scenario() -> None:
+        watcher = Watcher({"messages": folder / "chat.db"}, hinted.append, asyncio.get_running_loop())
+        watcher.start()
+        try:
+            folder.rename(tmp_path / "Messages.old")
+            folder.mkdir()
+            hinted.clear()
+            watcher.refresh()
+            assert hinted == ["messages"] and watcher.watched == [folder]
+            (folder / "chat.db").write_bytes(b"rows")
+            await until(lambda: len(hinted) > 1, "a hint from the new folder")
+        finally:
+            watcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_messages_arrive_promptly_after_the_messages_folder_is_deleted_and_made_again(
+        library: Library, citadel, daemon):
+    """Signing out of Messages and in again, or restoring ~/Library/Messages from a backup."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=2))
+    d = daemon()  # its safety probe: every 30 s
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 1, what="the first message")
+
+    library.chat.close()
+    shutil.rmtree(library.messages_db.parent)
+    library.messages_db.parent.mkdir()
+    library.chat = ChatDB.create(library.messages_db)
+    library.text(JANE, at=ago(minutes=5))
+
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 2, timeout=10, what="the message in the new chat.db")
+    library.text(JANE)
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 3, timeout=10, what="the next one")
+    assert d.stop() == 0
+
+
 def test_a_daemon_that_loses_a_task_to_an_error_exits_1_saying_why_instead_of_idling_on(
         library: Library, citadel, daemon, home):
     """Its state database locked for longer than the store waits (10 s): the heartbeat's write fails.

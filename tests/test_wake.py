@@ -67,7 +67,7 @@ def test_after_the_mac_wakes_every_source_is_probed_and_the_address_book_rescann
             daemon.store = store = Store(settings.state_db)
             daemon.engine = Engine(settings, store, crm)
             await daemon.engine.sync_contacts()
-            timers = asyncio.create_task(daemon._timers(hinted.append))
+            timers = asyncio.create_task(daemon._timers(lambda: hinted.extend(SOURCES)))  # as `run` probes them
             try:
                 library.card(first="Added", last="Overnight", phones=[JANE])
                 await until(lambda: clock.ticks >= 5, "five ticks of the timers")
