@@ -678,6 +678,8 @@ class Engine:
         self.store.settle(delivered=adopted, retry=requeue)
         report.adopted += len(adopted)
         report.delivered += len(adopted)
+        if complete:  # the CRM answered every look-up: whatever failed before is over
+            report.unreachable = self.crm_failure = None
         log.info("push.recovered", adopted=len(adopted), requeued=len(requeue))
         return complete
 

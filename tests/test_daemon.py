@@ -14,7 +14,7 @@ import signal
 import sqlite3
 import time
 from collections import Counter
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import httpx
 import pytest
@@ -309,6 +309,32 @@ def test_status_is_degraded_while_the_crm_says_it_is_up_but_refuses_the_daemons_
     citadel.faults = Faults()
     eventually(lambda: len(citadel.interactions_of(JANE)) == 1, timeout=30, what="the message, writes accepted again")
     eventually(lambda: status(daemon_env)["health"] == "healthy", what="a healthy status again")
+    assert d.stop() == 0
+
+
+def test_status_is_healthy_again_once_a_write_answered_with_500_is_found_in_the_crm(
+        library: Library, citadel, daemon, daemon_env: CLI):
+    """The CRM wrote the message, answered 500, and failed the look-up that followed; the next look-up
+    finds it. Nothing was left to deliver, and status stayed degraded (the heartbeat ping withheld)
+    until some other interaction got through, maybe hours later."""
+    daemon_env.env.update(CRM_SYNCD_REQUEST_TIMEOUT_S="2")  # the wait before looking up a write left unsure
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    d = daemon()
+    eventually(lambda: status(daemon_env)["crm"]["daemon_reachable"], what="the daemon's contacts in the CRM")
+
+    citadel.faults = Faults(rate=1.0, kinds=("500-after-write",), reads=True, limit=2)
+    library.text(JANE)
+
+    found = eventually(lambda: d.events("push.recovered"), timeout=30, what="the unsure write looked up again")[0]
+    assert citadel.faults.fired == {"500-after-write": 2} and len(citadel.interactions_of(JANE)) == 1
+
+    def beat_since_then() -> dict | None:
+        doc = status(daemon_env)
+        return doc if doc["last_beat_at"] and datetime.fromisoformat(doc["last_beat_at"]) > since else None
+
+    since = datetime.fromisoformat(found["timestamp"])
+    doc = eventually(beat_since_then, what="a heartbeat after the look-up")
+    assert (doc["health"], doc["crm"]["daemon_failure"]) == ("healthy", None)
     assert d.stop() == 0
 
 
