@@ -35,4 +35,4 @@ def test_the_in_process_measurements_read_every_row_of_a_toy_library(toy: Path, 
 def test_the_heartbeat_measurement_runs_the_daemons_own_beat(toy: Path, tmp_path: Path):
     measure.extract_once(toy, tmp_path / "extract", "calls")
     beat = measure.heartbeat_times(tmp_path / "extract" / "state.db", 2)
-    assert len(beat["seconds"]) == 2 and beat["outbox_rows"] > 0
+    assert len(beat["seconds"]) == len(beat["cpu_seconds"]) == 2 and beat["outbox_rows"] > 0
