@@ -14,7 +14,10 @@ import signal
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -454,6 +457,17 @@ def test_reading_a_chat_db_messages_had_closed_is_no_change_for_its_probe(librar
     assert probe.changed()
 
 
+@asynccontextmanager
+async def watching(databases: dict[str, Path], hinted: list[str]) -> AsyncIterator[Watcher]:
+    """A started Watcher that appends its hints to `hinted`, stopped afterwards."""
+    watcher = Watcher(databases, hinted.append, asyncio.get_running_loop())
+    watcher.start()
+    try:
+        yield watcher
+    finally:
+        watcher.stop()
+
+
 def test_a_folder_missing_two_levels_deep_is_watched_once_it_appears(tmp_path):
     """Looked out for from its nearest existing ancestor, one level at a time (FSEvents and inotify
     alike report only what appears directly in a directory watched non-recursively)."""
@@ -461,10 +475,8 @@ def test_a_folder_missing_two_levels_deep_is_watched_once_it_appears(tmp_path):
     a, b = tmp_path / "a", tmp_path / "a" / "b"
 
     async def scenario() -> None:
-        watcher = Watcher({"calls": b / "calls.db"}, hinted.append, asyncio.get_running_loop())
-        watched = lambda: {e.watch.path for e in watcher.observer.emitters}  # noqa: E731
-        watcher.start()
-        try:
+        async with watching({"calls": b / "calls.db"}, hinted) as watcher:
+            watched = lambda: {e.watch.path for e in watcher.observer.emitters}  # noqa: E731
             assert watched() == {str(tmp_path)} and watcher.watched == []
             a.mkdir()
             await until(lambda: str(a) in watched(), "the lookout moving down to a/")
@@ -473,8 +485,6 @@ def test_a_folder_missing_two_levels_deep_is_watched_once_it_appears(tmp_path):
             assert str(b) in watched() and watcher.watched == [b]
             (b / "calls.db").write_bytes(b"rows")
             await until(lambda: len(hinted) > 1, "a hint from the new folder's watch")
-        finally:
-            watcher.stop()
 
     asyncio.run(scenario())
 
@@ -487,9 +497,7 @@ def test_a_watched_folder_deleted_and_made_again_is_watched_again_at_once(tmp_pa
     folder.mkdir()
 
     async def scenario() -> None:
-        watcher = Watcher({"messages": folder / "chat.db"}, hinted.append, asyncio.get_running_loop())
-        watcher.start()
-        try:
+        async with watching({"messages": folder / "chat.db"}, hinted) as watcher:
             shutil.rmtree(folder)
             await until(lambda: watcher.watched == [], "the lost watch noticed")
             folder.mkdir()
@@ -497,8 +505,6 @@ def test_a_watched_folder_deleted_and_made_again_is_watched_again_at_once(tmp_pa
             hinted.clear()
             (folder / "chat.db").write_bytes(b"rows")
             await until(lambda: "messages" in hinted, "a hint from the new folder")
-        finally:
-            watcher.stop()
 
     asyncio.run(scenario())
 
@@ -511,9 +517,7 @@ def test_a_watched_folder_moved_away_and_replaced_is_watched_again_at_the_next_r
     folder.mkdir()
 
     async def scenario() -> None:
-        watcher = Watcher({"messages": folder / "chat.db"}, hinted.append, asyncio.get_running_loop())
-        watcher.start()
-        try:
+        async with watching({"messages": folder / "chat.db"}, hinted) as watcher:
             folder.rename(tmp_path / "Messages.old")
             folder.mkdir()
             hinted.clear()
@@ -521,8 +525,6 @@ def test_a_watched_folder_moved_away_and_replaced_is_watched_again_at_the_next_r
             assert hinted == ["messages"] and watcher.watched == [folder]
             (folder / "chat.db").write_bytes(b"rows")
             await until(lambda: len(hinted) > 1, "a hint from the new folder")
-        finally:
-            watcher.stop()
 
     asyncio.run(scenario())
 
