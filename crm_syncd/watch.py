@@ -139,7 +139,7 @@ class Watcher:
         self._missing: dict[Path, dict[str, str]] = {}  # directory not there yet -> its names
         self._names: dict[Path, dict[str, str]] = {}  # watched directory -> its names
         self._lookouts: set[Path] = set()  # existing ancestors watched for them
-        self._watches: dict[Path, tuple[ObservedWatch, tuple[int, int]]] = {}  # every watch: (it, (device, inode))
+        self._watches: dict[Path, tuple[ObservedWatch, tuple[int, int] | None]] = {}  # every watch: it, (device, inode)
         self.watched: list[Path] = []
         by_dir: dict[Path, dict[str, str]] = {}
         for source, db in databases.items():
@@ -184,9 +184,7 @@ class Watcher:
 
     def _schedule(self, handler: FileSystemEventHandler, directory: Path) -> None:
         identity = _identity(directory)
-        watch = self.observer.schedule(handler, str(directory), recursive=False)
-        if identity is not None:
-            self._watches[directory] = (watch, identity)
+        self._watches[directory] = (self.observer.schedule(handler, str(directory), recursive=False), identity)
 
     def _alive(self, watch: ObservedWatch) -> bool:
         """Whether the watch still reports (an inotify watch stops when its folder is deleted)."""
