@@ -2,8 +2,8 @@
 
 Start-up: take the lock, sync contacts, catch up messages and calls from their marks, then
 watch. Afterwards everything is event-driven: file hints → debounced extraction → outbox →
-pusher. Timers only cover what events cannot: a safety-net probe (dropped FSEvents, wake from
-sleep), the AddressBook rescan, and the heartbeat `status` reads.
+pusher. Timers only cover what events cannot: a safety-net probe (dropped FSEvents, a watched
+folder replaced, wake from sleep), the AddressBook rescan, and the heartbeat `status` reads.
 """
 
 from __future__ import annotations
