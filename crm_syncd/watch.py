@@ -135,12 +135,11 @@ class Watcher:
         self.on_hint = on_hint
         self._notify = lambda source: loop.call_soon_threadsafe(on_hint, source)
         self._refresh_soon = lambda: loop.call_soon_threadsafe(self.refresh)
-        self._lost_soon = lambda directory: loop.call_soon_threadsafe(self._lose, directory)
+        self._lost_soon = lambda directory: loop.call_soon_threadsafe(self.refresh, directory)
         self._missing: dict[Path, dict[str, str]] = {}  # directory not there yet -> its names
-        self._names: dict[Path, dict[str, str]] = {}  # watched directory -> its names
+        self._names: dict[Path, dict[str, str]] = {}  # watched database directory -> its names
         self._lookouts: set[Path] = set()  # existing ancestors watched for them
         self._watches: dict[Path, tuple[ObservedWatch, tuple[int, int] | None]] = {}  # every watch: it, (device, inode)
-        self.watched: list[Path] = []
         by_dir: dict[Path, dict[str, str]] = {}
         for source, db in databases.items():
             names = by_dir.setdefault(Path(db).parent, {})
@@ -155,18 +154,24 @@ class Watcher:
         self.observer.start()
         self.refresh()
 
+    @property
+    def watched(self) -> list[Path]:
+        """The database directories watched now."""
+        return list(self._names)
+
     def stop(self) -> None:
         if self.observer.is_alive():  # not when stopped before it started
             self.observer.stop()
             self.observer.join(timeout=5)
 
-    def refresh(self) -> None:
-        """Drop the watches whose directory is gone or replaced, move the lookouts down to what exists
-        now, then watch the missing directories that appeared and hint their sources (their files may
-        predate the watch). On the loop's thread; the daemon's safety probe calls it too."""
-        for directory, (watch, identity) in list(self._watches.items()):
-            if _identity(directory) != identity or not self._alive(watch):
-                self._lose(directory, refresh=False)
+    def refresh(self, *lost: Path) -> None:
+        """Drop the watches whose directory is `lost` (its watch said so), gone or replaced, move the
+        lookouts down to what exists now, then watch the missing directories that appeared and hint
+        their sources (their files may predate the watch). On the loop's thread; the daemon's safety
+        probe calls it too."""
+        for directory in [d for d, (watch, identity) in self._watches.items()
+                          if d in lost or _identity(d) != identity or not self._alive(watch)]:
+            self._lose(directory)
         self._look_out()  # first: what appears from here on is heard of
         while appeared := [d for d in self._missing if d.is_dir()]:
             for directory in appeared:
@@ -180,7 +185,6 @@ class Watcher:
     def _watch(self, directory: Path, names: dict[str, str]) -> None:
         self._schedule(_Handler(directory, names, self._notify, self._lost_soon), directory)
         self._names[directory] = names
-        self.watched.append(directory)
 
     def _schedule(self, handler: FileSystemEventHandler, directory: Path) -> None:
         identity = _identity(directory)
@@ -192,22 +196,17 @@ class Watcher:
             return True
         return any(e.watch == watch and e.is_alive() for e in self.observer.emitters)
 
-    def _lose(self, directory: Path, *, refresh: bool = True) -> None:
+    def _lose(self, directory: Path) -> None:
         """Stop watching a directory that is gone or replaced; a database directory is looked out for again.
 
         Unscheduling removes every handler on that path, a lookout's too: both are scheduled anew.
         """
-        watch, _ = self._watches.pop(directory, (None, None))
-        if watch is None:
-            return  # already lost (the event and a refresh both noticed)
+        watch, _ = self._watches.pop(directory)
         self.observer.unschedule(watch)
         self._lookouts.discard(directory)
         if (names := self._names.pop(directory, None)) is not None:
-            self.watched.remove(directory)
             self._missing[directory] = names
             log.warning("watch.lost", directory=str(directory))
-        if refresh:
-            self.refresh()
 
     def _look_out(self) -> None:
         """Watch the nearest existing ancestor of each missing directory for its next step down.

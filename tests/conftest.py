@@ -13,8 +13,7 @@ import pytest
 
 from tests.harness.citadel import CitadelServer
 from tests.harness.library import Library
-from tests.harness.processes import CLI, RunningDaemon, clean_env  # noqa: F401 (tests import CLI, clean_env from here)
-from tests.harness.processes import sigint_handled
+from tests.harness.processes import CLI, RunningDaemon, clean_env, sigint_handled  # noqa: F401 (tests import CLI, clean_env from here)
 
 sigint_handled()
 
