@@ -329,27 +329,34 @@ class Engine:
                     log.warning("extract.rebuilt", source=source, mark=after)
                     after = 0
                     since = since or now - self.settings.initial_lookback_days * DAY_MS
-            resumed = mark is not None and not report.rebuilt  # else a lookback pass: its window lives in no mark
-            kept = mark._replace(file_id=current_file) if resumed else None
+            resumed = mark is not None and not report.rebuilt  # else a lookback pass
+            # The window this pass's marks carry: a lookback pass's own (a mark saved part-way, before a
+            # send under way or at a crash, must not drop it), else the one left in the mark by such a pass
+            # (a --full pass reads past the mark without it). A pass that completes drops it.
+            window = since if not resumed else None if full else mark.window_ms
+            if since is None:  # --days N reads its own N days past the mark
+                since = window
+            narrower = since is not None and (window is None or since > window)
+            kept = mark._replace(file_id=current_file) if resumed else Mark(0, current_file, None, window)
             held = False  # once a row must be read again, the mark moves no further in this read
             while True:
                 batch = session.read(after, limit=self.settings.batch_size, since_ms=since)
                 if batch.rows == 0 and batch.last_rowid <= after:
                     break
                 items, hints = self._items(batch, report, verdicts)
-                # rows a later read must see stop the mark: old ones above it the window left out (they
-                # came late), or a message still being sent (the mark waits just before it)
-                dropped = resumed and batch.skipped[BEFORE_WINDOW] and batch.last_rowid > mark.rowid
+                # rows a later read must see stop the mark: old ones above it that a window narrower than
+                # the mark's left out (they came late), or a message still being sent (the mark waits
+                # just before it)
+                dropped = resumed and narrower and batch.skipped[BEFORE_WINDOW] and batch.last_rowid > mark.rowid
                 if held or dropped:
                     held = True
                 elif batch.unsettled is not None:
                     held = True
-                    if not resumed:  # a mark would drop the lookback next time: the next pass repeats this one
-                        kept = mark
-                    elif kept.rowid < batch.unsettled - 1:  # with its row's anchor: a rebuild is told by it
-                        kept = Mark(batch.unsettled - 1, current_file, session.anchor(batch.unsettled - 1))
+                    if kept.rowid < batch.unsettled - 1:  # with its row's anchor (tells a rebuild)
+                        kept = Mark(batch.unsettled - 1, current_file, session.anchor(batch.unsettled - 1),
+                                    kept.window_ms)
                 elif batch.last_rowid >= floor:  # --full behind the mark keeps it (floor is 0 without one)
-                    kept = Mark(batch.last_rowid, current_file, batch.anchor)
+                    kept = Mark(batch.last_rowid, current_file, batch.anchor, window)
                 result = self.store.enqueue(source, items, kept, hints)
                 report.rows += batch.rows
                 report.added += result.added
@@ -363,6 +370,10 @@ class Engine:
                 if batch.last_rowid <= after:
                     break
                 after = batch.last_rowid
+            # a complete pass: every row has met the window (an empty source keeps no mark: its first rows
+            # still get a first sync)
+            if kept.window_ms is not None and not held and kept.rowid > 0:
+                self.store.enqueue(source, [], kept._replace(window_ms=None))
         return report
 
     @staticmethod

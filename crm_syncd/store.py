@@ -2,7 +2,8 @@
 
 - `marks`: per-source high-water marks (chat.db ROWID, CallHistory Z_PK), the file identity
   they were taken against, and the anchor: the own id (guid, ZUNIQUE_ID) of the row at the mark,
-  which tells a rebuilt file that reuses the inode and the ROWID from the one the mark was taken in.
+  which tells a rebuilt file that reuses the inode and the ROWID from the one the mark was taken in;
+  and, until a first sync's pass is complete, its lookback window (rows above the mark obey it too).
 - `outbox`: every interaction ever extracted. It moves pending → sending → delivered (with the
   CRM id) or failed (with the reason); `held` waits for a contact. Delivered rows are the
   ledger: a unique `key` and a unique fingerprint (counterpart, type, second of `occurred_ms`)
@@ -39,7 +40,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 APPLICATION_ID = 0x43524D53  # "CRMS": tells our database from any other SQLite file
 
 MIGRATIONS: dict[int, str] = {
@@ -146,6 +147,11 @@ MIGRATIONS: dict[int, str] = {
     DROP INDEX outbox_contact;
     CREATE INDEX outbox_ledger ON outbox(contact_id, crm_id) WHERE crm_id IS NOT NULL;
     """,
+    # A first sync that stops part-way (a send under way, a crash) keeps its lookback window in its
+    # mark, so the next pass resumes from there instead of making the whole first sync again.
+    5: """
+    ALTER TABLE marks ADD COLUMN window_ms INTEGER;
+    """,
 }
 UNRESOLVED = "(state = 'pending' OR state = 'held') AND contact_id IS NULL"  # as outbox_unresolved's WHERE
 ATTACH_ROWS = 20_000  # items given their contact per transaction
@@ -201,6 +207,7 @@ class Mark(NamedTuple):
     rowid: int
     file_id: str | None
     anchor: str | None = None
+    window_ms: int | None = None  # an unfinished lookback pass's window: rows above the mark obey it too
 
 
 @dataclass
@@ -325,7 +332,7 @@ class Store:
     def mark(self, source: str) -> Mark | None:
         """Where the last extraction from `source` stopped, or None before the first."""
         with self._lock:
-            row = self._conn.execute("SELECT rowid, file_id, anchor FROM marks WHERE source = ?",
+            row = self._conn.execute("SELECT rowid, file_id, anchor, window_ms FROM marks WHERE source = ?",
                                      (source,)).fetchone()
         return Mark(*row) if row else None
 
@@ -335,10 +342,9 @@ class Store:
                                      (source,)).fetchone()
         return {"rowid": row[0], "file_id": row[1], "updated_ms": row[2]} if row else None
 
-    def enqueue(self, source: str, items: Sequence[NewItem], mark: Mark | None,
+    def enqueue(self, source: str, items: Sequence[NewItem], mark: Mark,
                 hints: dict[str, str] | None = None) -> Enqueued:
-        """Add extracted items (ignoring any whose key or fingerprint is known) and move the mark
-        (None: no mark, so the next extraction starts over as a first one).
+        """Add extracted items (ignoring any whose key or fingerprint is known) and move the mark.
 
         Not fsynced: a power cut may undo both, and the rows are then extracted again.
         """
@@ -351,15 +357,12 @@ class Store:
             added = tx.conn.total_changes - before
             if hints:
                 tx.conn.executemany("INSERT OR REPLACE INTO hints (address, person) VALUES (?, ?)", hints.items())
-            if mark is None:
-                tx.execute("DELETE FROM marks WHERE source = ?", (source,))
-            else:
-                tx.execute(
-                    "INSERT INTO marks (source, rowid, file_id, anchor, updated_ms) VALUES (?, ?, ?, ?, ?) "
-                    "ON CONFLICT(source) DO UPDATE SET rowid = excluded.rowid, file_id = excluded.file_id, "
-                    "anchor = excluded.anchor, updated_ms = excluded.updated_ms",
-                    (source, *mark, stamp),
-                )
+            tx.execute(
+                "INSERT INTO marks (source, rowid, file_id, anchor, window_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(source) DO UPDATE SET rowid = excluded.rowid, file_id = excluded.file_id, "
+                "anchor = excluded.anchor, window_ms = excluded.window_ms, updated_ms = excluded.updated_ms",
+                (source, *mark, stamp),
+            )
         return Enqueued(added, len(items) - added)
 
     # -- identity map ----------------------------------------------------------------------

@@ -20,9 +20,9 @@ from tests.harness.statedb import state_db_at
 JANE = "+16135550111"
 
 
-def extraction(library: Library, state_dir: Path) -> Engine:
+def extraction(library: Library, state_dir: Path, **options) -> Engine:
     settings = Settings(messages_db=library.messages_db, calls_db=library.calls_db,
-                        addressbook_dir=library.addressbook_dir, state_dir=state_dir)
+                        addressbook_dir=library.addressbook_dir, state_dir=state_dir, **options)
     return Engine(settings, Store(settings.state_db), None)  # type: ignore[arg-type]
 
 
@@ -88,6 +88,57 @@ def test_a_chat_db_started_over_while_a_send_is_under_way_is_read_again(library:
 
     assert report.rebuilt
     assert report.added == 3
+
+
+def test_a_first_sync_waiting_for_a_send_resumes_just_before_it_and_keeps_its_lookback(library: Library, tmp_path):
+    """The mark of a first sync cannot pass a message still being sent, but the next pass need not read
+    the whole lookback again: it reads from that row on, with the window, until a pass has read every row."""
+    engine = extraction(library, tmp_path / "state")
+    for n in range(5):
+        library.text(JANE, at=ago(days=100 - n))
+    sending = library.text(JANE, from_me=True, is_sent=0, at=ago(seconds=30))
+    library.text(JANE, at=ago(days=3 * 365))  # history iCloud brought in late, beyond the 365-day lookback
+    first = engine.extract("messages")
+    assert (first.added, first.skipped["not-sent-yet"], first.skipped["before-window"]) == (5, 1, 1)
+
+    waiting = engine.extract("messages")  # still being sent
+    assert (waiting.rows, waiting.added, waiting.skipped["before-window"]) == (2, 0, 1)
+
+    library.chat.finish_sending(sending)
+    sent = engine.extract("messages")
+    assert (sent.rows, sent.added, sent.skipped["before-window"]) == (2, 1, 1)
+
+    library.text(JANE, at=ago(days=2 * 365))  # came after the first sync was complete: taken like any new row
+    assert engine.extract("messages").added == 1
+
+
+def test_a_run_with_more_days_than_a_waiting_first_sync_reads_them(library: Library, tmp_path):
+    engine = extraction(library, tmp_path / "state")
+    library.text(JANE, at=ago(days=100))
+    library.text(JANE, from_me=True, is_sent=0, at=ago(seconds=30))
+    library.text(JANE, at=ago(days=3 * 365))
+    engine.extract("messages")
+
+    assert engine.extract("messages", days=4 * 365).added == 1
+
+
+def test_a_first_sync_stopped_part_way_resumes_with_its_lookback(library: Library, tmp_path):
+    class Stopped(Exception):
+        pass
+
+    def stop(rows: int) -> None:
+        raise Stopped
+
+    engine = extraction(library, tmp_path / "state", batch_size=2)
+    for n in range(5):
+        library.text(JANE, at=ago(hours=10 - n))
+    library.text(JANE, at=ago(days=3 * 365))  # history iCloud brought in late, beyond the 365-day lookback
+    with pytest.raises(Stopped):
+        engine.extract("messages", progress=stop)  # a crash or a stop after the first batch
+
+    rest = engine.extract("messages")
+
+    assert (rest.added, rest.skipped["before-window"]) == (3, 1)
 
 
 def test_a_call_the_owner_deleted_at_the_mark_is_no_rebuild(library: Library, tmp_path):

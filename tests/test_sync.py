@@ -458,8 +458,8 @@ def test_an_outgoing_message_is_delivered_once_sent_and_never_if_its_send_fails(
 
 
 def test_a_first_sync_that_waits_for_a_send_keeps_its_lookback_window(library: Library, citadel, cli: CLI):
-    """The mark cannot stop before the unsent row: the next run, resuming from it, would read
-    without the first sync's window. The first sync is made again instead."""
+    """The mark waits before the unsent row and keeps the first sync's window: the next run reads on
+    from there as the first sync would have."""
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE, at=ago(hours=1))
     sending = library.text(JANE, from_me=True, is_sent=0, at=ago(seconds=30))
