@@ -1,4 +1,4 @@
-"""`python -m bench [--quick]`: see bench/README.md."""
+"""`python -m bench [--quick] [--profile SOURCE]`: see bench/README.md."""
 
 from __future__ import annotations
 
@@ -94,6 +94,9 @@ def one(x, n: int = 1) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--quick", action="store_true", help="~1/20 sizes; under a minute")
+    ap.add_argument("--profile", choices=m.PROFILED,
+                    help="instead of measuring: profile one in-process read of this source of the history "
+                         "Library with pyinstrument (call tree printed, HTML saved)")
     args = ap.parse_args(argv)
     q = args.quick
     p = QUICK if q else FULL
@@ -103,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     work = gen.CACHE / ("run-quick" if q else "run")
     say = lambda s: console.print(f"[dim]{time.monotonic() - t_start:6.1f}s[/] {s}")  # noqa: E731
+    if args.profile:
+        profile(args.profile, p.history, work, say)
+        return 0
     phases: dict[str, float] = {}
 
     @contextmanager
@@ -393,6 +399,19 @@ def bulk_rows(row, p: Plan, bulk: dict) -> None:
              f"stand-in does not recompute on a bulk import, like the contract); {inbound:,} contacts' newest "
              f"interaction was inbound: their lastContactedAt came from a bulk row, through the single POST's full "
              f"recompute")
+
+
+def profile(source: str, spec: gen.Spec, work: Path, say) -> Path:
+    """Profile one in-process read of `source` of the `spec` Library; print its call tree, save its HTML."""
+    home = gen.build(spec, log=say)
+    say(f"profiling the {source} read of {home.name} with pyinstrument")
+    profiler = m.profiled(home, work / "profile", source)
+    html = work / f"profile-{source}.html"
+    html.parent.mkdir(parents=True, exist_ok=True)
+    html.write_text(profiler.output_html())
+    sys.stdout.write(profiler.output_text(unicode=True, color=sys.stdout.isatty()))
+    say(f"wrote {html}")
+    return html
 
 
 def quiet_logs() -> None:

@@ -130,6 +130,24 @@ def contacts_once(home: Path) -> tuple[float, int]:
     return time.perf_counter() - t, len(snap.cards)
 
 
+PROFILED = ("messages", "calls", "contacts")
+
+
+def profiled(home: Path, work: Path, source: str):
+    """A pyinstrument Profiler that sampled one in-process read of `source` (one of PROFILED): the
+    engine's extraction on a fresh state db, or the contacts reader."""
+    from pyinstrument import Profiler
+
+    profiler = Profiler()  # a sample every millisecond
+    if source == "contacts":
+        with profiler:
+            contacts_source.read_contacts(home / BOOK)
+    else:
+        with fresh_engine(home, work) as engine, profiler:
+            engine.extract(source)
+    return profiler
+
+
 def contacts_floor_sql(home: Path) -> dict[Path, list[str]]:
     out = {}
     for path in contacts_source.store_paths(home / BOOK):

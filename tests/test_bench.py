@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import gen, measure
+from bench.__main__ import profile
 
 TOY = gen.Spec("toy", messages=300, handles=6, groups=2, calls=40, cards=12)
 
@@ -36,3 +37,11 @@ def test_the_heartbeat_measurement_runs_the_daemons_own_beat(toy: Path, tmp_path
     measure.extract_once(toy, tmp_path / "extract", "calls")
     beat = measure.heartbeat_times(tmp_path / "extract" / "state.db", 2)
     assert len(beat["seconds"]) == len(beat["cpu_seconds"]) == 2 and beat["outbox_rows"] > 0
+
+
+@pytest.mark.parametrize("source, reader", [("messages", "extract"), ("calls", "extract"), ("contacts", "read_contacts")])
+def test_a_profile_shows_the_call_tree_of_one_read(toy: Path, tmp_path: Path, capsys, source: str, reader: str):
+    html = profile(source, TOY, tmp_path / "work", say=lambda line: None)
+
+    tree = capsys.readouterr().out
+    assert reader in tree and reader in html.read_text()
