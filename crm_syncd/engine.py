@@ -330,11 +330,14 @@ class Engine:
                     after = 0
                     since = since or now - self.settings.initial_lookback_days * DAY_MS
             resumed = mark is not None and not report.rebuilt  # else a lookback pass
-            # The window this pass's marks carry: a lookback pass's own (a mark saved part-way, before a
-            # send under way or at a crash, must not drop it), else the one left in the mark by such a pass
-            # (a --full pass reads past the mark without it). A pass that completes drops it.
-            window = since if not resumed else None if full else mark.window_ms
-            if since is None:  # --days N reads its own N days past the mark
+            # The window this pass's marks carry (a pass that completes drops it):
+            if not resumed:  # a lookback pass's own: a mark saved part-way (a send under way, a crash) keeps it
+                window = since
+            elif full:  # --full reads past the mark without one
+                window = None
+            else:  # the one a lookback pass that stopped part-way left in the mark
+                window = mark.window_ms
+            if since is None:  # rows past the mark obey the window (--days N reads its own N days)
                 since = window
             narrower = since is not None and (window is None or since > window)
             kept = mark._replace(file_id=current_file) if resumed else Mark(0, current_file, None, window)
