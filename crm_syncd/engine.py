@@ -383,10 +383,11 @@ class Engine:
     def _replaced(session: SourceReader, mark: Mark, current_file: str) -> bool:
         """Whether the source is no longer the database `mark` was taken in.
 
-        Another file, fewer rows than the mark, or another row at the mark (a database deleted and
-        recreated may get the same inode back). A row merely missing at the mark was deleted by the owner.
+        Another file, a mark above every ROWID the database has handed out, or another row at the mark
+        (a database deleted and recreated may get the same inode back). Rows merely missing at or below
+        the mark were deleted by the owner.
         """
-        if (mark.file_id and mark.file_id != current_file) or session.newest_rowid() < mark.rowid:
+        if (mark.file_id and mark.file_id != current_file) or session.high_water() < mark.rowid:
             return True
         return mark.anchor is not None and session.anchor(mark.rowid) not in (None, mark.anchor)
 

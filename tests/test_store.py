@@ -142,16 +142,34 @@ def test_a_first_sync_stopped_part_way_resumes_with_its_lookback(library: Librar
 
 
 def test_a_call_the_owner_deleted_at_the_mark_is_no_rebuild(library: Library, tmp_path):
+    """Deleting the newest call lowers MAX(Z_PK), not Core Data's Z_MAX: nothing is read again."""
     engine = extraction(library, tmp_path / "state")
     last = [library.call(JANE, at=ago(hours=10 - n)) for n in range(3)][-1]
     engine.extract("calls")
 
     library.calls.conn.execute("DELETE FROM ZCALLRECORD WHERE Z_PK = ?", (last,))
+    library.calls.commit()
+    deleted = engine.extract("calls")
     library.call(JANE, at=ago(hours=1))
     report = engine.extract("calls")
 
+    assert not deleted.rebuilt and deleted.rows == 0
     assert not report.rebuilt
     assert (report.rows, report.added) == (1, 1)
+
+
+def test_the_newest_message_deleted_by_the_owner_is_no_rebuild(library: Library, tmp_path):
+    """Deleting the newest message lowers MAX(ROWID), not the sequence SQLite hands ROWIDs out from."""
+    engine = extraction(library, tmp_path / "state")
+    library.text(JANE, at=ago(hours=2))
+    spam = library.text("+16135550999", at=ago(minutes=5))
+    engine.extract("messages")
+
+    library.chat.delete_message(spam)
+    report = engine.extract("messages")
+
+    assert not report.rebuilt
+    assert report.rows == 0
 
 
 # -- contacts for waiting items, and the queries' plans ---------------------------------------------

@@ -177,14 +177,15 @@ def read(path: Path, *, trace: Trace | None = None) -> Iterator[sqlite3.Connecti
 class SourceReader:
     """Reads one of Apple's stores past a ROWID high-water mark (messages, calls).
 
-    Subclasses name the table, its ROWID column and its anchor, the row's own id (guid,
-    ZUNIQUE_ID) that tells a rebuilt database reusing a ROWID from the one a mark was taken in,
-    and implement `_read`.
+    Subclasses name the table, its ROWID column, its anchor (the row's own id: guid, ZUNIQUE_ID,
+    which tells a rebuilt database reusing a ROWID from the one a mark was taken in) and the query
+    of the highest ROWID ever handed out, and implement `_read`.
     """
 
     TABLE: ClassVar[str]
     ROWID: ClassVar[str]
     ANCHOR: ClassVar[str]
+    SEQUENCE: ClassVar[tuple[str, str]]  # (table, SELECT of the highest ROWID it has handed out)
 
     def __init__(self, path: Path, *, trace: Trace | None = None) -> None:
         self.path = Path(path)
@@ -218,6 +219,14 @@ class SourceReader:
     def newest_rowid(self) -> int:
         """The highest ROWID (0 for an empty database)."""
         return retrying(self._reading, self._newest)
+
+    def high_water(self) -> int:
+        """The highest ROWID the database has handed out, to a row that is there or one since deleted.
+
+        Deleting the newest rows lowers `newest_rowid` but not this, so a mark above it means
+        another database, not the owner's deletion.
+        """
+        return retrying(self._reading, self._high_water)
 
     def anchor(self, rowid: int) -> str | None:
         """The anchor of the row at `rowid`; None when no row is there or the store keeps none."""
@@ -255,6 +264,11 @@ class SourceReader:
 
     def _newest(self, db: Database, conn: sqlite3.Connection) -> int:
         return conn.execute(f"SELECT MAX({self.ROWID}) FROM {self.TABLE}").fetchone()[0] or 0
+
+    def _high_water(self, db: Database, conn: sqlite3.Connection) -> int:
+        table, sql = self.SEQUENCE
+        handed_out = conn.execute(sql).fetchone() if table in db.remembered("tables", lambda: tables(conn)) else None
+        return max(self._newest(db, conn), (handed_out and handed_out[0]) or 0)
 
     def _anchor(self, db: Database, conn: sqlite3.Connection, rowid: int) -> str | None:
         if self.ANCHOR not in self._columns(db, conn):
