@@ -191,9 +191,12 @@ class Engine:
         for person in sorted(people, key=lambda p: p.key):
             try:
                 await self._apply_person(person, index, report, live)
-            except crmlib.Rejected as exc:
-                report.failed.append((person.crm_fields()["firstName"] or person.key, exc.reason))
-                log.warning("contacts.rejected", person=person.key, reason=exc.reason)
+            except (crmlib.Rejected, crmlib.Ambiguous, crmlib.NotFound, crmlib.BadResponse) as exc:
+                # about this person (a 422, a 500 that Citadel gives many bad requests, a contact deleted
+                # meanwhile): the others go on. A write that did land is found by the next pass's listing.
+                reason = exc.reason if isinstance(exc, crmlib.Rejected) else exc.message
+                report.failed.append((person.crm_fields()["firstName"] or person.key, reason))
+                log.warning("contacts.failed", person=person.key, reason=reason)
         self._creates_answered()
         await asyncio.to_thread(self.store.attach)  # off the loop: a big backlog may wait for these mappings
         self.store.save_signatures(signatures)

@@ -25,6 +25,7 @@ COMPANY_LAST = "(company)"  # last name of a company card: first name is the org
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
 _DIGITS = re.compile(r"^[\d\s().\-]+$")
 _MOBILE_LABELS = frozenset({"mobile", "iphone", "cell"})
+NOTES_MAX_CHARS = 100_000  # a note pasted with a book in it still fits the CRM's 5 MiB body (≤ 6 bytes a char)
 
 
 class Address(NamedTuple):
@@ -152,21 +153,27 @@ class Person:
         a card with no name at all is named after its nickname or first address.
         """
         card = self.card
-        first, last = (card.first or "").strip(), (card.last or "").strip()
-        organization = (card.organization or "").strip() or None
+        first, last = _text(card.first), _text(card.last)
+        organization = _text(card.organization) or None
         if (card.company or not (first or last)) and organization:
             first, last = organization, COMPANY_LAST
         elif not (first or last):
-            first = (card.nickname or "").strip() or (self.addresses[0] if self.addresses else "Unnamed")
+            first = _text(card.nickname) or (self.addresses[0] if self.addresses else "Unnamed")
+        notes = _text(card.note)
         return {
             "firstName": first or MISSING_NAME,
             "lastName": last or MISSING_NAME,
             "phone": self.phones[0] if self.phones else None,
             "email": self.emails[0] if self.emails else None,
             "organization": organization,
-            "title": (card.job_title or "").strip() or None,
-            "notes": (card.note or "").strip() or None,
+            "title": _text(card.job_title) or None,
+            "notes": (notes[:NOTES_MAX_CHARS - 1] + "…" if len(notes) > NOTES_MAX_CHARS else notes) or None,
         }
+
+
+def _text(value: str | None) -> str:
+    """A card's text as the CRM can store it: trimmed, without NUL characters (PostgreSQL refuses them)."""
+    return (value or "").replace("\x00", "").strip()
 
 
 def merge_cards(cards: Iterable[Card], normalize: Normalizer) -> list[Person]:

@@ -565,6 +565,26 @@ def test_a_written_interaction_whose_answer_was_cut_off_is_looked_up_not_sent_ag
     assert len(citadel.interactions_of(JANE)) == 1
 
 
+@pytest.mark.parametrize("fault", ["500-before-write", "500-after-write"])
+def test_a_500_to_one_contacts_create_holds_up_no_one_else_and_a_later_sync_names_them_once(
+        library: Library, citadel: CitadelServer, cli: CLI, fault: str):
+    bob = "+19025550122"
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.card(first="Bob", last="Roe", phones=[bob])
+    library.text(JANE, at=ago(hours=2))
+    library.text(bob, at=ago(hours=1))
+    citadel.faults = Faults(rate=1.0, kinds=(fault,), limit=1)  # the first contact create of the pass
+
+    first = cli("sync")
+
+    assert citadel.faults.fired[fault] == 1
+    assert first.code == 1 and "failed 1" in first.output  # said, not hidden
+    assert (len(citadel.interactions_of(JANE)), len(citadel.interactions_of(bob))) == (1, 1)
+    assert cli("sync").code == 0
+    assert sorted(f"{c['firstName']} {c['lastName']}" for c in citadel.contacts()) == ["Bob Roe", "Jane Doe"]
+    assert (len(citadel.interactions_of(JANE)), len(citadel.interactions_of(bob))) == (1, 1)
+
+
 def test_a_placeholder_whose_create_answer_was_lost_is_found_not_made_twice(
         library: Library, citadel: CitadelServer, daemon_env: CLI, home: Path):
     stranger = "+14165550199"

@@ -523,6 +523,23 @@ def test_a_rejected_interaction_is_kept_with_its_reason_and_the_rest_continue(li
     assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 2}
 
 
+def test_a_card_with_a_nul_in_its_name_and_a_note_past_the_crms_body_limit_is_still_created(
+        library: Library, citadel, cli: CLI):
+    """Citadel answers both with a 500 (PostgreSQL refuses a NUL; the body parser a body over 5 MiB)."""
+    library.card(first="Ja\x00ne", last="Doe", phones=[JANE], note="pasted " * 1_000_000)
+    library.card(first="Bob", last="Roe", phones=[BOB])
+    library.text(JANE)
+    library.text(BOB)
+
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1}
+    assert kinds(citadel, "Bob Roe") == {"TEXT_INBOUND": 1}
+    note = names(citadel)["Jane Doe"]["notes"]
+    assert note.startswith("pasted pasted") and note.endswith("…") and len(note) == 100_000
+
+
 def test_an_invalid_setting_is_one_line_naming_it_and_its_source_with_exit_2(library: Library, cli: CLI):
     cli.env["CRM_SYNCD_DEFAULT_REGION"] = "XX"
 

@@ -2,7 +2,7 @@
 
 Follows /work/shared/reference/citadel-api.md: envelopes, validation (422), 404s, the 500s for
 client mistakes (malformed JSON, non-numeric ids, `?date=garbage`, bodies over 5 MiB, an `Origin`
-header), Express's HTML 404 page for unknown routes, ms-precision timestamps, limit capped at 100,
+header) and PostgreSQL's refusal of a NUL in a contact's text, Express's HTML 404 page for unknown routes, ms-precision timestamps, limit capped at 100,
 optionally unstable ordering of equal names (`unstable_ties`), and the lax bulk imports.
 
 Test controls: `faults` (injected 5xx/429/timeouts/resets), `latency_s`, `go_down()`/`come_up()`,
@@ -336,6 +336,8 @@ def _check_contact(body: Any, partial: bool) -> dict[str, Any]:
             out[_CONTACT_FIELDS[name]] = v if v != "" or name != "email" else None
     if details:
         raise _invalid(details)
+    if any(isinstance(v, str) and "\x00" in v for v in out.values()):
+        raise _internal()  # valid JSON, but PostgreSQL refuses a NUL in text: Prisma's error becomes a 500
     return out
 
 
