@@ -38,7 +38,8 @@ CONTACTS_PAGE = 100  # the server's cap
 _MAX_PASSES = 4  # listing passes before an incomplete listing is reported
 _CONTACT_SORTS = ("name_asc", "created_desc", "created_desc", "created_desc")
 _JSON_HEADERS = {"Content-Type": "application/json"}
-BUSY_STATUSES = (408, 502, 503, 504)  # the request was not handled (a timeout, a proxy, a restart): try again
+BUSY_STATUSES = (408, 502, 503, 504)  # a timeout, a proxy, a restart: try again
+UNHANDLED = (408, 503)  # of those, the ones that say the request was not handled (502 and 504: unknown)
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
@@ -84,6 +85,11 @@ class Throttled(Transient):
 class ServerBusy(Transient):
     """502/503/504 (and 408): a proxy or the server is overloaded or restarting."""
 
+    @property
+    def maybe_written(self) -> bool:  # type: ignore[override]
+        """A proxy's 502 or 504 to a write: the CRM behind it may have made the write before the proxy gave up."""
+        return self.method not in (None, "GET") and self.status not in UNHANDLED
+
 
 class Ambiguous(CRMError):
     """500: Citadel answers many client mistakes with 500, and an insert may have happened."""
@@ -121,9 +127,9 @@ class BadResponse(CRMError):
 
     @property
     def maybe_written(self) -> bool:  # type: ignore[override]
-        """Accepted, or a write answered by a status that leaves it unclear (a 500) whose body was cut off."""
+        """Accepted, or a write answered by a status that leaves it unclear (a 500, a 504) whose body was cut off."""
         status = self.status or 0
-        return self.accepted or (self.method not in (None, "GET") and status >= 500 and status not in BUSY_STATUSES)
+        return self.accepted or (self.method not in (None, "GET") and status >= 500 and status not in UNHANDLED)
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -190,6 +190,16 @@ def test_500_after_write_is_ambiguous_and_the_write_happened(crm: CitadelServer)
     assert len(crm.interactions(cid)) == 1
 
 
+@pytest.mark.parametrize("status, written", [(502, True), (504, True), (503, False)])
+def test_a_proxys_502_or_504_to_a_write_may_have_written_a_503_did_not(
+        crm: CitadelServer, status: int, written: bool) -> None:
+    cid = crm.add_contact(firstName="Ann", lastName="Lee")
+    crm.faults = Faults(rate=1.0, kinds=(str(status),), reads=True)
+    read = raises(ServerBusy, crm.url, lambda c: c.list_interactions(cid, dt.date(2024, 3, 1)))
+    write = raises(ServerBusy, crm.url, lambda c: c.create_interaction(cid, TEXT))
+    assert (read.maybe_written, write.maybe_written) == (False, written)
+
+
 def test_500_is_maybe_written_only_for_a_write(crm: CitadelServer) -> None:
     cid = crm.add_contact(firstName="Ann", lastName="Lee")
     crm.faults = Faults(rate=1.0, kinds=("500-before-write",), reads=True)

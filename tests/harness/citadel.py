@@ -50,8 +50,8 @@ _DAY_MS = 86_400_000
 _PRIME = 2_147_483_647  # (id * salt) % _PRIME permutes ids: a per-request shuffle of name ties
 _MUTATING = frozenset(("POST", "PUT", "DELETE", "PATCH"))
 FAULT_KINDS = frozenset(
-    ("503", "502", "504", "429", "500-before-write", "500-after-write", "timeout", "reset", "slow", "truncate",
-     "500-after-write-truncated")
+    ("503", "502", "504", "429", "500-before-write", "500-after-write", "504-after-write", "timeout", "reset",
+     "slow", "truncate", "500-after-write-truncated")
 )
 
 _SCHEMA = """
@@ -146,7 +146,8 @@ def _invalid(details: dict[str, list[str]]) -> _Fail:
 @dataclass
 class Faults:
     """Which requests fail and how. Kinds: 503 502 504 429 (Retry-After: 1), 500-before-write,
-    500-after-write (the write happens, then 500), timeout (hold `hold_s` or until the client
+    500-after-write (the write happens, then 500), 504-after-write (the write happens, then a proxy's
+    504: it gave up waiting), timeout (hold `hold_s` or until the client
     gives up, then close without answering), reset (RST, no response), slow (wait `slow_s`, then
     answer normally), truncate (answer with half the announced body, then close), 500-after-write-truncated
     (both: the write happens, then half of a 500's body).
@@ -676,12 +677,15 @@ class CitadelServer:
         route, fn, ident = self._route(method, path)
         fault = self.faults.pick(method) if fn is not None else None
         extra = b""
-        if fault is None or fault in ("slow", "500-after-write", "truncate", "500-after-write-truncated"):
+        if fault is None or fault in ("slow", "500-after-write", "504-after-write", "truncate",
+                                      "500-after-write-truncated"):
             if fault == "slow":
                 self._stopping.wait(self.faults.slow_s)
             status, out, ctype = self._answer(method, path, query, headers, body, fn, ident)
             if fault in ("500-after-write", "500-after-write-truncated"):
                 status, out = 500, _internal().body()
+            elif fault == "504-after-write":
+                status, out, ctype = 504, _REASONS[504].encode(), b"text/plain; charset=utf-8"
         elif fault in ("timeout", "reset"):
             if fault == "timeout":
                 h._hold(self.faults.hold_s)
