@@ -35,8 +35,11 @@ import httpx
 from crm_syncd import __version__
 
 CONTACTS_PAGE = 100  # the server's cap
-_MAX_PASSES = 4  # listing passes before an incomplete listing is reported
-_CONTACT_SORTS = ("name_asc", "created_desc", "created_desc", "created_desc")
+# A listing's passes, until one is complete: (sort, page size). PostgreSQL may order rows with equal
+# sort keys differently for each LIMIT/OFFSET but alike for a repeated query, so each pass asks
+# another way: another sort, or pages that end elsewhere. Interactions have one sort (newest first).
+_CONTACT_PASSES = (("name_asc", 100), ("created_desc", 100), ("name_desc", 97), ("created_desc", 89))
+_INTERACTION_PASSES = ((None, 100), (None, 97), (None, 89), (None, 83))
 _JSON_HEADERS = {"Content-Type": "application/json"}
 BUSY_STATUSES = (408, 502, 503, 504)  # a timeout, a proxy, a restart: try again
 UNHANDLED = (408, 503)  # of those, the ones that say the request was not handled (502 and 504: unknown)
@@ -225,8 +228,8 @@ class CitadelClient:
 
     async def list_contacts(self) -> list[dict[str, Any]]:
         """Every contact exactly once. Paging is unstable when names tie, so pages are deduplicated
-        by id and checked against meta.total; a short listing is re-paged (created_desc) and merged."""
-        return await self._collect("/api/contacts", {}, _CONTACT_SORTS, "contacts")
+        by id and checked against meta.total; a short listing is re-paged another way and merged."""
+        return await self._collect("/api/contacts", {}, _CONTACT_PASSES, "contacts")
 
     async def get_contact(self, contact_id: int) -> dict[str, Any]:
         return await self._data("GET", f"/api/contacts/{int(contact_id)}")
@@ -249,7 +252,7 @@ class CitadelClient:
             raise TypeError("day must be a datetime.date (a UTC day)")
         path = f"/api/contacts/{int(contact_id)}/interactions"
         query = {"date": day.isoformat()} if day is not None else {}
-        return await self._collect(path, query, (None,) * _MAX_PASSES, "interactions")
+        return await self._collect(path, query, _INTERACTION_PASSES, "interactions")
 
     async def recent_interactions(self, contact_id: int) -> list[dict[str, Any]]:
         """The contact's newest interactions (one page of up to 100)."""
@@ -260,12 +263,12 @@ class CitadelClient:
     # -- listing -------------------------------------------------------------------------------
 
     async def _collect(
-        self, path: str, params: dict[str, str], sorts: tuple[str | None, ...], what: str
+        self, path: str, params: dict[str, str], passes: tuple[tuple[str | None, int], ...], what: str
     ) -> list[dict[str, Any]]:
         union: dict[int, dict[str, Any]] = {}
         union_total = -1
-        for sort in sorts:
-            query = dict(params, limit=str(CONTACTS_PAGE))
+        for sort, limit in passes:
+            query = dict(params, limit=str(limit))
             if sort:
                 query["sort"] = sort
             rows, total, consistent = await self._all_pages(path, query)
@@ -278,7 +281,7 @@ class CitadelClient:
             if consistent and len(union) == total:
                 return list(union.values())
         raise BadResponse(
-            f"incomplete listing of {what}: {len(union)} of {union_total} after {len(sorts)} passes",
+            f"incomplete listing of {what}: {len(union)} of {union_total} after {len(passes)} passes",
             method="GET", path=path,
         )
 

@@ -678,22 +678,34 @@ class Engine:
             log.info("push.recover_waits", items=len(leftovers), seconds=round(wait, 1))
             await asyncio.sleep(wait)
         self._day_cache.clear()  # listings taken before these writes may predate them
-        adopted, requeue, complete = [], [], True
+        adopted, requeue, failed, complete = [], [], [], True
         for item in leftovers:
+            await self._wait_backoff()
             try:
                 existing = await self._find_in_crm(item) if item.contact_id is not None else None
-            except crmlib.CRMError as exc:  # keep what was learnt; the rest is looked up next time
+            except crmlib.Transient as exc:  # the CRM is down: keep what was learnt; the rest is looked up next time
                 report.unreachable, complete = exc.message, False
                 self.back_off(exc.retry_after)
-                log.warning("push.recover_deferred", items=len(leftovers) - len(adopted) - len(requeue),
+                log.warning("push.recover_deferred", items=len(leftovers) - len(adopted) - len(requeue) - len(failed),
                             reason=exc.message)
                 break
+            except crmlib.CRMError as exc:  # an answer about this item's day (a 500, a listing never complete):
+                self.back_off(exc.retry_after)  # it alone waits, `sending`, for a bounded number of look-ups
+                self._ambiguous[item.id] += 1
+                if self._ambiguous[item.id] >= self.settings.max_ambiguous_retries:
+                    failed.append((item, f"cannot tell whether it reached the CRM: {exc.message}"))
+                log.warning("push.recover_unclear", item=item.id, reason=exc.message)
+                continue
             log.debug("push.recover_lookup", item=item.id, found=existing)
             if existing is None:
                 requeue.append((item, None))
             else:
                 adopted.append((item, existing))
-        self.store.settle(delivered=adopted, retry=requeue)
+        self.store.settle(delivered=adopted, failed=failed, retry=requeue)
+        for item, reason in failed:
+            self._ambiguous.pop(item.id, None)
+            report.failed.append((item.key, reason))
+            log.warning("push.failed", key=item.key, reason=reason)
         report.adopted += len(adopted)
         report.delivered += len(adopted)
         if complete:  # the CRM answered every look-up: whatever failed before is over

@@ -3,7 +3,7 @@
 Follows /work/shared/reference/citadel-api.md: envelopes, validation (422), 404s, the 500s for
 client mistakes (malformed JSON, non-numeric ids, `?date=garbage`, bodies over 5 MiB, an `Origin`
 header) and PostgreSQL's refusal of a NUL in a contact's text, Express's HTML 404 page for unknown routes, ms-precision timestamps, limit capped at 100,
-optionally unstable ordering of equal names (`unstable_ties`), and the lax bulk imports.
+optionally unstable ordering of rows whose sort keys tie (`unstable_ties`), and the lax bulk imports.
 
 Test controls: `faults` (injected 5xx/429/timeouts/resets), `latency_s`, `go_down()`/`come_up()`,
 `stats`, and helpers that read and seed the database directly.
@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import traceback
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -47,7 +48,7 @@ OUTBOUND = frozenset(("CALL_OUTBOUND", "TEXT_OUTBOUND", "EMAIL_OUTBOUND", "MAIL_
 MAX_BODY = 5 * 1024 * 1024
 MAX_LIMIT = 100
 _DAY_MS = 86_400_000
-_PRIME = 2_147_483_647  # (id * salt) % _PRIME permutes ids: a per-request shuffle of name ties
+_PRIME = 2_147_483_647  # (id * m) % _PRIME permutes ids: a shuffle of ties, one per query (see `_order`)
 _MUTATING = frozenset(("POST", "PUT", "DELETE", "PATCH"))
 FAULT_KINDS = frozenset(
     ("503", "502", "504", "429", "500-before-write", "500-after-write", "504-after-write", "timeout", "reset",
@@ -96,12 +97,12 @@ _SEED_FIELDS = {
     "contactDueAt": "contact_due_at", "createdAt": "created_at", "updatedAt": "updated_at",
 }
 _SEED_FIELDS.update({col: col for col in list(_SEED_FIELDS.values())})
-_ORDERS = {
-    "name_asc": "first_name COLLATE NOCASE, last_name COLLATE NOCASE, {tie}",
-    "name_desc": "first_name COLLATE NOCASE DESC, last_name COLLATE NOCASE DESC, {tie}",
-    "created_desc": "created_at DESC, id DESC",
-    "created_asc": "created_at, id",
-    "updated_desc": "updated_at DESC, id DESC",
+_ORDERS = {  # sort -> (its keys, the order of rows equal on them when ties are stable)
+    "name_asc": ("first_name COLLATE NOCASE, last_name COLLATE NOCASE", "id"),
+    "name_desc": ("first_name COLLATE NOCASE DESC, last_name COLLATE NOCASE DESC", "id"),
+    "created_desc": ("created_at DESC", "id DESC"),
+    "created_asc": ("created_at", "id"),
+    "updated_desc": ("updated_at DESC", "id DESC"),
 }
 _EMAIL = re.compile(r"^[^\s@]+@[^\s@]+\.[^\s@]+$")
 _ISO = re.compile(
@@ -528,7 +529,8 @@ class CitadelServer:
     ):
         self.db_path = Path(db_path)
         self.host, self.port, self.api_key = host, port, api_key
-        self.unstable_ties = unstable_ties  # shuffle equal names between requests, like Postgres
+        self.unstable_ties = unstable_ties  # order ties anew for each LIMIT/OFFSET, like PostgreSQL (`_order`)
+        self.tie_salt = 0  # which orders those are
         self.latency_s = latency_s  # added to every request (a hosted CRM)
         self.faults = Faults()
         self.reject_interactions_at: set[str] = set()  # UTC days whose interaction POSTs get a 422
@@ -763,14 +765,8 @@ class CitadelServer:
         if words:
             where = " WHERE " + " AND ".join(["instr(search, ?) > 0"] * len(words))
             params = list(words)
-        order = _ORDERS.get(q.get("sort", "name_asc"), _ORDERS["name_asc"])
-        order_params: list[Any] = []
-        if "{tie}" in order:
-            if self.unstable_ties:
-                order = order.format(tie="(id * ?) % 2147483647")
-                order_params = [random.randrange(1, _PRIME)]
-            else:
-                order = order.format(tie="id")
+        sort = q.get("sort") if q.get("sort") in _ORDERS else "name_asc"
+        order, order_params = self._order(*_ORDERS[sort], sort, limit, page)
         with self._lock:
             db = self._db()
             total = db.execute("SELECT COUNT(*) FROM contacts" + where, params).fetchone()[0]
@@ -780,6 +776,15 @@ class CitadelServer:
             ).fetchall()
         meta = {"page": page, "limit": limit, "total": total, "totalPages": -(-total // limit)}
         return 200, {"data": [_contact_json(r) for r in rows], "meta": meta}
+
+    def _order(self, keys: str, stable: str, *query: object) -> tuple[str, list[Any]]:
+        """ORDER BY `keys`, then ties by `stable` or (`unstable_ties`) in an order of their own for each
+        query: PostgreSQL's sort may order equal rows differently for another LIMIT/OFFSET, and alike
+        when the same query comes again, so a repeated listing can miss the same row again."""
+        if not self.unstable_ties:
+            return f"{keys}, {stable}", []
+        spread = zlib.crc32(repr((self.tie_salt, *query)).encode())
+        return f"{keys}, (id * ?) % {_PRIME}", [1 + spread % (_PRIME - 1)]
 
     def _contact_row(self, db: sqlite3.Connection, contact_id: int) -> tuple:
         row = db.execute(f"SELECT {_C_COLS} FROM contacts WHERE id = ?", (contact_id,)).fetchone()
@@ -870,12 +875,13 @@ class CitadelServer:
                 raise _internal() from None  # new Date("garbage") reaches Prisma as Invalid Date
             where += " AND occurred_at >= ? AND occurred_at < ?"
             params += [start, start + _DAY_MS]
+        order, order_params = self._order("occurred_at DESC", "id DESC", "interactions", limit, page)
         with self._lock:
             db = self._db()
             total = db.execute(f"SELECT COUNT(*) FROM interactions WHERE {where}", params).fetchone()[0]
             rows = db.execute(
-                f"SELECT {_I_COLS} FROM interactions WHERE {where} ORDER BY occurred_at DESC, id DESC LIMIT ? OFFSET ?",
-                params + [limit, (page - 1) * limit],
+                f"SELECT {_I_COLS} FROM interactions WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
+                params + order_params + [limit, (page - 1) * limit],
             ).fetchall()
         meta = {"page": page, "limit": limit, "total": total, "totalPages": -(-total // limit)}
         return 200, {"data": [_interaction_json(r) for r in rows], "meta": meta}
