@@ -248,7 +248,9 @@ class Store:
             conn.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
             conn.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
             conn.execute("PRAGMA foreign_keys=OFF")
-            conn.execute("PRAGMA quick_check(1)")
+            verdict = conn.execute("PRAGMA quick_check(1)").fetchone()[0]  # damage within pages is a row, not an error
+            if verdict != "ok":
+                raise sqlite3.DatabaseError(" ".join(verdict.split()))
         except sqlite3.DatabaseError as exc:
             raise StoreError(
                 f"the state database {path} is damaged ({exc}); crm-syncd will not reset it by itself. "

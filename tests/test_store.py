@@ -13,7 +13,7 @@ import pytest
 
 from crm_syncd.engine import Engine
 from crm_syncd.settings import Settings
-from crm_syncd.store import SCHEMA_VERSION, Mark, NewItem, Store
+from crm_syncd.store import SCHEMA_VERSION, Mark, NewItem, Store, StoreError
 from tests.harness.library import Library, ago
 from tests.harness.statedb import state_db_at
 
@@ -49,6 +49,22 @@ def test_a_version_2_state_database_keeps_its_ledger_and_marks_and_still_refuses
     ], Mark(44, "1:2", "C"))
     assert (result.added, result.duplicates) == (1, 2)
     assert store.mark("messages") == Mark(44, "1:2", "C")
+
+
+def test_a_state_database_with_a_damaged_page_is_refused_with_the_fix(tmp_path):
+    """Damage inside a page makes no error on open: quick_check reports it as a row."""
+    path = tmp_path / "state.db"
+    store = Store(path)
+    store.enqueue("messages", [NewItem(f"msg:{n}", JANE, "TEXT_INBOUND", 1_700_000_000_000 + n * 1000, None)
+                               for n in range(20_000)], Mark(20_000, "1:2", None))
+    store.close()
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # bit rot in the middle of the file
+        f.seek((size // 4096 // 2) * 4096 + 100)
+        f.write(b"\xff" * 600)
+
+    with pytest.raises(StoreError, match="damaged .*--reconcile"):
+        Store(path)
 
 
 # -- where extraction resumes -----------------------------------------------------------------------
