@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from crm_syncd import __version__, crm as crmlib, logs
 from crm_syncd.engine import SOURCES, ContactsReport, Engine, PushReport, SourceReport
 from crm_syncd.settings import ConfigError, Settings, config_warnings, load_settings
-from crm_syncd.sources.sqlite import NeedsFullDiskAccess
+from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError
 from crm_syncd.store import Store, StoreError
 
 out = Console(highlight=False, soft_wrap=True)
@@ -158,9 +158,14 @@ async def _sync_async(settings: Settings, store: Store, *, contacts_only: bool, 
                 with _progress() as progress:
                     for source in SOURCES:
                         task = progress.add_task(f"reading {source}", total=None)
-                        sources.append(await asyncio.to_thread(
-                            engine.extract, source, full=full, days=days,
-                            progress=lambda n, t=task: progress.advance(t, n)))
+                        try:
+                            sources.append(await asyncio.to_thread(
+                                engine.extract, source, full=full, days=days,
+                                progress=lambda n, t=task: progress.advance(t, n)))
+                        except NeedsFullDiskAccess:
+                            raise
+                        except SourceError as exc:  # damaged or locked: say so; the other source goes on
+                            sources.append(SourceReport(source, error=str(exc)))
                 if crm_down is None:
                     try:
                         placeholders = await engine.resolve()
@@ -169,6 +174,7 @@ async def _sync_async(settings: Settings, store: Store, *, contacts_only: bool, 
                         crm_down = exc.message
         _summary(store, contacts, sources, placeholders, push, crm_down, dry_run, crm)
     failed = bool(push and push.failed) or bool(contacts and contacts.failed) or crm_down is not None
+    failed = failed or any(report.error for report in sources)
     failed = failed or bool(push and push.unreachable)
     return EXIT_FAILED if failed else EXIT_OK
 
@@ -216,6 +222,9 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
         if report.missing:
             out.print(f"[bold]{label}[/]  [yellow]database not found; skipped[/]")
             continue
+        if report.error:
+            out.print(f"[bold]{label}[/]  [red]✗ not read:[/] {report.error}")
+            continue
         types = MESSAGE_TYPES if report.source == "messages" else CALL_TYPES
         synced = sum(delivered[t] for t in types)
         out.print(f"[bold]{label}[/]  synced {synced} · new {report.added} · already known {report.duplicates} · "
@@ -230,7 +239,7 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
             out.print(f"  {logs.mask_key(key)}: {reason}")
     if crm_down or (push and push.unreachable):
         out.print(f"[red]✗ CRM unreachable:[/] {crm_down or push.unreachable}; everything stays queued for the next run")
-    elif not (push and push.failed) and not (contacts and contacts.failed):
+    elif not (push and push.failed) and not (contacts and contacts.failed) and not any(r.error for r in sources):
         out.print("[green]✓ done[/]")
 
 

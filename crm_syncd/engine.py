@@ -63,6 +63,7 @@ class SourceReport:
     skipped: Counter[str] = field(default_factory=Counter)
     missing: bool = False
     rebuilt: bool = False
+    error: str | None = None  # the database could not be read (damaged, locked past every retry)
 
 
 @dataclass

@@ -569,6 +569,22 @@ def test_a_database_macos_refuses_to_open_names_the_full_disk_access_fix(library
     assert "Traceback" not in result.output
 
 
+def test_a_damaged_chat_db_is_named_in_one_line_and_calls_are_still_delivered(library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.call(JANE, at=ago(days=1), originated=True, duration=30)
+    library.chat.close()
+    for suffix in ("-wal", "-shm"):
+        library.messages_db.with_name(library.messages_db.name + suffix).unlink(missing_ok=True)
+    library.messages_db.write_bytes(b"half a restored backup " * 1000)
+
+    result = cli("sync")
+
+    assert result.code == 1
+    assert "Messages  ✗ not read:" in result.stdout and "not a database" in result.stdout
+    assert "Traceback" not in result.output
+    assert kinds(citadel, "Jane Doe") == {"CALL_OUTBOUND": 1}
+
+
 def test_reconcile_after_the_state_database_was_lost_creates_nothing_twice(library: Library, citadel, cli: CLI, home):
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE, at=ago(days=3))
