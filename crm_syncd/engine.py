@@ -236,6 +236,7 @@ class Engine:
             await self._follow_edits(survivor, fields, index, report, name)
         else:
             survivor = placeholders[0]
+            await self._dedupe_wanted(survivor)  # settled while it is known as found, not made, if another Mac made it
             updated = await self.crm.update_contact(survivor, _present(_promotion(fields, index.by_id[survivor])))
             index.replace(updated)
             # the card's fields: notes the owner kept differ from them, so they are never written over
@@ -746,7 +747,7 @@ class Engine:
         flag = self.store.dedupe_flag(contact_id)
         if flag is None:
             known = self.store.known_contact(contact_id)
-            if known and known[0] in ("card", "placeholder"):
+            if known and known[0] in ("card", "placeholder") and known[2] is not None:  # fields we wrote: ours
                 flag = False
             else:
                 ours = self.store.crm_ids(contact_id)

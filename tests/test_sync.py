@@ -8,8 +8,10 @@ import shutil
 import sqlite3
 from collections import Counter
 
+import httpx
 import pytest
 
+from crm_syncd.identity import placeholder_fields
 from tests.conftest import CLI, clean_env
 from tests.harness.library import Library, ago
 
@@ -377,6 +379,41 @@ def test_a_promoted_placeholder_keeps_what_the_owner_wrote_in_its_notes(library:
     (joe,) = citadel.contacts()
     assert (joe["id"], joe["firstName"]) == (placeholder["id"], "Joe")
     assert joe["notes"] == "The plumber: fixed the sink\nCall before 9"
+
+
+def another_mac_delivered(citadel, address: str, at) -> int:
+    """What crm-syncd on another Mac of the owner's leaves: a placeholder, and the message delivered to it."""
+    contact = citadel.add_contact(**placeholder_fields(address))
+    moment = at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+    answer = httpx.post(f"{citadel.url}/api/contacts/{contact}/interactions",
+                        json={"type": "TEXT_INBOUND", "occurredAt": moment, "source": "IMPORT_IOS"})
+    assert answer.status_code == 201
+    return contact
+
+
+def test_a_placeholder_another_mac_made_and_delivered_to_is_checked_before_sending(library: Library, citadel, cli: CLI):
+    assert cli("sync", "--contacts-only").code == 0
+    at = ago(days=1)
+    library.text(CAROL, at=at)
+    another_mac_delivered(citadel, CAROL, at)
+
+    assert cli("sync", "--interactions-only").code == 0
+
+    assert len(citadel.contacts()) == 1
+    assert len(citadel.interactions_of(CAROL)) == 1
+
+
+def test_a_placeholder_another_mac_delivered_to_then_named_by_a_card_is_checked_before_sending(
+        library: Library, citadel, cli: CLI):
+    at = ago(days=1)
+    library.text(CAROL, at=at)
+    another_mac_delivered(citadel, CAROL, at)
+    library.card(first="Carol", last="Chen", phones=[CAROL])
+
+    assert cli("sync").code == 0
+
+    assert [c["firstName"] for c in citadel.contacts()] == ["Carol"]
+    assert len(citadel.interactions_of(CAROL)) == 1
 
 
 def test_create_unknown_contacts_false_holds_unknown_people(library: Library, citadel, cli: CLI):
