@@ -157,6 +157,8 @@ class Daemon:
                 await self._extract(source)
             watcher.start()
             log.info("daemon.watching", directories=[str(d) for d in watcher.watched])
+            for source in SOURCES:  # written during the catch-up, before the watch began: no event came
+                hint(source)
             started.set()
             await self.stop.wait()  # like the other tasks, it ends with the stop
 

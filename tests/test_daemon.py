@@ -186,6 +186,36 @@ def test_sigterm_during_the_start_up_stops_within_the_shutdown_deadline_and_a_re
     assert sorted(c["phone"] for c in citadel.contacts()) == phones
 
 
+def test_a_message_written_while_the_start_up_catches_up_arrives_at_once_not_at_the_next_probe(
+        library: Library, citadel, daemon_env: CLI, home):
+    """The watch begins after the start-up's catch-up; a row written during it made no event."""
+    daemon_env.env["CRM_SYNCD_SAFETY_PROBE_S"] = "300"
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=2))
+    library.calls.close()  # the call history is held by its writer: the calls catch-up waits, retrying
+    locker = CallHistoryDB.open(library.calls_db)
+    locker.conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+    locker.call(JANE, ago(hours=3))
+    locker.commit()
+    proc = daemon_env.popen("run")
+    log = home / "Library" / "Logs" / "crm-syncd" / "crm-syncd.log"
+
+    def messages_caught_up() -> bool:
+        lines = log.read_text().splitlines() if log.exists() else []
+        return any('"extract.done"' in line and json.loads(line).get("source") == "messages" for line in lines)
+
+    try:
+        eventually(messages_caught_up, timeout=30, what="the messages catch-up")
+        library.text(JANE, at=ago(hours=1))  # while the calls catch-up waits for the lock
+        locker.close()
+        library.calls = CallHistoryDB.open(library.calls_db)
+        eventually(lambda: len([i for i in citadel.interactions_of(JANE) if i["type"] == "TEXT_INBOUND"]) == 2,
+                   timeout=20, what="the message written during the start-up")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
 def test_calls_arrive_promptly_once_the_call_history_folder_appears_after_the_start(
         library: Library, citadel, daemon):
     library.card(first="Jane", last="Doe", phones=[JANE])
