@@ -110,7 +110,7 @@ def _sync(*, contacts_only: bool, interactions_only: bool, dry_run: bool, known_
     lock = Lock(settings.lock_path)
     if not dry_run:  # the daemon and a sync must not deliver the same outbox at once
         try:
-            lock.acquire()
+            lock.acquire("sync")
         except AlreadyRunning as exc:
             raise Abort(f"{exc}; it already syncs continuously (stop it to run a one-shot sync)", EXIT_FAILED)
     logs.configure(verbose=verbose, console=True)
@@ -307,6 +307,8 @@ def _print_status(doc: dict) -> None:
         head += f" · pid {doc['pid']} · up {doc['uptime_s']}s"
     if doc["responding"] is False:
         head += f" · [red]not responding (last heartbeat {doc['last_beat_age_s']}s ago)[/]"
+    if doc["sync_pid"]:
+        head += f" · a one-shot sync is running (pid {doc['sync_pid']})"
     out.print(head)
     agent = doc["agent"]
     out.print(f"launchd agent: {'loaded' if agent.get('loaded') else 'installed' if agent.get('installed') else 'not installed'}")

@@ -42,24 +42,25 @@ class AlreadyRunning(Exception):
 
 
 class Lock:
-    """An exclusive advisory lock on a file, held for the life of the process."""
+    """An exclusive advisory lock on a file, held for the life of the process; the file names the
+    holder (its pid and command: `run`, the daemon, or `sync`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, command: str = "run") -> None:
         secure_dir(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            pid, held_by = _holder(os.read(fd, 64))
             os.close(fd)
-            raise AlreadyRunning(f"crm-syncd is already running (pid {holder}); "
+            raise AlreadyRunning(f"crm-syncd {held_by} is already running (pid {pid}); "
                                  "see `crm-syncd status`") from None
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        os.write(fd, f"{os.getpid()} {command}".encode())
         self._fd = fd
 
     def release(self) -> None:
@@ -67,18 +68,24 @@ class Lock:
             os.close(self._fd)
             self._fd = None
 
-    def held_by_other(self) -> bool:
-        """Whether another process holds the lock (used by `status`)."""
+    def held_by_other(self) -> tuple[str, str] | None:
+        """(pid, command) of another process holding the lock, or None (used by `status`)."""
         if not self.path.exists():
-            return False
+            return None
         fd = os.open(self.path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return True
+            return _holder(os.read(fd, 64))
         finally:
             os.close(fd)
-        return False
+        return None
+
+
+def _holder(content: bytes) -> tuple[str, str]:
+    """(pid, command) as a lock file names them; a file from before commands were named held `run`'s pid."""
+    pid, _, command = content.decode(errors="replace").strip().partition(" ")
+    return pid or "?", command or "run"
 
 
 @dataclass

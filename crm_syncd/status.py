@@ -46,6 +46,16 @@ def _newest(reader) -> tuple[int | None, str | None]:
         return None, str(exc)
 
 
+def _waiting_since(reader, mark: dict) -> int:
+    """Since when rows past the mark have waited: the mark's last move, or the first such row's date
+    if later (a row that came after a quiet spell has not waited all of it)."""
+    try:
+        dates = [a.occurred_ms for a in reader.read(mark["rowid"], limit=1).activities]
+    except SourceError:
+        dates = []
+    return max(mark["updated_ms"], min(dates, default=0))
+
+
 def _agent() -> dict[str, Any]:
     try:
         state = launchd.agent_state()
@@ -61,7 +71,8 @@ async def _crm_reachable(settings: Settings) -> bool:
 
 def gather(settings: Settings) -> dict[str, Any]:
     """The daemon's state as a plain dict (the `status --json` document)."""
-    running = Lock(settings.lock_path).held_by_other()
+    holder = Lock(settings.lock_path).held_by_other()  # the daemon, or a one-shot `sync`
+    running = holder is not None and holder[1] == "run"
     store = Store(settings.state_db) if settings.state_db.exists() else None
     try:
         beat = (store.get("daemon") if store else None) or {}
@@ -81,9 +92,10 @@ def gather(settings: Settings) -> dict[str, Any]:
         mark = marks[name]
         theirs = daemon_sources.get(name) or {}
         lag = max(0, newest - mark["rowid"]) if newest is not None and mark else None
-        stalled_ms = now - mark["updated_ms"] if mark and lag else 0
+        stalled_ms = max(0, now - _waiting_since(reader, mark)) if mark and lag else 0
+        synced = [ms for ms in (theirs.get("last_sync_ms"), (mark or {}).get("updated_ms")) if ms]
         sources[name] = {
-            "last_sync_at": _iso(theirs.get("last_sync_ms") or (mark or {}).get("updated_ms")),
+            "last_sync_at": _iso(max(synced, default=None)),  # the daemon's, or a later `sync`'s
             "mark": mark["rowid"] if mark else None, "newest": newest, "lag_rows": lag,
             "lag_seconds": round(stalled_ms / 1000) if lag else 0,
             # the daemon's own failure first: it may lack Full Disk Access that this Terminal has
@@ -101,6 +113,7 @@ def gather(settings: Settings) -> dict[str, Any]:
     doc = {
         "running": running,
         "pid": beat.get("pid") if running else None,
+        "sync_pid": holder[0] if holder and not running else None,  # a one-shot `sync` holds the lock
         "started_at": _iso(started),
         "uptime_s": round((now - started) / 1000) if started else None,
         "last_beat_at": _iso(beat.get("beat_ms")),

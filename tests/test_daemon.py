@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from crm_syncd.daemon import Lock
 from crm_syncd.engine import Engine, occurred_iso
 from crm_syncd.settings import Settings
 from crm_syncd.sources.messages import MessagesReader
@@ -265,6 +266,48 @@ def test_status_json_reflects_running_stopped_pending_and_failed(library: Librar
                what="the queued item in status")
     d.stop()
     assert json.loads(daemon_env("status", "--json").stdout)["running"] is False
+
+
+def test_status_during_a_one_shot_sync_says_no_daemon_runs_and_names_the_sync(
+        library: Library, citadel, daemon, daemon_env: CLI, home):
+    """`sync` takes the daemon's lock; a stopped daemon's last heartbeat must not make it look alive."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    daemon().stop()
+    library.text(JANE)
+    citadel.latency_s = 4.0  # the sync takes a while (and status finds the CRM slow: no matter)
+    lock = home / STATE_DIR / "crm-syncd.lock"
+    proc = daemon_env.popen("sync")
+    try:
+        eventually(lambda: Lock(lock).held_by_other(), what="the sync holding the lock")
+        result = daemon_env("status", "--json")
+        doc = json.loads(result.stdout)
+        assert (result.code, doc["running"], doc["pid"], doc["health"]) == (3, False, None, "not running")
+        assert doc["sync_pid"] == str(proc.pid)
+        assert f"a one-shot sync is running (pid {proc.pid})" in daemon_env("status").stdout
+    finally:
+        proc.wait(timeout=60)
+        proc.communicate()
+
+
+def test_status_is_not_degraded_by_a_message_that_came_after_a_quiet_spell(
+        library: Library, citadel, daemon, daemon_env: CLI, home):
+    """The lag is how long rows have waited, not how long the mark has not moved."""
+    daemon_env.env["CRM_SYNCD_DEBOUNCE_MS"] = "3000"  # the new row stays unread for 3 s
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=1))
+    daemon()
+    eventually(lambda: citadel.interactions_of(JANE), what="the first message")
+    state = sqlite3.connect(home / STATE_DIR / "state.db", timeout=10)
+    with state:  # ten quiet minutes since the marks last moved
+        state.execute("UPDATE marks SET updated_ms = updated_ms - 600000")
+    state.close()
+
+    library.text(JANE)
+    result = daemon_env("status", "--json")
+
+    doc = json.loads(result.stdout)
+    assert doc["sources"]["messages"]["lag_rows"] == 1 and doc["sources"]["messages"]["lag_seconds"] < 120
+    assert result.code == 0, doc
 
 
 @pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root without setpriv")
