@@ -261,13 +261,15 @@ class Daemon:
             return
         except NeedsFullDiskAccess as exc:
             self._error(str(exc), event="contacts.denied")
+            self.sources.setdefault("contacts", SourceState()).error = str(exc)  # `status` names it
             return
         finally:
             self.work.set()  # the pusher skips resolution while a sync runs: wake it either way
         self.crm_reachable = self.contacts_synced = True
         log.info("contacts.rescan", created=len(report.created), promoted=len(report.promoted),
                  updated=len(report.updated))
-        self.sources.setdefault("contacts", SourceState()).last_sync_ms = now_ms()
+        state = self.sources.setdefault("contacts", SourceState())
+        state.last_sync_ms, state.error = now_ms(), None
 
     async def _pusher(self) -> None:
         """Drain the outbox whenever there is work; retry forever through CRM outages."""

@@ -120,6 +120,7 @@ class Engine:
         self.own_addresses: set[str] = set()
         self.contacts_stale = False  # set when a contact vanished from the CRM
         self._cards: dict[str, list[Card]] = {}  # AddressBook store → its cards, as last read
+        self._store_errors: dict[str, str] = {}  # AddressBook store → why it was last unreadable
         self._day_cache: dict[tuple[int, str], list[dict]] = {}  # (contact, UTC day) -> listing, for one push
         self._adopted: dict[int, int] = {}  # CRM interaction id -> the outbox item that adopted it, for one push
         self._ambiguous: Counter[int] = Counter()  # outbox id -> 500s answered to it (this process), until settled
@@ -161,7 +162,8 @@ class Engine:
             report.missing = True
             log.warning("contacts.missing", path=str(base))
         previous = self.store.signatures() if self._cards else {}
-        for store_name in set(self._cards) - set(signatures):
+        removed = set(self._cards) - set(signatures)
+        for store_name in removed:
             del self._cards[store_name]
         changed = [name for name, sig in signatures.items() if previous.get(name) != sig or name not in self._cards]
         for name in changed:
@@ -172,14 +174,18 @@ class Engine:
                 continue
             except NeedsFullDiskAccess:
                 raise
-            except SourceError as exc:  # locked or corrupt: keep what we had
+            except SourceError as exc:  # locked or corrupt: keep what we had, and read it again next time
                 report.store_errors[name] = str(exc)
-                log.warning("contacts.store_error", store=name, error=str(exc))
+                said, self._store_errors[name] = self._store_errors.get(name), str(exc)
+                (log.debug if said == str(exc) else log.warning)("contacts.store_error", store=name, error=str(exc))
                 signatures.pop(name)
                 continue
+            self._store_errors.pop(name, None)
             self._cards[name] = cards
             self.own_addresses.update(a for a in map(self.normalize.person, own) if a)
             report.skipped.update(skipped)
+        if previous and changed and not removed and set(changed) <= report.store_errors.keys():
+            return report  # only stores that failed again: nothing new for the CRM, so no listing of it
 
         people = merge_cards([c for cards in self._cards.values() for c in cards], self.normalize)
         report.cards = sum(len(c) for c in self._cards.values())

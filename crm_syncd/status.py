@@ -101,9 +101,10 @@ def gather(settings: Settings) -> dict[str, Any]:
             # the daemon's own failure first: it may lack Full Disk Access that this Terminal has
             "problem": (theirs.get("error") if running else None) or problem,
         }
-    contacts_sync = (daemon_sources.get("contacts") or {}).get("last_sync_ms")
-    sources["contacts"] = {"last_sync_at": _iso(contacts_sync), "lag_rows": 0,
-                           "stores": len(contacts_source.store_paths(Path(settings.addressbook_dir)))}
+    contacts = daemon_sources.get("contacts") or {}
+    sources["contacts"] = {"last_sync_at": _iso(contacts.get("last_sync_ms")), "lag_rows": 0,
+                           "stores": len(contacts_source.store_paths(Path(settings.addressbook_dir))),
+                           "problem": contacts.get("error") if running else None}
     try:
         reachable = asyncio.run(_crm_reachable(settings))
     except Exception:

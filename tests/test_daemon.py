@@ -332,6 +332,48 @@ def test_status_names_the_full_disk_access_fix_while_the_daemon_cannot_read_chat
     assert d.stop() == 0
 
 
+def test_an_address_book_store_that_stays_corrupt_does_not_make_every_rescan_list_the_crm(
+        library: Library, citadel, daemon):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    corrupt = library.books[2]
+    corrupt.close()
+    corrupt.path.write_bytes(b"not an address book " * 1000)
+    d = daemon()  # rescans every 0.5 s (the tests' setting)
+    eventually(lambda: citadel.contacts(), what="Jane's contact")
+    listed = citadel.stats[("GET", "/api/contacts", 200)]
+    start = len(d.events("contacts.rescan"))
+
+    eventually(lambda: len(d.events("contacts.rescan")) >= start + 4, what="four more rescans")
+
+    assert citadel.stats[("GET", "/api/contacts", 200)] == listed
+    assert len(d.events("contacts.store_error")) == 1  # said once, not at every rescan
+    assert d.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root without setpriv")
+def test_status_names_an_address_book_the_daemon_cannot_read_while_delivery_waits_for_it(
+        library: Library, citadel, daemon, daemon_env: CLI):
+    """Without every card, placeholders would be made for people who have one: nothing is delivered,
+    so status must not say healthy."""
+    daemon_env.env["CRM_SYNCD_SAFETY_PROBE_S"] = "2"  # the contacts sync is tried again that often
+    library.card(source=1, first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=1))
+    store = library.books[1].path
+    os.chmod(store, 0)
+    d = daemon(prefix=unprivileged())
+
+    doc = eventually(lambda: (lambda s: s if s["sources"]["contacts"]["problem"] else None)(status(daemon_env)),
+                     what="the daemon's refusal in status")
+    assert doc["health"] == "degraded" and "Full Disk Access" in doc["sources"]["contacts"]["problem"]
+    assert doc["outbox"]["pending"] == 1 and not citadel.contacts()
+
+    os.chmod(store, 0o644)
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 1, what="the message, to Jane's contact")
+    eventually(lambda: status(daemon_env)["health"] == "healthy", what="a healthy status")
+    assert [c["firstName"] for c in citadel.contacts()] == ["Jane"]
+    assert d.stop() == 0
+
+
 @pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root without setpriv")
 def test_status_is_degraded_when_it_cannot_read_a_source_itself(library: Library, citadel, daemon, daemon_env: CLI):
     library.card(first="Jane", last="Doe", phones=[JANE])
