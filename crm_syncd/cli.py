@@ -128,13 +128,7 @@ def _sync(*, contacts_only: bool, interactions_only: bool, dry_run: bool, known_
 def _open_store(settings: Settings, dry_run: bool) -> Store:
     if not dry_run:
         return Store(settings.state_db)
-    if not settings.state_db.exists():
-        return Store.memory()
-    real = Store(settings.state_db)
-    try:
-        return real.copy_to_memory()
-    finally:
-        real.close()
+    return Store.copy_in_memory(settings.state_db) if settings.state_db.exists() else Store.memory()
 
 
 async def _sync_async(settings: Settings, store: Store, *, contacts_only: bool, interactions_only: bool,

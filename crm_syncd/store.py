@@ -178,6 +178,18 @@ class StoreError(Exception):
     """The state database cannot be used as it is; the message says why and what to do."""
 
 
+def _check(conn: sqlite3.Connection) -> None:
+    """Raise if the database is damaged: quick_check reports damage within pages as a row, not an error."""
+    verdict = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+    if verdict != "ok":
+        raise sqlite3.DatabaseError(" ".join(verdict.split()))
+
+
+def _damaged(path: Path | str, exc: sqlite3.DatabaseError) -> StoreError:
+    return StoreError(f"the state database {path} is damaged ({exc}); crm-syncd will not reset it by itself. "
+                      f"Move it aside and run `crm-syncd sync --reconcile` to rebuild it against the CRM.")
+
+
 class Item(NamedTuple):
     """An outbox row on its way to the CRM."""
 
@@ -223,12 +235,13 @@ def now_ms() -> int:
 class Store:
     """Thread-safe access to the state database (one connection, one lock)."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, migrate: bool = True) -> None:
         self.path = Path(path) if path != ":memory:" else None
         self._lock = threading.RLock()
         self._conn = self._open(path)
         self._unattached = True  # a mapping may have been made just before the last process stopped
-        self._migrate()
+        if migrate:
+            self._migrate()
 
     # -- opening and migrating -------------------------------------------------------------
 
@@ -248,14 +261,9 @@ class Store:
             conn.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
             conn.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
             conn.execute("PRAGMA foreign_keys=OFF")
-            verdict = conn.execute("PRAGMA quick_check(1)").fetchone()[0]  # damage within pages is a row, not an error
-            if verdict != "ok":
-                raise sqlite3.DatabaseError(" ".join(verdict.split()))
+            _check(conn)
         except sqlite3.DatabaseError as exc:
-            raise StoreError(
-                f"the state database {path} is damaged ({exc}); crm-syncd will not reset it by itself. "
-                f"Move it aside and run `crm-syncd sync --reconcile` to rebuild it against the CRM."
-            ) from exc
+            raise _damaged(path, exc) from exc
         return conn
 
     def _migrate(self) -> None:
@@ -284,15 +292,22 @@ class Store:
         with self._lock:
             self._conn.close()
 
-    def copy_to_memory(self) -> Store:
-        """An in-memory copy (for --dry-run: everything runs, nothing persists)."""
-        copy = Store.__new__(Store)
-        copy.path = None
-        copy._lock = threading.RLock()
-        copy._unattached = True
-        copy._conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-        with self._lock:
-            self._conn.backup(copy._conn)
+    @classmethod
+    def copy_in_memory(cls, path: Path) -> Store:
+        """An in-memory copy of the state database at `path`, migrated there: the file is only read
+        (for --dry-run: everything runs, nothing persists, not even a migration)."""
+        copy = cls(":memory:", migrate=False)
+        copy.path = Path(path)  # named in errors
+        try:
+            source = sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True, timeout=10)
+            try:
+                source.backup(copy._conn)
+            finally:
+                source.close()
+            _check(copy._conn)
+        except sqlite3.DatabaseError as exc:
+            raise _damaged(path, exc) from exc
+        copy._migrate()
         return copy
 
     @classmethod

@@ -14,6 +14,7 @@ import pytest
 from crm_syncd.identity import placeholder_fields
 from tests.conftest import CLI, clean_env
 from tests.harness.library import Library, ago
+from tests.harness.statedb import state_db_at
 
 JANE = "+16135550111"
 BOB = "+19025550122"
@@ -436,6 +437,23 @@ def test_dry_run_writes_nothing_anywhere_and_says_what_it_would_create(library: 
     assert citadel.contacts() == [] and citadel.interactions() == []
     assert "Jane Doe" in result.stdout and "Unknown (+1-905-555-1234)" in result.stdout
     assert not (home / "Library" / "Application Support" / "crm-syncd").exists()
+
+
+def test_dry_run_leaves_a_state_database_from_an_older_crm_syncd_as_it_was(library: Library, citadel, cli: CLI, home):
+    """Not even migrated: an older daemon may still be running on it."""
+    state = home / "Library" / "Application Support" / "crm-syncd"
+    state.mkdir(parents=True)
+    state_db_at(state / "state.db", 3).close()
+    before = (state / "state.db").read_bytes()
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE)
+
+    result = cli("sync", "--dry-run")
+
+    assert result.code == 0, result.output
+    assert "Jane Doe" in result.stdout
+    assert sorted(p.name for p in state.iterdir()) == ["state.db"]
+    assert (state / "state.db").read_bytes() == before
 
 
 def test_apple_databases_are_byte_identical_afterwards(library: Library, citadel, cli: CLI):
