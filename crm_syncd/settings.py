@@ -23,7 +23,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 ENV_PREFIX = "CRM_SYNCD_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
-LEGACY_KEYS = ("api_url", "api_key", "initial_lookback_days", "create_unknown_contacts", "default_region")
+LEGACY_KEYS = ("api_url", "api_key", "initial_lookback_days", "create_unknown_contacts", "default_region",
+               "allow_insecure_http")  # the last: what the error for a LAN http:// api_url says to add
 _SECRET_FIELDS = frozenset({"api_key"})
 
 

@@ -148,6 +148,16 @@ def test_legacy_json_is_read_when_there_is_no_toml(home):
     assert s.config_file == path
 
 
+def test_a_lan_http_url_in_legacy_json_is_accepted_once_the_error_s_advice_is_followed(home):
+    write_legacy(home, {"api_url": "http://192.168.1.20:3000"})
+    with pytest.raises(ConfigError, match="allow_insecure_http = true"):
+        load_settings()
+
+    write_legacy(home, {"api_url": "http://192.168.1.20:3000", "allow_insecure_http": True})
+
+    assert load_settings().api_url == "http://192.168.1.20:3000"
+
+
 def test_legacy_json_is_ignored_once_a_toml_file_exists(home):
     write_legacy(home, {"initial_lookback_days": 90, "default_region": "DE"})
     write_toml(home, "initial_lookback_days = 10\n")
