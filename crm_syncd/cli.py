@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import sys
 from collections import Counter
 from contextlib import contextmanager
@@ -344,6 +345,9 @@ def install(dry_run: bool) -> None:
     def body() -> int:
         result = launchd.install(_settings(), dry_run=dry_run)
         _print_launchd(result)
+        if os.environ.get(launchd.SECRET_ENV):
+            out.print(f"[yellow]{launchd.SECRET_ENV} is not passed on to the agent (its plist is readable by "
+                      "others): put api_key in ~/.config/crm-syncd/config.toml or in the Keychain.[/]")
         out.print(f"Grant Full Disk Access to: [bold]{result.fda_binary}[/]")
         out.print(f"[yellow]{result.fda_warning}[/]")
         return EXIT_OK

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from crm_syncd import macos
-from crm_syncd.settings import CONFIG_ENV, Settings, secure_dir
+from crm_syncd.settings import CONFIG_ENV, ENV_PREFIX, Settings, secure_dir
 
 LABEL = "com.citadel.crm-syncd"
 TEMPLATE = "launchd_template.plist"
@@ -26,6 +26,7 @@ FDA_WARNING = ("Full Disk Access belongs to that exact binary: upgrading or rein
                "(or recreating the venv from another Python) revokes it. Grant it again and re-run "
                "`crm-syncd install` after such a change.")
 UNLOAD_DEADLINE_S = 5.0
+SECRET_ENV = ENV_PREFIX + "API_KEY"  # never written into the plist, which others may read
 
 Command = tuple[str, ...]
 
@@ -94,8 +95,12 @@ def render_plist(settings: Settings, python: str | None = None) -> bytes:
     }
     template = resources.files("crm_syncd").joinpath(TEMPLATE).read_bytes()
     agent = _substitute(plistlib.loads(template), values)
+    environment = agent["EnvironmentVariables"]
+    for name, value in sorted(os.environ.items()):  # the agent runs with the settings install was given
+        if name.startswith(ENV_PREFIX) and name != SECRET_ENV:
+            environment[name] = value
     if os.environ.get(CONFIG_ENV) and settings.config_file is not None:
-        agent["EnvironmentVariables"][CONFIG_ENV] = str(settings.config_file.absolute())
+        environment[CONFIG_ENV] = str(settings.config_file.absolute())
     data = plistlib.dumps(agent, fmt=plistlib.FMT_XML, sort_keys=False)
     plistlib.loads(data)  # what launchd will parse must parse
     return data

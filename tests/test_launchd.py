@@ -194,6 +194,33 @@ def test_a_moved_config_file_is_passed_on_to_the_agent(home, monkeypatch, tmp_pa
     assert agent["EnvironmentVariables"]["CRM_SYNCD_CONFIG"] == str(config)
 
 
+def test_the_agent_gets_the_settings_install_was_given_in_its_environment_but_never_the_api_key(
+        home, monkeypatch, tmp_path):
+    monkeypatch.setattr(macos, "keychain_api_key", lambda: None)
+    monkeypatch.setenv("CRM_SYNCD_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("CRM_SYNCD_API_URL", "https://crm.example.com")
+    monkeypatch.setenv("CRM_SYNCD_API_KEY", "s3cret-key")
+    from crm_syncd.settings import load_settings
+
+    data = render_plist(load_settings())
+
+    agent = plistlib.loads(data)
+    assert agent["WorkingDirectory"] == str(tmp_path / "state")
+    assert agent["EnvironmentVariables"]["CRM_SYNCD_STATE_DIR"] == str(tmp_path / "state")
+    assert agent["EnvironmentVariables"]["CRM_SYNCD_API_URL"] == "https://crm.example.com"
+    assert "CRM_SYNCD_API_KEY" not in agent["EnvironmentVariables"] and b"s3cret-key" not in data
+
+
+def test_install_says_where_an_api_key_given_in_the_environment_belongs_instead(cli):
+    cli.env["CRM_SYNCD_API_KEY"] = "s3cret-key"
+
+    result = cli("install", "--dry-run")
+
+    assert result.code == 0, result.output
+    assert "CRM_SYNCD_API_KEY is not passed on to the agent" in result.stdout and "Keychain" in result.stdout
+    assert "s3cret-key" not in result.output
+
+
 # --- install / uninstall --------------------------------------------------------------------------
 
 def test_install_writes_the_plist_and_bootstraps_it(fake, settings, home):
