@@ -341,6 +341,7 @@ class Engine:
                     after = 0
                     since = since or now - self.settings.initial_lookback_days * DAY_MS
             resumed = mark is not None and not report.rebuilt  # else a lookback pass
+            rereading = full or report.rebuilt  # rows already in the outbox may come again
             # The window this pass's marks carry (a pass that completes drops it):
             if not resumed:  # a lookback pass's own: a mark saved part-way (a send under way, a crash) keeps it
                 window = since
@@ -357,6 +358,8 @@ class Engine:
                 batch = session.read(after, limit=self.settings.batch_size, since_ms=since)
                 if batch.rows == 0 and batch.last_rowid <= after:
                     break
+                if rereading and batch.fanned_out:
+                    report.duplicates += self._keep_first_parties(batch)
                 items, hints = self._items(batch, report, verdicts)
                 # rows a later read must see stop the mark: old ones above it that a window narrower than
                 # the mark's left out (they came late), or a message still being sent (the mark waits
@@ -389,6 +392,18 @@ class Engine:
             if kept.window_ms is not None and not held and kept.rowid > 0:
                 self.store.enqueue(source, [], kept._replace(window_ms=None))
         return report
+
+    def _keep_first_parties(self, batch: Batch) -> int:
+        """A row with several parties that is read again keeps those it was first read with: a group
+        chat's members are today's, not the send's, and someone added since never got the message.
+        Drops the Activities of rows already in the outbox; returns how many (all known rows)."""
+        known = self.store.keys_continued(batch.fanned_out)
+        if not known:
+            return 0
+        prefixes = tuple(f"{shared}:" for shared in known)
+        kept = [a for a in batch.activities if not a.key.startswith(prefixes)]
+        dropped, batch.activities = len(batch.activities) - len(kept), kept
+        return dropped
 
     @staticmethod
     def _replaced(session: SourceReader, mark: Mark, current_file: str) -> bool:

@@ -382,6 +382,11 @@ class Store:
             )
         return Enqueued(added, len(items) - added)
 
+    def keys_continued(self, keys: Iterable[tuple[str, int]]) -> set[str]:
+        """Of (key, occurred_ms) pairs, the keys that some item's key continues (`<key>:...`, its time)."""
+        sql = "SELECT 1 FROM outbox WHERE occurred_ms = ? AND key > ? AND key < ? LIMIT 1"  # outbox_key's range
+        return {key for key, occurred in keys if self._one(sql, (occurred, f"{key}:", f"{key};"))}
+
     # -- identity map ----------------------------------------------------------------------
 
     def contact_for(self, address: str) -> int | None:

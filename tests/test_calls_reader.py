@@ -159,9 +159,10 @@ def test_call_without_address_or_participants_is_skipped_as_no_address(store, ad
 def test_group_call_without_address_yields_one_activity_per_participant(store):
     store.call(None, AT, unique_id="GROUP", handles=[ALICE, CAROL, BOB], originated=True, duration=600)
     store.commit()
-    acts = CallsReader(store.path).read().activities
-    assert {(a.key, a.address, a.type, a.duration_s) for a in acts} == {
+    batch = CallsReader(store.path).read()
+    assert {(a.key, a.address, a.type, a.duration_s) for a in batch.activities} == {
         (f"call:GROUP:{who}", who, CALL_OUTBOUND, 600) for who in (ALICE, CAROL, BOB)}
+    assert batch.fanned_out == [("call:GROUP", batch.activities[0].occurred_ms)]
 
 
 def test_call_without_address_but_one_participant_keeps_the_plain_key(store):

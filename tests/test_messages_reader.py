@@ -85,6 +85,7 @@ def test_group_outgoing_message_fans_out_to_each_distinct_participant(db):
         Activity("msg:G-OUT:bob@example.com", "bob@example.com", "TEXT_OUTBOUND", at_ms(db), None, None),
     ]
     assert batch.rows == 1
+    assert batch.fanned_out == [("msg:G-OUT", at_ms(db))]  # what their keys share, and when
 
 
 def test_group_outgoing_message_is_skipped_when_group_messages_is_skip(db):

@@ -157,6 +157,27 @@ def test_a_first_sync_stopped_part_way_resumes_with_its_lookback(library: Librar
     assert (rest.added, rest.skipped["before-window"]) == (3, 1)
 
 
+def test_a_group_message_read_again_goes_to_no_one_added_to_the_group_since(library: Library, tmp_path):
+    """chat_handle_join holds today's members: a re-read (--full, the daily sweep, a rebuild) must not
+    send an old message to someone who joined after it."""
+    ann, bob, cat = "+16135550111", "+16135550122", "+16135550133"
+    engine = extraction(library, tmp_path / "state")
+    library.group_text([ann, bob], at=ago(days=2))
+    assert engine.extract("messages").added == 2
+
+    chat = library.chat.conn.execute("SELECT chat_id FROM chat_handle_join LIMIT 1").fetchone()[0]
+    library.chat.conn.execute("INSERT INTO chat_handle_join (chat_id, handle_id) VALUES (?, ?)",
+                              (chat, library.chat.handle(cat)))
+    library.chat.commit()
+    library.group_text([ann, bob], at=ago(hours=1))  # the chat as it is now: Cat gets this one
+    assert engine.extract("messages").added == 3
+
+    again = engine.extract("messages", full=True, days=7)
+
+    assert (again.added, again.duplicates) == (0, 6)  # both messages known, with every party they have now
+    assert sorted(a for (a,) in engine.store._conn.execute("SELECT address FROM outbox")) == [ann, ann, bob, bob, cat]
+
+
 def test_a_call_the_owner_deleted_at_the_mark_is_no_rebuild(library: Library, tmp_path):
     """Deleting the newest call lowers MAX(Z_PK), not Core Data's Z_MAX: nothing is read again."""
     engine = extraction(library, tmp_path / "state")
@@ -279,6 +300,7 @@ def test_the_outbox_queries_of_extraction_resolution_and_delivery_never_scan_or_
     store.unresolved_addresses(held=True)
     store.fail_open(["+16135550122"], "placeholder rejected")
     store.crm_ids(7), store.sending(), store.last_claim_ms(), store.failed_count(), store.held_by_reason()
+    store.keys_continued([("msg:G", 1_700_000_000_000)])
     store.map_addresses(["+16135550122"], 8, "placeholder")
     store.attach()
     store.begin_merge(8, 7)

@@ -36,6 +36,9 @@ class Batch:
     rows: int = 0  # source rows examined
     anchor: str | None = None  # the own id (guid, ZUNIQUE_ID) of the row at last_rowid, if any
     unsettled: int | None = None  # the first row that may still change (a send under way): read it again later
+    # rows with several parties (a message sent to a group, a group call), one Activity each, keyed
+    # `<shared>:<address>`: (shared, occurred_ms) per row
+    fanned_out: list[tuple[str, int]] = field(default_factory=list)
 
 
 class Phone(NamedTuple):

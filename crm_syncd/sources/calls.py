@@ -94,6 +94,7 @@ def _address(raw: object) -> object:
 def _activities(db: sqlite.Database, conn: sqlite3.Connection, rows: list[tuple]) -> Batch:
     skipped: Counter[str] = Counter()
     out: list[Activity] = []
+    fanned_out: list[tuple[str, int]] = []
     add = out.append
     new = tuple.__new__
     decoded = [(row, _address(row[6])) if row[3] is None else (row, None) for row in rows]
@@ -113,7 +114,8 @@ def _activities(db: sqlite.Database, conn: sqlite3.Connection, rows: list[tuple]
             else:
                 for party in found:
                     add(new(Activity, (f"{key}:{party}", party, kind, occurred, duration, None)))
-    return Batch(activities=out, skipped=skipped)
+                fanned_out.append((key, occurred))
+    return Batch(activities=out, skipped=skipped, fanned_out=fanned_out)
 
 
 def _participants(db: sqlite.Database, conn: sqlite3.Connection, low: int,

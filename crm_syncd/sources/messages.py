@@ -85,6 +85,7 @@ class MessagesReader(sqlite.SourceReader):
         fan_out = self.group_messages == "each-participant"
         get_handle, get_single, get_group = maps.handles.get, maps.singles.get, maps.groups.get
         unsettled = None
+        fanned_out: list[tuple[str, int]] = []
         for rowid, guid, date, from_me, handle_id, chat_id, skip in rows:
             if skip is not None:
                 skipped[skip] += 1
@@ -103,7 +104,9 @@ class MessagesReader(sqlite.SourceReader):
             else:  # group, outgoing: one Activity per participant
                 for address, person in parties:
                     add(new(Activity, (f"msg:{guid}:{address}", address, TEXT_OUTBOUND, occurred, None, person)))
-                if not parties:
+                if parties:
+                    fanned_out.append((f"msg:{guid}", occurred))
+                else:
                     skipped[NO_COUNTERPART] += 1
                 continue
             if party is None:
@@ -111,7 +114,7 @@ class MessagesReader(sqlite.SourceReader):
                 continue
             add(new(Activity, (f"msg:{guid}", party[0], TEXT_OUTBOUND if from_me else TEXT_INBOUND,
                                occurred, None, party[1])))
-        return Batch(activities=out, skipped=skipped, unsettled=unsettled)
+        return Batch(activities=out, skipped=skipped, unsettled=unsettled, fanned_out=fanned_out)
 
 
 class _Maps(NamedTuple):
