@@ -165,7 +165,9 @@ def configure(*, verbose: bool = False, log_file: Path | None = None, console: b
         structlog.processors.StackInfoRenderer(),
     ]
     if console:
-        processors.append(structlog.dev.ConsoleRenderer(colors=stream.isatty()))
+        # tracebacks without their frames' locals: those hold addresses, and might hold the API key
+        processors.append(structlog.dev.ConsoleRenderer(
+            colors=stream.isatty(), exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False)))
     else:
         processors += [structlog.processors.format_exc_info, _leading_fields,
                        structlog.processors.JSONRenderer(ensure_ascii=False)]

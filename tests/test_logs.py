@@ -104,6 +104,22 @@ def test_console_mode_writes_readable_lines_to_stderr(tmp_path, capsys):
     assert not (tmp_path / "unused.log").exists()
 
 
+def test_a_console_traceback_shows_no_local_variables(tmp_path, capsys):
+    configure(console=True)
+
+    def deliver(address: str, api_key: str) -> None:
+        raise RuntimeError("boom")
+
+    try:
+        deliver(PHONE, KEY)
+    except RuntimeError:
+        get_logger().exception("daemon.failed")
+
+    err = capsys.readouterr().err
+    assert "RuntimeError" in err and "boom" in err
+    assert PHONE not in err and KEY not in err
+
+
 def test_loggers_taken_before_configure_follow_a_later_configure(tmp_path):
     early = get_logger("daemon")
     first, second = tmp_path / "a.log", tmp_path / "b.log"
