@@ -25,7 +25,7 @@ SYSTEM_PATH = ("/usr/local/bin", "/opt/homebrew/bin", "/usr/bin", "/bin", "/usr/
 FDA_WARNING = ("Full Disk Access belongs to that exact binary: upgrading or reinstalling Python "
                "(or recreating the venv from another Python) revokes it. Grant it again and re-run "
                "`crm-syncd install` after such a change.")
-UNLOAD_DEADLINE_S = 5.0
+UNLOAD_MARGIN_S = 5.0  # beyond the daemon's own shutdown deadline, for launchd to see it gone
 SECRET_ENV = ENV_PREFIX + "API_KEY"  # never written into the plist, which others may read
 
 Command = tuple[str, ...]
@@ -123,13 +123,14 @@ def _run(command: Command) -> None:
         raise LaunchdError(f"{' '.join(command)} failed: {detail}")
 
 
-def _bootout(command: Command) -> None:
-    """Unload the agent (a no-op if launchd already forgot it) and wait until it is gone."""
+def _bootout(command: Command, settings: Settings) -> None:
+    """Unload the agent (a no-op if launchd already forgot it) and wait until it is gone: the daemon
+    may take its whole shutdown deadline to hand in-flight requests back."""
     result = macos.launchctl(*command[1:])
     if result.returncode != 0 and not _not_loaded(result):
         detail = (result.stderr or result.stdout).strip() or f"exit {result.returncode}"
         raise LaunchdError(f"{' '.join(command)} failed: {detail}")
-    deadline = time.monotonic() + UNLOAD_DEADLINE_S
+    deadline = time.monotonic() + settings.shutdown_deadline_s + UNLOAD_MARGIN_S
     while _is_loaded() and time.monotonic() < deadline:  # bootout returns before launchd is done
         time.sleep(0.1)
 
@@ -166,7 +167,7 @@ def install(settings: Settings, dry_run: bool = False) -> InstallResult:
     ran: list[Command] = []
     if loaded:
         ran.append(bootout)
-        _bootout(bootout)
+        _bootout(bootout, settings)
     ran.append(bootstrap)
     _run(bootstrap)
     return _result("install", path, data.decode(), ran, False, True)
@@ -181,7 +182,7 @@ def uninstall(settings: Settings, dry_run: bool = False) -> InstallResult:
     ran: list[Command] = []
     if _is_loaded():
         ran.append(bootout)
-        _bootout(bootout)
+        _bootout(bootout, settings)
     existed = path.exists()
     path.unlink(missing_ok=True)
     return _result("uninstall", path, "", ran, False, bool(ran) or existed)

@@ -23,13 +23,17 @@ TARGET = f"{DOMAIN}/{LABEL}"
 
 FAKE_LAUNCHCTL = r'''#!{python}
 """Stand-in for launchctl: records each call and keeps 'loaded' as a file, like launchd would."""
-import json, pathlib, plistlib, sys
+import json, pathlib, plistlib, sys, time
 state = pathlib.Path({state!r})
 args = sys.argv[1:]
 with open(state / "calls.jsonl", "a") as f:
     f.write(json.dumps(args) + "\n")
 loaded = state / "loaded"
 cmd = args[0] if args else ""
+stopping = state / "stopping-until"  # a bootout takes effect once the daemon has stopped
+if stopping.exists() and float(stopping.read_text()) <= time.time():
+    stopping.unlink()
+    loaded.unlink()
 if cmd == "print":
     if loaded.exists():
         sys.stdout.write((state / "print.txt").read_text())
@@ -47,7 +51,10 @@ if cmd == "bootout":
     if not loaded.exists():
         sys.stderr.write("Boot-out failed: 3: No such process\n")
         sys.exit(3)
-    loaded.unlink()
+    if (state / "stop-takes").exists():
+        stopping.write_text(str(time.time() + float((state / "stop-takes").read_text())))
+    else:
+        loaded.unlink()
     sys.exit(0)
 sys.stderr.write("Unrecognized subcommand\n")
 sys.exit(64)
@@ -245,6 +252,15 @@ def test_installing_again_replaces_the_loaded_agent(fake, settings, home):
     assert fake.changes() == [["bootout", TARGET], ["bootstrap", DOMAIN, path]]
     assert [list(c[1:]) for c in result.commands] == fake.changes()
     assert fake.loaded
+
+
+def test_installing_again_waits_for_a_daemon_that_takes_its_shutdown_deadline_to_stop(fake, settings, home):
+    install(settings)
+    (fake.state / "stop-takes").write_text("6")  # in-flight requests handed back: longer than a moment
+
+    install(settings)
+
+    assert fake.loaded and not (fake.state / "stopping-until").exists()
 
 
 def test_install_when_launchd_refuses_says_why(fake, settings):
