@@ -34,6 +34,17 @@ def fda_binary(executable: str | None = None) -> Path:
     return real
 
 
+TERMINAL_APPS = {"Apple_Terminal": "Terminal", "iTerm.app": "iTerm", "vscode": "Visual Studio Code",
+                 "WarpTerminal": "Warp", "ghostty": "Ghostty", "WezTerm": "WezTerm"}  # $TERM_PROGRAM -> app
+
+
+def fda_terminal_app() -> str | None:
+    """The terminal app this process runs in, if any: macOS holds it responsible for the process's
+    file access, so it is the app that needs Full Disk Access (the daemon, under launchd, has none)."""
+    program = os.environ.get("TERM_PROGRAM")
+    return TERMINAL_APPS.get(program, program) if program else None
+
+
 def launchctl(*args: str) -> subprocess.CompletedProcess[str]:
     """Run the `launchctl` found on PATH with `args`; never raises on a non-zero exit."""
     exe = shutil.which("launchctl")

@@ -606,8 +606,14 @@ def test_an_invalid_setting_is_one_line_naming_it_and_its_source_with_exit_2(lib
 
 
 @pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root without setpriv")
-def test_a_database_macos_refuses_to_open_names_the_full_disk_access_fix(library: Library, cli: CLI):
-    """Linux stand-in for a TCC refusal: the file exists (stat works) but opening it is denied."""
+@pytest.mark.parametrize("terminal, grantee", [(None, "python"), ("Apple_Terminal", "add Terminal, the app")])
+def test_a_database_macos_refuses_to_open_names_the_full_disk_access_fix(
+        library: Library, cli: CLI, terminal: str | None, grantee: str):
+    """Linux stand-in for a TCC refusal: the file exists (stat works) but opening it is denied. macOS
+    holds the terminal app a command runs in responsible for its reads: that app needs the grant."""
+    cli.env.pop("TERM_PROGRAM", None)
+    if terminal:
+        cli.env["TERM_PROGRAM"] = terminal
     library.text(JANE)
     os.chmod(library.messages_db, 0)
     command = ["sync", "--interactions-only"]
@@ -621,6 +627,7 @@ def test_a_database_macos_refuses_to_open_names_the_full_disk_access_fix(library
 
     assert result.code == 2, result.output
     assert "Full Disk Access" in result.stderr and "Privacy & Security" in result.stderr
+    assert grantee in " ".join(result.stderr.split())  # the interpreter's path, or the terminal app
     assert "Traceback" not in result.output
 
 

@@ -46,11 +46,12 @@ class NeedsFullDiskAccess(SourceError):
     def __init__(self, path: Path, detail: str) -> None:
         self.path = path
         self.detail = detail
-        super().__init__(
-            f"cannot read {path} ({detail}). Grant Full Disk Access: System Settings → "
-            f"Privacy & Security → Full Disk Access → + → add {macos.fda_binary()} "
-            "(press ⌘⇧G to type the path), then restart crm-syncd."
-        )
+        app = macos.fda_terminal_app()
+        grantee = (f"{app}, the app this command runs in (the background agent needs its own grant: "
+                   "`crm-syncd install` names the binary), then run the command again" if app else
+                   f"{macos.fda_binary()} (press ⌘⇧G to type the path), then restart crm-syncd")
+        super().__init__(f"cannot read {path} ({detail}). Grant Full Disk Access: System Settings → "
+                         f"Privacy & Security → Full Disk Access → + → add {grantee}.")
 
 
 def signature(path: Path) -> str:
