@@ -234,7 +234,7 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
             out.print(f"  {logs.mask_key(key)}: {reason}")
     if crm_down or (push and push.unreachable):
         out.print(f"[red]✗ CRM unreachable:[/] {crm_down or push.unreachable}; everything stays queued for the next run")
-    elif not (push and push.failed) and not (contacts and contacts.failed) and not any(r.error for r in sources):
+    elif not (push and push.failed or contacts and contacts.failed or any(r.error for r in sources)):
         out.print("[green]✓ done[/]")
 
 

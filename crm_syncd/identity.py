@@ -25,6 +25,7 @@ COMPANY_LAST = "(company)"  # last name of a company card: first name is the org
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
 _DIGITS = re.compile(r"^[\d\s().\-]+$")
 _MOBILE_LABELS = frozenset({"mobile", "iphone", "cell"})
+_REGIONS = phonenumbers.SUPPORTED_REGIONS
 NOTES_MAX_CHARS = 100_000  # a note pasted with a book in it still fits the CRM's 5 MiB body (≤ 6 bytes a char)
 
 
@@ -40,22 +41,25 @@ class Normalizer:
 
     def __init__(self, region: str = "US") -> None:
         self.region = region.upper()
-        self._cache: dict[str, Address] = {}
+        self._cache: dict[str | tuple[str, str], Address] = {}
 
-    def __call__(self, raw: str | None) -> Address:
+    def __call__(self, raw: str | None, country: object = None) -> Address:
+        """`country`: where a number without a country code is from (a card's), if not this region."""
         if raw is None:
             return Address("invalid", "")
-        found = self._cache.get(raw)
+        region = country.upper() if isinstance(country, str) and country.upper() in _REGIONS else self.region
+        key = raw if region == self.region else (raw, region)
+        found = self._cache.get(key)
         if found is None:
-            found = self._cache[raw] = self._classify(raw)
+            found = self._cache[key] = self._classify(raw, region)
         return found
 
-    def person(self, raw: str | None) -> str | None:
+    def person(self, raw: str | None, country: object = None) -> str | None:
         """The normalised value if `raw` is a person's phone or email, else None."""
-        address = self(raw)
+        address = self(raw, country)
         return address.value if address.kind in PEOPLE else None
 
-    def _classify(self, raw: str) -> Address:
+    def _classify(self, raw: str, region: str) -> Address:
         text = raw.strip()
         if not text or len(text) > 320:
             return Address("invalid", text[:320])
@@ -66,7 +70,7 @@ class Normalizer:
             lowered = lowered[7:]
         if "@" in lowered:
             return Address("email", lowered) if _EMAIL.match(lowered) else Address("invalid", lowered)
-        number = self._parse_phone(text)
+        number = self._parse_phone(text, region)
         if number is not None:
             e164 = phonenumbers.format_number(number, PhoneNumberFormat.E164)
             # E.164 allows 15 digits at most; only forms that survive a round trip can match the same
@@ -82,14 +86,14 @@ class Normalizer:
         return Address("invalid", text)
 
     def _round_trips(self, e164: str) -> bool:
-        again = self._parse_phone(e164)
+        again = self._parse_phone(e164, self.region)
         return again is not None and phonenumbers.format_number(again, PhoneNumberFormat.E164) == e164
 
-    def _parse_phone(self, text: str) -> phonenumbers.PhoneNumber | None:
+    def _parse_phone(self, text: str, region: str) -> phonenumbers.PhoneNumber | None:
         if sum(ch.isdigit() for ch in text) < 7:
             return None
         try:
-            number = phonenumbers.parse(text, self.region)
+            number = phonenumbers.parse(text, region)
         except phonenumbers.NumberParseException:
             return None
         if phonenumbers.is_possible_number_with_reason(number) != ValidationResult.IS_POSSIBLE:
@@ -190,7 +194,8 @@ def merge_cards(cards: Iterable[Card], normalize: Normalizer) -> list[Person]:
     owner: dict[str, int] = {}
     for i, card in enumerate(cards):
         tokens = [f"id:{card.unique_id}"] + ([f"link:{card.link_id}"] if card.link_id else [])
-        tokens += [a for a in (normalize.person(v.value) for v in (*card.phones, *card.emails)) if a]
+        tokens += [a for a in (normalize.person(p.value, p.country) for p in card.phones) if a]
+        tokens += [a for a in (normalize.person(e.value) for e in card.emails) if a]
         for token in tokens:
             j = owner.setdefault(token, i)
             parent[root(i)] = root(j)
@@ -205,7 +210,7 @@ def _person(cards: list[Card], normalize: Normalizer) -> Person:
     person = Person(key=min(c.unique_id for c in cards), cards=cards)
     preferred = sorted(cards, key=lambda c: (-(c.modified or 0.0), c.store, c.unique_id))
     phones = [p for c in preferred for p in sorted(c.phones, key=_phone_rank)]
-    for value in (normalize(p.value) for p in phones):
+    for value in (normalize(p.value, p.country) for p in phones):
         if value.kind == "phone" and value.value not in person.phones:
             person.phones.append(value.value)
     for value in (normalize(e.value) for c in preferred for e in c.emails):

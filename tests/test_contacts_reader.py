@@ -181,6 +181,13 @@ def test_phones_and_emails_primary_first_then_apple_order_with_labels_unwrapped(
                             Email("c@example.com", None, False))
 
 
+def test_a_phone_keeps_the_country_contacts_recorded_for_it(book, stores, folder):
+    book.card("Abroad", phones=[("07700 900123", "Mobile", True, "gb"), ("+1 555 010 0007", "Work")])
+    commit_all(stores)
+    assert [(p.value, p.country) for p in cards_of(folder)["Abroad"].phones] == [
+        ("07700 900123", "gb"), ("+1 555 010 0007", None)]
+
+
 def test_labels_are_stored_wrapped_as_contacts_does(book, stores):
     book.card("Wrapped", phones=[("+1 555 010 0004", "iPhone")])
     commit_all(stores)

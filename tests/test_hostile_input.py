@@ -59,6 +59,14 @@ def test_the_normalizer_never_raises_and_its_people_are_well_formed_and_stable(r
         assert Normalizer("US")(value) == (kind, value)  # and an E.164 number needs no region
 
 
+def test_a_cards_country_reads_a_number_typed_without_one_and_an_unknown_country_is_no_country():
+    normalize = Normalizer("US")
+    assert normalize("07700 900123", "gb") == ("phone", "+447700900123")
+    assert normalize("07700 900123", "GB") == ("phone", "+447700900123")
+    assert normalize("07700 900123", "xx") == normalize("07700 900123") == ("invalid", "07700 900123")
+    assert normalize("+1 613 555 0111", "gb") == ("phone", "+16135550111")  # a number with its code keeps it
+
+
 odd_dates = st.one_of(
     st.none(), st.just(0), st.integers(-(2**62), -1), st.just(2**62),  # null, zero, negative, far future
     st.datetimes(min_value=datetime(2001, 1, 2), max_value=datetime(2035, 1, 1)).map(lambda d: d.replace(tzinfo=UTC)),

@@ -210,6 +210,19 @@ def test_a_crm_contact_with_an_unnormalised_phone_is_matched_not_duplicated(libr
     assert kinds(citadel, "Robert Roe") == {"TEXT_INBOUND": 1}
 
 
+def test_a_card_number_typed_without_its_country_code_is_read_in_the_country_contacts_recorded(
+        library: Library, citadel, cli: CLI):
+    """The Mac's region is the US; Contacts recorded `gb` for a UK mobile typed as at home."""
+    library.card(first="Alice", last="Hill", phones=[("07700 900123", "Mobile", True, "gb")])
+    library.text("+447700900123")
+
+    assert cli("sync").code == 0
+
+    assert [f"{c['firstName']} {c['lastName']}" for c in citadel.contacts()] == ["Alice Hill"]
+    assert names(citadel)["Alice Hill"]["phone"] == "+447700900123"
+    assert kinds(citadel, "Alice Hill") == {"TEXT_INBOUND": 1}
+
+
 @pytest.mark.parametrize("alice,bob", [("B-ALICE:ABPerson", "A-BOB:ABPerson"),
                                        ("A-ALICE:ABPerson", "B-BOB:ABPerson")], ids=["bob-first", "alice-first"])
 def test_a_number_moved_to_another_card_moves_alone_and_both_contacts_keep_their_history(

@@ -45,6 +45,7 @@ class Phone(NamedTuple):
     value: str  # as typed on the card
     label: str | None  # unwrapped label: Mobile, Home, Work, iPhone, or a custom one
     primary: bool
+    country: str | None = None  # ZCOUNTRYCODE: the ISO country a number typed without one is from
 
 
 class Email(NamedTuple):

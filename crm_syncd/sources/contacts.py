@@ -90,7 +90,7 @@ def read_store(path: Path, store: str, *, trace: Trace | None = None) -> tuple[l
             raise sqlite.SourceError(f"{path}: no {CONTACT_ENTITY} entity in Z_PRIMARYKEY")
         entity = row[0]
         records = conn.execute(_records_sql(cols["ZABCDRECORD"]), (entity,)).fetchall()
-        phones = _values(conn, cols, "ZABCDPHONENUMBER", "ZFULLNUMBER", entity, Phone)
+        phones = _values(conn, cols, "ZABCDPHONENUMBER", "ZFULLNUMBER", entity, Phone, also="ZCOUNTRYCODE")
         emails = _values(conn, cols, "ZABCDEMAILADDRESS", "ZADDRESS", entity, Email)
         notes = _notes(conn, cols, entity)
     return _cards(records, phones, emails, notes, store)
@@ -121,19 +121,23 @@ def _records_sql(cols: frozenset[str]) -> str:
 
 
 def _values(conn: sqlite3.Connection, cols: dict[str, frozenset[str]], table: str, value: str,
-            entity: int, record: type[Entry]) -> dict[int, tuple[Entry, ...]]:
-    """Owner Z_PK -> its Phones or Emails, primary first, then Apple's ordering index."""
+            entity: int, record: type[Entry], also: str | None = None) -> dict[int, tuple[Entry, ...]]:
+    """Owner Z_PK -> its Phones or Emails, primary first, then Apple's ordering index.
+
+    `also` names one more column, the record's last field (NULL where the store lacks it).
+    """
     have = cols[table]
     if not {"ZOWNER", value} <= have:
         return {}
     label = "v.ZLABEL" if "ZLABEL" in have else "NULL"
     primary = "COALESCE(v.ZISPRIMARY, 0)" if "ZISPRIMARY" in have else "0"
     ordering = "v.ZORDERINGINDEX, " if "ZORDERINGINDEX" in have else ""
+    extra = f"v.{also}" if also in have else "NULL"
     out: dict[int, tuple[Entry, ...]] = {}
     new = tuple.__new__  # NamedTuples built positionally, without their Python-level __new__
     owner_now, entries = None, []  # rows come grouped by owner
-    for owner, raw, lab, prim in conn.execute(
-            f"SELECT v.ZOWNER, v.{value}, {label}, {primary} FROM {table} v "
+    for owner, raw, lab, prim, more in conn.execute(
+            f"SELECT v.ZOWNER, v.{value}, {label}, {primary}, {extra} FROM {table} v "
             f"JOIN ZABCDRECORD r ON r.Z_PK = v.ZOWNER WHERE r.Z_ENT = ? "
             f"ORDER BY v.ZOWNER, {primary} DESC, {ordering}v.Z_PK", (entity,)):
         text = raw.strip() if type(raw) is str else _text(raw)
@@ -143,7 +147,8 @@ def _values(conn: sqlite3.Connection, cols: dict[str, frozenset[str]], table: st
             if entries:
                 out[owner_now] = tuple(entries)
             owner_now, entries = owner, []
-        entries.append(new(record, (text, _unwrap(lab), bool(prim))))
+        fields = (text, _unwrap(lab), bool(prim), more) if also else (text, _unwrap(lab), bool(prim))
+        entries.append(new(record, fields))
     if entries:
         out[owner_now] = tuple(entries)
     return out

@@ -78,7 +78,8 @@ FIELD_COLUMNS = {"first": "ZFIRSTNAME", "last": "ZLASTNAME", "middle": "ZMIDDLEN
                  "organization": "ZORGANIZATION", "job_title": "ZJOBTITLE", "unique_id": "ZUNIQUEID",
                  "link_id": "ZLINKID"}
 
-Entry = str | tuple[str, str | None] | tuple[str, str | None, bool]
+Entry = str | tuple[str, str | None] | tuple[str, str | None, bool] | tuple[str, str | None, bool, str]
+# (value, label, primary, country: a phone's ZCOUNTRYCODE, as Contacts sets it for a number typed without one)
 
 
 def _column_sql(spec: str) -> str:
@@ -138,13 +139,13 @@ def wrap_label(label: str | None) -> str | None:
     return f"_$!<{label}>!$_" if label in BUILTIN_LABELS else label
 
 
-def _entries(items: Iterable[Entry]) -> list[tuple[str, str | None, bool]]:
+def _entries(items: Iterable[Entry]) -> list[tuple[str, str | None, bool, str | None]]:
     out = []
     for item in items:
         if isinstance(item, str):
             item = (item, None)
         value, label, *rest = item
-        out.append((value, label, bool(rest[0]) if rest else False))
+        out.append((value, label, bool(rest[0]) if rest else False, rest[1] if len(rest) > 1 else None))
     return out
 
 
@@ -219,16 +220,17 @@ class AddressBookDB:
         self._insert("ZABCDRECORD", {"Z_PK": pk, "Z_ENT": self.entities[entity], "Z_OPT": 1, **columns})
         return pk
 
-    def _multi_values(self, table: str, owner: int, entries: Sequence[tuple[str, str | None, bool]]) -> None:
+    def _multi_values(self, table: str, owner: int,
+                      entries: Sequence[tuple[str, str | None, bool, str | None]]) -> None:
         entity, _ = MULTI_VALUE[table]
-        for index, (value, label, primary) in enumerate(entries):
+        for index, (value, label, primary, country) in enumerate(entries):
             values = {"Z_PK": self._next_pk(entity), "Z_ENT": self.entities[entity], "Z_OPT": 1,
                       "ZOWNER": owner, f"Z{self.contact_entity}_OWNER": self.contact_entity,
                       "ZISPRIMARY": int(primary), "ZISPRIVATE": 0, "ZORDERINGINDEX": index,
                       "ZLABEL": wrap_label(label), "ZUNIQUEID": f"{uuid.uuid4()}".upper()}
             if table == "ZABCDPHONENUMBER":
                 digits = re.sub(r"\D", "", value)
-                values.update(ZFULLNUMBER=value, ZLASTFOURDIGITS=digits[-4:] or None)
+                values.update(ZFULLNUMBER=value, ZLASTFOURDIGITS=digits[-4:] or None, ZCOUNTRYCODE=country)
             else:
                 values.update(ZADDRESS=value, ZADDRESSNORMALIZED=value.strip().lower())
             self._insert(table, values)
