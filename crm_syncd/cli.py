@@ -1,7 +1,8 @@
 """The `crm-syncd` command line: a thin layer over the engine, the daemon and the store.
 
 Exit codes: 0 success, 1 something failed or is degraded, 2 the owner must fix something
-(configuration, Full Disk Access, the state database), 3 (status) the daemon is not running.
+(configuration, Full Disk Access, the state database, an API key the CRM refuses), 3 (status) the daemon is
+not running.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from crm_syncd import __version__, crm as crmlib, logs
 from crm_syncd.engine import SOURCES, ContactsReport, Engine, PushReport, SourceReport
-from crm_syncd.settings import ConfigError, Settings, config_warnings, load_settings
+from crm_syncd.settings import API_KEY_PLACES, ConfigError, Settings, config_warnings, load_settings
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError
 from crm_syncd.store import Store, StoreError
 
@@ -142,13 +143,13 @@ async def _sync_async(settings: Settings, store: Store, *, contacts_only: bool, 
         sources: list[SourceReport] = []
         push: PushReport | None = None
         placeholders: list[str] = []
-        crm_down: str | None = None
+        crm_error: crmlib.CRMError | None = None
         with owner_errors():
             if not interactions_only:
                 try:
                     contacts = await engine.sync_contacts()
                 except crmlib.CRMError as exc:
-                    crm_down = exc.message
+                    crm_error = exc
             if not contacts_only:
                 with _progress() as progress:
                     for source in SOURCES:
@@ -161,13 +162,17 @@ async def _sync_async(settings: Settings, store: Store, *, contacts_only: bool, 
                             raise
                         except SourceError as exc:  # damaged or locked: say so; the other source goes on
                             sources.append(SourceReport(source, error=str(exc)))
-                if crm_down is None:
+                if crm_error is None:
                     try:
                         placeholders = await engine.resolve()
                         push = await engine.push()
                     except crmlib.CRMError as exc:
-                        crm_down = exc.message
-        _summary(store, contacts, sources, placeholders, push, crm_down, dry_run, crm)
+                        crm_error = exc
+        crm_down = crm_error.message if crm_error else None
+        refused = crm_down if isinstance(crm_error, crmlib.Unauthorized) else push and push.refused
+        _summary(store, contacts, sources, placeholders, push, crm_down, refused, dry_run, crm)
+    if refused:
+        return EXIT_FIX
     failed = bool(push and push.failed) or bool(contacts and contacts.failed) or crm_down is not None
     failed = failed or any(report.error for report in sources)
     failed = failed or bool(push and push.unreachable)
@@ -189,7 +194,7 @@ def _reasons(counter: Counter[str]) -> str:
 
 
 def _summary(store: Store, contacts: ContactsReport | None, sources: list[SourceReport], placeholders: list[str],
-             push: PushReport | None, crm_down: str | None, dry_run: bool, crm) -> None:
+             push: PushReport | None, crm_down: str | None, refused: str | None, dry_run: bool, crm) -> None:
     verb = "would create" if dry_run else "created"
     if dry_run:
         out.print("[bold yellow]dry run:[/] nothing was written to the CRM or to crm-syncd's state")
@@ -232,7 +237,10 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
         out.print(f"[red]✗ {len(push.failed)} interaction(s) failed[/] (kept; `crm-syncd retry-failed` resends):")
         for key, reason in push.failed[:5]:
             out.print(f"  {logs.mask_key(key)}: {reason}")
-    if crm_down or (push and push.unreachable):
+    if refused:
+        out.print(f"[red]✗ the CRM refused crm-syncd's API key[/] ({refused}): set api_key in {API_KEY_PLACES}; "
+                  "everything stays queued for the next run")
+    elif crm_down or (push and push.unreachable):
         out.print(f"[red]✗ CRM unreachable:[/] {crm_down or push.unreachable}; everything stays queued for the next run")
     elif not (push and push.failed or contacts and contacts.failed or any(r.error for r in sources)):
         out.print("[green]✓ done[/]")

@@ -226,6 +226,10 @@ class CitadelClient:
             return False
         return doc.get("status") == "ok"
 
+    async def check_access(self) -> None:
+        """One small read that needs the API key (a page of one contact); raises what refused it."""
+        await self._page("/api/contacts", {"limit": "1"})
+
     async def list_contacts(self) -> list[dict[str, Any]]:
         """Every contact exactly once. Paging is unstable when names tie, so pages are deduplicated
         by id and checked against meta.total; a short listing is re-paged another way and merged."""

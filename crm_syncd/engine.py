@@ -91,6 +91,7 @@ class PushReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     delivered_by_type: Counter[str] = field(default_factory=Counter)
     unreachable: str | None = None  # why delivery stopped early, if it did
+    refused: str | None = None  # the CRM refused the API key (401/403): the owner must fix it
 
 
 def occurred_iso(ms: int) -> str:
@@ -619,7 +620,10 @@ class Engine:
             return "failed", item, exc.reason
         except crmlib.NotFound:
             return "vanished", item, None
-        except crmlib.CRMError as exc:  # transient, a 500, unauthorised, or answers that are not Citadel's
+        except crmlib.Unauthorized as exc:  # nothing was written; it waits for the owner to fix the key
+            self.back_off(exc.retry_after)
+            return "refused", item, exc.message
+        except crmlib.CRMError as exc:  # transient, a 500, or answers that are not Citadel's
             # The CRM is unwell: all wait. A 500 too, so its bounded retries are spread over the growing
             # backoff, not spent in one burst. Only a mangled 2xx (the write was accepted) does not wait.
             if not (isinstance(exc, crmlib.BadResponse) and exc.accepted):
@@ -675,10 +679,12 @@ class Engine:
                 self.contacts_stale = True
             elif outcome == "unsure":
                 report.unreachable = self.crm_failure = value
-            else:
+            else:  # retry, or refused
                 retry.append((item, value))
                 report.retried += 1
                 report.unreachable = self.crm_failure = value
+                if outcome == "refused":
+                    report.refused = value
         for item, _ in delivered + failed:
             self._ambiguous.pop(item.id, None)
         if stale := self.store.settle(delivered, failed, retry):

@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 ENV_PREFIX = "CRM_SYNCD_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
+API_KEY_PLACES = f"~/.config/crm-syncd/config.toml, {ENV_PREFIX}API_KEY or the Keychain"  # where the key goes
 LEGACY_KEYS = ("api_url", "api_key", "initial_lookback_days", "create_unknown_contacts", "default_region",
                "allow_insecure_http")  # the last: what the error for a LAN http:// api_url says to add
 _SECRET_FIELDS = frozenset({"api_key"})

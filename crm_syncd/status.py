@@ -15,7 +15,7 @@ from typing import Any
 from crm_syncd import crm as crmlib, launchd
 from crm_syncd.daemon import HEARTBEAT_S, Lock
 from crm_syncd.logs import mask_key
-from crm_syncd.settings import Settings
+from crm_syncd.settings import API_KEY_PLACES, Settings
 from crm_syncd.sources import contacts as contacts_source
 from crm_syncd.sources.calls import CallsReader
 from crm_syncd.sources.messages import MessagesReader
@@ -67,6 +67,16 @@ def _agent() -> dict[str, Any]:
 async def _crm_reachable(settings: Settings) -> bool:
     async with crmlib.CitadelClient(settings.api_url, settings.api_key_value, timeout=3) as client:
         return await client.health()
+
+
+async def _crm_refusal(settings: Settings) -> crmlib.CRMError | None:
+    """What refuses crm-syncd's requests (the CRM's health check needs no key), or None."""
+    async with crmlib.CitadelClient(settings.api_url, settings.api_key_value, timeout=3) as client:
+        try:
+            await client.check_access()
+        except crmlib.CRMError as exc:
+            return exc
+    return None
 
 
 def gather(settings: Settings) -> dict[str, Any]:
@@ -171,8 +181,21 @@ def doctor(settings: Settings) -> list[Check]:
         reachable = asyncio.run(_crm_reachable(settings))
     except Exception:
         reachable = False
-    checks.append(Check("CRM", reachable, f"{settings.api_url}/api/health " + ("answers" if reachable else "does not answer"),
-                        None if reachable else "start Citadel or fix api_url in ~/.config/crm-syncd/config.toml"))
+    try:
+        refusal = asyncio.run(_crm_refusal(settings))
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the CRM check fails below with it
+        refusal = crmlib.CRMError(str(exc))
+    if isinstance(refusal, crmlib.Unauthorized):
+        checks.append(Check("CRM", False, f"{settings.api_url} refused crm-syncd's API key ({refusal.message})",
+                            f"set api_key in {API_KEY_PLACES}"))
+    elif not reachable:
+        checks.append(Check("CRM", False, f"{settings.api_url}/api/health does not answer",
+                            "start Citadel or fix api_url in ~/.config/crm-syncd/config.toml"))
+    elif refusal is not None:
+        checks.append(Check("CRM", False, f"{settings.api_url} answers, but not a listing of contacts "
+                            f"({refusal.message})", "see the CRM's own log"))
+    else:
+        checks.append(Check("CRM", True, f"{settings.api_url} answers and takes crm-syncd's requests"))
     agent = _agent()
     checks.append(Check("launchd agent", bool(agent.get("loaded")),
                         "loaded" if agent.get("loaded") else "installed, not loaded" if agent.get("installed")

@@ -39,16 +39,24 @@ def test_the_api_key_authenticates_and_appears_nowhere(library: Library, tmp_pat
         server.stop()
 
 
-def test_a_wrong_api_key_is_a_clear_failure_and_nothing_is_lost(library: Library, tmp_path, home):
+def test_a_wrong_api_key_is_the_owners_fix_exit_2_and_nothing_is_lost(library: Library, tmp_path, home):
     server = CitadelServer(tmp_path / "locked.sqlite", api_key=SECRET).start()
     try:
+        library.card(first="Jane", last="Doe", phones=[JANE])
+        right = CLI(clean_env(home, CRM_SYNCD_API_URL=server.url, CRM_SYNCD_API_KEY=SECRET))
+        assert right("sync", "--contacts-only").code == 0
         library.text(JANE)
         wrong = CLI(clean_env(home, CRM_SYNCD_API_URL=server.url, CRM_SYNCD_API_KEY="not-the-key"))
-        failed = wrong("sync")
-        assert failed.code == 1 and "not-the-key" not in failed.output and "Traceback" not in failed.output
 
-        right = CLI(clean_env(home, CRM_SYNCD_API_URL=server.url, CRM_SYNCD_API_KEY=SECRET))("sync")
-        assert right.code == 0, right.output
+        for command in (["sync"], ["sync", "--interactions-only"]):  # refused listing contacts; posting
+            failed = wrong(*command)
+            assert failed.code == 2, failed.output
+            assert "the CRM refused crm-syncd's API key" in failed.stdout and "set api_key in" in failed.stdout
+            assert "not-the-key" not in failed.output and "Traceback" not in failed.output
+        doctor = wrong("doctor")
+        assert doctor.code == 1 and "refused crm-syncd's API key" in doctor.stdout and "set api_key in" in doctor.stdout
+
+        assert right("sync").code == 0
         assert len(server.interactions()) == 1
     finally:
         server.stop()
