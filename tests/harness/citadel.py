@@ -2,8 +2,9 @@
 
 Follows /work/shared/reference/citadel-api.md: envelopes, validation (422), 404s, the 500s for
 client mistakes (malformed JSON, non-numeric ids, `?date=garbage`, bodies over 5 MiB, an `Origin`
-header) and PostgreSQL's refusal of a NUL in a contact's text, Express's HTML 404 page for unknown routes, ms-precision timestamps, limit capped at 100,
-optionally unstable ordering of rows whose sort keys tie (`unstable_ties`), and the lax bulk imports.
+header) and for PostgreSQL's refusal of a NUL in a contact's text, Express's HTML 404 page for unknown
+routes, ms-precision timestamps, limit capped at 100, optionally unstable ordering of rows whose sort
+keys tie (`unstable_ties`), and the lax bulk imports.
 
 Test controls: `faults` (injected 5xx/429/timeouts/resets), `latency_s`, `go_down()`/`come_up()`,
 `stats`, and helpers that read and seed the database directly.
