@@ -170,13 +170,10 @@ async def _sync_async(settings: Settings, store: Store, *, contacts_only: bool, 
                         crm_error = exc
         crm_down = crm_error.message if crm_error else None
         refused = crm_down if isinstance(crm_error, crmlib.Unauthorized) else push and push.refused
-        _summary(store, contacts, sources, placeholders, push, crm_down, refused, dry_run, crm)
-    if refused:
-        return EXIT_FIX
-    failed = bool(push and push.failed) or bool(contacts and contacts.failed) or crm_down is not None
-    failed = failed or any(report.error for report in sources)
-    failed = failed or bool(push and push.unreachable)
-    return EXIT_FAILED if failed else EXIT_OK
+        failed = bool(push and (push.failed or push.unreachable) or contacts and contacts.failed or crm_down
+                      or any(report.error for report in sources))
+        _summary(store, contacts, sources, placeholders, push, crm_down, refused, failed, dry_run, crm)
+    return EXIT_FIX if refused else EXIT_FAILED if failed else EXIT_OK
 
 
 @contextmanager
@@ -194,7 +191,8 @@ def _reasons(counter: Counter[str]) -> str:
 
 
 def _summary(store: Store, contacts: ContactsReport | None, sources: list[SourceReport], placeholders: list[str],
-             push: PushReport | None, crm_down: str | None, refused: str | None, dry_run: bool, crm) -> None:
+             push: PushReport | None, crm_down: str | None, refused: str | None, failed: bool, dry_run: bool,
+             crm) -> None:
     verb = "would create" if dry_run else "created"
     if dry_run:
         out.print("[bold yellow]dry run:[/] nothing was written to the CRM or to crm-syncd's state")
@@ -242,7 +240,7 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
                   "everything stays queued for the next run")
     elif crm_down or (push and push.unreachable):
         out.print(f"[red]✗ CRM unreachable:[/] {crm_down or push.unreachable}; everything stays queued for the next run")
-    elif not (push and push.failed or contacts and contacts.failed or any(r.error for r in sources)):
+    elif not failed:
         out.print("[green]✓ done[/]")
 
 

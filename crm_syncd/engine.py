@@ -177,8 +177,9 @@ class Engine:
                 raise
             except SourceError as exc:  # locked or corrupt: keep what we had, and read it again next time
                 report.store_errors[name] = str(exc)
-                said, self._store_errors[name] = self._store_errors.get(name), str(exc)
-                (log.debug if said == str(exc) else log.warning)("contacts.store_error", store=name, error=str(exc))
+                said_before = self._store_errors.get(name) == str(exc)  # said once until it changes
+                self._store_errors[name] = str(exc)
+                (log.debug if said_before else log.warning)("contacts.store_error", store=name, error=str(exc))
                 signatures.pop(name)
                 continue
             self._store_errors.pop(name, None)
@@ -403,7 +404,8 @@ class Engine:
             return 0
         prefixes = tuple(f"{shared}:" for shared in known)
         kept = [a for a in batch.activities if not a.key.startswith(prefixes)]
-        dropped, batch.activities = len(batch.activities) - len(kept), kept
+        dropped = len(batch.activities) - len(kept)
+        batch.activities = kept
         return dropped
 
     @staticmethod
@@ -730,11 +732,8 @@ class Engine:
                 requeue.append((item, None))
             else:
                 adopted.append((item, existing))
-        self.store.settle(delivered=adopted, failed=failed, retry=requeue)
-        for item, reason in failed:
-            self._ambiguous.pop(item.id, None)
-            report.failed.append((item.key, reason))
-            log.warning("push.failed", key=item.key, reason=reason)
+        self.store.settle(delivered=adopted, retry=requeue)
+        self._settle([("failed", item, reason) for item, reason in failed], report)
         report.adopted += len(adopted)
         report.delivered += len(adopted)
         if complete:  # the CRM answered every look-up: whatever failed before is over

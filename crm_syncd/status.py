@@ -64,19 +64,24 @@ def _agent() -> dict[str, Any]:
     return {"installed": state.installed, "loaded": state.loaded, "pid": state.pid, "last_exit": state.last_exit}
 
 
+def _client(settings: Settings) -> crmlib.CitadelClient:
+    return crmlib.CitadelClient(settings.api_url, settings.api_key_value, timeout=3)
+
+
 async def _crm_reachable(settings: Settings) -> bool:
-    async with crmlib.CitadelClient(settings.api_url, settings.api_key_value, timeout=3) as client:
+    async with _client(settings) as client:
         return await client.health()
 
 
-async def _crm_refusal(settings: Settings) -> crmlib.CRMError | None:
-    """What refuses crm-syncd's requests (the CRM's health check needs no key), or None."""
-    async with crmlib.CitadelClient(settings.api_url, settings.api_key_value, timeout=3) as client:
+async def _crm_answers(settings: Settings) -> tuple[bool, crmlib.CRMError | None]:
+    """(whether the health check answers, what refuses a read that needs the API key or None)."""
+    async with _client(settings) as client:
+        reachable = await client.health()
         try:
             await client.check_access()
         except crmlib.CRMError as exc:
-            return exc
-    return None
+            return reachable, exc
+    return reachable, None
 
 
 def gather(settings: Settings) -> dict[str, Any]:
@@ -178,13 +183,9 @@ def doctor(settings: Settings) -> list[Check]:
         checks.append(_probe(f"Contacts ({db.parent.name})", db,
                              lambda db=db: contacts_source.read_store(db, db.name)))
     try:
-        reachable = asyncio.run(_crm_reachable(settings))
-    except Exception:
-        reachable = False
-    try:
-        refusal = asyncio.run(_crm_refusal(settings))
+        reachable, refusal = asyncio.run(_crm_answers(settings))
     except Exception as exc:  # noqa: BLE001 - whatever it is, the CRM check fails below with it
-        refusal = crmlib.CRMError(str(exc))
+        reachable, refusal = False, crmlib.CRMError(str(exc))
     if isinstance(refusal, crmlib.Unauthorized):
         checks.append(Check("CRM", False, f"{settings.api_url} refused crm-syncd's API key ({refusal.message})",
                             f"set api_key in {API_KEY_PLACES}"))
