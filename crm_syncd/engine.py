@@ -328,7 +328,7 @@ class Engine:
         now = now_ms()
         since = now - days * DAY_MS if days is not None else None
         after, floor = 0, 0
-        verdicts: dict[str, tuple[str, bool]] = {}  # raw address -> (normalised, True) or (skip reason, False)
+        verdicts: dict[str | tuple[str, str], tuple[str, bool]] = {}  # raw address [and country] -> _counterpart
         with reader.session() as session:
             self.own_addresses.update(a for a in map(self.normalize.person, session.own_addresses()) if a)
             if mark is None and since is None and not full:
@@ -421,18 +421,20 @@ class Engine:
         return mark.anchor is not None and session.anchor(mark.rowid) not in (None, mark.anchor)
 
     def _items(self, batch: Batch, report: SourceReport,
-               verdicts: dict[str, tuple[str, bool]]) -> tuple[list[NewItem], dict[str, str]]:
+               verdicts: dict[str | tuple[str, str], tuple[str, bool]]) -> tuple[list[NewItem], dict[str, str]]:
         """The batch's Activities as outbox items; counterparts that are not other people are counted as skipped.
 
-        `verdicts` remembers each raw address's `_counterpart` across the batches of one extraction.
+        `verdicts` remembers each raw address's `_counterpart` (with its country, if it has one) across
+        the batches of one extraction.
         """
         items: list[NewItem] = []
         hints: dict[str, str] = {}
         add, new, skipped = items.append, tuple.__new__, report.skipped
-        for key, address, interaction, occurred_ms, duration_s, person in batch.activities:
-            verdict = verdicts.get(address)
+        for key, address, interaction, occurred_ms, duration_s, person, country in batch.activities:
+            seen = address if country is None else (address, country)
+            verdict = verdicts.get(seen)
             if verdict is None:
-                verdict = verdicts[address] = self._counterpart(address)
+                verdict = verdicts[seen] = self._counterpart(address, country)
             value, is_person = verdict
             if not is_person:
                 skipped[value] += 1
@@ -442,9 +444,9 @@ class Engine:
                 hints[value] = person
         return items, hints
 
-    def _counterpart(self, raw: str) -> tuple[str, bool]:
+    def _counterpart(self, raw: str, country: str | None = None) -> tuple[str, bool]:
         """(normalised address, True) for someone else; (why not, False) otherwise."""
-        kind, value = self.normalize(raw)
+        kind, value = self.normalize(raw, country)
         if kind not in PEOPLE:
             return kind, False
         if value in self.own_addresses:

@@ -44,7 +44,7 @@ class Normalizer:
         self._cache: dict[str | tuple[str, str], Address] = {}
 
     def __call__(self, raw: str | None, country: object = None) -> Address:
-        """`country`: where a number without a country code is from (a card's), if not this region."""
+        """`country`: where a number without a country code is from (a card's or a call's), if not this region."""
         if raw is None:
             return Address("invalid", "")
         region = country.upper() if isinstance(country, str) and country.upper() in _REGIONS else self.region

@@ -135,6 +135,11 @@ def test_address_may_be_stored_as_bytes_or_as_text(store):
     assert [a.address for a in CallsReader(store.path).read().activities] == [ALICE, CAROL]
 
 
+def test_a_call_keeps_the_country_its_number_is_from_and_none_when_the_store_has_none(store):
+    assert only(store, address="07700 900123", iso_country="gb").country == "gb"
+    assert only(store, address="+16135550111", iso_country=None).country is None
+
+
 def test_encrypted_address_from_macos_12_and_older_is_skipped_and_counted(store):
     store.call(os.urandom(16) + os.urandom(16) + b"\xff\xfe" + os.urandom(14), AT)  # tag ‖ nonce ‖ ciphertext
     store.commit()

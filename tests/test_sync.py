@@ -223,6 +223,22 @@ def test_a_card_number_typed_without_its_country_code_is_read_in_the_country_con
     assert kinds(citadel, "Alice Hill") == {"TEXT_INBOUND": 1}
 
 
+def test_a_call_number_without_its_country_code_is_read_in_the_country_the_call_history_recorded(
+        library: Library, citadel, cli: CLI):
+    """The Mac's region is the US; calls made in the UK synced from the iPhone keep UK numbers as dialled."""
+    library.card(first="Alice", last="Hill", phones=["+44 7700 900123"])
+    library.call("07700 900123", iso_country="gb", originated=True, duration=42, at=ago(hours=3))
+    library.call("020 7946 0018", iso_country="gb", answered=True, duration=7, at=ago(hours=2))
+    library.call("(613) 555-0111", iso_country="us", answered=True, duration=9, at=ago(hours=1))
+
+    assert cli("sync").code == 0
+
+    assert kinds(citadel, "Alice Hill") == {"CALL_OUTBOUND": 1}
+    assert kinds(citadel, "Unknown (+44-20-7946-0018)") == {"CALL_INBOUND": 1}
+    assert kinds(citadel, "Unknown (+1-613-555-0111)") == {"CALL_INBOUND": 1}
+    assert len(citadel.contacts()) == 3
+
+
 @pytest.mark.parametrize("alice,bob", [("B-ALICE:ABPerson", "A-BOB:ABPerson"),
                                        ("A-ALICE:ABPerson", "B-BOB:ABPerson")], ids=["bob-first", "alice-first"])
 def test_a_number_moved_to_another_card_moves_alone_and_both_contacts_keep_their_history(

@@ -52,7 +52,7 @@ class CallsReader(sqlite.SourceReader):
 
 
 def _select(cols: frozenset[str], windowed: bool) -> str:
-    """One SELECT: Z_PK, key, occurred_ms, skip reason, CRM type, duration_s, raw ZADDRESS."""
+    """One SELECT: Z_PK, key, occurred_ms, skip reason, CRM type, duration_s, raw ZADDRESS, its country."""
     def col(name: str) -> str:
         return name if name in cols else "NULL"
 
@@ -71,7 +71,8 @@ def _select(cols: frozenset[str], windowed: bool) -> str:
                 f"AND {d} >= 0.5 AND {d} <= {MAX_DURATION_S} THEN CAST(ROUND({d}) AS INTEGER) END")
     key = f"'call:' || COALESCE(NULLIF({col('ZUNIQUE_ID')}, ''), 'pk:' || Z_PK)"
     window = f"AND ({occurred} IS NULL OR {occurred} >= :since)" if windowed else ""
-    return (f"SELECT Z_PK, {key}, {occurred}, {skip}, {kind}, {duration}, {col('ZADDRESS')} "
+    return (f"SELECT Z_PK, {key}, {occurred}, {skip}, {kind}, {duration}, {col('ZADDRESS')}, "
+            f"{col('ZISO_COUNTRY_CODE')} "
             f"FROM ZCALLRECORD WHERE Z_PK > :after {window} ORDER BY Z_PK LIMIT :limit")
 
 
@@ -100,20 +101,20 @@ def _activities(db: sqlite.Database, conn: sqlite3.Connection, rows: list[tuple]
     decoded = [(row, _address(row[6])) if row[3] is None else (row, None) for row in rows]
     needy = [row[0] for row, address in decoded if row[3] is None and (address is None or address is _ENCRYPTED)]
     parties = _participants(db, conn, needy[0], needy[-1]) if needy else {}
-    for (pk, key, occurred, skip, kind, duration, _raw), address in decoded:
+    for (pk, key, occurred, skip, kind, duration, _raw, country), address in decoded:
         if skip is not None:
             skipped[skip] += 1
         elif address is not None and address is not _ENCRYPTED:
-            add(new(Activity, (key, address, kind, occurred, duration, None)))
+            add(new(Activity, (key, address, kind, occurred, duration, None, country)))
         else:
             found, unreadable = parties.get(pk, ((), False))
             if not found:
                 skipped[ENCRYPTED_ADDRESS if address is _ENCRYPTED or unreadable else NO_ADDRESS] += 1
             elif len(found) == 1:
-                add(new(Activity, (key, found[0], kind, occurred, duration, None)))
+                add(new(Activity, (key, found[0], kind, occurred, duration, None, country)))
             else:
                 for party in found:
-                    add(new(Activity, (f"{key}:{party}", party, kind, occurred, duration, None)))
+                    add(new(Activity, (f"{key}:{party}", party, kind, occurred, duration, None, country)))
                 fanned_out.append((key, occurred))
     return Batch(activities=out, skipped=skipped, fanned_out=fanned_out)
 

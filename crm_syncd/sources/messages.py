@@ -103,7 +103,7 @@ class MessagesReader(sqlite.SourceReader):
                 continue
             else:  # group, outgoing: one Activity per participant
                 for address, person in parties:
-                    add(new(Activity, (f"msg:{guid}:{address}", address, TEXT_OUTBOUND, occurred, None, person)))
+                    add(new(Activity, (f"msg:{guid}:{address}", address, TEXT_OUTBOUND, occurred, None, person, None)))
                 if parties:
                     fanned_out.append((f"msg:{guid}", occurred))
                 else:
@@ -113,7 +113,7 @@ class MessagesReader(sqlite.SourceReader):
                 skipped[NO_COUNTERPART] += 1
                 continue
             add(new(Activity, (f"msg:{guid}", party[0], TEXT_OUTBOUND if from_me else TEXT_INBOUND,
-                               occurred, None, party[1])))
+                               occurred, None, party[1], None)))
         return Batch(activities=out, skipped=skipped, unsettled=unsettled, fanned_out=fanned_out)
 
 
