@@ -187,12 +187,21 @@ def test_participant_handles_are_loaded_with_one_query_per_read(store):
     assert sum("JOIN ZHANDLE" in s for s in statements) == 1
 
 
-def test_calls_with_addresses_need_no_handle_query(store):
-    store.call(ALICE, AT, handles=[ALICE])
+def test_a_call_with_an_address_and_its_own_handle_stays_one_activity(store):
+    store.call(ALICE, AT, unique_id="SOLO", handles=[ALICE])
     store.commit()
-    statements: list[str] = []
-    CallsReader(store.path, trace=statements.append).read()
-    assert not any("ZHANDLE" in s for s in statements)
+    assert [(a.key, a.address) for a in CallsReader(store.path).read().activities] == [("call:SOLO", ALICE)]
+
+
+def test_group_call_that_names_one_party_in_its_address_yields_one_activity_per_participant(store):
+    store.call(ALICE, AT, unique_id="GROUP", handles=[ALICE, CAROL, BOB], answered=True, duration=60)
+    store.call(BOB, AT, unique_id="GROUP2", handles=[CAROL, ALICE])  # the address is not among the handles
+    store.commit()
+    batch = CallsReader(store.path).read()
+    assert sorted((a.key, a.address) for a in batch.activities) == sorted(
+        [(f"call:GROUP:{who}", who) for who in (ALICE, CAROL, BOB)]
+        + [(f"call:GROUP2:{who}", who) for who in (BOB, CAROL, ALICE)])
+    assert [key for key, _ in batch.fanned_out] == ["call:GROUP", "call:GROUP2"]
 
 
 # -- keys and marks -------------------------------------------------------------------------------

@@ -336,6 +336,21 @@ def test_facetime_and_callkit_calls_are_included_and_direction_comes_from_origin
                              ("CALL_OUTBOUND", 42), ("CALL_INBOUND", 5), ("CALL_OUTBOUND", 9)])
 
 
+def test_a_group_facetime_whose_address_names_one_party_reaches_every_participant_once(
+        library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.call(JANE, answered=True, duration=300, call_type=16, service_provider="com.apple.FaceTime",
+                 handles=[JANE, BOB, CAROL], at=ago(hours=2))
+
+    assert cli("sync").code == 0
+    again = cli("sync", "--full")
+
+    assert again.code == 0, again.output
+    assert kinds(citadel, "Jane Doe") == {"CALL_INBOUND": 1}
+    assert kinds(citadel, "Unknown (+1-902-555-0122)") == {"CALL_INBOUND": 1}
+    assert kinds(citadel, "Unknown (+1-416-555-0133)") == {"CALL_INBOUND": 1}
+
+
 def test_old_seconds_format_dates_are_converted(home, citadel):
     lib = Library.create(home, chat_version="el-capitan")
     try:

@@ -1,8 +1,8 @@
 """Call history (`CallHistory.storedata`) -> `Activity` records: who we called or who called us.
 
 Each `read` is one read-only snapshot: it probes the columns, runs one SELECT over ZCALLRECORD by Z_PK
-(dates, direction, duration and date-skip reasons decided in SQL), and, only when some calls carry no
-usable ZADDRESS, one more query for their participant handles. Entity numbers and the
+(dates, direction, duration and date-skip reasons decided in SQL), and one more for the participant
+handles of the calls that have several (a group call) or no usable ZADDRESS. Entity numbers and the
 call↔handle join table are discovered from Z_PRIMARYKEY and PRAGMA table_info, never assumed; within a
 session (one extraction) these probes are made once.
 """
@@ -100,47 +100,57 @@ def _activities(db: sqlite.Database, conn: sqlite3.Connection, rows: list[tuple]
     new = tuple.__new__
     decoded = [(row, _address(row[6])) if row[3] is None else (row, None) for row in rows]
     needy = [row[0] for row, address in decoded if row[3] is None and (address is None or address is _ENCRYPTED)]
-    parties = _participants(db, conn, needy[0], needy[-1]) if needy else {}
+    parties = _participants(db, conn, rows[0][0], rows[-1][0], needy) if rows else {}
     for (pk, key, occurred, skip, kind, duration, _raw, country), address in decoded:
         if skip is not None:
             skipped[skip] += 1
-        elif address is not None and address is not _ENCRYPTED:
-            add(new(Activity, (key, address, kind, occurred, duration, None, country)))
+            continue
+        found, unreadable, forms = parties.get(pk, _NO_PARTIES)
+        readable = address is not None and address is not _ENCRYPTED
+        if readable and len(found) > 1 and address not in forms:  # a group call that names one party
+            found = (address, *found)
+        if len(found) > 1:  # a group call: one Activity per party
+            for party in found:
+                add(new(Activity, (f"{key}:{party}", party, kind, occurred, duration, None, country)))
+            fanned_out.append((key, occurred))
+        elif readable or found:
+            add(new(Activity, (key, address if readable else found[0], kind, occurred, duration, None, country)))
         else:
-            found, unreadable = parties.get(pk, ((), False))
-            if not found:
-                skipped[ENCRYPTED_ADDRESS if address is _ENCRYPTED or unreadable else NO_ADDRESS] += 1
-            elif len(found) == 1:
-                add(new(Activity, (key, found[0], kind, occurred, duration, None, country)))
-            else:
-                for party in found:
-                    add(new(Activity, (f"{key}:{party}", party, kind, occurred, duration, None, country)))
-                fanned_out.append((key, occurred))
+            skipped[ENCRYPTED_ADDRESS if address is _ENCRYPTED or unreadable else NO_ADDRESS] += 1
     return Batch(activities=out, skipped=skipped, fanned_out=fanned_out)
 
 
-def _participants(db: sqlite.Database, conn: sqlite3.Connection, low: int,
-                  high: int) -> dict[int, tuple[tuple[str, ...], bool]]:
-    """Call Z_PK -> (distinct readable handle addresses, whether some handle was unreadable)."""
+_NO_PARTIES: tuple[tuple[str, ...], bool, frozenset[str]] = ((), False, frozenset())
+
+
+def _participants(db: sqlite.Database, conn: sqlite3.Connection, low: int, high: int,
+                  needy: list[int]) -> dict[int, tuple[tuple[str, ...], bool, frozenset[str]]]:
+    """Call Z_PK -> (distinct readable handle addresses, whether some handle was unreadable, every form
+    of them stored), for the calls of Z_PKs `low`..`high` with several handles, and for the `needy`
+    (no usable ZADDRESS) with any."""
     sql = db.remembered("participants", lambda: _participants_sql(conn))
     if sql is None:
         return {}
+    needy_low, needy_high = (needy[0], needy[-1]) if needy else (1, 0)
     found: dict[int, dict[str, None]] = {}
+    forms: dict[int, set[str]] = {}
     unreadable: set[int] = set()
-    for call, raw, norm in conn.execute(sql, (low, high)):
-        address = _address(raw)
-        if address is _ENCRYPTED:
+    for call, raw, norm in conn.execute(sql, {"low": low, "high": high, "needy_low": needy_low,
+                                              "needy_high": needy_high}):
+        value, normalized = _address(raw), _address(norm)
+        if value is _ENCRYPTED:
             unreadable.add(call)
-        if address is None or address is _ENCRYPTED:
-            address = _address(norm)
-        if address is None or address is _ENCRYPTED:
-            continue
-        found.setdefault(call, {})[address] = None
-    return {call: (tuple(found.get(call, ())), call in unreadable) for call in found.keys() | unreadable}
+        stored = [a for a in (value, normalized) if a is not None and a is not _ENCRYPTED]
+        forms.setdefault(call, set()).update(stored)
+        if stored:
+            found.setdefault(call, {})[stored[0]] = None
+    return {call: (tuple(found.get(call, ())), call in unreadable, frozenset(forms.get(call, ())))
+            for call in found.keys() | unreadable}
 
 
 def _participants_sql(conn: sqlite3.Connection) -> str | None:
-    """The SELECT of (call Z_PK, handle value, normalised value) over a Z_PK range; None without the join."""
+    """The SELECT of (call Z_PK, handle value, normalised value) for the calls of a Z_PK range that have
+    several handles or lie in the needy sub-range; None without the join."""
     join = _join(conn)
     handle_cols = sqlite.columns(conn, "ZHANDLE")
     if join is None or "Z_PK" not in handle_cols:
@@ -148,8 +158,12 @@ def _participants_sql(conn: sqlite3.Connection) -> str | None:
     table, calls, handles = join
     value = "h.ZVALUE" if "ZVALUE" in handle_cols else "NULL"
     normalized = "h.ZNORMALIZEDVALUE" if "ZNORMALIZEDVALUE" in handle_cols else "NULL"
+    several = (f'SELECT k."{calls}" FROM "{table}" k WHERE k."{calls}" BETWEEN :low AND :high '
+               f'GROUP BY k."{calls}" HAVING COUNT(*) > 1')
     return (f'SELECT j."{calls}", {value}, {normalized} FROM "{table}" j JOIN ZHANDLE h ON h.Z_PK = j."{handles}" '
-            f'WHERE j."{calls}" BETWEEN ? AND ? ORDER BY j."{calls}", h.Z_PK')
+            f'WHERE j."{calls}" BETWEEN :low AND :high '
+            f'AND (j."{calls}" BETWEEN :needy_low AND :needy_high OR j."{calls}" IN ({several})) '
+            f'ORDER BY j."{calls}", h.Z_PK')
 
 
 def _join(conn: sqlite3.Connection) -> tuple[str, str, str] | None:
