@@ -30,7 +30,8 @@ from crm_syncd.watch import Debouncer, Probe, Watcher, wait_event
 log = get_logger("crm_syncd.daemon")
 
 HEARTBEAT_S = 5.0
-SWEEP_S = 86_400.0  # once a day, re-read a recent window: catches rows a rebuild renumbered below the mark
+SWEEP_MS = 86_400_000  # once a day, re-read a recent window: catches rows a rebuild renumbered below the mark
+LAST_SWEEP = "last_sweep_ms"  # kv: when it last ran, by the wall clock (a Mac asleep or restarted keeps the day)
 SWEEP_DAYS = 7
 SLEEP_JUMP_S = 5.0  # wall clock ahead of the monotonic clock by this much: the Mac slept
 TICK_S = 5.0  # how often the timers look at the clocks (each look costs a wake-up)
@@ -302,7 +303,8 @@ class Daemon:
 
     async def _timers(self, look_again: Callable[[], None]) -> None:
         """Safety-net probes, wake-from-sleep detection and the AddressBook rescan."""
-        next_probe = next_rescan = next_sweep = time.monotonic()
+        next_probe = next_rescan = time.monotonic()
+        next_sweep_ms = self._last_sweep_ms() + SWEEP_MS
         offset = time.time() - time.monotonic()
         while not self.stop.is_set():
             await self._sleep(min(TICK_S, self.settings.contacts_rescan_s, self.settings.safety_probe_s))
@@ -317,10 +319,20 @@ class Daemon:
             if woke or now >= next_rescan + self.settings.contacts_rescan_s:
                 next_rescan = now
                 await self._contacts()
-            if now >= next_sweep + SWEEP_S:
-                next_sweep = now
+            if now_ms() >= next_sweep_ms:
                 for source in SOURCES:
                     await self._extract(source, sweep=True)
+                self.store.put(LAST_SWEEP, now_ms())
+                next_sweep_ms = now_ms() + SWEEP_MS
+
+    def _last_sweep_ms(self) -> int:
+        """When the daily sweep last ran; now if never (the first catch-up reads more) or if that lies ahead
+        (the clock was set back)."""
+        last, now = self.store.get(LAST_SWEEP), now_ms()
+        if not isinstance(last, int) or last > now:
+            last = now
+            self.store.put(LAST_SWEEP, now)
+        return last
 
     async def _heartbeats(self) -> None:
         last_ping = 0.0

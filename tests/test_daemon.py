@@ -109,6 +109,37 @@ def test_sigterm_drains_and_a_restart_continues_from_the_mark(library: Library, 
     assert len(citadel.interactions_of(JANE)) == 3
 
 
+def test_the_daily_sweep_is_due_by_the_wall_clock_across_restarts_and_reads_a_row_below_the_mark(
+        library: Library, citadel, daemon, home):
+    """A Mac restarted or asleep every night still gets its daily re-read of the last days: the day is
+    counted by the wall clock and kept in the state database, not by the daemon's own uptime."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=3))
+    gap = library.text(JANE, at=ago(hours=2))
+    library.chat.delete_message(gap)
+    library.text(JANE, at=ago(hours=1))
+    first = daemon()
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 2, what="the first catch-up")
+    assert first.stop() == 0
+    # a row turns up below the mark (a restore renumbered it), unseen by any catch-up past the mark
+    late = library.text(JANE, at=ago(minutes=90))
+    library.chat.conn.execute("UPDATE message SET ROWID = ? WHERE ROWID = ?", (gap, late))
+    library.chat.conn.execute("UPDATE chat_message_join SET message_id = ? WHERE message_id = ?", (gap, late))
+    library.chat.commit()
+    state = sqlite3.connect(home / STATE_DIR / "state.db", timeout=10)
+    with state:  # the last sweep was 25 hours ago, by the wall clock
+        state.execute("INSERT OR REPLACE INTO kv (key, value) VALUES ('last_sweep_ms', ?)",
+                      (int((time.time() - 25 * 3600) * 1000),))
+
+    second = daemon()
+
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 3, what="the row below the mark, read by the sweep")
+    assert second.stop() == 0
+    (swept,) = state.execute("SELECT value FROM kv WHERE key = 'last_sweep_ms'").fetchone()
+    state.close()
+    assert time.time() - int(swept) / 1000 < 60  # its day noted: the next is due in 24 hours
+
+
 def test_an_interaction_another_mac_sent_later_the_same_day_is_adopted_not_created_twice(
         library: Library, citadel, daemon):
     """The pre-check's listing of a contact's day is read afresh by every push pass, not kept for the daemon's life."""
