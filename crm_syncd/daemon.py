@@ -229,6 +229,8 @@ class Daemon:
         state = self.sources[source]
         state.last_sync_ms = now_ms()
         state.failures, state.error = 0, None
+        if report.held:  # the row it waits for may settle with no write (unsent 15 min on): the next probe reads
+            self._probes[source].forget()
         if report.rows:
             log.info("extract.done", source=source, rows=report.rows, added=report.added,
                      duration_ms=round((time.monotonic() - started) * 1000, 1))

@@ -63,6 +63,7 @@ class SourceReport:
     skipped: Counter[str] = field(default_factory=Counter)
     missing: bool = False
     rebuilt: bool = False
+    held: bool = False  # the mark waits before rows a later read must see (a message still being sent)
     error: str | None = None  # the database could not be read (damaged, locked past every retry)
 
 
@@ -393,6 +394,7 @@ class Engine:
             # still get a first sync)
             if kept.window_ms is not None and not held and kept.rowid > 0:
                 self.store.enqueue(source, [], kept._replace(window_ms=None))
+        report.held = held
         return report
 
     def _keep_first_parties(self, batch: Batch) -> int:

@@ -538,6 +538,23 @@ def test_a_message_sent_from_the_mac_arrives_once_sent_and_a_failed_send_never(l
     assert Counter(i["type"] for i in citadel.interactions_of(JANE)) == {"TEXT_INBOUND": 1, "TEXT_OUTBOUND": 1}
 
 
+def test_a_send_that_settles_without_any_write_is_read_at_the_next_probe(
+        library: Library, citadel, daemon, daemon_env: CLI):
+    """Messages may leave a row unsent (offline) and never touch chat.db again: 15 minutes after its
+    date the row is taken as it is, and no file event will say so."""
+    daemon_env.env["CRM_SYNCD_SAFETY_PROBE_S"] = "1"
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, from_me=True, is_sent=0, at=ago(minutes=14, seconds=50))  # settles in 10 s
+    library.text(JANE)
+    daemon()
+    eventually(lambda: citadel.interactions_of(JANE), what="the reply, read past the send under way")
+    assert len(citadel.interactions_of(JANE)) == 1
+
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 2, what="the send, read once it settled")
+
+    assert Counter(i["type"] for i in citadel.interactions_of(JANE)) == {"TEXT_INBOUND": 1, "TEXT_OUTBOUND": 1}
+
+
 def test_a_crm_that_says_wait_at_start_up_is_not_asked_again_before_then(library: Library, citadel, daemon):
     """The first contacts sync is rate-limited (429, Retry-After: 1 s); the pusher used to retry it at once."""
     library.card(first="Jane", last="Doe", phones=[JANE])
