@@ -224,7 +224,7 @@ class Engine:
         """
         fields = person.crm_fields()
         name = f"{fields['firstName']} {fields['lastName']}"
-        candidates = self._unclaimed(index.matching(person.addresses), person.key, live)
+        candidates = self._unclaimed(index.for_person(person, fields), person.key, live)
         remembered = self.store.contact_for_person(person.key)
         if remembered in index.by_id:
             candidates.add(remembered)
@@ -252,7 +252,7 @@ class Engine:
             self.store.remember_contact(survivor, "card", person.key, written=fields)
             report.promoted.append(name)
             log.info("contacts.promoted", contact_id=survivor)
-        self.store.map_addresses(person.addresses, survivor, "card")
+        self.store.map_addresses(person.owned, survivor, "card")
         for other in sorted(candidates - {survivor}):
             if not await self._merge(other, survivor, index):
                 report.duplicates.append((survivor, other))
@@ -843,6 +843,14 @@ class _CRMIndex:
 
     def named(self, first: str | None, last: str | None) -> set[int]:
         return set(self.by_name.get((first or "", last or ""), ()))
+
+    def for_person(self, person: Person, fields: dict) -> set[int]:
+        """The contacts that may be this person: any holding an address no one else's card holds; by a
+        shared one, only a contact under their name, or the placeholder of an address they own."""
+        found = self.matching([a for a in person.addresses if a not in person.shared])
+        found |= {c for c in self.matching([a for a in person.owned if a in person.shared])
+                  if is_placeholder(self.by_id[c])}
+        return found | (self.matching(sorted(person.shared)) & self.named(fields["firstName"], fields["lastName"]))
 
     def single_owner(self) -> list[tuple[str, int]]:
         """Every address the CRM holds, with the lowest id among the contacts holding it."""

@@ -137,17 +137,24 @@ class Person:
     cards: list[Card]
     phones: list[str] = field(default_factory=list)  # E.164, preferred first
     emails: list[str] = field(default_factory=list)  # lower-case, preferred first
+    shared: set[str] = field(default_factory=set)  # addresses other people's cards hold too
+    not_owned: set[str] = field(default_factory=set)  # of those, the ones another person owns
 
     @property
     def addresses(self) -> list[str]:
         return self.phones + self.emails
 
     @property
+    def owned(self) -> list[str]:
+        """The addresses whose messages and calls are this person's."""
+        return [a for a in self.addresses if a not in self.not_owned]
+
+    @property
     def card(self) -> Card:
         """The card that supplies name and organisation: the one Contacts takes a linked person's name
-        from, else the most recently modified one."""
-        return max(self.cards, key=lambda c: (bool(c.link_id and c.preferred_name), c.modified or 0.0,
-                                              c.store, c.unique_id))
+        from, else the most recently modified one that has a name."""
+        return max(self.cards, key=lambda c: (bool(c.link_id and c.preferred_name), bool(_name(c)),
+                                              c.modified or 0.0, c.store, c.unique_id))
 
     def crm_fields(self) -> dict[str, str | None]:
         """The CRM contact this person should be, by a deterministic naming rule.
@@ -181,9 +188,16 @@ def _text(value: str | None) -> str:
 
 
 def merge_cards(cards: Iterable[Card], normalize: Normalizer) -> list[Person]:
-    """Group cards describing the same person: same unique id, same link id, or a shared address."""
+    """Group cards describing the same person.
+
+    Contacts' own links join cards always (same unique id, same link id). A shared phone or email joins
+    them only when their names agree, or one side has none: people who share an address (a home line,
+    an office's main number, a family email) stay apart, as Contacts shows them, and the address is
+    `owned` by the one it ranks first for (see `_share`).
+    """
     cards = sorted(cards, key=lambda c: (c.unique_id, c.store))
     parent = list(range(len(cards)))
+    names = {i: {_name(card)} - {""} for i, card in enumerate(cards)}  # the names of each root's group
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -191,19 +205,73 @@ def merge_cards(cards: Iterable[Card], normalize: Normalizer) -> list[Person]:
             i = parent[i]
         return i
 
-    owner: dict[str, int] = {}
+    def join(i: int, j: int, *, if_named_alike: bool = False) -> bool:
+        a, b = root(i), root(j)
+        if a != b:
+            if if_named_alike and names[a] and names[b] and not names[a] & names[b]:
+                return False
+            parent[a] = b
+            names[b] |= names.pop(a)
+        return True
+
+    first_with: dict[str, int] = {}
+    holders: dict[str, list[int]] = {}
     for i, card in enumerate(cards):
-        tokens = [f"id:{card.unique_id}"] + ([f"link:{card.link_id}"] if card.link_id else [])
-        tokens += [a for a in (normalize.person(p.value, p.country) for p in card.phones) if a]
-        tokens += [a for a in (normalize.person(e.value) for e in card.emails) if a]
-        for token in tokens:
-            j = owner.setdefault(token, i)
-            parent[root(i)] = root(j)
+        for token in [f"id:{card.unique_id}"] + ([f"link:{card.link_id}"] if card.link_id else []):
+            join(i, first_with.setdefault(token, i))
+        for address in _card_addresses(card, normalize):
+            holders.setdefault(address, []).append(i)
+    for held_by in holders.values():
+        for n, i in enumerate(held_by[1:], 1):
+            for j in held_by[:n]:
+                if join(i, j, if_named_alike=True):
+                    break
 
     groups: dict[int, list[Card]] = {}
     for i, card in enumerate(cards):
         groups.setdefault(root(i), []).append(card)
-    return [_person(group, normalize) for group in groups.values()]
+    people = [_person(group, normalize) for group in groups.values()]
+    _share(people, normalize)
+    return people
+
+
+def _name(card: Card) -> str:
+    """The name a card gives its person, to tell people apart: first and last, else the organisation;
+    case and spacing aside ("" for a card with neither)."""
+    parts = (card.first, card.last) if (card.first or card.last) and not card.company else (card.organization,)
+    return " ".join(" ".join(_text(p) for p in parts).casefold().split())
+
+
+def _card_addresses(card: Card, normalize: Normalizer) -> set[str]:
+    phones = (normalize.person(p.value, p.country) for p in card.phones)
+    return {a for a in (*phones, *(normalize.person(e.value) for e in card.emails)) if a}
+
+
+def _share(people: list[Person], normalize: Normalizer) -> None:
+    """Give each address several people hold one owner: someone whose mobile it is, else a company
+    (an office's main number), else the person it ranks first for, else the smallest key."""
+    holders: dict[str, list[Person]] = {}
+    for person in people:
+        for address in person.addresses:
+            holders.setdefault(address, []).append(person)
+    for address, held_by in holders.items():
+        if len(held_by) > 1:
+            owner = min(held_by, key=lambda p: (not _mobile(p, address, normalize), not p.card.company,
+                                                _rank(p, address), p.key))
+            for person in held_by:
+                person.shared.add(address)
+                if person is not owner:
+                    person.not_owned.add(address)
+
+
+def _mobile(person: Person, address: str, normalize: Normalizer) -> bool:
+    return any((phone.label or "").lower() in _MOBILE_LABELS and normalize.person(phone.value, phone.country) == address
+               for card in person.cards for phone in card.phones)
+
+
+def _rank(person: Person, address: str) -> int:
+    """Where `address` stands among the person's phones or emails (0: their primary or mobile)."""
+    return (person.emails if "@" in address else person.phones).index(address)
 
 
 def _person(cards: list[Card], normalize: Normalizer) -> Person:

@@ -167,12 +167,53 @@ def test_linked_cards_become_one_contact_named_from_the_card_contacts_prefers(li
 
 def test_cards_merged_for_a_shared_number_take_the_newest_name_whatever_their_link_flags(
         library: Library, citadel, cli: CLI):
-    library.card(source=1, first="Old", last="Name", phones=[JANE], preferred_name=True, modified=ago(days=400))
+    library.card(source=1, first="JANE", last="DOE", phones=[JANE], preferred_name=True, modified=ago(days=400))
     library.card(source=2, first="Jane", last="Doe", phones=[JANE], modified=ago(days=1))
+    library.card(source=2, phones=[JANE], emails=["jane@example.com"])  # no name: an alias of hers
 
     assert cli("sync").code == 0
 
     assert list(names(citadel)) == ["Jane Doe"]
+
+
+def test_a_companys_main_number_on_its_peoples_cards_keeps_each_of_them_and_its_calls_go_to_the_company(
+        library: Library, citadel, cli: CLI):
+    """Cards that share an address but not a name are different people, as Contacts shows them (a home
+    line, an office's main number): the address is the one it ranks first for (their primary or mobile)."""
+    main = "+16135550100"
+    library.card(organization="Acme", company=True, phones=[(main, "Main")])
+    library.card(first="Jane", last="Doe", organization="Acme", phones=[(JANE, "Mobile"), (main, "Work")])
+    library.card(source=1, first="Bob", last="Roe", organization="Acme", phones=[(main, "Work")],
+                 emails=["bob@acme.example"])
+    library.call(main, answered=True, duration=60, at=ago(hours=2))
+    library.text(JANE, at=ago(hours=1))
+    library.text("bob@acme.example", at=ago(hours=1))
+
+    assert cli("sync").code == 0
+
+    assert sorted(names(citadel)) == ["Acme (company)", "Bob Roe", "Jane Doe"]
+    assert kinds(citadel, "Acme (company)") == {"CALL_INBOUND": 1}
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1}
+    assert kinds(citadel, "Bob Roe") == {"TEXT_INBOUND": 1}
+    assert names(citadel)["Jane Doe"]["phone"] == JANE
+    assert cli("sync", "--full").code == 0 and len(citadel.contacts()) == 3
+
+
+def test_a_contact_the_owner_made_for_someone_who_shares_a_number_is_theirs_not_the_numbers_owners(
+        library: Library, citadel, cli: CLI):
+    home = "+16135550100"
+    bob = citadel.add_contact(firstName="Bob", lastName="Roe", phone="(613) 555-0100")
+    library.card(first="Alice", last="Roe", phones=[(home, "Home")])
+    library.card(first="Bob", last="Roe", phones=[(BOB, "Mobile"), (home, "Home")])
+    library.text(home)
+    library.text(BOB)
+
+    assert cli("sync").code == 0
+
+    assert sorted(names(citadel)) == ["Alice Roe", "Bob Roe"]
+    assert names(citadel)["Bob Roe"]["id"] == bob
+    assert kinds(citadel, "Alice Roe") == {"TEXT_INBOUND": 1}
+    assert kinds(citadel, "Bob Roe") == {"TEXT_INBOUND": 1}
 
 
 def test_company_cards_and_first_name_only_cards_get_findable_names(library: Library, citadel, cli: CLI):
