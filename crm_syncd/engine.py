@@ -52,6 +52,7 @@ DAY_MS = 86_400_000
 CREATE_SENT = "contact_create_sent_ms"  # kv: when a contact pass that has not finished last sent a create
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 15.0  # the longest a returning CRM waits for us
+DEDUPE_RECHECK_MS = 3_600_000  # a contact found to need no look-up before sends is looked at again hourly
 
 
 @dataclass
@@ -769,21 +770,23 @@ class Engine:
             cached.append(created)
 
     async def _dedupe_wanted(self, contact_id: int) -> bool:
-        """Check the CRM before creating? In `auto` mode: for contacts crm-syncd did not create
-        that already hold IMPORT_IOS interactions it did not send (another Mac, an older tool)."""
+        """Check the CRM before creating? In `auto` mode: for contacts that hold IMPORT_IOS interactions
+        crm-syncd did not send (another Mac, an older tool). "No" is asked again after an hour: the
+        owner's other Mac may begin delivering to the contact at any time."""
         mode = self.settings.dedupe_against_crm
         if mode != "auto":
             return mode == "on"
-        flag = self.store.dedupe_flag(contact_id)
-        if flag is None:
-            known = self.store.known_contact(contact_id)
-            if known and known[0] in ("card", "placeholder") and known[2] is not None:  # fields we wrote: ours
-                flag = False
-            else:
-                ours = self.store.crm_ids(contact_id)
-                recent = await self.crm.recent_interactions(contact_id)
-                flag = any(i.get("source") == "IMPORT_IOS" and i["id"] not in ours for i in recent)
-            self.store.set_dedupe_flag(contact_id, flag)
+        decided = self.store.dedupe_flag(contact_id)
+        if decided is not None and (decided[0] or now_ms() - decided[1] < DEDUPE_RECHECK_MS):
+            return decided[0]
+        known = self.store.known_contact(contact_id)
+        if decided is None and known and known[0] in ("card", "placeholder") and known[2] is not None:
+            flag = False  # fields we wrote: ours, made this moment, before anyone else could deliver to it
+        else:
+            ours = self.store.crm_ids(contact_id)
+            recent = await self.crm.recent_interactions(contact_id)
+            flag = any(i.get("source") == "IMPORT_IOS" and i["id"] not in ours for i in recent)
+        self.store.set_dedupe_flag(contact_id, flag)
         return flag
 
     def back_off(self, retry_after: float | None = None) -> None:

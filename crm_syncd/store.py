@@ -40,7 +40,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 APPLICATION_ID = 0x43524D53  # "CRMS": tells our database from any other SQLite file
 
 MIGRATIONS: dict[int, str] = {
@@ -151,6 +151,11 @@ MIGRATIONS: dict[int, str] = {
     # mark, so the next pass resumes from there instead of making the whole first sync again.
     5: """
     ALTER TABLE marks ADD COLUMN window_ms INTEGER;
+    """,
+    # When a contact's dedupe flag was decided: "no need to check" is decided again after a while,
+    # since the owner's other Mac may begin delivering to the contact at any time.
+    6: """
+    ALTER TABLE contacts ADD COLUMN dedupe_ms INTEGER;
     """,
 }
 UNRESOLVED = "(state = 'pending' OR state = 'held') AND contact_id IS NULL"  # as outbox_unresolved's WHERE
@@ -504,15 +509,18 @@ class Store:
             self.forget_contact(contact_id)
         return gone
 
-    def dedupe_flag(self, contact_id: int) -> bool | None:
-        """Whether this contact's interactions must be checked in the CRM before creating (None: unknown)."""
-        value = self._one("SELECT dedupe FROM contacts WHERE contact_id = ?", (contact_id,))
-        return None if value is None else bool(value)
+    def dedupe_flag(self, contact_id: int) -> tuple[bool, int] | None:
+        """Whether this contact's interactions must be checked in the CRM before creating, and when that
+        was decided (None: never; a time of 0: by a version that did not record it)."""
+        rows = self._all("SELECT dedupe, dedupe_ms FROM contacts WHERE contact_id = ? AND dedupe IS NOT NULL",
+                         (contact_id,))
+        return (bool(rows[0][0]), rows[0][1] or 0) if rows else None
 
     def set_dedupe_flag(self, contact_id: int, flag: bool) -> None:
         with self.transaction() as tx:
-            tx.execute("INSERT INTO contacts (contact_id, origin, dedupe, updated_ms) VALUES (?, 'crm', ?, ?) "
-                       "ON CONFLICT(contact_id) DO UPDATE SET dedupe = excluded.dedupe", (contact_id, flag, now_ms()))
+            tx.execute("INSERT INTO contacts (contact_id, origin, dedupe, dedupe_ms, updated_ms) VALUES (?, 'crm', ?, ?, ?) "
+                       "ON CONFLICT(contact_id) DO UPDATE SET dedupe = excluded.dedupe, dedupe_ms = excluded.dedupe_ms",
+                       (contact_id, flag, now_ms(), now_ms()))
 
     def forget_contact(self, contact_id: int) -> int:
         """Drop a contact that vanished from the CRM; its open items go back to resolution."""

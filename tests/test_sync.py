@@ -502,6 +502,29 @@ def test_a_placeholder_another_mac_delivered_to_then_named_by_a_card_is_checked_
     assert len(citadel.interactions_of(CAROL)) == 1
 
 
+def test_a_contact_found_to_need_no_look_up_is_looked_at_again_once_another_mac_may_deliver_to_it(
+        library: Library, citadel, cli: CLI, home):
+    """The owner installs crm-syncd on a second Mac: it delivers the messages both Macs receive. This Mac
+    decided long ago that its contact for Jane needed no look-up before sends; after an hour it asks again."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(days=2))
+    assert cli("sync").code == 0
+    at = ago(hours=1)
+    library.text(JANE, at=at)  # arrives on both Macs; the other one delivers it first
+    (jane,) = citadel.contacts()
+    moment = at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+    assert httpx.post(f"{citadel.url}/api/contacts/{jane['id']}/interactions",
+                      json={"type": "TEXT_INBOUND", "occurredAt": moment, "source": "IMPORT_IOS"}).status_code == 201
+    state = sqlite3.connect(home / "Library" / "Application Support" / "crm-syncd" / "state.db")
+    with state:  # that decision is two hours old
+        assert state.execute("UPDATE contacts SET dedupe_ms = dedupe_ms - 7200000 WHERE dedupe = 0").rowcount == 1
+    state.close()
+
+    assert cli("sync").code == 0
+
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 2}
+
+
 def test_create_unknown_contacts_false_holds_unknown_people(library: Library, citadel, cli: CLI):
     library.text("someone@example.org")
     cli.env["CRM_SYNCD_CREATE_UNKNOWN_CONTACTS"] = "false"
