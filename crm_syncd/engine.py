@@ -199,6 +199,7 @@ class Engine:
         self.store.prune_contacts(index.by_id)
         self.store.map_each(index.single_owner(), "crm", replace=False)
         live = {person.key for person in people}
+        self._give_back_by_name(people)
         for person in sorted(people, key=lambda p: p.key):
             try:
                 await self._apply_person(person, index, report, live)
@@ -225,12 +226,12 @@ class Engine:
         """
         fields = person.crm_fields()
         name = f"{fields['firstName']} {fields['lastName']}"
-        candidates = self._unclaimed(index.for_person(person, fields), person.key, live)
+        candidates = self._unclaimed(index.for_person(person, fields), person.key, live, fields)
         remembered = self.store.contact_for_person(person.key)
         if remembered in index.by_id:
             candidates.add(remembered)
         if not candidates and not person.addresses:
-            candidates = self._unclaimed(index.named(fields["firstName"], fields["lastName"]), person.key, live)
+            candidates = self._unclaimed(index.named(fields["firstName"], fields["lastName"]), person.key, live, fields)
         real = sorted(c for c in candidates if not is_placeholder(index.by_id[c]))
         placeholders = sorted(c for c in candidates if is_placeholder(index.by_id[c]))
 
@@ -260,10 +261,32 @@ class Engine:
             else:
                 report.merged.append(name)
 
-    def _unclaimed(self, contact_ids: set[int], person_key: str, live: set[str]) -> set[int]:
-        """The contacts not remembered for another person still in the address book."""
-        claims = {c: (self.store.known_contact(c) or ("", None))[1] for c in contact_ids}
-        return {c for c, key in claims.items() if key == person_key or key not in live}
+    def _give_back_by_name(self, people: list[Person]) -> None:
+        """A contact remembered for one person but last written under another's name is that person's
+        (cards merged by an older crm-syncd for a shared number, linked cards the owner unlinked)."""
+        fields = {person.key: person.crm_fields() for person in people}
+        by_name: dict[tuple, list[str]] = {}
+        for key, f in fields.items():
+            by_name.setdefault((f["firstName"], f["lastName"]), []).append(key)
+        for key, f in fields.items():
+            contact_id = self.store.contact_for_person(key)
+            known = self.store.known_contact(contact_id) if contact_id is not None else None
+            if known is None or known[2] is None or _same_name(known[2], f):
+                continue
+            named = by_name.get((known[2].get("firstName"), known[2].get("lastName")), [])
+            if len(named) == 1 and self.store.contact_for_person(named[0]) is None:
+                self.store.remember_contact(contact_id, known[0], named[0])
+                log.info("contacts.given_back", contact_id=contact_id)
+
+    def _unclaimed(self, contact_ids: set[int], person_key: str, live: set[str], fields: dict) -> set[int]:
+        """The contacts not remembered for another person: one still in the address book, or one gone
+        from it under another name (their contact stays theirs, even if this person holds their number)."""
+        def free(contact_id: int) -> bool:
+            origin, key, written = self.store.known_contact(contact_id) or ("", None, None)
+            if key is None or key == person_key:
+                return True
+            return key not in live and (origin != "card" or written is None or _same_name(written, fields))
+        return {c for c in contact_ids if free(c)}
 
     def _preferred(self, contact_ids: list[int]) -> int:
         """Among several real contacts, the owner's own survives (the lowest id among equals)."""
@@ -858,6 +881,10 @@ class _CRMIndex:
     def single_owner(self) -> list[tuple[str, int]]:
         """Every address the CRM holds, with the lowest id among the contacts holding it."""
         return [(address, min(ids)) for address, ids in self.by_address.items() if ids]
+
+
+def _same_name(fields: dict, others: dict) -> bool:
+    return (fields.get("firstName"), fields.get("lastName")) == (others.get("firstName"), others.get("lastName"))
 
 
 def _present(fields: dict) -> dict:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import phonenumbers
 from phonenumbers import PhoneNumberFormat, ValidationResult
 
-from crm_syncd.sources import Card
+from crm_syncd.sources import Card, Phone
 
 PEOPLE = frozenset({"phone", "email"})
 PLACEHOLDER_FIRST = "Unknown"
@@ -191,13 +191,15 @@ def merge_cards(cards: Iterable[Card], normalize: Normalizer) -> list[Person]:
     """Group cards describing the same person.
 
     Contacts' own links join cards always (same unique id, same link id). A shared phone or email joins
-    them only when their names agree, or one side has none: people who share an address (a home line,
-    an office's main number, a family email) stay apart, as Contacts shows them, and the address is
-    `owned` by the one it ranks first for (see `_share`).
+    them when it is a mobile number on both, or when their names agree (one is a part of the other) or
+    one card has none, unless that nameless card meets several people. So people who share an address
+    (a home line, an office's main number, a family email) stay apart, as Contacts shows them, and the
+    address is `owned` by one of them (see `_share`). The grouping depends on the cards only.
     """
     cards = sorted(cards, key=lambda c: (c.unique_id, c.store))
     parent = list(range(len(cards)))
-    names = {i: {_name(card)} - {""} for i, card in enumerate(cards)}  # the names of each root's group
+    own = [_name(card) for card in cards]
+    names = {i: {name} - {""} for i, name in enumerate(own)}  # the names of each root's group
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -208,23 +210,30 @@ def merge_cards(cards: Iterable[Card], normalize: Normalizer) -> list[Person]:
     def join(i: int, j: int, *, if_named_alike: bool = False) -> bool:
         a, b = root(i), root(j)
         if a != b:
-            if if_named_alike and names[a] and names[b] and not names[a] & names[b]:
+            if if_named_alike and not _alike(names[a], names[b]):
                 return False
             parent[a] = b
             names[b] |= names.pop(a)
         return True
 
     first_with: dict[str, int] = {}
-    holders: dict[str, list[int]] = {}
+    holders: dict[str, list[tuple[int, bool]]] = {}  # address -> (card, a mobile number on it)
     for i, card in enumerate(cards):
         for token in [f"id:{card.unique_id}"] + ([f"link:{card.link_id}"] if card.link_id else []):
             join(i, first_with.setdefault(token, i))
-        for address in _card_addresses(card, normalize):
-            holders.setdefault(address, []).append(i)
+        for address, mobile in _card_addresses(card, normalize).items():
+            holders.setdefault(address, []).append((i, mobile))
+    met: dict[int, set[str]] = {}  # nameless card -> the names of the cards it shares an address with
     for held_by in holders.values():
-        for n, i in enumerate(held_by[1:], 1):
-            for j in held_by[:n]:
-                if join(i, j, if_named_alike=True):
+        for i, _ in held_by:
+            if not own[i]:
+                met.setdefault(i, set()).update(own[j] for j, _ in held_by if own[j])
+    apart = {i for i, seen in met.items() if not all(_alike({a}, {b}) for a in seen for b in seen)}
+    for address in sorted(holders):
+        held_by = [(i, mobile) for i, mobile in holders[address] if i not in apart]
+        for n, (i, mobile) in enumerate(held_by[1:], 1):
+            for j, other_mobile in held_by[:n]:
+                if join(i, j, if_named_alike=not (mobile and other_mobile)):
                     break
 
     groups: dict[int, list[Card]] = {}
@@ -236,15 +245,32 @@ def merge_cards(cards: Iterable[Card], normalize: Normalizer) -> list[Person]:
 
 
 def _name(card: Card) -> str:
-    """The name a card gives its person, to tell people apart: first and last, else the organisation;
-    case and spacing aside ("" for a card with neither)."""
-    parts = (card.first, card.last) if (card.first or card.last) and not card.company else (card.organization,)
-    return " ".join(" ".join(_text(p) for p in parts).casefold().split())
+    """The name a card gives its person, to tell people apart: first and last, else the organisation,
+    else the nickname; case and spacing aside ("" for a card with none)."""
+    first_last = " ".join(filter(None, (_text(card.first), _text(card.last))))
+    text = first_last if first_last and not card.company else (_text(card.organization) or first_last
+                                                                or _text(card.nickname))
+    return " ".join(text.casefold().split())
 
 
-def _card_addresses(card: Card, normalize: Normalizer) -> set[str]:
-    phones = (normalize.person(p.value, p.country) for p in card.phones)
-    return {a for a in (*phones, *(normalize.person(e.value) for e in card.emails)) if a}
+def _alike(names: set[str], others: set[str]) -> bool:
+    """Whether two groups' names may be one person's: either has none, or one name's words are all
+    in another's ("Jane" and "Jane Doe")."""
+    if not names or not others:
+        return True
+    return any(set(a.split()) <= set(b.split()) or set(b.split()) <= set(a.split()) for a in names for b in others)
+
+
+def _card_addresses(card: Card, normalize: Normalizer) -> dict[str, bool]:
+    """The card's normalised addresses, each with whether it is a mobile number there."""
+    found: dict[str, bool] = {}
+    for phone in card.phones:
+        if address := normalize.person(phone.value, phone.country):
+            found[address] = found.get(address, False) or _is_mobile(phone)
+    for email in card.emails:
+        if address := normalize.person(email.value):
+            found.setdefault(address, False)
+    return found
 
 
 def _share(people: list[Person], normalize: Normalizer) -> None:
@@ -265,8 +291,12 @@ def _share(people: list[Person], normalize: Normalizer) -> None:
 
 
 def _mobile(person: Person, address: str, normalize: Normalizer) -> bool:
-    return any((phone.label or "").lower() in _MOBILE_LABELS and normalize.person(phone.value, phone.country) == address
+    return any(_is_mobile(phone) and normalize.person(phone.value, phone.country) == address
                for card in person.cards for phone in card.phones)
+
+
+def _is_mobile(phone: Phone) -> bool:
+    return (phone.label or "").lower() in _MOBILE_LABELS
 
 
 def _rank(person: Person, address: str) -> int:
@@ -287,9 +317,9 @@ def _person(cards: list[Card], normalize: Normalizer) -> Person:
     return person
 
 
-def _phone_rank(phone) -> tuple[int, int]:
+def _phone_rank(phone: Phone) -> tuple[int, int]:
     """Primary first, then mobile numbers, then the card's own order (sort is stable)."""
-    return (0 if phone.primary else 1, 0 if (phone.label or "").lower() in _MOBILE_LABELS else 1)
+    return (0 if phone.primary else 1, 0 if _is_mobile(phone) else 1)
 
 
 def crm_addresses(contact: dict, normalize: Normalizer) -> list[str]:
