@@ -37,7 +37,7 @@ from crm_syncd.identity import (
     owner_notes,
     placeholder_fields,
 )
-from crm_syncd.logs import get_logger, mask_address
+from crm_syncd.logs import get_logger
 from crm_syncd.settings import Settings
 from crm_syncd.sources import BEFORE_WINDOW, Batch, Card, contacts as contacts_source, sqlite
 from crm_syncd.sources.calls import CallsReader
