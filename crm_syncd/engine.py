@@ -199,7 +199,7 @@ class Engine:
         self.store.prune_contacts(index.by_id)
         self.store.map_each(index.single_owner(), "crm", replace=False)
         live = {person.key for person in people}
-        self._give_back_by_name(people)
+        self._give_back_by_name(people, index)
         for person in sorted(people, key=lambda p: p.key):
             try:
                 await self._apply_person(person, index, report, live)
@@ -226,12 +226,14 @@ class Engine:
         """
         fields = person.crm_fields()
         name = f"{fields['firstName']} {fields['lastName']}"
-        candidates = self._unclaimed(index.for_person(person, fields), person.key, live, fields)
         remembered = self.store.contact_for_person(person.key)
-        if remembered in index.by_id:
+        if remembered not in index.by_id:
+            remembered = None
+        candidates = self._unclaimed(index.for_person(person, fields), person, live, remembered)
+        if remembered is not None:
             candidates.add(remembered)
         if not candidates and not person.addresses:
-            candidates = self._unclaimed(index.named(fields["firstName"], fields["lastName"]), person.key, live, fields)
+            candidates = self._unclaimed(index.named(fields["firstName"], fields["lastName"]), person, live, remembered)
         real = sorted(c for c in candidates if not is_placeholder(index.by_id[c]))
         placeholders = sorted(c for c in candidates if is_placeholder(index.by_id[c]))
 
@@ -261,31 +263,39 @@ class Engine:
             else:
                 report.merged.append(name)
 
-    def _give_back_by_name(self, people: list[Person]) -> None:
-        """A contact remembered for one person but last written under another's name is that person's
-        (cards merged by an older crm-syncd for a shared number, linked cards the owner unlinked)."""
+    def _give_back_by_name(self, people: list[Person], index: _CRMIndex) -> None:
+        """A contact remembered for one person but written under another's name, holding their number or
+        email and not this one's, is theirs (linked cards the owner unlinked, people an older crm-syncd
+        merged for a shared number), unless they have one already."""
         fields = {person.key: person.crm_fields() for person in people}
-        by_name: dict[tuple, list[str]] = {}
-        for key, f in fields.items():
-            by_name.setdefault((f["firstName"], f["lastName"]), []).append(key)
-        for key, f in fields.items():
-            contact_id = self.store.contact_for_person(key)
-            known = self.store.known_contact(contact_id) if contact_id is not None else None
-            if known is None or known[2] is None or _same_name(known[2], f):
+        by_name: dict[tuple, list[Person]] = {}
+        for person in people:
+            by_name.setdefault((fields[person.key]["firstName"], fields[person.key]["lastName"]), []).append(person)
+        for person in people:
+            contact_id = self.store.contact_for_person(person.key)
+            known = self.store.known_contact(contact_id) if contact_id in index.by_id else None
+            if known is None or known[2] is None or _same_name(known[2], fields[person.key]):
                 continue
             named = by_name.get((known[2].get("firstName"), known[2].get("lastName")), [])
-            if len(named) == 1 and self.store.contact_for_person(named[0]) is None:
-                self.store.remember_contact(contact_id, known[0], named[0])
+            holds = set(crm_addresses(index.by_id[contact_id], self.normalize))
+            if (len(named) == 1 and holds & set(named[0].owned) and not holds & set(person.owned)
+                    and self.store.contact_for_person(named[0].key) is None):
+                self.store.remember_contact(contact_id, known[0], named[0].key)
                 log.info("contacts.given_back", contact_id=contact_id)
 
-    def _unclaimed(self, contact_ids: set[int], person_key: str, live: set[str], fields: dict) -> set[int]:
+    def _unclaimed(self, contact_ids: set[int], person: Person, live: set[str], remembered: int | None) -> set[int]:
         """The contacts not remembered for another person: one still in the address book, or one gone
-        from it under another name (their contact stays theirs, even if this person holds their number)."""
+        from it while this person has a contact of their own (someone who shared their number), unless
+        it bears this person's name. A person without one may be that one under a new key (a card added,
+        linked or deleted changed their smallest unique id)."""
         def free(contact_id: int) -> bool:
             origin, key, written = self.store.known_contact(contact_id) or ("", None, None)
-            if key is None or key == person_key:
+            if key is None or key == person.key:
                 return True
-            return key not in live and (origin != "card" or written is None or _same_name(written, fields))
+            if key in live:
+                return False
+            return (remembered is None or origin != "card" or written is None
+                    or _same_name(written, person.crm_fields()))
         return {c for c in contact_ids if free(c)}
 
     def _preferred(self, contact_ids: list[int]) -> int:

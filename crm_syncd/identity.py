@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from itertools import combinations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -191,10 +192,11 @@ def merge_cards(cards: Iterable[Card], normalize: Normalizer) -> list[Person]:
     """Group cards describing the same person.
 
     Contacts' own links join cards always (same unique id, same link id). A shared phone or email joins
-    them when it is a mobile number on both, or when their names agree (one is a part of the other) or
-    one card has none, unless that nameless card meets several people. So people who share an address
-    (a home line, an office's main number, a family email) stay apart, as Contacts shows them, and the
-    address is `owned` by one of them (see `_share`). The grouping depends on the cards only.
+    them when it is a mobile number on both, or when their names agree (one's words all in the other's)
+    or one card has none, unless that card meets several people who do not agree (`_bridges`). So people
+    who share an address (a home line, an office's main number, a family email) stay apart, as Contacts
+    shows them, and the address is `owned` by one of them (see `_share`). The grouping depends on the
+    cards only.
     """
     cards = sorted(cards, key=lambda c: (c.unique_id, c.store))
     parent = list(range(len(cards)))
@@ -223,18 +225,29 @@ def merge_cards(cards: Iterable[Card], normalize: Normalizer) -> list[Person]:
             join(i, first_with.setdefault(token, i))
         for address, mobile in _card_addresses(card, normalize).items():
             holders.setdefault(address, []).append((i, mobile))
-    met: dict[int, set[str]] = {}  # nameless card -> the names of the cards it shares an address with
-    for held_by in holders.values():
-        for i, _ in held_by:
-            if not own[i]:
-                met.setdefault(i, set()).update(own[j] for j, _ in held_by if own[j])
-    apart = {i for i, seen in met.items() if not all(_alike({a}, {b}) for a in seen for b in seen)}
+    apart = _bridges(own, holders)
     for address in sorted(holders):
-        held_by = [(i, mobile) for i, mobile in holders[address] if i not in apart]
-        for n, (i, mobile) in enumerate(held_by[1:], 1):
-            for j, other_mobile in held_by[:n]:
-                if join(i, j, if_named_alike=not (mobile and other_mobile)):
-                    break
+        first_mobile: int | None = None
+        earlier: list[int] = []
+        unnamed: list[int] = []
+        named = _NameIndex()
+        for i, mobile in holders[address]:
+            if i in apart:
+                continue
+            if mobile and first_mobile is not None:
+                join(i, first_mobile)  # one mobile number on both cards: one person, however they are named
+            elif earlier:  # only the cards its name may agree with: a number on many cards stays cheap
+                tries = unnamed + named.agreeing(own[i]) if own[i] else earlier[:1]
+                for j in tries:
+                    if join(i, j, if_named_alike=True):
+                        break
+            if mobile and first_mobile is None:
+                first_mobile = i
+            earlier.append(i)
+            if own[i]:
+                named.add(i, own[i])
+            else:
+                unnamed.append(i)
 
     groups: dict[int, list[Card]] = {}
     for i, card in enumerate(cards):
@@ -254,11 +267,66 @@ def _name(card: Card) -> str:
 
 
 def _alike(names: set[str], others: set[str]) -> bool:
-    """Whether two groups' names may be one person's: either has none, or one name's words are all
-    in another's ("Jane" and "Jane Doe")."""
-    if not names or not others:
-        return True
-    return any(set(a.split()) <= set(b.split()) or set(b.split()) <= set(a.split()) for a in names for b in others)
+    """Whether two groups' names may be one person's: every name of one and every name of the other
+    agree, one's words all in the other's ("Jane" and "Jane Doe"); a group with no name agrees."""
+    return all(_agree(a, b) for a in names for b in others)
+
+
+def _agree(name: str, other: str) -> bool:
+    words, others = set(name.split()), set(other.split())
+    return words <= others or others <= words
+
+
+def _bridges(own: list[str], holders: dict[str, list[tuple[int, bool]]]) -> set[int]:
+    """Cards that share addresses with several people whose names do not agree with each other, though
+    each agrees with the card's: a nameless card, or a household's "Smith" beside Alice and Bob Smith.
+    They join no one by address."""
+    met: dict[int, set[str]] = {}
+    for held_by in holders.values():
+        named = _NameIndex()
+        for i, _ in held_by:
+            if own[i]:
+                named.add(i, own[i])
+        for i, _ in held_by:
+            near = named.agreeing(own[i]) if own[i] else named.cards
+            met.setdefault(i, set()).update(own[j] for j in near if j != i)
+    return {i for i, names in met.items() if names and not _chain(names | ({own[i]} - {""}))}
+
+
+class _NameIndex:
+    """Cards by name, to find those whose names agree with one without comparing every pair."""
+
+    MAX_WORDS = 6  # a longer name is matched by the words of its own, not by every part of it
+
+    def __init__(self) -> None:
+        self.cards: list[int] = []
+        self._words: dict[int, frozenset[str]] = {}
+        self._by_words: dict[frozenset[str], list[int]] = {}
+        self._by_word: dict[str, list[int]] = {}
+
+    def add(self, card: int, name: str) -> None:
+        words = frozenset(name.split())
+        self.cards.append(card)
+        self._words[card] = words
+        self._by_words.setdefault(words, []).append(card)
+        for word in words:
+            self._by_word.setdefault(word, []).append(card)
+
+    def agreeing(self, name: str) -> list[int]:
+        """The cards, in the order added, whose names' words all lie in `name`'s, or hold all of them."""
+        words = frozenset(name.split())
+        parts = (frozenset(c) for n in range(1, min(len(words), self.MAX_WORDS) + 1)
+                 for c in combinations(sorted(words), n))
+        found = {card for part in parts for card in self._by_words.get(part, ())}
+        fewest = min((self._by_word.get(w, []) for w in words), key=len, default=[])
+        found.update(card for card in fewest if words <= self._words[card])
+        return sorted(found)
+
+
+def _chain(names: set[str]) -> bool:
+    """Whether every two of the names agree: by word count, each one's words are in the next one's."""
+    ordered = sorted((set(n.split()) for n in names), key=len)
+    return all(a <= b for a, b in zip(ordered, ordered[1:]))
 
 
 def _card_addresses(card: Card, normalize: Normalizer) -> dict[str, bool]:

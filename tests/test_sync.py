@@ -302,6 +302,85 @@ def test_linked_cards_the_owner_unlinks_leave_the_contact_to_the_person_it_is_na
     assert kinds(citadel, "Bob Roe") == {"TEXT_INBOUND": 1}
 
 
+def test_a_household_card_under_the_family_name_keeps_the_couple_apart(library: Library, citadel, cli: CLI):
+    library.card(last="Smith", phones=[(HOME_LINE, "Home")], unique_id="A:ABPerson")
+    library.card(first="Alice", last="Smith", phones=[(CAROL, "Mobile"), (HOME_LINE, "Home")], unique_id="B:ABPerson")
+    library.card(first="Bob", last="Smith", phones=[(BOB, "Mobile"), (HOME_LINE, "Home")], unique_id="C:ABPerson")
+
+    assert cli("sync").code == 0
+
+    assert sorted(names(citadel)) == ["- Smith", "Alice Smith", "Bob Smith"]
+
+
+def test_a_linked_card_with_another_spelling_renames_the_persons_contact_rather_than_making_a_second(
+        library: Library, citadel, cli: CLI):
+    """The person's smallest unique id and their name change at once."""
+    library.card(first="Robert", last="Roe", phones=[(BOB, "Mobile")], unique_id="M:ABPerson", link_id="L",
+                 modified=ago(days=30))
+    library.text(BOB, at=ago(hours=3))
+    assert cli("sync").code == 0
+    (before,) = citadel.contacts()
+
+    library.card(source=1, first="Bob", last="Roe", phones=[(BOB, "Mobile")], unique_id="C:ABPerson",
+                 link_id="L", preferred_name=True)
+    assert cli("sync").code == 0
+
+    assert [(c["id"], c["firstName"]) for c in citadel.contacts()] == [(before["id"], "Bob")]
+
+
+def test_deleting_the_card_that_named_a_linked_person_renames_their_contact(library: Library, citadel, cli: CLI):
+    named_by = library.card(first="Bob", last="Roe", phones=[(BOB, "Mobile")], unique_id="A:ABPerson",
+                            link_id="L", preferred_name=True)
+    library.card(first="Robert", last="Roe", emails=["bob@example.com"], phones=[], unique_id="B:ABPerson",
+                 link_id="L")
+    library.text(BOB, at=ago(hours=3))
+    assert cli("sync").code == 0
+    (before,) = citadel.contacts()
+
+    library.books[0].delete_card(named_by)
+    library.books[0].commit()
+    assert cli("sync").code == 0
+
+    assert [(c["id"], c["firstName"]) for c in citadel.contacts()] == [(before["id"], "Robert")]
+
+
+def test_renaming_one_of_two_namesakes_keeps_their_contact_and_history(library: Library, citadel, cli: CLI):
+    citadel.add_contact(firstName="John", lastName="Smith", phone="(902) 555-0122")  # the owner's, for the other
+    library.card(first="John", last="Smith", phones=[(BOB, "Mobile")], unique_id="A:ABPerson")
+    junior = library.card(first="John", last="Smith", phones=[(CAROL, "Mobile")], unique_id="B:ABPerson")
+    library.text(CAROL, at=ago(hours=3))
+    assert cli("sync").code == 0
+
+    library.books[0].update_card(junior, last="Smith Jr")
+    library.books[0].commit()
+    assert cli("sync").code == 0
+    assert cli("sync").code == 0
+
+    assert sorted(names(citadel)) == ["John Smith", "John Smith Jr"]
+    assert names(citadel)["John Smith Jr"]["phone"] == CAROL
+    assert kinds(citadel, "John Smith Jr") == {"TEXT_INBOUND": 1}
+
+
+def test_a_new_card_under_a_renamed_persons_old_name_gets_a_contact_of_its_own(library: Library, citadel, cli: CLI):
+    jon = library.card(first="Jon", last="Smith", phones=[(BOB, "Mobile")], unique_id="B:ABPerson")
+    library.text(BOB, at=ago(hours=3))
+    assert cli("sync").code == 0
+    (contact,) = citadel.contacts()
+    citadel.update_contact(contact["id"], notes="met at the conference")  # the owner's: no longer renamed by us
+    library.books[0].update_card(jon, first="John")
+    library.books[0].commit()
+    assert cli("sync").code == 0
+
+    library.card(first="Jon", last="Smith", phones=[(CAROL, "Mobile")], unique_id="C:ABPerson")
+    library.text(CAROL, at=ago(hours=1))
+    assert cli("sync").code == 0
+    assert cli("sync").code == 0
+
+    by_phone = {c["phone"]: c for c in citadel.contacts()}
+    assert sorted(by_phone) == sorted([BOB, CAROL]) and by_phone[BOB]["id"] == contact["id"]
+    assert Counter(i["type"] for i in citadel.interactions(contact["id"])) == {"TEXT_INBOUND": 1}
+
+
 def test_company_cards_and_first_name_only_cards_get_findable_names(library: Library, citadel, cli: CLI):
     library.card(organization="Acme Plumbing", company=True, phones=["+1 613 555 0144"])
     library.card(first="Prince", phones=["+1 613 555 0155"])
