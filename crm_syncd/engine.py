@@ -226,14 +226,13 @@ class Engine:
         """
         fields = person.crm_fields()
         name = f"{fields['firstName']} {fields['lastName']}"
+        cards = {card.unique_id for card in person.cards}
+        candidates = self._unclaimed(index.for_person(person, fields), person, fields, live)
         remembered = self.store.contact_for_person(person.key)
-        if remembered not in index.by_id:
-            remembered = None
-        candidates = self._unclaimed(index.for_person(person, fields), person, live, remembered)
-        if remembered is not None:
+        if remembered in index.by_id:
             candidates.add(remembered)
         if not candidates and not person.addresses:
-            candidates = self._unclaimed(index.named(fields["firstName"], fields["lastName"]), person, live, remembered)
+            candidates = self._unclaimed(index.named(fields["firstName"], fields["lastName"]), person, fields, live)
         real = sorted(c for c in candidates if not is_placeholder(index.by_id[c]))
         placeholders = sorted(c for c in candidates if is_placeholder(index.by_id[c]))
 
@@ -241,19 +240,22 @@ class Engine:
             created = await self._create_contact(_present(fields))
             survivor = created["id"]
             index.add(created)
-            self.store.remember_contact(survivor, "card", person.key, written=fields)
+            self.store.remember_contact(survivor, "card", person.key, written=fields, cards=cards)
             report.created.append(name)
         elif real:
             survivor = remembered if remembered in real else self._preferred(real)
             report.existing += 1
             await self._follow_edits(survivor, fields, index, report, name)
+            known = self.store.known_contact(survivor)
+            if known and known[0] == "card" and (known[1] != person.key or self.store.contact_cards(survivor) != cards):
+                self.store.remember_contact(survivor, "card", person.key, cards=cards)  # theirs under today's key
         else:
             survivor = placeholders[0]
             await self._dedupe_wanted(survivor)  # settled while it is known as found, not made, if another Mac made it
             updated = await self.crm.update_contact(survivor, _present(_promotion(fields, index.by_id[survivor])))
             index.replace(updated)
             # the card's fields: notes the owner kept differ from them, so they are never written over
-            self.store.remember_contact(survivor, "card", person.key, written=fields)
+            self.store.remember_contact(survivor, "card", person.key, written=fields, cards=cards)
             report.promoted.append(name)
             log.info("contacts.promoted", contact_id=survivor)
         self.store.map_addresses(person.owned, survivor, "card")
@@ -280,22 +282,25 @@ class Engine:
             holds = set(crm_addresses(index.by_id[contact_id], self.normalize))
             if (len(named) == 1 and holds & set(named[0].owned) and not holds & set(person.owned)
                     and self.store.contact_for_person(named[0].key) is None):
-                self.store.remember_contact(contact_id, known[0], named[0].key)
+                self.store.remember_contact(contact_id, known[0], named[0].key,
+                                            cards=[card.unique_id for card in named[0].cards])
                 log.info("contacts.given_back", contact_id=contact_id)
 
-    def _unclaimed(self, contact_ids: set[int], person: Person, live: set[str], remembered: int | None) -> set[int]:
-        """The contacts not remembered for another person: one still in the address book, or one gone
-        from it while this person has a contact of their own (someone who shared their number), unless
-        it bears this person's name. A person without one may be that one under a new key (a card added,
-        linked or deleted changed their smallest unique id)."""
+    def _unclaimed(self, contact_ids: set[int], person: Person, fields: dict, live: set[str]) -> set[int]:
+        """The contacts not remembered for another person: not one still in the address book, nor one
+        made for a person gone from it (who shared this one's number), unless it was made for one of
+        this person's cards (their smallest unique id changed: a card added, linked or deleted) or
+        under their name."""
+        cards = {card.unique_id for card in person.cards}
+
         def free(contact_id: int) -> bool:
             origin, key, written = self.store.known_contact(contact_id) or ("", None, None)
             if key is None or key == person.key:
                 return True
             if key in live:
                 return False
-            return (remembered is None or origin != "card" or written is None
-                    or _same_name(written, person.crm_fields()))
+            return (origin != "card" or written is None or _same_name(written, fields)
+                    or bool(self.store.contact_cards(contact_id) & cards))
         return {c for c in contact_ids if free(c)}
 
     def _preferred(self, contact_ids: list[int]) -> int:

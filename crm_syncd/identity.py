@@ -153,9 +153,10 @@ class Person:
     @property
     def card(self) -> Card:
         """The card that supplies name and organisation: the one Contacts takes a linked person's name
-        from, else the most recently modified one that has a name."""
-        return max(self.cards, key=lambda c: (bool(c.link_id and c.preferred_name), bool(_name(c)),
-                                              c.modified or 0.0, c.store, c.unique_id))
+        from, else the most recently modified one among those with the fullest name (first and last,
+        then either, then a nickname or organisation)."""
+        return max(self.cards, key=lambda c: (bool(c.link_id and c.preferred_name), bool(_text(c.first)) + bool(_text(c.last)),
+                                              bool(_name(c)), c.modified or 0.0, c.store, c.unique_id))
 
     def crm_fields(self) -> dict[str, str | None]:
         """The CRM contact this person should be, by a deterministic naming rule.
@@ -192,8 +193,9 @@ def merge_cards(cards: Iterable[Card], normalize: Normalizer) -> list[Person]:
     """Group cards describing the same person.
 
     Contacts' own links join cards always (same unique id, same link id). A shared phone or email joins
-    them when it is a mobile number on both, or when their names agree (one's words all in the other's)
-    or one card has none, unless that card meets several people who do not agree (`_bridges`). So people
+    them when their names agree (one's words all in the other's) or one card has none, unless that card
+    meets several people who do not agree (`_bridges`); or when it is one person's mobile in several
+    accounts (`_one_mobile`). So people
     who share an address (a home line, an office's main number, a family email) stay apart, as Contacts
     shows them, and the address is `owned` by one of them (see `_share`). The grouping depends on the
     cards only.
@@ -227,22 +229,22 @@ def merge_cards(cards: Iterable[Card], normalize: Normalizer) -> list[Person]:
             holders.setdefault(address, []).append((i, mobile))
     apart = _bridges(own, holders)
     for address in sorted(holders):
-        first_mobile: int | None = None
+        held_by = holders[address]
+        if _one_mobile(cards, held_by):  # one person in several accounts, under two spellings of a first name
+            for i, _ in held_by[1:]:
+                join(i, held_by[0][0])
+            continue
         earlier: list[int] = []
         unnamed: list[int] = []
         named = _NameIndex()
-        for i, mobile in holders[address]:
+        for i, _ in held_by:
             if i in apart:
                 continue
-            if mobile and first_mobile is not None:
-                join(i, first_mobile)  # one mobile number on both cards: one person, however they are named
-            elif earlier:  # only the cards its name may agree with: a number on many cards stays cheap
+            if earlier:  # only the cards its name may agree with: a number on many cards stays cheap
                 tries = unnamed + named.agreeing(own[i]) if own[i] else earlier[:1]
                 for j in tries:
                     if join(i, j, if_named_alike=True):
                         break
-            if mobile and first_mobile is None:
-                first_mobile = i
             earlier.append(i)
             if own[i]:
                 named.add(i, own[i])
@@ -255,6 +257,18 @@ def merge_cards(cards: Iterable[Card], normalize: Normalizer) -> list[Person]:
     people = [_person(group, normalize) for group in groups.values()]
     _share(people, normalize)
     return people
+
+
+def _one_mobile(cards: list[Card], held_by: list[tuple[int, bool]]) -> bool:
+    """Whether an address is a mobile number on every card that holds it, each in another account and
+    all under one last name ("Robert Roe" in iCloud, "Bob Roe" in Google): one person's phone. (A
+    number typed on an iPhone is a mobile by default, so a shared home line may be labelled so too;
+    within one account, or across last names, that is no sign.)"""
+    if len(held_by) < 2 or not all(mobile for _, mobile in held_by):
+        return False
+    stores = [cards[i].store for i, _ in held_by]
+    lasts = {_text(cards[i].last).casefold() for i, _ in held_by}
+    return len(set(stores)) == len(stores) and len(lasts) == 1 and "" not in lasts
 
 
 def _name(card: Card) -> str:
@@ -282,21 +296,28 @@ def _bridges(own: list[str], holders: dict[str, list[tuple[int, bool]]]) -> set[
     each agrees with the card's: a nameless card, or a household's "Smith" beside Alice and Bob Smith.
     They join no one by address."""
     met: dict[int, set[str]] = {}
+    apart: set[int] = set()
     for held_by in holders.values():
         named = _NameIndex()
         for i, _ in held_by:
             if own[i]:
                 named.add(i, own[i])
+        everyone = {own[j] for j in named.cards}
+        agreed = _chain(everyone)  # else every nameless card here is a bridge, whatever else it meets
         for i, _ in held_by:
-            near = named.agreeing(own[i]) if own[i] else named.cards
-            met.setdefault(i, set()).update(own[j] for j in near if j != i)
-    return {i for i, names in met.items() if names and not _chain(names | ({own[i]} - {""}))}
+            if own[i]:
+                met.setdefault(i, set()).update(own[j] for j in named.agreeing(own[i]) if j != i)
+            elif agreed:
+                met.setdefault(i, set()).update(everyone)
+            else:
+                apart.add(i)
+    return apart | {i for i, names in met.items() if names and not _chain(names | ({own[i]} - {""}))}
 
 
 class _NameIndex:
     """Cards by name, to find those whose names agree with one without comparing every pair."""
 
-    MAX_WORDS = 6  # a longer name is matched by the words of its own, not by every part of it
+    MAX_WORDS = 4  # a longer name finds the names made of up to this many of its words
 
     def __init__(self) -> None:
         self.cards: list[int] = []
@@ -374,7 +395,8 @@ def _rank(person: Person, address: str) -> int:
 
 def _person(cards: list[Card], normalize: Normalizer) -> Person:
     person = Person(key=min(c.unique_id for c in cards), cards=cards)
-    preferred = sorted(cards, key=lambda c: (-(c.modified or 0.0), c.store, c.unique_id))
+    named_by = person.card  # its numbers first: the contact gets the name and the number of one card
+    preferred = sorted(cards, key=lambda c: (c is not named_by, -(c.modified or 0.0), c.store, c.unique_id))
     phones = [p for c in preferred for p in sorted(c.phones, key=_phone_rank)]
     for value in (normalize(p.value, p.country) for p in phones):
         if value.kind == "phone" and value.value not in person.phones:

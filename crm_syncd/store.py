@@ -40,7 +40,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 APPLICATION_ID = 0x43524D53  # "CRMS": tells our database from any other SQLite file
 
 MIGRATIONS: dict[int, str] = {
@@ -156,6 +156,11 @@ MIGRATIONS: dict[int, str] = {
     # since the owner's other Mac may begin delivering to the contact at any time.
     6: """
     ALTER TABLE contacts ADD COLUMN dedupe_ms INTEGER;
+    """,
+    # The unique ids of the cards a contact was made or kept for: a person whose smallest unique id
+    # changes (a card added, linked or deleted) is known by the cards they still have.
+    7: """
+    ALTER TABLE contacts ADD COLUMN cards TEXT;
     """,
 }
 UNRESOLVED = "(state = 'pending' OR state = 'held') AND contact_id IS NULL"  # as outbox_unresolved's WHERE
@@ -462,14 +467,17 @@ class Store:
         return [r[0] for r in self._all("SELECT address FROM hints WHERE person = ?", (person,))]
 
     def remember_contact(self, contact_id: int, origin: str, person_key: str | None = None,
-                         written: dict | None = None) -> None:
+                         written: dict | None = None, cards: Iterable[str] | None = None) -> None:
         with self.transaction() as tx:
             tx.execute(
-                "INSERT INTO contacts (contact_id, origin, person_key, written, updated_ms) VALUES (?, ?, ?, ?, ?) "
+                "INSERT INTO contacts (contact_id, origin, person_key, written, cards, updated_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(contact_id) DO UPDATE SET origin = excluded.origin, "
                 "person_key = COALESCE(excluded.person_key, contacts.person_key), "
-                "written = COALESCE(excluded.written, contacts.written), updated_ms = excluded.updated_ms",
-                (contact_id, origin, person_key, json.dumps(written, sort_keys=True) if written else None, now_ms()),
+                "written = COALESCE(excluded.written, contacts.written), "
+                "cards = COALESCE(excluded.cards, contacts.cards), updated_ms = excluded.updated_ms",
+                (contact_id, origin, person_key, json.dumps(written, sort_keys=True) if written else None,
+                 json.dumps(sorted(cards)) if cards is not None else None, now_ms()),
             )
 
     def known_contact(self, contact_id: int) -> tuple[str, str | None, dict | None] | None:
@@ -478,6 +486,14 @@ class Store:
             row = self._conn.execute(
                 "SELECT origin, person_key, written FROM contacts WHERE contact_id = ?", (contact_id,)).fetchone()
         return (row[0], row[1], json.loads(row[2]) if row[2] else None) if row else None
+
+    def contact_cards(self, contact_id: int) -> set[str]:
+        """The unique ids of the cards a contact was made or last kept for (its person key, if not recorded)."""
+        rows = self._all("SELECT cards, person_key FROM contacts WHERE contact_id = ?", (contact_id,))
+        if not rows:
+            return set()
+        cards, key = rows[0]
+        return set(json.loads(cards)) if cards else {key} if key else set()
 
     def contact_for_person(self, person_key: str) -> int | None:
         return self._one("SELECT contact_id FROM contacts WHERE person_key = ? ORDER BY contact_id LIMIT 1",

@@ -381,6 +381,51 @@ def test_a_new_card_under_a_renamed_persons_old_name_gets_a_contact_of_its_own(l
     assert Counter(i["type"] for i in citadel.interactions(contact["id"])) == {"TEXT_INBOUND": 1}
 
 
+def test_a_new_card_with_the_number_of_someone_deleted_gets_a_contact_of_its_own(library: Library, citadel, cli: CLI):
+    """Alice left; months later her old mobile number is Carol's, and the owner adds Carol."""
+    alice = library.card(first="Alice", last="Roe", phones=[(BOB, "Mobile")], unique_id="B:ABPerson")
+    library.text(BOB, at=ago(days=30))
+    assert cli("sync").code == 0
+    library.books[0].delete_card(alice)
+    library.books[0].commit()
+    assert cli("sync").code == 0
+
+    library.card(first="Carol", last="Zed", phones=[(BOB, "Mobile")], unique_id="C:ABPerson")
+    assert cli("sync").code == 0
+
+    assert sorted(names(citadel)) == ["Alice Roe", "Carol Zed"]
+    assert kinds(citadel, "Alice Roe") == {"TEXT_INBOUND": 1}
+
+
+def test_two_people_whose_cards_both_call_one_number_mobile_stay_apart(library: Library, citadel, cli: CLI):
+    """An iPhone labels a number it is given "mobile" by default: a shared line may be one on both cards."""
+    library.card(first="Alice", last="Smith", phones=[(HOME_LINE, "Mobile")], emails=["alice@example.com"])
+    library.card(first="Bob", last="Jones", phones=[(HOME_LINE, "iPhone")], emails=["bob@example.com"])
+    library.text("alice@example.com")
+
+    assert cli("sync").code == 0
+
+    assert sorted(names(citadel)) == ["Alice Smith", "Bob Jones"]
+    assert kinds(citadel, "Alice Smith") == {"TEXT_INBOUND": 1}
+
+
+def test_a_household_card_edited_last_does_not_name_the_person_or_keep_her_history_when_they_part(
+        library: Library, citadel, cli: CLI):
+    library.card(first="Alice", last="Smith", phones=[(CAROL, "Mobile"), (HOME_LINE, "Home")],
+                 unique_id="B:ABPerson", modified=ago(days=10))
+    library.card(last="Smith", phones=[(HOME_LINE, "Home")], unique_id="A:ABPerson", modified=ago(days=1))
+    library.text(CAROL, at=ago(hours=3))
+    assert cli("sync").code == 0
+    assert [(c["firstName"], c["phone"]) for c in citadel.contacts()] == [("Alice", CAROL)]
+
+    library.card(first="Bob", last="Smith", phones=[(BOB, "Mobile"), (HOME_LINE, "Home")], unique_id="C:ABPerson")
+    assert cli("sync").code == 0
+    assert cli("sync").code == 0
+
+    assert sorted(names(citadel)) == ["- Smith", "Alice Smith", "Bob Smith"]
+    assert kinds(citadel, "Alice Smith") == {"TEXT_INBOUND": 1}
+
+
 def test_company_cards_and_first_name_only_cards_get_findable_names(library: Library, citadel, cli: CLI):
     library.card(organization="Acme Plumbing", company=True, phones=["+1 613 555 0144"])
     library.card(first="Prince", phones=["+1 613 555 0155"])
