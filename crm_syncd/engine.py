@@ -280,10 +280,12 @@ class Engine:
                 continue
             named = by_name.get((known[2].get("firstName"), known[2].get("lastName")), [])
             holds = set(crm_addresses(index.by_id[contact_id], self.normalize))
-            if (len(named) == 1 and holds & set(named[0].owned) and not holds & set(person.owned)
-                    and self.store.contact_for_person(named[0].key) is None):
-                self.store.remember_contact(contact_id, known[0], named[0].key,
-                                            cards=[card.unique_id for card in named[0].cards])
+            if len(named) != 1:
+                continue
+            other = named[0]  # holds their number or email and none of this person's but a shared one (a family email)
+            if (holds & set(other.owned) and not holds & (set(person.owned) - set(other.addresses))
+                    and self.store.contact_for_person(other.key) is None):
+                self.store.remember_contact(contact_id, known[0], other.key, cards=[c.unique_id for c in other.cards])
                 log.info("contacts.given_back", contact_id=contact_id)
 
     def _unclaimed(self, contact_ids: set[int], person: Person, fields: dict, live: set[str]) -> set[int]:

@@ -230,10 +230,6 @@ def merge_cards(cards: Iterable[Card], normalize: Normalizer) -> list[Person]:
     apart = _bridges(own, holders)
     for address in sorted(holders):
         held_by = holders[address]
-        if _one_mobile(cards, held_by):  # one person in several accounts, under two spellings of a first name
-            for i, _ in held_by[1:]:
-                join(i, held_by[0][0])
-            continue
         earlier: list[int] = []
         unnamed: list[int] = []
         named = _NameIndex()
@@ -250,6 +246,10 @@ def merge_cards(cards: Iterable[Card], normalize: Normalizer) -> list[Person]:
                 named.add(i, own[i])
             else:
                 unnamed.append(i)
+    for address in sorted(holders):  # after the names: one person in several accounts, under two spellings
+        if _one_mobile(cards, holders[address], normalize):
+            for i, _ in holders[address][1:]:
+                join(i, holders[address][0][0])
 
     groups: dict[int, list[Card]] = {}
     for i, card in enumerate(cards):
@@ -259,16 +259,18 @@ def merge_cards(cards: Iterable[Card], normalize: Normalizer) -> list[Person]:
     return people
 
 
-def _one_mobile(cards: list[Card], held_by: list[tuple[int, bool]]) -> bool:
-    """Whether an address is a mobile number on every card that holds it, each in another account and
-    all under one last name ("Robert Roe" in iCloud, "Bob Roe" in Google): one person's phone. (A
-    number typed on an iPhone is a mobile by default, so a shared home line may be labelled so too;
-    within one account, or across last names, that is no sign.)"""
+def _one_mobile(cards: list[Card], held_by: list[tuple[int, bool]], normalize: Normalizer) -> bool:
+    """Whether an address is a mobile number on every card that holds it, each in another account, all
+    under one last name, and at most one of them with other numbers or emails ("Robert Roe" in iCloud,
+    "Bob Roe" with his email in Google): one person's phone. (A number typed on an iPhone is a mobile
+    by default, so a shared home line may be labelled so too: within one account, across last names,
+    or between cards that each have addresses of their own, that is no sign.)"""
     if len(held_by) < 2 or not all(mobile for _, mobile in held_by):
         return False
     stores = [cards[i].store for i, _ in held_by]
     lasts = {_text(cards[i].last).casefold() for i, _ in held_by}
-    return len(set(stores)) == len(stores) and len(lasts) == 1 and "" not in lasts
+    with_others = sum(len(_card_addresses(cards[i], normalize)) > 1 for i, _ in held_by)
+    return len(set(stores)) == len(stores) and len(lasts) == 1 and "" not in lasts and with_others <= 1
 
 
 def _name(card: Card) -> str:
@@ -317,7 +319,7 @@ def _bridges(own: list[str], holders: dict[str, list[tuple[int, bool]]]) -> set[
 class _NameIndex:
     """Cards by name, to find those whose names agree with one without comparing every pair."""
 
-    MAX_WORDS = 4  # a longer name finds the names made of up to this many of its words
+    MAX_WORDS = 4  # a longer name finds the names made of up to this many of its words, or all but one or two
 
     def __init__(self) -> None:
         self.cards: list[int] = []
@@ -334,10 +336,11 @@ class _NameIndex:
             self._by_word.setdefault(word, []).append(card)
 
     def agreeing(self, name: str) -> list[int]:
-        """The cards, in the order added, whose names' words all lie in `name`'s, or hold all of them."""
+        """The cards, in the order added, whose names' words all lie in `name`'s (see MAX_WORDS), or hold
+        all of them."""
         words = frozenset(name.split())
-        parts = (frozenset(c) for n in range(1, min(len(words), self.MAX_WORDS) + 1)
-                 for c in combinations(sorted(words), n))
+        sizes = set(range(1, min(len(words), self.MAX_WORDS) + 1)) | {len(words) - 2, len(words) - 1} - {-1, 0}
+        parts = (frozenset(c) for n in sorted(sizes) for c in combinations(sorted(words), n))
         found = {card for part in parts for card in self._by_words.get(part, ())}
         fewest = min((self._by_word.get(w, []) for w in words), key=len, default=[])
         found.update(card for card in fewest if words <= self._words[card])

@@ -276,13 +276,15 @@ def test_a_deleted_card_leaves_its_contact_to_itself_not_to_who_shared_its_numbe
     assert kinds(citadel, "Bob Roe") == {"TEXT_INBOUND": 1}
 
 
-@pytest.mark.parametrize("owner_edited", [False, True])
+@pytest.mark.parametrize("owner_edited,family_email", [(False, False), (True, False), (False, True)],
+                         ids=["as-written", "owner-edited", "with-a-family-email"])
 def test_linked_cards_the_owner_unlinks_leave_the_contact_to_the_person_it_is_named_after(
-        library: Library, citadel, cli: CLI, owner_edited: bool):
+        library: Library, citadel, cli: CLI, owner_edited: bool, family_email: bool):
     """As an older crm-syncd left a couple who share a home line: one contact, named after one of them."""
-    alice = library.card(first="Alice", last="Roe", phones=[(CAROL, "Mobile"), (HOME_LINE, "Home")],
+    emails = ["roes@example.com"] if family_email else []
+    alice = library.card(first="Alice", last="Roe", phones=[(CAROL, "Mobile"), (HOME_LINE, "Home")], emails=emails,
                          unique_id="A:ABPerson", link_id="L", modified=ago(days=10))
-    bob = library.card(first="Bob", last="Roe", phones=[(BOB, "Mobile"), (HOME_LINE, "Home")],
+    bob = library.card(first="Bob", last="Roe", phones=[(BOB, "Mobile"), (HOME_LINE, "Home")], emails=emails,
                        unique_id="B:ABPerson", link_id="L", modified=ago(days=1))
     library.text(BOB, at=ago(hours=3))
     assert cli("sync").code == 0
@@ -424,6 +426,38 @@ def test_a_household_card_edited_last_does_not_name_the_person_or_keep_her_histo
 
     assert sorted(names(citadel)) == ["- Smith", "Alice Smith", "Bob Smith"]
     assert kinds(citadel, "Alice Smith") == {"TEXT_INBOUND": 1}
+
+
+def test_one_persons_mobile_in_two_accounts_joins_their_cards_after_the_names_do(library: Library, citadel, cli: CLI):
+    library.card(first="Robert", last="Roe", phones=[(CAROL, "Mobile"), (HOME_LINE, "Home")])
+    library.card(first="Robert", last="Roe", phones=[(HOME_LINE, "Home")])  # a duplicate card
+    library.card(source=1, first="Bob", last="Roe", phones=[(CAROL, "Mobile")])  # his mobile sorts first
+
+    assert cli("sync").code == 0
+
+    assert len(citadel.contacts()) == 1
+
+
+def test_a_couple_whose_shared_line_is_labelled_mobile_in_two_accounts_stays_two_people(
+        library: Library, citadel, cli: CLI):
+    library.card(first="Alice", last="Smith", phones=[(HOME_LINE, "Mobile")], emails=["alice@example.com"])
+    library.card(source=1, first="Bob", last="Smith", phones=[(HOME_LINE, "iPhone")], emails=["bob@example.com"])
+    library.text("alice@example.com")
+
+    assert cli("sync").code == 0
+
+    assert sorted(names(citadel)) == ["Alice Smith", "Bob Smith"]
+    assert kinds(citadel, "Alice Smith") == {"TEXT_INBOUND": 1}
+
+
+def test_a_long_name_and_the_same_name_with_one_more_surname_are_one_person(library: Library, citadel, cli: CLI):
+    library.card(first="María de los Ángeles", last="García", phones=[(HOME_LINE, "Home")], unique_id="A:ABPerson")
+    library.card(first="María de los Ángeles", last="García López", phones=[(HOME_LINE, "Home")],
+                 unique_id="B:ABPerson")
+
+    assert cli("sync").code == 0
+
+    assert len(citadel.contacts()) == 1
 
 
 def test_company_cards_and_first_name_only_cards_get_findable_names(library: Library, citadel, cli: CLI):
