@@ -195,10 +195,9 @@ def merge_cards(cards: Iterable[Card], normalize: Normalizer) -> list[Person]:
     Contacts' own links join cards always (same unique id, same link id). A shared phone or email joins
     them when their names agree (one's words all in the other's) or one card has none, unless that card
     meets several people who do not agree (`_bridges`); or when it is one person's mobile in several
-    accounts (`_one_mobile`). So people
-    who share an address (a home line, an office's main number, a family email) stay apart, as Contacts
-    shows them, and the address is `owned` by one of them (see `_share`). The grouping depends on the
-    cards only.
+    accounts (`_one_mobile`). So people who share an address (a home line, an office's main number, a
+    family email) stay apart, as Contacts shows them, and the address is `owned` by one of them (see
+    `_share`). The grouping depends on the cards only, not on their order.
     """
     cards = sorted(cards, key=lambda c: (c.unique_id, c.store))
     parent = list(range(len(cards)))
