@@ -472,9 +472,9 @@ class Engine:
         """
         items: list[NewItem] = []
         hints: dict[str, str] = {}
-        add, new, skipped = items.append, tuple.__new__, report.skipped
+        add, new, skipped, region = items.append, tuple.__new__, report.skipped, self.normalize.region
         for key, address, interaction, occurred_ms, duration_s, person, country in batch.activities:
-            seen = address if country is None else (address, country)
+            seen = address if country is None or country == region else (address, country)
             verdict = verdicts.get(seen)
             if verdict is None:
                 verdict = verdicts[seen] = self._counterpart(address, country)

@@ -136,7 +136,7 @@ def test_address_may_be_stored_as_bytes_or_as_text(store):
 
 
 def test_a_call_keeps_the_country_its_number_is_from_and_none_when_the_store_has_none(store):
-    assert only(store, address="07700 900123", iso_country="gb").country == "gb"
+    assert only(store, address="07700 900123", iso_country="gb").country == "GB"
     assert only(store, address="+16135550111", iso_country=None).country is None
 
 

@@ -72,7 +72,7 @@ def _select(cols: frozenset[str], windowed: bool) -> str:
     key = f"'call:' || COALESCE(NULLIF({col('ZUNIQUE_ID')}, ''), 'pk:' || Z_PK)"
     window = f"AND ({occurred} IS NULL OR {occurred} >= :since)" if windowed else ""
     return (f"SELECT Z_PK, {key}, {occurred}, {skip}, {kind}, {duration}, {col('ZADDRESS')}, "
-            f"{col('ZISO_COUNTRY_CODE')} "
+            f"UPPER({col('ZISO_COUNTRY_CODE')}) "
             f"FROM ZCALLRECORD WHERE Z_PK > :after {window} ORDER BY Z_PK LIMIT :limit")
 
 
@@ -105,8 +105,11 @@ def _activities(db: sqlite.Database, conn: sqlite3.Connection, rows: list[tuple]
         if skip is not None:
             skipped[skip] += 1
             continue
-        found, unreadable, forms = parties.get(pk, _NO_PARTIES)
         readable = address is not None and address is not _ENCRYPTED
+        if readable and pk not in parties:  # the common case: one party, named by ZADDRESS
+            add(new(Activity, (key, address, kind, occurred, duration, None, country)))
+            continue
+        found, unreadable, forms = parties.get(pk, _NO_PARTIES)
         if readable and len(found) > 1 and address not in forms:  # a group call that names one party
             found = (address, *found)
         if len(found) > 1:  # a group call: one Activity per party
