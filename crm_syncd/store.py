@@ -10,7 +10,8 @@
   are what make a second delivery impossible.
 - `handles`: the identity map, normalised address → CRM contact id. An item takes its contact
   from it when extracted, or, if its address had none yet, at the next `attach`.
-- `contacts`: the CRM contacts crm-syncd knows, where they came from and what it last wrote.
+- `contacts`: the CRM contacts crm-syncd knows, where they came from, what it last wrote, the cards
+  they were made or kept for, and whether (and since when) sends to them are looked up first.
 - `sources`: AddressBook file signatures, so an unchanged store is not re-read.
 - `kv`: heartbeat, last error and other small facts `status` reads without the daemon.
 
