@@ -199,15 +199,16 @@ class Engine:
         self.store.prune_contacts(index.by_id)
         self.store.map_each(index.single_owner(), "crm", replace=False)
         live = {person.key for person in people}
-        self._give_back_by_name(people, index)
+        fields = {person.key: person.crm_fields() for person in people}
+        self._give_back_by_name(people, fields, index)
         for person in sorted(people, key=lambda p: p.key):
             try:
-                await self._apply_person(person, index, report, live)
+                await self._apply_person(person, fields[person.key], index, report, live)
             except (crmlib.Rejected, crmlib.Ambiguous, crmlib.NotFound, crmlib.BadResponse) as exc:
                 # about this person (a 422, a 500 that Citadel gives many bad requests, a contact deleted
                 # meanwhile): the others go on. A write that did land is found by the next pass's listing.
                 reason = exc.reason if isinstance(exc, crmlib.Rejected) else exc.message
-                report.failed.append((person.crm_fields()["firstName"] or person.key, reason))
+                report.failed.append((fields[person.key]["firstName"] or person.key, reason))
                 log.warning("contacts.failed", person=person.key, reason=reason)
         self._creates_answered()
         await asyncio.to_thread(self.store.attach)  # off the loop: a big backlog may wait for these mappings
@@ -218,15 +219,14 @@ class Engine:
                  existing=report.existing, promoted=len(report.promoted), updated=len(report.updated))
         return report
 
-    async def _apply_person(self, person: Person, index: _CRMIndex, report: ContactsReport, live: set[str]) -> None:
+    async def _apply_person(self, person: Person, fields: dict, index: _CRMIndex, report: ContactsReport,
+                            live: set[str]) -> None:
         """Match, create or promote the person's contact, follow card edits, fold in duplicates.
 
         A contact remembered for another person of this address book (`live` keys) is theirs: a number
         moved from their card to this one moves alone, whichever person comes first.
         """
-        fields = person.crm_fields()
         name = f"{fields['firstName']} {fields['lastName']}"
-        cards = {card.unique_id for card in person.cards}
         candidates = self._unclaimed(index.for_person(person, fields), person, fields, live)
         remembered = self.store.contact_for_person(person.key)
         if remembered in index.by_id:
@@ -240,22 +240,20 @@ class Engine:
             created = await self._create_contact(_present(fields))
             survivor = created["id"]
             index.add(created)
-            self.store.remember_contact(survivor, "card", person.key, written=fields, cards=cards)
+            self.store.remember_contact(survivor, "card", person.key, written=fields, cards=person.unique_ids)
             report.created.append(name)
         elif real:
             survivor = remembered if remembered in real else self._preferred(real)
             report.existing += 1
             await self._follow_edits(survivor, fields, index, report, name)
-            known = self.store.known_contact(survivor)
-            if known and known[0] == "card" and (known[1] != person.key or self.store.contact_cards(survivor) != cards):
-                self.store.remember_contact(survivor, "card", person.key, cards=cards)  # theirs under today's key
+            self.store.keep_contact_for(survivor, person.key, person.unique_ids)  # theirs under today's key
         else:
             survivor = placeholders[0]
             await self._dedupe_wanted(survivor)  # settled while it is known as found, not made, if another Mac made it
             updated = await self.crm.update_contact(survivor, _present(_promotion(fields, index.by_id[survivor])))
             index.replace(updated)
             # the card's fields: notes the owner kept differ from them, so they are never written over
-            self.store.remember_contact(survivor, "card", person.key, written=fields, cards=cards)
+            self.store.remember_contact(survivor, "card", person.key, written=fields, cards=person.unique_ids)
             report.promoted.append(name)
             log.info("contacts.promoted", contact_id=survivor)
         self.store.map_addresses(person.owned, survivor, "card")
@@ -265,11 +263,10 @@ class Engine:
             else:
                 report.merged.append(name)
 
-    def _give_back_by_name(self, people: list[Person], index: _CRMIndex) -> None:
+    def _give_back_by_name(self, people: list[Person], fields: dict[str, dict], index: _CRMIndex) -> None:
         """A contact remembered for one person but written under another's name, holding their number or
         email and not this one's, is theirs (linked cards the owner unlinked, people an older crm-syncd
         merged for a shared number), unless they have one already."""
-        fields = {person.key: person.crm_fields() for person in people}
         by_name: dict[tuple, list[Person]] = {}
         for person in people:
             by_name.setdefault((fields[person.key]["firstName"], fields[person.key]["lastName"]), []).append(person)
@@ -285,7 +282,7 @@ class Engine:
             other = named[0]  # holds their number or email and none of this person's but a shared one (a family email)
             if (holds & set(other.owned) and not holds & (set(person.owned) - set(other.addresses))
                     and self.store.contact_for_person(other.key) is None):
-                self.store.remember_contact(contact_id, known[0], other.key, cards=[c.unique_id for c in other.cards])
+                self.store.remember_contact(contact_id, known[0], other.key, cards=other.unique_ids)
                 log.info("contacts.given_back", contact_id=contact_id)
 
     def _unclaimed(self, contact_ids: set[int], person: Person, fields: dict, live: set[str]) -> set[int]:
@@ -293,8 +290,6 @@ class Engine:
         made for a person gone from it (who shared this one's number), unless it was made for one of
         this person's cards (their smallest unique id changed: a card added, linked or deleted) or
         under their name."""
-        cards = {card.unique_id for card in person.cards}
-
         def free(contact_id: int) -> bool:
             origin, key, written = self.store.known_contact(contact_id) or ("", None, None)
             if key is None or key == person.key:
@@ -302,7 +297,7 @@ class Engine:
             if key in live:
                 return False
             return (origin != "card" or written is None or _same_name(written, fields)
-                    or bool(self.store.contact_cards(contact_id) & cards))
+                    or bool(self.store.contact_cards(contact_id) & person.unique_ids))
         return {c for c in contact_ids if free(c)}
 
     def _preferred(self, contact_ids: list[int]) -> int:

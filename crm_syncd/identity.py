@@ -138,12 +138,18 @@ class Person:
     cards: list[Card]
     phones: list[str] = field(default_factory=list)  # E.164, preferred first
     emails: list[str] = field(default_factory=list)  # lower-case, preferred first
+    mobiles: set[str] = field(default_factory=set)  # the phones a card of theirs labels mobile
     shared: set[str] = field(default_factory=set)  # addresses other people's cards hold too
     not_owned: set[str] = field(default_factory=set)  # of those, the ones another person owns
 
     @property
     def addresses(self) -> list[str]:
         return self.phones + self.emails
+
+    @property
+    def unique_ids(self) -> set[str]:
+        """The unique ids of the person's cards."""
+        return {card.unique_id for card in self.cards}
 
     @property
     def owned(self) -> list[str]:
@@ -221,10 +227,11 @@ def merge_cards(cards: Iterable[Card], normalize: Normalizer) -> list[Person]:
 
     first_with: dict[str, int] = {}
     holders: dict[str, list[tuple[int, bool]]] = {}  # address -> (card, a mobile number on it)
+    addresses = [_card_addresses(card, normalize) for card in cards]
     for i, card in enumerate(cards):
         for token in [f"id:{card.unique_id}"] + ([f"link:{card.link_id}"] if card.link_id else []):
             join(i, first_with.setdefault(token, i))
-        for address, mobile in _card_addresses(card, normalize).items():
+        for address, mobile in addresses[i].items():
             holders.setdefault(address, []).append((i, mobile))
     apart = _bridges(own, holders)
     for address in sorted(holders):
@@ -246,7 +253,7 @@ def merge_cards(cards: Iterable[Card], normalize: Normalizer) -> list[Person]:
             else:
                 unnamed.append(i)
     for address in sorted(holders):  # after the names: one person in several accounts, under two spellings
-        if _one_mobile(cards, holders[address], normalize):
+        if _one_mobile(cards, addresses, holders[address]):
             for i, _ in holders[address][1:]:
                 join(i, holders[address][0][0])
 
@@ -254,11 +261,11 @@ def merge_cards(cards: Iterable[Card], normalize: Normalizer) -> list[Person]:
     for i, card in enumerate(cards):
         groups.setdefault(root(i), []).append(card)
     people = [_person(group, normalize) for group in groups.values()]
-    _share(people, normalize)
+    _share(people)
     return people
 
 
-def _one_mobile(cards: list[Card], held_by: list[tuple[int, bool]], normalize: Normalizer) -> bool:
+def _one_mobile(cards: list[Card], addresses: list[dict[str, bool]], held_by: list[tuple[int, bool]]) -> bool:
     """Whether an address is a mobile number on every card that holds it, each in another account, all
     under one last name, and at most one of them with other numbers or emails ("Robert Roe" in iCloud,
     "Bob Roe" with his email in Google): one person's phone. (A number typed on an iPhone is a mobile
@@ -268,7 +275,7 @@ def _one_mobile(cards: list[Card], held_by: list[tuple[int, bool]], normalize: N
         return False
     stores = [cards[i].store for i, _ in held_by]
     lasts = {_text(cards[i].last).casefold() for i, _ in held_by}
-    with_others = sum(len(_card_addresses(cards[i], normalize)) > 1 for i, _ in held_by)
+    with_others = sum(len(addresses[i]) > 1 for i, _ in held_by)
     return len(set(stores)) == len(stores) and len(lasts) == 1 and "" not in lasts and with_others <= 1
 
 
@@ -364,7 +371,7 @@ def _card_addresses(card: Card, normalize: Normalizer) -> dict[str, bool]:
     return found
 
 
-def _share(people: list[Person], normalize: Normalizer) -> None:
+def _share(people: list[Person]) -> None:
     """Give each address several people hold one owner: someone whose mobile it is, else a company
     (an office's main number), else the person it ranks first for, else the smallest key."""
     holders: dict[str, list[Person]] = {}
@@ -373,17 +380,12 @@ def _share(people: list[Person], normalize: Normalizer) -> None:
             holders.setdefault(address, []).append(person)
     for address, held_by in holders.items():
         if len(held_by) > 1:
-            owner = min(held_by, key=lambda p: (not _mobile(p, address, normalize), not p.card.company,
+            owner = min(held_by, key=lambda p: (address not in p.mobiles, not p.card.company,
                                                 _rank(p, address), p.key))
             for person in held_by:
                 person.shared.add(address)
                 if person is not owner:
                     person.not_owned.add(address)
-
-
-def _mobile(person: Person, address: str, normalize: Normalizer) -> bool:
-    return any(_is_mobile(phone) and normalize.person(phone.value, phone.country) == address
-               for card in person.cards for phone in card.phones)
 
 
 def _is_mobile(phone: Phone) -> bool:
@@ -400,9 +402,13 @@ def _person(cards: list[Card], normalize: Normalizer) -> Person:
     named_by = person.card  # its numbers first: the contact gets the name and the number of one card
     preferred = sorted(cards, key=lambda c: (c is not named_by, -(c.modified or 0.0), c.store, c.unique_id))
     phones = [p for c in preferred for p in sorted(c.phones, key=_phone_rank)]
-    for value in (normalize(p.value, p.country) for p in phones):
-        if value.kind == "phone" and value.value not in person.phones:
-            person.phones.append(value.value)
+    for phone in phones:
+        value = normalize(phone.value, phone.country)
+        if value.kind == "phone":
+            if value.value not in person.phones:
+                person.phones.append(value.value)
+            if _is_mobile(phone):
+                person.mobiles.add(value.value)
     for value in (normalize(e.value) for c in preferred for e in c.emails):
         if value.kind == "email" and value.value not in person.emails:
             person.emails.append(value.value)

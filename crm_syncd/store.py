@@ -488,6 +488,15 @@ class Store:
                 "SELECT origin, person_key, written FROM contacts WHERE contact_id = ?", (contact_id,)).fetchone()
         return (row[0], row[1], json.loads(row[2]) if row[2] else None) if row else None
 
+    def keep_contact_for(self, contact_id: int, person_key: str, cards: Iterable[str]) -> None:
+        """File a contact crm-syncd made under the person and cards it is kept for today (a transaction
+        that finds them already so writes nothing, and costs no fsync)."""
+        listed = json.dumps(sorted(cards))
+        with self.transaction() as tx:
+            tx.execute("UPDATE contacts SET person_key = ?, cards = ?, updated_ms = ? WHERE contact_id = ? "
+                       "AND origin = 'card' AND (person_key IS NOT ? OR cards IS NOT ?)",
+                       (person_key, listed, now_ms(), contact_id, person_key, listed))
+
     def contact_cards(self, contact_id: int) -> set[str]:
         """The unique ids of the cards a contact was made or last kept for (its person key, if not recorded)."""
         rows = self._all("SELECT cards, person_key FROM contacts WHERE contact_id = ?", (contact_id,))
