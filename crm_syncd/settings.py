@@ -298,10 +298,19 @@ def config_warnings(settings: Settings) -> list[str]:
 
 
 def secure_dir(path: Path) -> Path:
-    """Create `path` (and parents) if needed and make it private to the user (0700)."""
+    """Create `path` (and parents) if missing, private to the user (0700).
+
+    A folder that already exists keeps its mode: it may be one the owner chose and shares (or may
+    not chmod, like /tmp). What we keep in it is private by the files' own modes (`secure_file`).
+    """
     path = Path(path)
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        if not path.is_dir():
+            raise NotADirectoryError(f"{path} is not a folder") from None
+        return path
+    os.chmod(path, 0o700)  # mkdir's mode is masked by the umask
     return path
 
 

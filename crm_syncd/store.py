@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -40,6 +39,8 @@ from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from crm_syncd.settings import secure_dir, secure_file
 
 SCHEMA_VERSION = 7
 APPLICATION_ID = 0x43524D53  # "CRMS": tells our database from any other SQLite file
@@ -259,11 +260,8 @@ class Store:
     def _open(self, path: Path | str) -> sqlite3.Connection:
         if path != ":memory:":
             path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.chmod(path.parent, 0o700)
-            if not path.exists():
-                path.touch(mode=0o600)
-            os.chmod(path, 0o600)
+            secure_dir(path.parent)
+            secure_file(path)  # SQLite gives the -wal and -shm files the database's mode
         try:
             conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10)
             conn.execute("PRAGMA journal_mode=WAL")

@@ -71,6 +71,24 @@ def test_state_is_private_0700_folders_and_0600_files(library: Library, cli: CLI
     assert stat.S_IMODE((state / "state.db").stat().st_mode) == 0o600
 
 
+def test_a_folder_the_owner_chose_keeps_its_mode_and_what_we_keep_in_it_is_private(
+        library: Library, citadel: CitadelServer, home, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: a folder others use too (and that its owner may not chmod)
+    library.text(JANE)
+    cli = CLI(clean_env(home, CRM_SYNCD_API_URL=citadel.url,
+                        CRM_SYNCD_STATE_DIR=str(shared)))
+
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert len(citadel.interactions()) == 1
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in shared.iterdir()}
+    assert modes == {"state.db": 0o600, "crm-syncd.lock": 0o600}
+
+
 def test_plain_http_to_a_remote_crm_is_refused(library: Library, home):
     result = CLI(clean_env(home, CRM_SYNCD_API_URL="http://crm.example.com"))("sync")
 

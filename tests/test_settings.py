@@ -295,11 +295,13 @@ def test_secure_dir_and_file_are_private(tmp_path):
     f = secure_file(d / "state.db")
     assert d.stat().st_mode & 0o777 == 0o700
     assert f.stat().st_mode & 0o777 == 0o600
-    d.chmod(0o755)
+    d.chmod(0o755)  # a folder that exists is the owner's choice; the file in it is ours
     f.chmod(0o644)
     secure_dir(d)
     secure_file(f)
-    assert (d.stat().st_mode & 0o777, f.stat().st_mode & 0o777) == (0o700, 0o600)
+    assert (d.stat().st_mode & 0o777, f.stat().st_mode & 0o777) == (0o755, 0o600)
+    with pytest.raises(NotADirectoryError, match="is not a folder"):
+        secure_dir(f)
 
 
 def test_settings_class_reads_the_same_sources_without_load_settings(home, monkeypatch):
