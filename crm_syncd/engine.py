@@ -380,7 +380,9 @@ class Engine:
                     after = 0
                     since = since or now - self.settings.initial_lookback_days * DAY_MS
             resumed = mark is not None and not report.rebuilt  # else a lookback pass
-            rereading = full or report.rebuilt  # rows already in the outbox may come again
+            # rows already in the outbox may come again: all of them (--full, a rebuild), or those above a
+            # mark an earlier pass held (a send under way, a --days run) while it went on queueing
+            rereading = mark is not None
             # The window this pass's marks carry (a pass that completes drops it):
             if not resumed:  # a lookback pass's own: a mark saved part-way (a send under way, a crash) keeps it
                 window = since

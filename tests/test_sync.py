@@ -621,6 +621,56 @@ def test_facetime_and_callkit_calls_are_included_and_direction_comes_from_origin
                              ("CALL_OUTBOUND", 42), ("CALL_INBOUND", 5), ("CALL_OUTBOUND", 9)])
 
 
+def test_a_group_message_read_again_behind_a_send_under_way_reaches_no_one_added_to_the_group_since(
+        library: Library, citadel, cli: CLI):
+    dan = "+15145550144"
+    for first, last, phone in (("Jane", "Doe", JANE), ("Bob", "Roe", BOB), ("Carol", "Poe", CAROL), ("Dan", "Moe", dan)):
+        library.card(first=first, last=last, phones=[phone])
+    sending = library.text(dan, from_me=True, at=ago(seconds=30), is_sent=0)  # the mark waits just before it
+    library.group_text([JANE, BOB], at=ago(seconds=20))  # queued for the members of the time
+    assert cli("sync").code == 0
+    assert kinds(citadel, "Jane Doe") == {"TEXT_OUTBOUND": 1}
+
+    library.join_group([JANE, BOB], CAROL)
+    library.chat.finish_sending(sending)
+    assert cli("sync").code == 0
+
+    assert kinds(citadel, "Dan Moe") == {"TEXT_OUTBOUND": 1}
+    assert kinds(citadel, "Carol Poe") == Counter()
+
+
+def test_a_group_message_read_again_behind_a_days_run_reaches_no_one_added_to_the_group_since(
+        library: Library, citadel, cli: CLI):
+    dan = "+15145550144"
+    for first, last, phone in (("Jane", "Doe", JANE), ("Carol", "Poe", CAROL), ("Dan", "Moe", dan)):
+        library.card(first=first, last=last, phones=[phone])
+    library.text(dan, at=ago(days=10))
+    assert cli("sync").code == 0
+    library.text(dan, at=ago(days=5))  # history iCloud delivers late: above the mark, 5 days old
+    library.group_text([JANE, BOB], at=ago(minutes=5))
+    assert cli("sync", "--days", "1").code == 0  # leaves the late row out, so the mark stays before it
+
+    library.join_group([JANE, BOB], CAROL)
+    assert cli("sync").code == 0
+
+    assert kinds(citadel, "Dan Moe") == {"TEXT_INBOUND": 2}
+    assert kinds(citadel, "Jane Doe") == {"TEXT_OUTBOUND": 1}
+    assert kinds(citadel, "Carol Poe") == Counter()
+
+
+def test_a_text_from_a_number_stored_without_its_country_code_is_read_in_the_country_messages_recorded(
+        library: Library, citadel, cli: CLI):
+    library.card(first="Harriet", last="Jones", phones=["+44 7700 900123"])
+    library.text("07700900123", service="SMS", at=ago(days=1))
+    library.chat.conn.execute("UPDATE handle SET country = 'gb' WHERE id = '07700900123'")
+    library.chat.commit()
+    library.call("07700900123", iso_country="gb", answered=True, duration=30, at=ago(days=1))
+
+    assert cli("sync").code == 0
+
+    assert kinds(citadel, "Harriet Jones") == {"CALL_INBOUND": 1, "TEXT_INBOUND": 1}
+
+
 def test_a_group_facetime_whose_address_names_one_party_reaches_every_participant_once(
         library: Library, citadel, cli: CLI):
     library.card(first="Jane", last="Doe", phones=[JANE])

@@ -24,7 +24,7 @@ class Activity(NamedTuple):
     occurred_ms: int  # Unix epoch milliseconds, UTC
     duration_s: int | None  # whole seconds for connected calls, else None
     person: str | None = None  # Apple's own "same person" hint (handle.person_centric_id)
-    country: str | None = None  # ISO country (upper case) a number without its country code is from (a call's), if known
+    country: str | None = None  # ISO country (upper case) a number without its country code is from, if recorded
 
 
 @dataclass

@@ -36,7 +36,7 @@ NO_DATE, BAD_DATE = "no-date", "bad-date"  # and sources.BEFORE_WINDOW, counted 
 NO_COUNTERPART, GROUP_OUTGOING = "no-counterpart", "group-outgoing"
 
 RECENTLY_DELETED = "chat_recoverable_message_join"
-Party = tuple[str, str | None]  # (handle.id as stored, handle.person_centric_id)
+Party = tuple[str, str | None, str | None]  # (handle.id as stored, person_centric_id, country of a national number)
 _ROWID, _HANDLE, _CHAT = itemgetter(0), itemgetter(4), itemgetter(5)  # columns of the SELECT's rows
 
 
@@ -102,8 +102,8 @@ class MessagesReader(sqlite.SourceReader):
                 skipped[GROUP_OUTGOING] += 1
                 continue
             else:  # group, outgoing: one Activity per participant
-                for address, person in parties:
-                    add(new(Activity, (f"msg:{guid}:{address}", address, TEXT_OUTBOUND, occurred, None, person, None)))
+                for address, person, country in parties:
+                    add(new(Activity, (f"msg:{guid}:{address}", address, TEXT_OUTBOUND, occurred, None, person, country)))
                 if parties:
                     fanned_out.append((f"msg:{guid}", occurred))
                 else:
@@ -113,7 +113,7 @@ class MessagesReader(sqlite.SourceReader):
                 skipped[NO_COUNTERPART] += 1
                 continue
             add(new(Activity, (f"msg:{guid}", party[0], TEXT_OUTBOUND if from_me else TEXT_INBOUND,
-                               occurred, None, party[1], None)))
+                               occurred, None, party[1], party[2])))
         return Batch(activities=out, skipped=skipped, unsettled=unsettled, fanned_out=fanned_out)
 
 
@@ -148,8 +148,13 @@ def _maps(db: sqlite.Database, conn: sqlite3.Connection, rows: list[tuple]) -> _
 
 
 def _handles(conn: sqlite3.Connection) -> dict[int, Party]:
-    person = "person_centric_id" if "person_centric_id" in sqlite.columns(conn, "handle") else "NULL"
-    return {rowid: (address, pcid) for rowid, address, pcid in conn.execute(f"SELECT ROWID, id, {person} FROM handle")}
+    """{handle ROWID: its Party}; a number stored without its country code (`07700 900123`) keeps the
+    country Messages recorded for it (in any case: `gb`, `GB`)."""
+    cols = sqlite.columns(conn, "handle")
+    person = "person_centric_id" if "person_centric_id" in cols else "NULL"
+    country = "UPPER(country)" if "country" in cols else "NULL"
+    return {rowid: (address, pcid, country if isinstance(address, str) and address[:1].isdigit() else None)
+            for rowid, address, pcid, country in conn.execute(f"SELECT ROWID, id, {person}, {country} FROM handle")}
 
 
 def _chats(conn: sqlite3.Connection, handles: dict[int, Party]

@@ -110,6 +110,13 @@ class Library:
         handle = self.chat.handle(sender) if sender else 0
         return self.chat.message(chat=chat, handle=handle, from_me=sender is None, at=_recent(at), **row)
 
+    def join_group(self, members: list[str], newcomer: str) -> None:
+        """`newcomer` is added to the group chat of `members` now (chat_handle_join holds today's members)."""
+        chat = self._chats[tuple(sorted(members))]
+        self.chat.conn.execute("INSERT INTO chat_handle_join (chat_id, handle_id) VALUES (?, ?)",
+                               (chat, self.chat.handle(newcomer)))
+        self.chat.message(chat=chat, from_me=True, item_type=1)  # "You added …", which commits
+
     def call(self, address: str | bytes | None, *, at: datetime | float | None = RECENT, **row) -> int:
         pk = self.calls.call(address, _recent(at), **row)
         self.calls.commit()
