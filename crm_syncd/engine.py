@@ -43,7 +43,7 @@ from crm_syncd.sources import BEFORE_WINDOW, Batch, Card, contacts as contacts_s
 from crm_syncd.sources.calls import CallsReader
 from crm_syncd.sources.messages import MessagesReader
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError, SourceMissing, SourceReader
-from crm_syncd.store import Item, Mark, NewItem, Store, now_ms
+from crm_syncd.store import UNKNOWN_OUTCOME, Item, Mark, NewItem, Store, now_ms
 
 log = get_logger("crm_syncd.engine")
 
@@ -560,9 +560,15 @@ class Engine:
     async def _creates_landed(self) -> None:
         """Before listing the CRM's contacts: a create an unfinished pass sent less than a request timeout
         ago may still be on its way in, and a listing taken now would miss it and make the contact twice."""
-        sent = self.store.get(CREATE_SENT)
-        if sent is not None and (wait := sent / 1000 + self.settings.request_timeout_s - time.time()) > 0:
-            log.info("contacts.create_waits", seconds=round(wait, 1))
+        if (sent := self.store.get(CREATE_SENT)) is not None:
+            await self._outlast_request(sent, "contacts.create_waits")
+
+    async def _outlast_request(self, sent_ms: int, event: str, **fields: Any) -> None:
+        """Wait until a request sent at `sent_ms` (wall clock) can no longer be on its way into the CRM:
+        one request timeout after it, and never longer (the clock may have been set back since)."""
+        timeout = self.settings.request_timeout_s
+        if (wait := min(timeout, sent_ms / 1000 + timeout - time.time())) > 0:
+            log.info(event, seconds=round(wait, 1), **fields)
             await asyncio.sleep(wait)
 
     # -- 4. delivery ----------------------------------------------------------------------
@@ -746,18 +752,17 @@ class Engine:
             return True
         # A request sent less than a timeout ago (a crash, then a quick restart) may still be on its
         # way into the CRM: looking now could miss it and send it again.
-        claimed_ms = self.store.last_claim_ms() or 0
-        if (wait := claimed_ms / 1000 + self.settings.request_timeout_s - time.time()) > 0:
-            log.info("push.recover_waits", items=len(leftovers), seconds=round(wait, 1))
-            await asyncio.sleep(wait)
+        await self._outlast_request(self.store.last_claim_ms() or 0, "push.recover_waits", items=len(leftovers))
         self._day_cache.clear()  # listings taken before these writes may predate them
         adopted, requeue, failed, complete = [], [], [], True
         for item in leftovers:
             await self._wait_backoff()
             try:
                 existing = await self._find_in_crm(item) if item.contact_id is not None else None
-            except crmlib.Transient as exc:  # the CRM is down: keep what was learnt; the rest is looked up next time
-                report.unreachable, complete = exc.message, False
+            except (crmlib.Transient, crmlib.Unauthorized) as exc:  # the CRM is down, or refuses the key (it
+                report.unreachable, complete = exc.message, False  # tells nothing of the item): keep what was
+                if isinstance(exc, crmlib.Unauthorized):  # learnt; the rest is looked up next time
+                    report.refused = exc.message
                 self.back_off(exc.retry_after)
                 log.warning("push.recover_deferred", items=len(leftovers) - len(adopted) - len(requeue) - len(failed),
                             reason=exc.message)
@@ -766,7 +771,7 @@ class Engine:
                 self.back_off(exc.retry_after)  # it alone waits, `sending`, for a bounded number of look-ups
                 self._ambiguous[item.id] += 1
                 if self._ambiguous[item.id] >= self.settings.max_ambiguous_retries:
-                    failed.append((item, f"cannot tell whether it reached the CRM: {exc.message}"))
+                    failed.append((item, f"{UNKNOWN_OUTCOME}: {exc.message}"))
                 log.warning("push.recover_unclear", item=item.id, reason=exc.message)
                 continue
             log.debug("push.recover_lookup", item=item.id, found=existing)

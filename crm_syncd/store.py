@@ -166,6 +166,7 @@ MIGRATIONS: dict[int, str] = {
     """,
 }
 UNRESOLVED = "(state = 'pending' OR state = 'held') AND contact_id IS NULL"  # as outbox_unresolved's WHERE
+UNKNOWN_OUTCOME = "cannot tell whether it reached the CRM"  # a failed item's reason when it may be there
 ATTACH_ROWS = 20_000  # items given their contact per transaction
 CACHE_KIB = 16_384  # page cache: a backfill's index pages stay in memory between its batches
 WAL_PAGES = 8_192  # checkpoint every ~32 MiB of WAL, not every 4: a backfill rewrites the same index pages
@@ -635,9 +636,14 @@ class Store:
             "SELECT crm_id FROM outbox WHERE contact_id = ? AND crm_id IS NOT NULL", (contact_id,))}
 
     def retry_failed(self) -> int:
+        """Queue failed items again. One whose request may have reached the CRM (`UNKNOWN_OUTCOME`)
+        goes back to `sending`, as a crash would leave it: it is looked up before anything is resent
+        (and keeps its claim's time, so that look-up does not wait a request timeout again)."""
         with self.transaction() as tx:
-            return tx.execute("UPDATE outbox SET state = 'pending', attempts = 0, updated_ms = ? "
-                              "WHERE state = 'failed'", (now_ms(),)).rowcount
+            unknown = tx.execute("UPDATE outbox SET state = 'sending', reason = NULL WHERE state = 'failed' "
+                                 "AND reason LIKE ? || '%'", (UNKNOWN_OUTCOME,)).rowcount
+            return unknown + tx.execute("UPDATE outbox SET state = 'pending', attempts = 0, updated_ms = ? "
+                                        "WHERE state = 'failed'", (now_ms(),)).rowcount
 
     def counts(self) -> dict[str, int]:
         """Items per state, from one snapshot (delivered: all items less the open ones).

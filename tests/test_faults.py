@@ -20,7 +20,7 @@ import pytest
 from crm_syncd.crm import CitadelClient
 from crm_syncd.engine import Engine
 from crm_syncd.settings import Settings
-from crm_syncd.store import Store
+from crm_syncd.store import Item, Store
 from tests.conftest import CLI
 from tests.harness.chatdb import ChatDB
 from tests.harness.citadel import CitadelServer, Faults
@@ -641,6 +641,111 @@ def test_an_item_left_sending_whose_day_never_lists_in_full_holds_up_no_other_an
     assert "cannot tell whether it reached the CRM" in reason and "incomplete listing" in reason
     assert [i["type"] for i in citadel.interactions_of(JANE)] == ["NOTE"] * 400  # not sent blind
     assert store.counts().get("sending", 0) == 0
+
+
+def state_settings(library: Library, citadel: CitadelServer, home: Path, **kw) -> Settings:
+    """The settings the CLI in `home` runs with, for a scenario staged in-process on the same state."""
+    return Settings(api_url=citadel.url, messages_db=library.messages_db, calls_db=library.calls_db,
+                    addressbook_dir=library.addressbook_dir,
+                    state_dir=home / "Library" / "Application Support" / "crm-syncd", **kw)
+
+
+async def crash_with_a_request_in_flight(settings: Settings, store: Store, crm: CitadelClient) -> Item:
+    """Sync contacts, queue the messages and claim one: durably `sending`, as kill -9 leaves it."""
+    engine = Engine(settings, store, crm)
+    await engine.sync_contacts()
+    engine.extract("messages")
+    await engine.resolve()
+    [item] = store.claim(10)
+    return item
+
+
+def test_retry_failed_looks_up_an_item_that_may_have_reached_the_crm_before_sending_it_again(
+        library: Library, citadel: CitadelServer, cli: CLI, home: Path):
+    """The request reached the CRM, then the process died; the day's listing then stayed incomplete, so the
+    item was kept as failed ("cannot tell whether it reached the CRM"). `retry-failed` must not resend it
+    blind once the CRM lists in full again."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    day = ago(days=2).replace(hour=10, minute=0, second=0, microsecond=0)
+    library.text(JANE, at=day)
+    settings = state_settings(library, citadel, home, request_timeout_s=1)
+    store = Store(settings.state_db)
+
+    async def scenario():
+        async with CitadelClient(citadel.url, timeout=1) as crm:
+            item = await crash_with_a_request_in_flight(settings, store, crm)
+            note = {"type": "NOTE", "source": "MANUAL", "occurredAt": iso(day + timedelta(minutes=30))}
+            for _ in range(400):  # the owner's notes that day: ties paged unstably
+                await crm.create_interaction(item.contact_id, note)
+            await crm.create_interaction(item.contact_id, {  # the request that was in flight lands
+                "type": item.type, "occurredAt": iso(day), "source": "IMPORT_IOS"})
+            citadel.unstable_ties = True
+            return await Engine(settings, store, crm).push()
+
+    report = asyncio.run(scenario())
+    store.close()
+    assert "cannot tell whether it reached the CRM" in report.failed[0][1]
+
+    citadel.unstable_ties = False
+    assert cli("retry-failed").code == 0
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert [i["type"] for i in citadel.interactions_of(JANE) if i["type"] != "NOTE"] == ["TEXT_INBOUND"]
+
+
+def test_a_clock_set_back_after_a_crash_holds_up_delivery_for_one_request_timeout_at_most(
+        library: Library, citadel: CitadelServer, daemon_env: CLI, home: Path):
+    """A restart waits out requests a crash may have left on their way (one request timeout after the
+    claim, by the wall clock); a clock set back an hour since must not make that wait an hour."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=2))
+    settings = state_settings(library, citadel, home)
+    store = Store(settings.state_db)
+
+    async def scenario():
+        async with CitadelClient(citadel.url) as crm:
+            await crash_with_a_request_in_flight(settings, store, crm)
+
+    asyncio.run(scenario())
+    store._conn.execute("UPDATE outbox SET updated_ms = updated_ms + 3600000 WHERE state = 'sending'")
+    store.put("contact_create_sent_ms", int(time.time() * 1000) + 3_600_000)  # a create cut short, too
+    store.close()
+
+    d = RunningDaemon(daemon_env, home)
+    try:
+        library.text(JANE, at=ago(seconds=5))
+        eventually(lambda: len(citadel.interactions_of(JANE)) == 2, timeout=30,
+                   what="both messages, after at most two 10-s request timeouts")
+    finally:
+        d.stop(signal.SIGKILL)
+
+
+def test_an_api_key_refused_while_an_item_left_sending_is_looked_up_keeps_it_queued_and_names_the_key(
+        library: Library, citadel: CitadelServer, cli: CLI, home: Path):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=2))
+    settings = state_settings(library, citadel, home, request_timeout_s=1)
+    store = Store(settings.state_db)
+
+    async def scenario():
+        async with CitadelClient(citadel.url) as crm:
+            await crash_with_a_request_in_flight(settings, store, crm)
+
+    asyncio.run(scenario())
+    store.close()
+    citadel.require_key("a-new-key")  # the owner rotated the key in the CRM; crm-syncd has the old one
+    cli.env["CRM_SYNCD_REQUEST_TIMEOUT_S"] = "1"
+
+    refused = cli("sync", "--interactions-only")
+
+    assert refused.code == 2 and "API key" in refused.output, refused.output
+    store = Store(settings.state_db)
+    assert (store.counts().get("failed", 0), store.counts().get("sending")) == (0, 1)  # looked up next time
+    store.close()
+    citadel.require_key(None)
+    assert cli("sync", "--interactions-only").code == 0
+    assert len(citadel.interactions_of(JANE)) == 1
 
 
 def sending_count(home: Path) -> int:

@@ -552,6 +552,10 @@ class CitadelServer:
         with self._lock:
             self._db()
 
+    def require_key(self, api_key: str | None) -> None:
+        """From now on, accept only this API key (None: any request), as after the owner rotates it."""
+        self.api_key, self._auth = api_key, f"Bearer {api_key}" if api_key else None
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     @property
