@@ -197,6 +197,8 @@ class Engine:
         crm_contacts = await self.crm.list_contacts()
         index = _CRMIndex(crm_contacts, self.normalize)
         self.store.prune_contacts(index.by_id)
+        index.placeholder_of = {a: c for a, c in self.store.addresses_of("placeholder").items()
+                                if c in index.by_id and is_placeholder(index.by_id[c])}
         self.store.map_each(index.single_owner(), "crm", replace=False)
         live = {person.key for person in people}
         fields = {person.key: person.crm_fields() for person in people}
@@ -316,8 +318,9 @@ class Engine:
             return False  # made by the owner: never deleted, only reported
         if known[0] != "merging":
             current = index.by_id[victim]
-            if _owner_edited(known[2], current) or (known[0] == "placeholder" and not is_placeholder(current)):
-                return False  # the owner renamed or annotated it: theirs now
+            if (_owner_edited(known[2], current) or _owner_filled(current)
+                    or (known[0] == "placeholder" and not is_placeholder(current))):
+                return False  # the owner renamed, annotated or filled it in: theirs now
             theirs = {i["id"] for i in await self.crm.list_interactions(victim)} - self.store.crm_ids(victim)
             if theirs:
                 return False  # the owner added something to it: keep it, report it
@@ -863,6 +866,7 @@ class _CRMIndex:
         self.by_id: dict[int, dict] = {}
         self.by_address: dict[str, set[int]] = defaultdict(set)
         self.by_name: dict[tuple[str, str], set[int]] = defaultdict(set)
+        self.placeholder_of: dict[str, int] = {}  # address -> the placeholder made for it (crm-syncd's map)
         for contact in contacts:
             self.add(contact)
 
@@ -891,8 +895,10 @@ class _CRMIndex:
 
     def for_person(self, person: Person, fields: dict) -> set[int]:
         """The contacts that may be this person: any holding an address no one else's card holds; by a
-        shared one, only a contact under their name, or the placeholder of an address they own."""
+        shared one, only a contact under their name, or the placeholder of an address they own (the CRM's
+        holds one address; one made for handles Messages grouped was made for all of them)."""
         found = self.matching([a for a in person.addresses if a not in person.shared])
+        found |= {self.placeholder_of[a] for a in person.owned if a in self.placeholder_of}
         found |= {c for c in self.matching([a for a in person.owned if a in person.shared])
                   if is_placeholder(self.by_id[c])}
         return found | (self.matching(sorted(person.shared)) & self.named(fields["firstName"], fields["lastName"]))
@@ -913,6 +919,18 @@ def _present(fields: dict) -> dict:
 def _owner_edited(written: dict | None, current: dict) -> bool:
     """Whether a contact's CRM fields differ from what crm-syncd last wrote to them (empty equals absent)."""
     return written is not None and any((current.get(k) or None) != (v or None) for k, v in written.items())
+
+
+# a contact's fields crm-syncd writes (`Person.crm_fields`, placeholders), and those the server sets itself
+WRITTEN = frozenset({"firstName", "lastName", "phone", "email", "organization", "title", "notes"})
+SERVER_SET = frozenset({"id", "createdAt", "updatedAt", "lastContactedAt", "contactDueAt"})
+
+
+def _owner_filled(current: dict) -> bool:
+    """Whether a contact holds something in a field crm-syncd never writes (a location, tags, a field
+    newer than crm-syncd): the owner's work, which deleting the contact would lose."""
+    return any(value not in (None, "", [], {}) for key, value in current.items()
+               if key not in WRITTEN and key not in SERVER_SET)
 
 
 def _promotion(fields: dict, placeholder: dict) -> dict:

@@ -414,6 +414,11 @@ class Store:
         """Point addresses at a contact; their waiting items get it at the next `attach`."""
         self.map_each(((a, contact_id) for a in addresses), origin, replace=replace)
 
+    def addresses_of(self, origin: str) -> dict[str, int]:
+        """{address: contact} of every address mapped with this origin (`placeholder`: the handles each
+        placeholder was made for, a number and the email Messages grouped with it alike)."""
+        return dict(self._all("SELECT address, contact_id FROM handles WHERE origin = ?", (origin,)))
+
     def map_each(self, pairs: Iterable[tuple[str, int]], origin: str, *, replace: bool = True) -> None:
         """Point each address at its contact, in one transaction (`replace=False`: unmapped ones only).
 
@@ -496,13 +501,16 @@ class Store:
         return (row[0], row[1], json.loads(row[2]) if row[2] else None) if row else None
 
     def keep_contact_for(self, contact_id: int, person_key: str, cards: Iterable[str]) -> None:
-        """File a contact crm-syncd made under the person and cards it is kept for today (a transaction
-        that finds them already so writes nothing, and costs no fsync)."""
+        """File a contact under the person and cards it is kept for today, so it is theirs whatever their
+        card holds next; one the owner made is filed as found (`crm`: never written to, never deleted).
+        A transaction that finds it filed already writes nothing, and costs no fsync."""
         listed = json.dumps(sorted(cards))
         with self.transaction() as tx:
-            tx.execute("UPDATE contacts SET person_key = ?, cards = ?, updated_ms = ? WHERE contact_id = ? "
-                       "AND origin = 'card' AND (person_key IS NOT ? OR cards IS NOT ?)",
-                       (person_key, listed, now_ms(), contact_id, person_key, listed))
+            tx.execute("INSERT INTO contacts (contact_id, origin, person_key, cards, updated_ms) VALUES (?, 'crm', ?, ?, ?) "
+                       "ON CONFLICT(contact_id) DO UPDATE SET person_key = excluded.person_key, cards = excluded.cards, "
+                       "updated_ms = excluded.updated_ms WHERE contacts.origin != 'merging' "
+                       "AND (contacts.person_key IS NOT excluded.person_key OR contacts.cards IS NOT excluded.cards)",
+                       (contact_id, person_key, listed, now_ms()))
 
     def contact_cards(self, contact_id: int) -> set[str]:
         """The unique ids of the cards a contact was made or last kept for (its person key, if not recorded)."""

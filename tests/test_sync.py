@@ -746,6 +746,67 @@ def test_a_number_the_owner_typed_into_the_crm_in_another_format_gets_that_conta
     assert kinds(citadel, "Sam Poe") == {"TEXT_INBOUND": 1}
 
 
+def test_handles_messages_grouped_share_one_placeholder_which_a_card_with_either_of_them_promotes(
+        library: Library, citadel, cli: CLI):
+    library.text("+19055551234", person="person-7", at=ago(days=2))
+    library.text("sam@example.org", person="person-7", at=ago(days=1))
+    assert cli("sync").code == 0
+    (placeholder,) = citadel.contacts()  # holds the number only: the CRM keeps one phone and one email
+
+    library.card(first="Sam", last="Stone", emails=["sam@example.org"])
+    assert cli("sync").code == 0
+
+    assert [(c["id"], c["firstName"]) for c in citadel.contacts()] == [(placeholder["id"], "Sam")]
+    assert kinds(citadel, "Sam Stone") == {"TEXT_INBOUND": 2}
+
+
+@pytest.mark.parametrize("found", ["the owner's own", "a placeholder the owner renamed"])
+def test_a_contact_found_for_a_card_stays_that_persons_after_their_number_changes(
+        library: Library, citadel, cli: CLI, found):
+    if found == "the owner's own":
+        kept = citadel.add_contact(firstName="Robert", lastName="Roe", phone="(902) 555-0122")
+    else:
+        library.text(BOB, at=ago(days=3))
+        assert cli("sync").code == 0
+        (placeholder,) = citadel.contacts()
+        kept = placeholder["id"]
+        citadel.update_contact(kept, firstName="Robert", lastName="Roe (plumber)")
+    bob = library.card(first="Bob", last="Roe", phones=[BOB])
+    library.text(BOB, at=ago(days=2))
+    assert cli("sync").code == 0
+    assert [c["id"] for c in citadel.contacts()] == [kept]
+
+    library.books[0].update_card(bob, phones=[CAROL])  # Bob's new number
+    library.books[0].commit()
+    library.text(CAROL, at=ago(hours=1))
+    assert cli("sync").code == 0
+
+    assert [c["id"] for c in citadel.contacts()] == [kept]
+    assert citadel.contacts()[0]["firstName"] == "Robert"  # found, not made: never written to
+    assert len(citadel.interactions(kept)) == (3 if found != "the owner's own" else 2)
+
+
+@pytest.mark.parametrize("made", ["placeholder", "card"])
+def test_a_contact_crm_syncd_made_that_the_owner_filled_in_is_not_deleted_when_it_turns_out_a_duplicate(
+        library: Library, citadel, cli: CLI, made):
+    bob = library.card(first="Bob", last="Roe", phones=[BOB], unique_id="A-1:ABPerson")
+    if made == "placeholder":
+        library.text("bob@example.org", at=ago(days=2))  # an email no card has yet
+    else:
+        library.card(source=1, first="Bob", last="Roe", emails=["bob@example.org"], unique_id="B-2:ABPerson")
+    assert cli("sync").code == 0
+    [other] = [c for c in citadel.contacts() if c["email"] == "bob@example.org"]
+    citadel.update_contact(other["id"], location="Halifax")  # a field crm-syncd never writes
+
+    library.books[0].update_card(bob, emails=["bob@example.org"])  # the two are one person now
+    library.books[0].commit()
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert other["id"] in [c["id"] for c in citadel.contacts()]
+    assert "duplicate" in result.output.lower()
+
+
 def test_a_promoted_placeholder_keeps_what_the_owner_wrote_in_its_notes(library: Library, citadel, cli: CLI):
     library.text("+19055551234")
     assert cli("sync").code == 0
