@@ -21,7 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from crm_syncd import __version__, crm as crmlib, logs
 from crm_syncd.engine import SOURCES, ContactsReport, Engine, PushReport, SourceReport
-from crm_syncd.settings import API_KEY_PLACES, ConfigError, Settings, config_warnings, load_settings
+from crm_syncd.settings import (API_KEY_PLACES, ConfigError, Settings, config_warnings, load_settings,
+                                ready_folder)
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError
 from crm_syncd.store import Store, StoreError
 
@@ -60,9 +61,12 @@ def main() -> None:
     """Keep Citadel CRM up to date with the people this Mac talks to (metadata only)."""
 
 
-def _settings(**overrides) -> Settings:
+def _settings(*, folders: tuple[str, ...] = (), **overrides) -> Settings:
+    """The settings, with the folders the setting names in `folders` made ready for writing."""
     with owner_errors():
         settings = load_settings(**overrides)
+        for field in folders:
+            ready_folder(settings, field)
     for warning in config_warnings(settings):
         err.print(f"[yellow]warning:[/] {warning}")
     return settings
@@ -106,7 +110,7 @@ def sync(contacts_only: bool, interactions_only: bool, dry_run: bool, known_only
 
 def _sync(*, contacts_only: bool, interactions_only: bool, dry_run: bool, known_only: bool,
           days: int | None, full: bool, verbose: bool, overrides: dict) -> int:
-    settings = _settings(**overrides)
+    settings = _settings(folders=() if dry_run else ("state_dir",), **overrides)
     from crm_syncd.daemon import AlreadyRunning, Lock
 
     lock = Lock(settings.lock_path)
@@ -251,7 +255,7 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
 def retry_failed() -> None:
     """Send failed interactions again on the next sync or daemon pass."""
     def body() -> int:
-        settings = _settings()
+        settings = _settings(folders=("state_dir",))
         with owner_errors():
             store = Store(settings.state_db)
         count = store.retry_failed()
@@ -271,7 +275,7 @@ def run(verbose: bool) -> None:
     from crm_syncd.daemon import AlreadyRunning, Daemon
 
     def body() -> int:
-        settings = _settings()
+        settings = _settings(folders=("state_dir", "log_dir"))
         logs.configure(verbose=verbose, log_file=settings.log_file)
         try:
             with owner_errors():
@@ -376,7 +380,8 @@ def _launchd_errors(body) -> int:
     from crm_syncd import launchd, macos
 
     try:
-        return body()
+        with owner_errors():  # a state or log folder install cannot make
+            return body()
     except (launchd.LaunchdError, macos.LaunchctlNotFound) as exc:
         raise Abort(str(exc)) from exc
 

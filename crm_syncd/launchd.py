@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from crm_syncd import macos
-from crm_syncd.settings import CONFIG_ENV, ENV_PREFIX, Settings, secure_dir
+from crm_syncd.settings import CONFIG_ENV, ENV_PREFIX, Settings, ready_folder
 
 LABEL = "com.citadel.crm-syncd"
 TEMPLATE = "launchd_template.plist"
@@ -161,8 +161,8 @@ def install(settings: Settings, dry_run: bool = False) -> InstallResult:
     if dry_run:
         return _result("install", path, data.decode(), [bootout, bootstrap], True, False)
     loaded = _is_loaded()  # also fails early, before writing anything, where there is no launchctl
-    secure_dir(settings.state_dir)  # WorkingDirectory must exist or launchd cannot spawn us
-    secure_dir(settings.log_dir)
+    ready_folder(settings, "state_dir")  # WorkingDirectory must exist or launchd cannot spawn us
+    ready_folder(settings, "log_dir")
     _write_plist(path, data)
     ran: list[Command] = []
     if loaded:

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import stat
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -295,6 +296,41 @@ def config_warnings(settings: Settings) -> list[str]:
         warnings.append(f"legacy config {legacy} is ignored because {path} exists; "
                         "delete it once its settings are moved over")
     return warnings
+
+
+def existing_ancestor(path: Path) -> Path:
+    """`path` itself or its nearest ancestor that exists."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why `path` could not be made or written in (found without making it), or None if it can."""
+    nearest = existing_ancestor(Path(path))
+    if not nearest.is_dir():
+        return f"{nearest} is not a folder"
+    try:
+        tempfile.TemporaryFile(dir=nearest).close()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def ready_folder(settings: Settings, field: str) -> Path:
+    """The folder setting `field` names, made (private) if missing; ConfigError naming the setting,
+    the folder and the reason when it cannot be made or written in (say, a volume not mounted)."""
+    path = getattr(settings, field)
+    problem = folder_problem(path)
+    if problem is None:
+        try:
+            secure_dir(path)
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+    if problem is not None:
+        source = _source_of(field, {}, *read_config_file())
+        raise ConfigError(f"cannot use {field} {path} ({source}): {problem}")
+    return path
 
 
 def secure_dir(path: Path) -> Path:

@@ -7,7 +7,6 @@ newest rows, the CRM's health, the launchd agent) is read directly.
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,13 +14,12 @@ from typing import Any
 from crm_syncd import crm as crmlib, launchd
 from crm_syncd.daemon import HEARTBEAT_S, Lock
 from crm_syncd.logs import mask_key
-from crm_syncd.settings import API_KEY_PLACES, Settings
+from crm_syncd.settings import API_KEY_PLACES, Settings, folder_problem
 from crm_syncd.sources import contacts as contacts_source
 from crm_syncd.sources.calls import CallsReader
 from crm_syncd.sources.messages import MessagesReader
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError, SourceMissing
 from crm_syncd.store import Store, now_ms
-from crm_syncd.watch import existing_ancestor
 
 HEALTHY, DEGRADED, NOT_RUNNING = 0, 1, 3
 STALL_MS = 180_000  # rows waiting and the mark unmoved this long: the lag is growing
@@ -201,10 +199,17 @@ def doctor(settings: Settings) -> list[Check]:
     checks.append(Check("launchd agent", bool(agent.get("loaded")),
                         "loaded" if agent.get("loaded") else "installed, not loaded" if agent.get("installed")
                         else "not installed", None if agent.get("loaded") else "run `crm-syncd install`"))
-    log_dir = Path(settings.log_dir)
-    writable = os.access(existing_ancestor(log_dir), os.W_OK)
-    checks.append(Check("log directory", writable, str(log_dir), None if writable else f"chmod u+w {log_dir}"))
+    checks += [_folder_check(label, settings, field) for label, field in (("state folder", "state_dir"),
+                                                                          ("log folder", "log_dir"))]
     return checks
+
+
+def _folder_check(label: str, settings: Settings, field: str) -> Check:
+    path = getattr(settings, field)
+    problem = folder_problem(path)
+    if problem is None:
+        return Check(label, True, f"{path} writable")
+    return Check(label, False, f"{path}: {problem}", f"set {field} to a folder you can write in (or make this one so)")
 
 
 def _probe(label: str, path: Path, query) -> Check:

@@ -18,6 +18,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import ObservedWatch
 
 from crm_syncd.logs import get_logger
+from crm_syncd.settings import existing_ancestor
 from crm_syncd.sources import sqlite
 
 log = get_logger("crm_syncd.watch")
@@ -226,10 +227,3 @@ def _identity(directory: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
-
-
-def existing_ancestor(path: Path) -> Path:
-    """`path` itself or its nearest ancestor that exists."""
-    while not path.exists():
-        path = path.parent
-    return path

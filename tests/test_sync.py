@@ -14,6 +14,7 @@ import pytest
 from crm_syncd.identity import placeholder_fields
 from tests.conftest import CLI, clean_env
 from tests.harness.library import Library, ago
+from tests.harness.processes import unprivileged
 from tests.harness.statedb import state_db_at
 
 JANE = "+16135550111"
@@ -1066,6 +1067,47 @@ def test_an_invalid_setting_is_one_line_naming_it_and_its_source_with_exit_2(lib
     assert result.code == 2
     assert "default_region" in result.stderr and "CRM_SYNCD_DEFAULT_REGION" in result.stderr
     assert "Traceback" not in result.output
+
+
+def _read_only_folder(tmp_path) -> str:
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return str(folder / "crm-syncd")
+
+
+def _file_in_the_way(tmp_path) -> str:
+    (tmp_path / "a-file").write_text("")
+    return str(tmp_path / "a-file" / "crm-syncd")
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root without setpriv")
+@pytest.mark.parametrize("obstacle", [_read_only_folder, _file_in_the_way])
+@pytest.mark.parametrize("command, setting", [("sync", "state_dir"), ("retry-failed", "state_dir"),
+                                              ("run", "state_dir"), ("run", "log_dir")])
+def test_a_folder_setting_that_cannot_be_made_is_one_line_naming_setting_folder_and_reason_with_exit_2(
+        library: Library, cli: CLI, tmp_path, obstacle, command: str, setting: str):
+    folder = obstacle(tmp_path)
+    cli.env[f"CRM_SYNCD_{setting.upper()}"] = folder
+
+    result = cli.run_with_prefix(unprivileged(), command)  # root may write anywhere: drop that
+
+    assert result.code == 2, result.output[-600:]
+    assert "Traceback" not in result.output
+    line = result.stderr.strip()
+    assert "\n" not in line and setting in line and folder in line
+    assert "Permission denied" in line or "is not a folder" in line, line
+
+
+def test_doctor_names_a_state_folder_that_cannot_be_made_and_its_setting(library: Library, cli: CLI, tmp_path):
+    cli.env["CRM_SYNCD_STATE_DIR"] = folder = _file_in_the_way(tmp_path)
+
+    result = cli("doctor")
+
+    assert result.code != 0
+    assert f"✗ state folder: {folder}: {tmp_path / 'a-file'} is not a folder" in result.stdout, result.stdout
+    assert "set state_dir to a folder you can write in" in result.stdout
+    assert not (tmp_path / "a-file").is_dir()
 
 
 @pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root without setpriv")
