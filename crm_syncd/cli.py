@@ -339,8 +339,9 @@ def _print_status(doc: dict) -> None:
     out.print(f"CRM {crm['url']}: {crm_state}")
     for pair in doc["duplicates"][:5]:
         out.print(f"[yellow]possible duplicate:[/] CRM contact {pair['duplicate']} looks like {pair['kept']}")
-    if doc["last_error"]:
-        out.print(f"last error: {doc['last_error']}")
+    if doc["last_error"] and doc["health"] != "healthy":  # once healthy, whatever it was is overcome
+        age = doc["last_error_age_s"]
+        out.print(f"last error{'' if age is None else f' {age}s ago'}: {doc['last_error']}")
 
 
 # -- install, uninstall, doctor -------------------------------------------------------------

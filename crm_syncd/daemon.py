@@ -104,6 +104,7 @@ class Daemon:
         self.sources = {s: SourceState() for s in SOURCES}
         self._extracting = {s: asyncio.Lock() for s in SOURCES}  # the daily sweep and a live extraction take turns
         self.last_error: str | None = None
+        self.last_error_ms: int | None = None  # when it happened: `status` shows its age
         self.crm_reachable: bool | None = None
         self.contacts_synced = False
         self.started_ms = now_ms()
@@ -206,7 +207,7 @@ class Daemon:
     def _died(self, task: asyncio.Task) -> int:
         """A task ended on its own: stop with exit 1 rather than live on without it (launchd restarts us)."""
         exc = task.exception()
-        self.last_error = f"{task.get_name()} stopped: {exc!r}"
+        self._remember(f"{task.get_name()} stopped: {exc!r}")
         log.error("daemon.failed", task=task.get_name(), error=repr(exc), exc_info=exc)
         self.stop.set()
         self.work.set()
@@ -362,7 +363,7 @@ class Daemon:
         store.put("daemon", {
             "running": running, "pid": os.getpid(), "started_ms": self.started_ms, "beat_ms": now_ms(),
             "version": __version__, "crm_reachable": crm_reachable, "crm_failure": crm_failure,
-            "last_error": self.last_error,
+            "last_error": self.last_error, "last_error_ms": self.last_error_ms,
             "sources": {s: {"last_sync_ms": st.last_sync_ms, "error": st.error} for s, st in self.sources.items()},
         })
 
@@ -373,8 +374,11 @@ class Daemon:
         return (False if failure else self.crm_reachable), failure
 
     def _error(self, message: str, *, event: str, **fields) -> None:
-        self.last_error = message
+        self._remember(message)
         log.warning(event, error=message, **fields)
+
+    def _remember(self, message: str) -> None:
+        self.last_error, self.last_error_ms = message, now_ms()
 
     async def _sleep(self, seconds: float) -> None:
         await wait_event(self.stop, seconds)

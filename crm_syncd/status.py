@@ -143,7 +143,8 @@ def gather(settings: Settings) -> dict[str, Any]:
                 "daemon_reachable": beat.get("crm_reachable") if running else None,
                 "daemon_failure": beat.get("crm_failure") if running else None},
         "duplicates": duplicates,  # CRM contacts that look like one person but were left alone
-        "last_error": beat.get("last_error"),
+        "last_error": beat.get("last_error"),  # the latest, even if since overcome: see its age
+        "last_error_age_s": round((now - beat["last_error_ms"]) / 1000) if beat.get("last_error_ms") else None,
     }
     lag_growing = any(s.get("lag_seconds", 0) * 1000 > STALL_MS for s in sources.values())
     unreadable = any(s.get("problem") not in (None, MISSING) for s in sources.values())

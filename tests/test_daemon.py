@@ -502,6 +502,25 @@ def test_the_crm_down_for_a_while_queues_everything_and_delivers_it_when_it_retu
     assert d.stop() == 0
 
 
+def test_status_shows_the_last_error_with_its_age_while_degraded_and_not_once_healthy_again(
+        library: Library, citadel, daemon, daemon_env: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=1))
+    citadel.go_down()
+    d = daemon()
+    eventually(lambda: status(daemon_env)["last_error"], what="the CRM outage in status")
+    degraded = daemon_env("status")
+    assert degraded.code == 1 and "s ago: " in degraded.stdout.split("last error ", 1)[1], degraded.stdout
+
+    citadel.come_up()
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 1, timeout=60, what="the message delivered")
+    eventually(lambda: status(daemon_env)["health"] == "healthy", what="a healthy status")
+    healthy = daemon_env("status")
+
+    assert healthy.code == 0 and "last error" not in healthy.stdout, healthy.stdout
+    assert d.stop() == 0
+
+
 def test_a_contacts_sync_retried_from_two_sides_at_once_creates_each_contact_once(
         library: Library, citadel, daemon):
     """After a failed first sync both the pusher and the rescan timer retry it; run together,
