@@ -372,9 +372,19 @@ def uninstall(dry_run: bool) -> None:
     from crm_syncd import launchd
 
     def body() -> int:
-        _print_launchd(launchd.uninstall(_settings(), dry_run=dry_run))
+        _print_launchd(launchd.uninstall(_settings_or_defaults(), dry_run=dry_run))
         return EXIT_OK
     _run(_launchd_errors, body)
+
+
+def _settings_or_defaults() -> Settings:
+    """The settings, or the defaults (with a warning) when they are invalid: an agent that exits at
+    every start on a broken config must still be removable."""
+    try:
+        return _settings()
+    except Abort as exc:
+        err.print(f"[yellow]warning:[/] {exc}; going on with the default settings")
+        return Settings.model_construct()  # the defaults alone: no environment, no config file
 
 
 def _launchd_errors(body) -> int:

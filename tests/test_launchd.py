@@ -283,6 +283,22 @@ def test_uninstall_boots_out_and_removes_and_is_idempotent(fake, settings, home)
     assert not second.changed and second.commands == ()
 
 
+def test_uninstall_removes_an_agent_that_crash_loops_on_a_broken_config_saying_it_uses_the_defaults(
+        fake, cli, home):
+    cli.env["PATH"] = os.environ["PATH"]  # the fake launchctl first
+    assert cli("install").code == 0 and fake.loaded
+    config = home / ".config/crm-syncd/config.toml"  # the agent now exits 2 at every start
+    config.parent.mkdir(parents=True)
+    config.write_text("lookback_days = 30\n")
+    config.chmod(0o600)
+
+    result = cli("uninstall")
+
+    assert result.code == 0, result.output
+    assert not plist_path(home).exists() and not fake.loaded
+    assert "warning: unknown setting 'lookback_days'" in result.stderr and "default settings" in result.stderr
+
+
 def test_dry_runs_change_nothing(fake, settings, home):
     result = install(settings, dry_run=True)
     assert fake.calls() == []
