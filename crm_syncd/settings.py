@@ -7,6 +7,7 @@ existing users keep their settings. `~` is resolved from HOME when settings are 
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import os
@@ -24,6 +25,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 ENV_PREFIX = "CRM_SYNCD_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
+NOT_SETTINGS = frozenset({CONFIG_ENV})  # CRM_SYNCD_* variables crm-syncd reads that name no setting
 API_KEY_PLACES = f"~/.config/crm-syncd/config.toml, {ENV_PREFIX}API_KEY or the Keychain"  # where the key goes
 LEGACY_KEYS = ("api_url", "api_key", "initial_lookback_days", "create_unknown_contacts", "default_region",
                "allow_insecure_http")  # the last: what the error for a LAN http:// api_url says to add
@@ -295,6 +297,22 @@ def config_warnings(settings: Settings) -> list[str]:
     if path is not None and path != legacy and legacy.exists():
         warnings.append(f"legacy config {legacy} is ignored because {path} exists; "
                         "delete it once its settings are moved over")
+    return warnings + _unknown_env_warnings()
+
+
+def _unknown_env_warnings() -> list[str]:
+    """One line for each CRM_SYNCD_* variable that names no setting (a typo the settings ignore)."""
+    fields = list(Settings.model_fields)
+    warnings = []
+    for name in sorted(os.environ):
+        if not name.upper().startswith(ENV_PREFIX) or name in NOT_SETTINGS:
+            continue
+        field = name[len(ENV_PREFIX):].lower()
+        if field in fields:
+            continue
+        guess = difflib.get_close_matches(field, fields, n=1)
+        hint = f"; did you mean {ENV_PREFIX}{guess[0].upper()}?" if guess else ""
+        warnings.append(f"environment variable {name} is not a crm-syncd setting and is ignored{hint}")
     return warnings
 
 

@@ -290,6 +290,27 @@ def test_world_readable_config_file_gets_a_chmod_warning(home):
     assert config_warnings(load_settings()) == []
 
 
+@pytest.mark.parametrize("variable, meant", [("CRM_SYNCD_LOOKBACK_DAYS", "CRM_SYNCD_INITIAL_LOOKBACK_DAYS"),
+                                             ("CRM_SYNCD_APIKEY", "CRM_SYNCD_API_KEY")])
+def test_a_misspelt_environment_variable_gets_a_warning_naming_it_and_the_setting_it_looks_like(
+        home, monkeypatch, variable, meant):
+    monkeypatch.setenv(variable, SECRET)
+
+    warnings = config_warnings(load_settings())
+
+    assert len(warnings) == 1 and variable in warnings[0] and f"did you mean {meant}?" in warnings[0], warnings
+    assert SECRET not in warnings[0]
+
+
+def test_crm_syncd_variables_that_are_read_are_no_warning(home, monkeypatch, tmp_path):
+    config = write_toml(home, "initial_lookback_days = 30\n")
+    monkeypatch.setenv("CRM_SYNCD_CONFIG", str(config))
+    monkeypatch.setenv("CRM_SYNCD_DEFAULT_REGION", "CA")
+    monkeypatch.setenv("crm_syncd_group_messages", "skip")  # the settings' names are read in any case
+
+    assert config_warnings(load_settings()) == []
+
+
 def test_secure_dir_and_file_are_private(tmp_path):
     d = secure_dir(tmp_path / "a" / "state")
     f = secure_file(d / "state.db")
