@@ -30,6 +30,7 @@ API_KEY_PLACES = f"~/.config/crm-syncd/config.toml, {ENV_PREFIX}API_KEY or the K
 LEGACY_KEYS = ("api_url", "api_key", "initial_lookback_days", "create_unknown_contacts", "default_region",
                "allow_insecure_http")  # the last: what the error for a LAN http:// api_url says to add
 _SECRET_FIELDS = frozenset({"api_key"})
+PATH_FIELDS = ("messages_db", "calls_db", "addressbook_dir", "state_dir", "log_dir")
 
 
 class ConfigError(Exception):
@@ -198,10 +199,20 @@ class Settings(BaseSettings):
             raise ValueError("not a known region (use a two-letter code such as US, GB, DE)")
         return region
 
-    @field_validator("messages_db", "calls_db", "addressbook_dir", "state_dir", "log_dir")
+    @field_validator(*PATH_FIELDS, mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():  # Path("") would be the current folder
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator(*PATH_FIELDS)
     @classmethod
     def _expand(cls, value: Path) -> Path:
-        return value.expanduser()
+        value = value.expanduser()
+        if not value.is_absolute():  # would depend on the folder a command is started in
+            raise ValueError("must be an absolute path (it may start with ~)")
+        return value
 
     @property
     def api_key_value(self) -> str | None:

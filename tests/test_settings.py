@@ -227,6 +227,24 @@ def test_each_invalid_setting_is_named_with_its_env_source(home, monkeypatch, se
     assert message.startswith(f"invalid setting {setting} = {value!r} (from env CRM_SYNCD_{setting.upper()}): ")
 
 
+@pytest.mark.parametrize("setting", ["state_dir", "log_dir", "messages_db", "calls_db", "addressbook_dir"])
+@pytest.mark.parametrize("value, why", [("", "must not be empty"), ("  ", "must not be empty"),
+                                        ("crm-state", "must be an absolute path"),
+                                        ("./crm-state", "must be an absolute path")])
+def test_an_empty_or_relative_path_setting_is_refused_not_taken_as_the_current_folder(
+        home, monkeypatch, setting, value, why):
+    monkeypatch.setenv(f"CRM_SYNCD_{setting.upper()}", value)  # `export CRM_SYNCD_STATE_DIR=$STATE`, $STATE unset
+
+    message = config_error()
+
+    assert message.startswith(f"invalid setting {setting} = {value!r} (from env CRM_SYNCD_{setting.upper()}): {why}")
+
+
+def test_a_relative_path_in_toml_is_refused_naming_the_file(home):
+    path = write_toml(home, 'state_dir = "crm-state"\n')
+    assert config_error().startswith(f"invalid setting state_dir = 'crm-state' (from {path}): must be an absolute")
+
+
 def test_unknown_setting_in_toml_is_refused(home):
     path = write_toml(home, 'api_ur = "https://crm.example.com"\n')
     assert config_error() == f"unknown setting 'api_ur' (from {path})"
