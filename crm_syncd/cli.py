@@ -413,9 +413,10 @@ def doctor() -> None:
     def body() -> int:
         checks = run_checks(_settings())
         for check in checks:
-            mark = "[green]✓[/]" if check.ok else "[red]✗[/]"
+            mark = "[red]✗[/]" if not check.ok else "[yellow]![/]" if check.note else "[green]✓[/]"
             out.print(f"{mark} {check.name}: {check.detail}")
             if not check.ok and check.fix:
                 out.print(f"    fix: {check.fix}")
-        return EXIT_OK if all(c.ok for c in checks) else EXIT_FAILED
+        failed = [c for c in checks if not c.ok]
+        return EXIT_FIX if any(c.owner_fix for c in failed) else EXIT_FAILED if failed else EXIT_OK
     _run(body)

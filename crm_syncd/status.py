@@ -165,6 +165,8 @@ class Check:
     ok: bool
     detail: str
     fix: str | None = None
+    owner_fix: bool = False  # a failure only the owner can fix (exit 2, as `sync` gives for the same cause)
+    note: bool = False  # no failure, but worth knowing (a database this Mac has not made yet)
 
 
 def doctor(settings: Settings) -> list[Check]:
@@ -187,7 +189,7 @@ def doctor(settings: Settings) -> list[Check]:
         reachable, refusal = False, crmlib.CRMError(str(exc))
     if isinstance(refusal, crmlib.Unauthorized):
         checks.append(Check("CRM", False, f"{settings.api_url} refused crm-syncd's API key ({refusal.message})",
-                            f"set api_key in {API_KEY_PLACES}"))
+                            f"set api_key in {API_KEY_PLACES}", owner_fix=True))
     elif not reachable:
         checks.append(Check("CRM", False, f"{settings.api_url}/api/health does not answer",
                             "start Citadel or fix api_url in ~/.config/crm-syncd/config.toml"))
@@ -210,16 +212,18 @@ def _folder_check(label: str, settings: Settings, field: str) -> Check:
     problem = folder_problem(path)
     if problem is None:
         return Check(label, True, f"{path} writable")
-    return Check(label, False, f"{path}: {problem}", f"set {field} to a folder you can write in (or make this one so)")
+    return Check(label, False, f"{path}: {problem}", f"set {field} to a folder you can write in (or make this one so)",
+                 owner_fix=True)
 
 
 def _probe(label: str, path: Path, query) -> Check:
     try:
         query()
     except SourceMissing:
-        return Check(label, False, f"{path} does not exist", "nothing to read yet (feature unused on this Mac)")
+        return Check(label, True, f"{path} does not exist: nothing to read yet (feature unused on this Mac)",
+                     note=True)
     except NeedsFullDiskAccess as exc:
-        return Check(label, False, exc.detail, str(exc).split(". ", 1)[-1])
+        return Check(label, False, exc.detail, str(exc).split(". ", 1)[-1], owner_fix=True)
     except SourceError as exc:
         return Check(label, False, str(exc), "retry later; if it persists, restart the Mac")
     return Check(label, True, f"{path} readable")

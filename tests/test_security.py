@@ -54,7 +54,7 @@ def test_a_wrong_api_key_is_the_owners_fix_exit_2_and_nothing_is_lost(library: L
             assert "the CRM refused crm-syncd's API key" in failed.stdout and "set api_key in" in failed.stdout
             assert "not-the-key" not in failed.output and "Traceback" not in failed.output
         doctor = wrong("doctor")
-        assert doctor.code == 1 and "refused crm-syncd's API key" in doctor.stdout and "set api_key in" in doctor.stdout
+        assert doctor.code == 2 and "refused crm-syncd's API key" in doctor.stdout and "set api_key in" in doctor.stdout
 
         assert right("sync").code == 0
         assert len(server.interactions()) == 1

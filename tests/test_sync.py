@@ -1136,6 +1136,27 @@ def test_a_database_macos_refuses_to_open_names_the_full_disk_access_fix(
     assert "Traceback" not in result.output
 
 
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root without setpriv")
+def test_doctor_without_full_disk_access_exits_2_as_sync_does(library: Library, cli: CLI):
+    os.chmod(library.messages_db, 0)  # macOS refuses to open it
+
+    sync = cli.run_with_prefix(unprivileged(), "sync")
+    doctor = cli.run_with_prefix(unprivileged(), "doctor")
+
+    assert sync.code == 2 and "Full Disk Access" in sync.stderr
+    assert doctor.code == 2 and "✗ Messages (chat.db)" in doctor.stdout and "Full Disk Access" in doctor.stdout
+
+
+def test_doctor_shows_a_call_history_this_mac_has_not_made_yet_as_a_note_not_a_failure(
+        library: Library, cli: CLI, home):
+    cli.env["CRM_SYNCD_CALLS_DB"] = str(home / "no-iphone" / "CallHistory.storedata")
+
+    lines = cli("doctor").stdout.splitlines()
+
+    calls = next(line for line in lines if "Call history" in line)
+    assert calls.startswith("! Call history:") and "nothing to read yet" in calls, lines
+
+
 def test_a_damaged_chat_db_is_named_in_one_line_and_calls_are_still_delivered(library: Library, citadel, cli: CLI):
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.call(JANE, at=ago(days=1), originated=True, duration=30)
