@@ -402,7 +402,10 @@ def _print_launchd(result) -> None:
         click.echo(result.plist)
     for command in result.commands:
         out.print(("would run: " if result.dry_run else "ran: ") + " ".join(map(str, command)))
-    out.print(f"{result.action}: {result.plist_path}" + ("" if result.changed else " (nothing to do)"))
+    if result.dry_run:
+        out.print(f"would {result.action}: {result.plist_path}")
+    else:
+        out.print(f"{result.action}: {result.plist_path}" + ("" if result.changed else " (nothing to do)"))
 
 
 @main.command()

@@ -317,6 +317,16 @@ def test_dry_runs_change_nothing(fake, settings, home):
     assert result.commands == (("launchctl", "bootout", TARGET),)
 
 
+@pytest.mark.parametrize("command", ["install", "uninstall"])
+def test_a_dry_run_on_a_fresh_mac_says_what_it_would_do_not_that_there_is_nothing_to_do(cli, home, command):
+    result = cli(command, "--dry-run")
+
+    assert result.code == 0, result.output
+    assert "would run: launchctl bootout" in result.stdout
+    assert f"would {command}: {plist_path(home)}" in result.stdout and "nothing to do" not in result.stdout
+    assert not plist_path(home).exists()
+
+
 def test_without_launchctl_install_fails_clearly_before_writing(settings, home, tmp_path, monkeypatch):
     empty = tmp_path / "empty-bin"
     empty.mkdir()
