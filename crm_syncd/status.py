@@ -25,6 +25,7 @@ HEALTHY, DEGRADED, NOT_RUNNING = 0, 1, 3
 STALL_MS = 180_000  # rows waiting and the mark unmoved this long: the lag is growing
 STALE_BEAT_MS = 3 * HEARTBEAT_S * 1000  # a running daemon that missed three beats is hung
 MISSING = "database not found"  # the feature is unused on this Mac: a problem for nobody
+CONTACTS_SYNCED = "contacts_synced_ms"  # kv: when a one-shot `sync` last synced contacts
 
 
 def _iso(ms: int | None) -> str | None:
@@ -33,6 +34,11 @@ def _iso(ms: int | None) -> str | None:
     from crm_syncd.engine import occurred_iso
 
     return occurred_iso(ms)
+
+
+def _latest(*times_ms: int | None) -> str | None:
+    """The latest of these times (the daemon's, a one-shot `sync`'s), or None if there is none."""
+    return _iso(max((ms for ms in times_ms if ms), default=None))
 
 
 def _newest(reader) -> tuple[int | None, str | None]:
@@ -93,6 +99,7 @@ def gather(settings: Settings) -> dict[str, Any]:
         counts = store.counts() if store else {}
         failures = store.failures() if store else []
         duplicates = store.get("duplicates", []) if store else []
+        contacts_synced = store.get(CONTACTS_SYNCED) if store else None
     finally:
         if store:
             store.close()
@@ -106,16 +113,15 @@ def gather(settings: Settings) -> dict[str, Any]:
         theirs = daemon_sources.get(name) or {}
         lag = max(0, newest - mark["rowid"]) if newest is not None and mark else None
         stalled_ms = max(0, now - _waiting_since(reader, mark)) if mark and lag else 0
-        synced = [ms for ms in (theirs.get("last_sync_ms"), (mark or {}).get("updated_ms")) if ms]
         sources[name] = {
-            "last_sync_at": _iso(max(synced, default=None)),  # the daemon's, or a later `sync`'s
+            "last_sync_at": _latest(theirs.get("last_sync_ms"), (mark or {}).get("updated_ms")),  # daemon or `sync`
             "mark": mark["rowid"] if mark else None, "newest": newest, "lag_rows": lag,
             "lag_seconds": round(stalled_ms / 1000) if lag else 0,
             # the daemon's own failure first: it may lack Full Disk Access that this Terminal has
             "problem": (theirs.get("error") if running else None) or problem,
         }
     contacts = daemon_sources.get("contacts") or {}
-    sources["contacts"] = {"last_sync_at": _iso(contacts.get("last_sync_ms")), "lag_rows": 0,
+    sources["contacts"] = {"last_sync_at": _latest(contacts.get("last_sync_ms"), contacts_synced), "lag_rows": 0,
                            "stores": len(contacts_source.store_paths(Path(settings.addressbook_dir))),
                            "problem": contacts.get("error") if running else None}
     try:

@@ -931,6 +931,19 @@ def test_apple_databases_are_byte_identical_afterwards(library: Library, citadel
     assert library.snapshot() == before
 
 
+def test_status_after_a_sync_says_when_contacts_were_synced_as_it_does_for_messages_and_calls(
+        library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=1))
+    assert cli("sync").code == 0
+
+    sources = json.loads(cli("status", "--json").stdout)["sources"]
+
+    assert sources["contacts"]["last_sync_at"] is not None, sources
+    contacts_line = next(line for line in cli("status").stdout.splitlines() if line.startswith("contacts"))
+    assert "never" not in contacts_line
+
+
 def test_contacts_only_and_interactions_only(library: Library, citadel, cli: CLI):
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE)
