@@ -200,7 +200,8 @@ def _reasons(counter: Counter[str]) -> str:
 def _summary(store: Store, contacts: ContactsReport | None, sources: list[SourceReport], placeholders: list[str],
              push: PushReport | None, crm_down: str | None, refused: str | None, failed: bool, dry_run: bool,
              crm) -> None:
-    verb = "would create" if dry_run else "created"
+    verb, synced_verb = ("would create", "would sync") if dry_run else ("created", "synced")
+    queued = "" if dry_run else "; everything stays queued for the next run"
     if dry_run:
         out.print("[bold yellow]dry run:[/] nothing was written to the CRM or to crm-syncd's state")
     if contacts:
@@ -232,7 +233,7 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
             continue
         types = MESSAGE_TYPES if report.source == "messages" else CALL_TYPES
         synced = sum(delivered[t] for t in types)
-        out.print(f"[bold]{label}[/]  synced {synced} · new {report.added} · already known {report.duplicates} · "
+        out.print(f"[bold]{label}[/]  {synced_verb} {synced} · new {report.added} · already known {report.duplicates} · "
                   f"skipped {sum(report.skipped.values())}{_reasons(report.skipped)}")
     counts = store.counts()
     held = store.held_by_reason()
@@ -243,10 +244,9 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
         for key, reason in push.failed[:5]:
             out.print(f"  {logs.mask_key(key)}: {reason}")
     if refused:
-        out.print(f"[red]✗ the CRM refused crm-syncd's API key[/] ({refused}): set api_key in {API_KEY_PLACES}; "
-                  "everything stays queued for the next run")
+        out.print(f"[red]✗ the CRM refused crm-syncd's API key[/] ({refused}): set api_key in {API_KEY_PLACES}{queued}")
     elif crm_down or (push and push.unreachable):
-        out.print(f"[red]✗ CRM unreachable:[/] {crm_down or push.unreachable}; everything stays queued for the next run")
+        out.print(f"[red]✗ CRM unreachable:[/] {crm_down or push.unreachable}{queued}")
     elif not failed:
         out.print("[green]✓ done[/]")
 

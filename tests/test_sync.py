@@ -903,6 +903,29 @@ def test_dry_run_writes_nothing_anywhere_and_says_what_it_would_create(library: 
     assert not (home / "Library" / "Application Support" / "crm-syncd").exists()
 
 
+def test_dry_run_says_what_it_would_sync_not_that_it_synced(library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=1))
+    library.call(JANE, originated=True, duration=30, at=ago(hours=2))
+
+    result = cli("sync", "--dry-run")
+
+    assert result.code == 0 and citadel.interactions() == []
+    assert "Messages  would sync 1 ·" in result.stdout and "Calls  would sync 1 ·" in result.stdout, result.stdout
+    assert "synced" not in result.stdout
+
+
+def test_dry_run_with_the_crm_down_does_not_say_anything_stays_queued(library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=1))
+    citadel.go_down()
+
+    result = cli("sync", "--dry-run")
+
+    assert result.code == 1 and "dry run: nothing was written" in result.stdout
+    assert "CRM unreachable" in result.stdout and "queued" not in result.stdout, result.stdout
+
+
 def test_dry_run_leaves_a_state_database_from_an_older_crm_syncd_as_it_was(library: Library, citadel, cli: CLI, home):
     """Not even migrated: an older daemon may still be running on it."""
     state = home / "Library" / "Application Support" / "crm-syncd"
