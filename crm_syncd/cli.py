@@ -118,7 +118,9 @@ def _sync(*, contacts_only: bool, interactions_only: bool, dry_run: bool, known_
         try:
             lock.acquire("sync")
         except AlreadyRunning as exc:
-            raise Abort(f"{exc}; it already syncs continuously (stop it to run a one-shot sync)", EXIT_FAILED)
+            advice = ("it already syncs continuously (stop it to run a one-shot sync)" if exc.holder == "run"
+                      else "wait for it to finish")
+            raise Abort(f"{exc}; {advice}", EXIT_FAILED) from exc
     logs.configure(verbose=verbose, console=True)
     with owner_errors():
         store = _open_store(settings, dry_run)

@@ -39,7 +39,11 @@ RETRY_S, RETRY_MAX_S = 2.0, 60.0  # a failed extraction is made again after 2, 4
 
 
 class AlreadyRunning(Exception):
-    pass
+    """Another process holds the lock; `holder` is its command (`run`, the daemon, or `sync`)."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 class Lock:
@@ -59,7 +63,7 @@ class Lock:
             pid, held_by = _holder(os.read(fd, 64))
             os.close(fd)
             raise AlreadyRunning(f"crm-syncd {held_by} is already running (pid {pid}); "
-                                 "see `crm-syncd status`") from None
+                                 "see `crm-syncd status`", held_by) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {command}".encode())
         self._fd = fd

@@ -275,6 +275,29 @@ def test_a_second_run_is_refused_at_once(library: Library, daemon, daemon_env: C
     assert "already running" in second.stderr and str(first.proc.pid) in second.stderr
 
 
+def test_a_sync_meeting_the_daemon_is_told_to_stop_it_and_one_meeting_another_sync_to_wait_for_it(
+        library: Library, citadel, daemon, daemon_env: CLI, home):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    d = daemon()
+    during_run = daemon_env("sync")
+    assert during_run.code == 1 and f"crm-syncd run is already running (pid {d.proc.pid})" in during_run.stderr
+    assert "syncs continuously (stop it" in during_run.stderr
+    assert d.stop() == 0
+
+    library.text(JANE)
+    citadel.latency_s = 4.0  # the first sync takes a while
+    first = daemon_env.popen("sync")
+    try:
+        eventually(lambda: Lock(home / STATE_DIR / "crm-syncd.lock").held_by_other(), what="the sync's lock")
+        second = daemon_env("sync")
+    finally:
+        first.wait(timeout=60)
+        first.communicate()
+
+    assert second.code == 1 and f"crm-syncd sync is already running (pid {first.pid})" in second.stderr
+    assert "wait for it to finish" in second.stderr and "continuously" not in second.stderr, second.stderr
+
+
 def test_status_json_reflects_running_stopped_pending_and_failed(library: Library, citadel, daemon, daemon_env: CLI):
     library.card(first="Jane", last="Doe", phones=[JANE])
     stopped = daemon_env("status", "--json")
