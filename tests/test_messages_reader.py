@@ -48,6 +48,17 @@ def only(activities: list[Activity]) -> Activity:
 
 # -- one-to-one and group conversations ------------------------------------------------------
 
+def test_fixtures_without_apples_table_definitions_name_the_folder_and_the_variable(tmp_path, monkeypatch):
+    """`make demo` in a clone with no ../shared next to it."""
+    monkeypatch.setenv("CRM_SYNCD_SHARED_DIR", str(tmp_path / "nowhere"))
+
+    with pytest.raises(FileNotFoundError) as caught:
+        ChatDB.create(tmp_path / "chat.db", version="sequoia")
+
+    assert str(tmp_path / "nowhere" / "reference" / "ddl") in str(caught.value)
+    assert "CRM_SYNCD_SHARED_DIR" in str(caught.value)
+
+
 def test_one_to_one_incoming_and_outgoing_become_text_activities_of_the_counterpart(db):
     ann = db.handle("+15551230001")
     chat = db.chat([ann])

@@ -77,6 +77,9 @@ def schema(version: str) -> dict[str, str]:
     """table -> CREATE TABLE for `version`, filling gaps from the nearest older (else newer) dump."""
     if version not in VERSIONS:
         raise ValueError(f"unknown version {version!r}; pick one of {VERSIONS}")
+    if not ddl_dir().is_dir():
+        raise FileNotFoundError(f"no Apple table definitions (DDL) for Messages under {ddl_dir()}: "
+                                "set CRM_SYNCD_SHARED_DIR to the folder that holds reference/ddl")
     at = VERSIONS.index(version)
     names = set(CORE_TABLES)
     for older in VERSIONS[: at + 1]:
@@ -86,7 +89,9 @@ def schema(version: str) -> dict[str, str]:
         older = (_table_file(v, table) for v in reversed(VERSIONS[: at + 1]))
         sql = next((s for s in older if s), None)
         if sql is None:  # only a newer dump has it: drop the columns that came later
-            sql = next(s for s in (_table_file(v, table) for v in VERSIONS[at + 1:]) if s)
+            sql = next((s for s in (_table_file(v, table) for v in VERSIONS[at + 1:]) if s), None)
+            if sql is None:
+                raise FileNotFoundError(f"no {table}.sql in any version's folder under {ddl_dir()}")
             for (t, column), since in LATER_COLUMNS.items():
                 if t == table and at < VERSIONS.index(since):
                     sql = re.sub(rf"\n\s*{column}\b[^\n]*", "", sql)
