@@ -235,8 +235,8 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
             continue
         types = MESSAGE_TYPES if report.source == "messages" else CALL_TYPES
         synced = sum(delivered[t] for t in types)
-        out.print(f"[bold]{label}[/]  {synced_verb} {synced} · new {report.added} · already known {report.duplicates} · "
-                  f"skipped {sum(report.skipped.values())}{_reasons(report.skipped)}")
+        out.print(f"[bold]{label}[/]  {synced_verb} {synced} · new {report.added} · already known "
+                  f"{report.duplicates} · skipped {sum(report.skipped.values())}{_reasons(report.skipped)}")
     counts = store.counts()
     held = store.held_by_reason()
     out.print(f"[bold]Outbox[/]  pending {counts.get('pending', 0) + counts.get('sending', 0)} · "
@@ -246,7 +246,8 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
         for key, reason in push.failed[:5]:
             out.print(f"  {logs.mask_key(key)}: {reason}")
     if refused:
-        out.print(f"[red]✗ the CRM refused crm-syncd's API key[/] ({refused}): set api_key in {API_KEY_PLACES}{queued}")
+        out.print(f"[red]✗ the CRM refused crm-syncd's API key[/] ({refused}): "
+                  f"set api_key in {API_KEY_PLACES}{queued}")
     elif crm_down or (push and push.unreachable):
         out.print(f"[red]✗ CRM unreachable:[/] {crm_down or push.unreachable}{queued}")
     elif not failed:
