@@ -35,6 +35,7 @@ LAST_SWEEP = "last_sweep_ms"  # kv: when it last ran, by the wall clock (a Mac a
 SWEEP_DAYS = 7
 SLEEP_JUMP_S = 5.0  # wall clock ahead of the monotonic clock by this much: the Mac slept
 TICK_S = 5.0  # how often the timers look at the clocks (each look costs a wake-up)
+PING_TIMEOUT_S = 10.0  # a heartbeat_url request, whole
 RETRY_S, RETRY_MAX_S = 2.0, 60.0  # a failed extraction is made again after 2, 4, 8 ... 60 s
 
 
@@ -139,6 +140,8 @@ class Daemon:
         log.info("daemon.stopping", signal=signal.Signals(sig).name)
         self.stop.set()
         self.work.set()
+        if engine := getattr(self, "engine", None):  # an extraction's thread ends at its next batch or retry
+            engine.stopping.set()
 
     async def _serve(self, loop: asyncio.AbstractEventLoop) -> int:
         log.info("daemon.started", pid=os.getpid(), version=__version__)
@@ -342,19 +345,23 @@ class Daemon:
         return last
 
     async def _heartbeats(self) -> None:
-        last_ping = 0.0
-        async with httpx.AsyncClient(timeout=10) as client:
-            while not self.stop.is_set():
-                self.beat()
-                url = self.settings.heartbeat_url
-                due = url and time.monotonic() - last_ping >= self.settings.heartbeat_interval_s
-                if due and self._crm_view()[0] and not self.store.failed_count():
-                    last_ping = time.monotonic()
-                    try:
-                        await client.get(url)
-                    except httpx.HTTPError as exc:
-                        log.warning("heartbeat.failed", error=type(exc).__name__)
-                await self._sleep(HEARTBEAT_S)
+        """The beat `status` reads, every HEARTBEAT_S; and, while all is well, a GET of heartbeat_url
+        on its own task (one at a time): an endpoint slow to answer never delays a beat."""
+        last_ping, ping = 0.0, None
+        async with httpx.AsyncClient(timeout=PING_TIMEOUT_S) as client:
+            try:
+                while not self.stop.is_set():
+                    self.beat()
+                    url = self.settings.heartbeat_url
+                    due = url and time.monotonic() - last_ping >= self.settings.heartbeat_interval_s
+                    if due and (ping is None or ping.done()) and self._crm_view()[0] and not self.store.failed_count():
+                        last_ping = time.monotonic()
+                        ping = asyncio.create_task(_ping(client, url), name="heartbeat ping")
+                    await self._sleep(HEARTBEAT_S)
+            finally:
+                if ping is not None:
+                    ping.cancel()
+                    await asyncio.gather(ping, return_exceptions=True)
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -389,3 +396,13 @@ class Daemon:
 
     async def _wait_work(self, seconds: float) -> None:
         await wait_event(self.work, seconds)
+
+
+async def _ping(client: httpx.AsyncClient, url: str) -> None:
+    """One GET of the heartbeat URL, bounded as a whole (httpx's timeout bounds each read, and a server
+    that trickles its answer a byte at a time would never end it)."""
+    try:
+        async with asyncio.timeout(PING_TIMEOUT_S):
+            await client.get(url)
+    except (httpx.HTTPError, TimeoutError) as exc:
+        log.warning("heartbeat.failed", error=type(exc).__name__)

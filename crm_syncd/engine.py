@@ -19,6 +19,7 @@ import asyncio
 import datetime as dt
 import os
 import random
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -116,9 +117,11 @@ class Engine:
         self.crm = crm
         self.known_only = known_only
         self.normalize = Normalizer(settings.default_region)
+        self.stopping = threading.Event()  # set by a stopping process: extractions end at their next batch
         self.readers: dict[str, Any] = {
-            "messages": MessagesReader(settings.messages_db, group_messages=settings.group_messages),
-            "calls": CallsReader(settings.calls_db),
+            "messages": MessagesReader(settings.messages_db, group_messages=settings.group_messages,
+                                       stop=self.stopping),
+            "calls": CallsReader(settings.calls_db, stop=self.stopping),
         }
         self.own_addresses: set[str] = set()
         self.contacts_stale = False  # set when a contact vanished from the CRM
@@ -398,7 +401,7 @@ class Engine:
             narrower = since is not None and (window is None or since > window)
             kept = mark._replace(file_id=current_file) if resumed else Mark(0, current_file, None, window)
             held = False  # once a row must be read again, the mark moves no further in this read
-            while True:
+            while not self.stopping.is_set():
                 batch = session.read(after, limit=self.settings.batch_size, since_ms=since)
                 if batch.rows == 0 and batch.last_rowid <= after:
                     break
@@ -433,7 +436,7 @@ class Engine:
                 after = batch.last_rowid
             # a complete pass: every row has met the window (an empty source keeps no mark: its first rows
             # still get a first sync)
-            if kept.window_ms is not None and not held and kept.rowid > 0:
+            if kept.window_ms is not None and not held and kept.rowid > 0 and not self.stopping.is_set():
                 self.store.enqueue(source, [], kept._replace(window_ms=None))
         report.held = held
         return report

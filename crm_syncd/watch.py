@@ -2,7 +2,8 @@
 
 The observer watches the *directories* of Apple's databases, never the files: SQLite and
 Messages recreate `-wal` with a new inode, and a watch on the old file goes deaf for good.
-FSEvents on macOS, inotify on Linux, through the same watchdog API. Events are only hints: a
+A folder reached through a symbolic link is watched where it is. FSEvents on macOS, inotify on
+Linux, through the same watchdog API. Events are only hints: a
 `Probe` (size, mtime, inode of the database and its `-wal`) decides whether anything changed.
 """
 
@@ -99,12 +100,13 @@ class _Handler(FileSystemEventHandler):
     def __init__(self, directory: Path, names: dict[str, str], notify: Callable[[str], None],
                  lost: Callable[[Path], None]) -> None:
         self.directory = directory
+        self.real = directory.resolve()  # what is watched, and what its events name (a linked folder too)
         self.names = names  # file name -> source
         self.notify = notify
         self.lost = lost
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("deleted", "moved") and Path(os.fsdecode(event.src_path)) == self.directory:
+        if event.event_type in ("deleted", "moved") and Path(os.fsdecode(event.src_path)) == self.real:
             self.lost(self.directory)  # the watch ends with its folder (inotify and FSEvents alike)
             return
         for path in (event.src_path, getattr(event, "dest_path", "")):
@@ -189,7 +191,10 @@ class Watcher:
 
     def _schedule(self, handler: FileSystemEventHandler, directory: Path) -> None:
         identity = _identity(directory)
-        self._watches[directory] = (self.observer.schedule(handler, str(directory), recursive=False), identity)
+        # the folder itself, not a symbolic link to it (~/Library/Messages moved to another volume and
+        # linked back): inotify would watch the link, and hear of nothing written in the folder
+        watch = self.observer.schedule(handler, str(directory.resolve()), recursive=False)
+        self._watches[directory] = (watch, identity)
 
     def _alive(self, watch: ObservedWatch) -> bool:
         """Whether the watch still reports (an inotify watch stops when its folder is deleted)."""

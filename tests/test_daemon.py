@@ -7,16 +7,19 @@ keeps its connections open, so new rows live only in the -wal files, as on a rea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -216,6 +219,81 @@ def test_sigterm_during_the_start_up_stops_within_the_shutdown_deadline_and_a_re
     eventually(lambda: d.events("daemon.watching") and not citadel.serving, what="the restart's contacts sync")
     assert d.stop() == 0
     assert sorted(c["phone"] for c in citadel.contacts()) == phones
+
+
+def test_sigterm_while_an_extraction_waits_out_a_locked_chat_db_stops_within_the_shutdown_deadline(
+        library: Library, citadel, daemon, daemon_env: CLI):
+    """Messages holds chat.db locked for a long write; the extraction's thread is waiting it out (some 20 s
+    of retries) when launchd sends SIGTERM: the process must not outlive the deadline (launchd's own
+    ExitTimeOut, 20 s, ends in SIGKILL)."""
+    daemon_env.env["CRM_SYNCD_SHUTDOWN_DEADLINE_S"] = "2"
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=3))
+    d = daemon()
+    eventually(lambda: citadel.interactions_of(JANE), what="the first message")
+    library.chat.conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+    library.text(JANE, at=ago(hours=2))  # takes the exclusive lock and keeps it
+    time.sleep(1.5)  # no event tells: the hint, the debounce, then the extraction retrying against the lock
+
+    d.proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    code = d.proc.wait(timeout=60)
+    took = time.monotonic() - sent
+
+    assert code == 0 and took < 2 + 1, f"SIGTERM took {took:.1f}s, exit {code}"
+
+
+def test_a_heartbeat_url_slow_to_answer_never_holds_up_the_beat_status_reads(
+        library: Library, citadel, daemon, daemon_env: CLI):
+    """A dead-man switch (or a proxy) that trickles its answer a byte a second: the beat goes on every
+    5 s, or `status` would call a working daemon hung after 15 s."""
+    hits: list[socket.socket] = []
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def accept() -> None:  # reads the request, then sends one byte of its answer and no more
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                conn.recv(65536)
+                conn.sendall(b"H")
+                hits.append(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
+    daemon_env.env.update(CRM_SYNCD_HEARTBEAT_URL=f"http://127.0.0.1:{server.getsockname()[1]}/ping",
+                          CRM_SYNCD_ALLOW_INSECURE_HTTP="true")
+    try:
+        d = daemon()
+        eventually(lambda: hits, what="the first ping")
+        since = datetime.now(UTC) + timedelta(seconds=1)
+
+        def beat_since_then() -> bool:
+            doc = status(daemon_env)
+            return bool(doc["last_beat_at"]) and datetime.fromisoformat(doc["last_beat_at"]) > since
+
+        eventually(beat_since_then, timeout=12, what="a beat while the ping waits for its answer")
+        assert status(daemon_env)["responding"] is True
+        assert d.stop() == 0
+    finally:
+        server.close()
+        for conn in hits:
+            conn.close()
+
+
+def test_a_messages_folder_moved_to_another_volume_and_linked_back_is_still_heard_at_once(
+        library: Library, citadel, daemon, home):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.chat.close()
+    elsewhere = home / "Volumes" / "External" / "Messages"
+    elsewhere.parent.mkdir(parents=True)
+    library.messages_db.parent.rename(elsewhere)
+    library.messages_db.parent.symlink_to(elsewhere, target_is_directory=True)
+    library.chat = ChatDB.open(library.messages_db)
+    d = daemon()  # its safety probe comes every 30 s
+
+    library.text(JANE)
+
+    eventually(lambda: citadel.interactions_of(JANE), timeout=5, what="the message, from its file event")
+    assert d.stop() == 0
 
 
 def test_a_message_written_while_the_start_up_catches_up_arrives_at_once_not_at_the_next_probe(

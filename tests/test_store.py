@@ -157,6 +157,20 @@ def test_a_first_sync_stopped_part_way_resumes_with_its_lookback(library: Librar
     assert (rest.added, rest.skipped["before-window"]) == (3, 1)
 
 
+def test_an_extraction_a_stopping_daemon_ends_between_batches_keeps_its_lookback_for_the_next_start(
+        library: Library, tmp_path):
+    engine = extraction(library, tmp_path / "state", batch_size=2)
+    for n in range(5):
+        library.text(JANE, at=ago(hours=10 - n))
+    library.text(JANE, at=ago(days=3 * 365))  # history iCloud brought in late, beyond the 365-day lookback
+
+    stopped = engine.extract("messages", progress=lambda rows: engine.stopping.set())  # SIGTERM meanwhile
+    rest = extraction(library, tmp_path / "state", batch_size=2).extract("messages")  # the next start
+
+    assert (stopped.rows, stopped.added) == (2, 2)
+    assert (rest.added, rest.skipped["before-window"]) == (3, 1)
+
+
 def test_a_group_message_read_again_goes_to_no_one_added_to_the_group_since(library: Library, tmp_path):
     """chat_handle_join holds today's members: a re-read (--full, the daily sweep, a rebuild) must not
     send an old message to someone who joined after it."""

@@ -11,6 +11,7 @@ handle or chat newer than them.
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -47,15 +48,15 @@ class MessagesReader(sqlite.SourceReader):
     SEQUENCE = ("sqlite_sequence", "SELECT seq FROM sqlite_sequence WHERE name = 'message'")  # AUTOINCREMENT's
 
     def __init__(self, path: Path, *, group_messages: Literal["each-participant", "skip"] = "each-participant",
-                 trace: Callable[[str], None] | None = None) -> None:
+                 trace: Callable[[str], None] | None = None, stop: threading.Event | None = None) -> None:
         if group_messages not in ("each-participant", "skip"):
             raise ValueError(f"group_messages must be 'each-participant' or 'skip', not {group_messages!r}")
-        super().__init__(path, trace=trace)
+        super().__init__(path, trace=trace, stop=stop)
         self.group_messages = group_messages
 
     def own_addresses(self) -> set[str]:
         """The addresses the owner's chats were last addressed from (chat.last_addressed_handle)."""
-        return sqlite.retrying(self._reading, lambda db, conn: set(_maps(db, conn, []).own))
+        return sqlite.retrying(self._reading, lambda db, conn: set(_maps(db, conn, []).own), stop=self._stop)
 
     def _read(self, db: sqlite.Database, conn: sqlite3.Connection, after_rowid: int, limit: int,
               since_ms: int | None) -> tuple[Batch, bool]:

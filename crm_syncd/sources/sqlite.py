@@ -12,6 +12,7 @@ import copy
 import errno
 import gc
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -188,9 +189,10 @@ class SourceReader:
     ANCHOR: ClassVar[str]
     SEQUENCE: ClassVar[tuple[str, str]]  # (table, SELECT of the highest ROWID it has handed out)
 
-    def __init__(self, path: Path, *, trace: Trace | None = None) -> None:
+    def __init__(self, path: Path, *, trace: Trace | None = None, stop: threading.Event | None = None) -> None:
         self.path = Path(path)
         self._trace = trace  # test seam: receives every SQL statement run
+        self._stop = stop  # set when the process stops: a locked database is no longer waited out
         self._db: Database | None = None  # set on a session's copy
 
     @contextmanager
@@ -215,11 +217,11 @@ class SourceReader:
         """
         if limit < 1:
             raise ValueError("limit must be at least 1")
-        return retrying(self._reading, self._batch, after_rowid, limit, since_ms)
+        return retrying(self._reading, self._batch, after_rowid, limit, since_ms, stop=self._stop)
 
     def newest_rowid(self) -> int:
         """The highest ROWID (0 for an empty database)."""
-        return retrying(self._reading, self._newest)
+        return retrying(self._reading, self._newest, stop=self._stop)
 
     def high_water(self) -> int:
         """The highest ROWID the database has handed out, to a row that is there or one since deleted.
@@ -227,11 +229,11 @@ class SourceReader:
         Deleting the newest rows lowers `newest_rowid` but not this, so a mark above it means
         another database, not the owner's deletion.
         """
-        return retrying(self._reading, self._high_water)
+        return retrying(self._reading, self._high_water, stop=self._stop)
 
     def anchor(self, rowid: int) -> str | None:
         """The anchor of the row at `rowid`; None when no row is there or the store keeps none."""
-        return retrying(self._reading, self._anchor, rowid)
+        return retrying(self._reading, self._anchor, rowid, stop=self._stop)
 
     def own_addresses(self) -> set[str]:
         """The owner's own addresses as this database names them (none unless it keeps them)."""
@@ -307,13 +309,16 @@ def _classify(exc: BaseException, path: Path) -> BaseException:
     return exc
 
 
-def retrying(fn, *args, delays: tuple[float, ...] = RETRY_DELAYS, **kwargs):
-    """Call `fn`, retrying with backoff while the database is busy or locked."""
+def retrying(fn, *args, delays: tuple[float, ...] = RETRY_DELAYS, stop: threading.Event | None = None, **kwargs):
+    """Call `fn`, retrying with backoff while the database is busy or locked; once `stop` is set (the
+    process is stopping), the busy error is raised at once rather than waited out."""
+    pause = stop.wait if stop is not None else time.sleep
     for delay in delays:
         try:
             return fn(*args, **kwargs)
         except SourceBusy:
-            time.sleep(delay)
+            if pause(delay):
+                raise
     return fn(*args, **kwargs)
 
 
