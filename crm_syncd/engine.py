@@ -251,7 +251,9 @@ class Engine:
             survivor = remembered if remembered in real else self._preferred(real)
             report.existing += 1
             await self._follow_edits(survivor, fields, index, report, name)
-            self.store.keep_contact_for(survivor, person.key, person.unique_ids)  # theirs under today's key
+            filed = (self.store.known_contact(survivor) or ("", None))[1]
+            if filed in (None, person.key) or filed not in live:  # the owner's own may serve several people
+                self.store.keep_contact_for(survivor, person.key, person.unique_ids)  # theirs under today's key
         else:
             survivor = placeholders[0]
             await self._dedupe_wanted(survivor)  # settled while it is known as found, not made, if another Mac made it
@@ -299,8 +301,8 @@ class Engine:
             origin, key, written = self.store.known_contact(contact_id) or ("", None, None)
             if key is None or key == person.key:
                 return True
-            if key in live:
-                return False
+            if key in live:  # another person's, unless it is one the owner made (theirs to share)
+                return origin == "crm"
             return (origin != "card" or written is None or _same_name(written, fields)
                     or bool(self.store.contact_cards(contact_id) & person.unique_ids))
         return {c for c in contact_ids if free(c)}
@@ -321,7 +323,7 @@ class Engine:
             return False  # made by the owner: never deleted, only reported
         if known[0] != "merging":
             current = index.by_id[victim]
-            if (_owner_edited(known[2], current) or _owner_filled(current)
+            if (_owner_edited(known[2], current) or _owner_filled(current, known[2])
                     or (known[0] == "placeholder" and not is_placeholder(current))):
                 return False  # the owner renamed, annotated or filled it in: theirs now
             theirs = {i["id"] for i in await self.crm.list_interactions(victim)} - self.store.crm_ids(victim)
@@ -924,16 +926,18 @@ def _owner_edited(written: dict | None, current: dict) -> bool:
     return written is not None and any((current.get(k) or None) != (v or None) for k, v in written.items())
 
 
-# a contact's fields crm-syncd writes (`Person.crm_fields`, placeholders), and those the server sets itself
+# a contact's fields crm-syncd may write (`Person.crm_fields`), and those the server sets itself
 WRITTEN = frozenset({"firstName", "lastName", "phone", "email", "organization", "title", "notes"})
 SERVER_SET = frozenset({"id", "createdAt", "updatedAt", "lastContactedAt", "contactDueAt"})
 
 
-def _owner_filled(current: dict) -> bool:
-    """Whether a contact holds something in a field crm-syncd never writes (a location, tags, a field
-    newer than crm-syncd): the owner's work, which deleting the contact would lose."""
+def _owner_filled(current: dict, written: dict | None) -> bool:
+    """Whether a contact holds something in a field crm-syncd did not write to it (a placeholder's
+    organization, a location, tags, a field newer than crm-syncd): the owner's work, which deleting
+    the contact would lose. `written`: the fields last written, if known."""
+    ours = written.keys() if written is not None else WRITTEN
     return any(value not in (None, "", [], {}) for key, value in current.items()
-               if key not in WRITTEN and key not in SERVER_SET)
+               if key not in ours and key not in SERVER_SET)
 
 
 def _promotion(fields: dict, placeholder: dict) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from crm_syncd import macos
-from crm_syncd.settings import CONFIG_ENV, ENV_PREFIX, Settings, ready_folder
+from crm_syncd.settings import CONFIG_ENV, ENV_PREFIX, Settings, names_setting, ready_folder
 
 LABEL = "com.citadel.crm-syncd"
 TEMPLATE = "launchd_template.plist"
@@ -97,7 +97,7 @@ def render_plist(settings: Settings, python: str | None = None) -> bytes:
     agent = _substitute(plistlib.loads(template), values)
     environment = agent["EnvironmentVariables"]
     for name, value in sorted(os.environ.items()):  # the agent runs with the settings install was given
-        if name.startswith(ENV_PREFIX) and name != SECRET_ENV:
+        if names_setting(name) and name != SECRET_ENV:
             environment[name] = value
     if os.environ.get(CONFIG_ENV) and settings.config_file is not None:
         environment[CONFIG_ENV] = str(settings.config_file.absolute())

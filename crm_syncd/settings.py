@@ -117,6 +117,12 @@ def _check_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL with a host")
+    try:
+        port = parts.port  # raises on 99999 or "x"
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("has a port that is not a number from 1 to 65535")
     return value
 
 
@@ -311,16 +317,19 @@ def config_warnings(settings: Settings) -> list[str]:
     return warnings + _unknown_env_warnings()
 
 
+def names_setting(variable: str) -> bool:
+    """Whether an environment variable sets one of the settings (`CRM_SYNCD_STATE_DIR`, in any case)."""
+    return variable.upper().startswith(ENV_PREFIX) and variable[len(ENV_PREFIX):].lower() in Settings.model_fields
+
+
 def _unknown_env_warnings() -> list[str]:
     """One line for each CRM_SYNCD_* variable that names no setting (a typo the settings ignore)."""
     fields = list(Settings.model_fields)
     warnings = []
     for name in sorted(os.environ):
-        if not name.upper().startswith(ENV_PREFIX) or name in NOT_SETTINGS:
+        if not name.upper().startswith(ENV_PREFIX) or name in NOT_SETTINGS or names_setting(name):
             continue
         field = name[len(ENV_PREFIX):].lower()
-        if field in fields:
-            continue
         guess = difflib.get_close_matches(field, fields, n=1)
         hint = f"; did you mean {ENV_PREFIX}{guess[0].upper()}?" if guess else ""
         warnings.append(f"environment variable {name} is not a crm-syncd setting and is ignored{hint}")
@@ -336,10 +345,10 @@ def existing_ancestor(path: Path) -> Path:
 
 def folder_problem(path: Path) -> str | None:
     """Why `path` could not be made or written in (found without making it), or None if it can."""
-    nearest = existing_ancestor(Path(path))
-    if not nearest.is_dir():
-        return f"{nearest} is not a folder"
     try:
+        nearest = existing_ancestor(Path(path))  # a parent one may not enter raises here
+        if not nearest.is_dir():
+            return f"{nearest} is not a folder"
         tempfile.TemporaryFile(dir=nearest).close()
     except OSError as exc:
         return exc.strerror or str(exc)

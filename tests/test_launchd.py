@@ -207,11 +207,13 @@ def test_the_agent_gets_the_settings_install_was_given_in_its_environment_but_ne
     monkeypatch.setenv("CRM_SYNCD_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("CRM_SYNCD_API_URL", "https://crm.example.com")
     monkeypatch.setenv("CRM_SYNCD_API_KEY", "s3cret-key")
+    monkeypatch.setenv("CRM_SYNCD_LOOKBACK_DAYS", "30")  # a typo, warned about: not passed on
     from crm_syncd.settings import load_settings
 
     data = render_plist(load_settings())
 
     agent = plistlib.loads(data)
+    assert "CRM_SYNCD_LOOKBACK_DAYS" not in agent["EnvironmentVariables"]
     assert agent["WorkingDirectory"] == str(tmp_path / "state")
     assert agent["EnvironmentVariables"]["CRM_SYNCD_STATE_DIR"] == str(tmp_path / "state")
     assert agent["EnvironmentVariables"]["CRM_SYNCD_API_URL"] == "https://crm.example.com"

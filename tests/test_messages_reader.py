@@ -50,13 +50,13 @@ def only(activities: list[Activity]) -> Activity:
 
 def test_fixtures_without_apples_table_definitions_name_the_folder_and_the_variable(tmp_path, monkeypatch):
     """`make demo` in a clone with no ../shared next to it."""
-    monkeypatch.setenv("CRM_SYNCD_SHARED_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("FIXTURES_SHARED_DIR", str(tmp_path / "nowhere"))
 
     with pytest.raises(FileNotFoundError) as caught:
         ChatDB.create(tmp_path / "chat.db", version="sequoia")
 
     assert str(tmp_path / "nowhere" / "reference" / "ddl") in str(caught.value)
-    assert "CRM_SYNCD_SHARED_DIR" in str(caught.value)
+    assert "FIXTURES_SHARED_DIR" in str(caught.value)
 
 
 def test_one_to_one_incoming_and_outgoing_become_text_activities_of_the_counterpart(db):

@@ -219,6 +219,8 @@ def test_invalid_override_is_attributed_to_the_command_line(home):
     ("group_messages", "all"),
     ("create_unknown_contacts", "perhaps"),
     ("heartbeat_url", "ftp://hc.example.com/ping"),
+    ("heartbeat_url", "http://127.0.0.1:99999/ping"),  # a port no request can reach
+    ("api_url", "http://localhost:0"),
     ("api_url", "not a url"),
 ])
 def test_each_invalid_setting_is_named_with_its_env_source(home, monkeypatch, setting, value):

@@ -761,6 +761,21 @@ def test_handles_messages_grouped_share_one_placeholder_which_a_card_with_either
     assert kinds(citadel, "Sam Stone") == {"TEXT_INBOUND": 2}
 
 
+def test_one_contact_the_owner_made_serves_a_person_on_two_unlinked_cards_holding_its_phone_and_its_email(
+        library: Library, citadel, cli: CLI):
+    kept = citadel.add_contact(firstName="Jane", lastName="Doe", phone=JANE, email="jane@work.example")
+    library.card(first="Jane", last="Doe", phones=[JANE], unique_id="A-1:ABPerson")
+    library.card(source=1, first="Jane", last="Doe", emails=["jane@work.example"], unique_id="B-2:ABPerson")
+    library.text(JANE, at=ago(days=2))
+    library.text("jane@work.example", at=ago(days=1))
+
+    first, again = cli("sync"), cli("sync")
+
+    assert (first.code, again.code) == (0, 0), first.output
+    assert [c["id"] for c in citadel.contacts()] == [kept]
+    assert len(citadel.interactions(kept)) == 2
+
+
 @pytest.mark.parametrize("found", ["the owner's own", "a placeholder the owner renamed"])
 def test_a_contact_found_for_a_card_stays_that_persons_after_their_number_changes(
         library: Library, citadel, cli: CLI, found):
@@ -787,9 +802,11 @@ def test_a_contact_found_for_a_card_stays_that_persons_after_their_number_change
     assert len(citadel.interactions(kept)) == (3 if found != "the owner's own" else 2)
 
 
-@pytest.mark.parametrize("made", ["placeholder", "card"])
+@pytest.mark.parametrize("made, filled", [("placeholder", {"location": "Halifax"}),
+                                          ("placeholder", {"organization": "Acme"}),  # never written to one
+                                          ("card", {"location": "Halifax"})])
 def test_a_contact_crm_syncd_made_that_the_owner_filled_in_is_not_deleted_when_it_turns_out_a_duplicate(
-        library: Library, citadel, cli: CLI, made):
+        library: Library, citadel, cli: CLI, made, filled):
     bob = library.card(first="Bob", last="Roe", phones=[BOB], unique_id="A-1:ABPerson")
     if made == "placeholder":
         library.text("bob@example.org", at=ago(days=2))  # an email no card has yet
@@ -797,7 +814,7 @@ def test_a_contact_crm_syncd_made_that_the_owner_filled_in_is_not_deleted_when_i
         library.card(source=1, first="Bob", last="Roe", emails=["bob@example.org"], unique_id="B-2:ABPerson")
     assert cli("sync").code == 0
     [other] = [c for c in citadel.contacts() if c["email"] == "bob@example.org"]
-    citadel.update_contact(other["id"], location="Halifax")  # a field crm-syncd never writes
+    citadel.update_contact(other["id"], **filled)  # a field crm-syncd did not write to it
 
     library.books[0].update_card(bob, emails=["bob@example.org"])  # the two are one person now
     library.books[0].commit()
@@ -1112,13 +1129,20 @@ def _read_only_folder(tmp_path) -> str:
     return str(folder / "crm-syncd")
 
 
+def _a_parent_one_may_not_enter(tmp_path) -> str:
+    folder = tmp_path / "locked"
+    (folder / "inner").mkdir(parents=True)
+    folder.chmod(0o600)  # readable, not searchable: even "does it exist?" is refused below it
+    return str(folder / "inner" / "crm-syncd")
+
+
 def _file_in_the_way(tmp_path) -> str:
     (tmp_path / "a-file").write_text("")
     return str(tmp_path / "a-file" / "crm-syncd")
 
 
 @pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root without setpriv")
-@pytest.mark.parametrize("obstacle", [_read_only_folder, _file_in_the_way])
+@pytest.mark.parametrize("obstacle", [_read_only_folder, _a_parent_one_may_not_enter, _file_in_the_way])
 @pytest.mark.parametrize("command, setting", [("sync", "state_dir"), ("retry-failed", "state_dir"),
                                               ("run", "state_dir"), ("run", "log_dir")])
 def test_a_folder_setting_that_cannot_be_made_is_one_line_naming_setting_folder_and_reason_with_exit_2(

@@ -75,7 +75,7 @@ def _sequoia_callrecord(big_sur_ddl: str) -> str:
 def _schema(version: str) -> list[str]:
     ddl = _big_sur_statements()
     if not ddl:
-        raise FileNotFoundError(f"no CallHistory DDL under {big_sur_ddl_dir()} (set CRM_SYNCD_SHARED_DIR)")
+        raise FileNotFoundError(f"no CallHistory DDL under {big_sur_ddl_dir()} (set FIXTURES_SHARED_DIR)")
     if version == "big-sur":
         join_cols = ("Z_2REMOTEPARTICIPANTCALLS", "Z_3REMOTEPARTICIPANTHANDLES")
         return [*ddl.values(), *_indexes(join_cols)]

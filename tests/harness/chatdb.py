@@ -48,8 +48,8 @@ _NOW = object()  # default for message(at=...)
 
 
 def shared_dir() -> Path:
-    """`/work/shared` next to the repo, or $CRM_SYNCD_SHARED_DIR."""
-    env = os.environ.get("CRM_SYNCD_SHARED_DIR")
+    """`/work/shared` next to the repo, or $FIXTURES_SHARED_DIR."""
+    env = os.environ.get("FIXTURES_SHARED_DIR")
     return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared"
 
 
@@ -79,7 +79,7 @@ def schema(version: str) -> dict[str, str]:
         raise ValueError(f"unknown version {version!r}; pick one of {VERSIONS}")
     if not ddl_dir().is_dir():
         raise FileNotFoundError(f"no Apple table definitions (DDL) for Messages under {ddl_dir()}: "
-                                "set CRM_SYNCD_SHARED_DIR to the folder that holds reference/ddl")
+                                "set FIXTURES_SHARED_DIR to the folder that holds reference/ddl")
     at = VERSIONS.index(version)
     names = set(CORE_TABLES)
     for older in VERSIONS[: at + 1]:
