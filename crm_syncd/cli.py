@@ -167,6 +167,9 @@ async def _sync_async(settings: Settings, store: Store, *, contacts_only: bool, 
                             sources.append(await asyncio.to_thread(
                                 engine.extract, source, full=full, days=days,
                                 progress=lambda n, t=task: progress.advance(t, n)))
+                        except asyncio.CancelledError:  # Ctrl-C: the thread ends at its next batch or retry
+                            engine.stopping.set()
+                            raise
                         except NeedsFullDiskAccess:
                             raise
                         except SourceError as exc:  # damaged or locked: say so; the other source goes on
@@ -362,7 +365,7 @@ def install(dry_run: bool) -> None:
     def body() -> int:
         result = launchd.install(_settings(), dry_run=dry_run)
         _print_launchd(result)
-        if os.environ.get(launchd.SECRET_ENV):
+        if any(name.upper() == launchd.SECRET_ENV and value for name, value in os.environ.items()):
             out.print(f"[yellow]{launchd.SECRET_ENV} is not passed on to the agent (its plist is readable by "
                       "others): put api_key in ~/.config/crm-syncd/config.toml or in the Keychain.[/]")
         out.print(f"Grant Full Disk Access to: [bold]{result.fda_binary}[/]")

@@ -232,12 +232,13 @@ class Engine:
         moved from their card to this one moves alone, whichever person comes first.
         """
         name = f"{fields['firstName']} {fields['lastName']}"
-        candidates = self._unclaimed(index.for_person(person, fields), person, fields, live)
+        candidates = self._unclaimed(index.for_person(person, fields), person, fields, live, index)
         remembered = self.store.contact_for_person(person.key)
         if remembered in index.by_id:
             candidates.add(remembered)
         if not candidates and not person.addresses:
-            candidates = self._unclaimed(index.named(fields["firstName"], fields["lastName"]), person, fields, live)
+            candidates = self._unclaimed(index.named(fields["firstName"], fields["lastName"]), person, fields, live,
+                                         index)
         real = sorted(c for c in candidates if not is_placeholder(index.by_id[c]))
         placeholders = sorted(c for c in candidates if is_placeholder(index.by_id[c]))
 
@@ -292,17 +293,18 @@ class Engine:
                 self.store.remember_contact(contact_id, known[0], other.key, cards=other.unique_ids)
                 log.info("contacts.given_back", contact_id=contact_id)
 
-    def _unclaimed(self, contact_ids: set[int], person: Person, fields: dict, live: set[str]) -> set[int]:
+    def _unclaimed(self, contact_ids: set[int], person: Person, fields: dict, live: set[str],
+                   index: _CRMIndex) -> set[int]:
         """The contacts not remembered for another person: not one still in the address book, nor one
         made for a person gone from it (who shared this one's number), unless it was made for one of
         this person's cards (their smallest unique id changed: a card added, linked or deleted) or
-        under their name."""
+        under their name. A contact the owner made serves another person only under their name too."""
         def free(contact_id: int) -> bool:
             origin, key, written = self.store.known_contact(contact_id) or ("", None, None)
             if key is None or key == person.key:
                 return True
-            if key in live:  # another person's, unless it is one the owner made (theirs to share)
-                return origin == "crm"
+            if key in live:  # another person's, unless the owner made it under this one's name too (one
+                return origin == "crm" and _same_name(index.by_id[contact_id], fields)  # person, unlinked cards)
             return (origin != "card" or written is None or _same_name(written, fields)
                     or bool(self.store.contact_cards(contact_id) & person.unique_ids))
         return {c for c in contact_ids if free(c)}
@@ -323,7 +325,7 @@ class Engine:
             return False  # made by the owner: never deleted, only reported
         if known[0] != "merging":
             current = index.by_id[victim]
-            if (_owner_edited(known[2], current) or _owner_filled(current, known[2])
+            if (_owner_edited(known[2], current) or _owner_filled(current, known[2], known[0])
                     or (known[0] == "placeholder" and not is_placeholder(current))):
                 return False  # the owner renamed, annotated or filled it in: theirs now
             theirs = {i["id"] for i in await self.crm.list_interactions(victim)} - self.store.crm_ids(victim)
@@ -536,7 +538,7 @@ class Engine:
                 listed = _CRMIndex(await self.crm.list_contacts(), self.normalize)
             if owners := listed.matching(group):
                 existing = listed.by_id[min(owners)]
-                if is_placeholder(existing):
+                if is_placeholder(existing):  # not written by this Mac (written=None): it looks before sending
                     self.store.remember_contact(existing["id"], "placeholder", f"placeholder:{primary}")
                 self.store.map_addresses(group, existing["id"], "crm")
                 continue
@@ -928,14 +930,15 @@ def _owner_edited(written: dict | None, current: dict) -> bool:
 
 # a contact's fields crm-syncd may write (`Person.crm_fields`), and those the server sets itself
 WRITTEN = frozenset({"firstName", "lastName", "phone", "email", "organization", "title", "notes"})
+PLACEHOLDER_WRITTEN = frozenset({"firstName", "lastName", "phone", "email", "notes"})  # `placeholder_fields`
 SERVER_SET = frozenset({"id", "createdAt", "updatedAt", "lastContactedAt", "contactDueAt"})
 
 
-def _owner_filled(current: dict, written: dict | None) -> bool:
+def _owner_filled(current: dict, written: dict | None, origin: str) -> bool:
     """Whether a contact holds something in a field crm-syncd did not write to it (a placeholder's
     organization, a location, tags, a field newer than crm-syncd): the owner's work, which deleting
-    the contact would lose. `written`: the fields last written, if known."""
-    ours = written.keys() if written is not None else WRITTEN
+    the contact would lose. `written`: the fields last written, if this Mac wrote them."""
+    ours = written.keys() if written is not None else PLACEHOLDER_WRITTEN if origin == "placeholder" else WRITTEN
     return any(value not in (None, "", [], {}) for key, value in current.items()
                if key not in ours and key not in SERVER_SET)
 

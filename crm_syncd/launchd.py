@@ -97,7 +97,7 @@ def render_plist(settings: Settings, python: str | None = None) -> bytes:
     agent = _substitute(plistlib.loads(template), values)
     environment = agent["EnvironmentVariables"]
     for name, value in sorted(os.environ.items()):  # the agent runs with the settings install was given
-        if names_setting(name) and name != SECRET_ENV:
+        if names_setting(name) and name.upper() != SECRET_ENV:  # the settings read names in any case
             environment[name] = value
     if os.environ.get(CONFIG_ENV) and settings.config_file is not None:
         environment[CONFIG_ENV] = str(settings.config_file.absolute())

@@ -480,6 +480,21 @@ def test_ctrl_c_stops_a_sync_at_once_and_the_next_sync_delivers_the_rest_once(
     assert compare(Counter(iso(at) for at in moments), got) == (0, 0)
 
 
+def test_ctrl_c_stops_a_sync_waiting_out_a_locked_chat_db_at_once(library: Library, citadel: CitadelServer, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.chat.conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+    library.text(JANE, at=ago(hours=2))  # Messages takes the lock for a long write, and keeps it
+    sync = cli.popen("sync")
+    eventually(lambda: citadel.contacts(), what="the contacts sync, which comes before the extraction")
+    time.sleep(0.5)  # no event tells: the extraction now retries against the lock (some 20 s of it)
+
+    sync.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    sync.communicate(timeout=60)
+
+    assert time.monotonic() - sent < 3
+
+
 def refused(cli: CLI, what: str) -> None:
     for command in ("sync", "run"):
         result = cli(command, timeout=60)

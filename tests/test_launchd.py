@@ -208,6 +208,7 @@ def test_the_agent_gets_the_settings_install_was_given_in_its_environment_but_ne
     monkeypatch.setenv("CRM_SYNCD_API_URL", "https://crm.example.com")
     monkeypatch.setenv("CRM_SYNCD_API_KEY", "s3cret-key")
     monkeypatch.setenv("CRM_SYNCD_LOOKBACK_DAYS", "30")  # a typo, warned about: not passed on
+    monkeypatch.setenv("crm_syncd_api_key", "s3cret-key")  # read in any case, as the key in use
     from crm_syncd.settings import load_settings
 
     data = render_plist(load_settings())

@@ -747,6 +747,29 @@ def test_a_number_the_owner_typed_into_the_crm_in_another_format_gets_that_conta
     assert kinds(citadel, "Sam Poe") == {"TEXT_INBOUND": 1}
 
 
+@pytest.mark.parametrize("taker", ["a new card", "a card with a contact of its own"])
+def test_a_number_moved_off_a_person_whose_contact_the_owner_made_moves_alone(
+        library: Library, citadel, cli: CLI, taker):
+    alice_id = citadel.add_contact(firstName="Alice", lastName="Ames", phone=JANE)  # the owner's own
+    alice = library.card(first="Alice", last="Ames", phones=[JANE], unique_id="A-ALICE:ABPerson")
+    bob = library.card(first="Bob", last="Roe", phones=[BOB], unique_id="B-BOB:ABPerson") if taker != "a new card" else None
+    library.text(JANE, at=ago(days=3))
+    assert cli("sync").code == 0
+
+    library.books[0].update_card(alice, phones=[CAROL])  # Alice's new number; her old one is Bob's now
+    if bob is None:
+        library.card(first="Bob", last="Roe", phones=[JANE], unique_id="B-BOB:ABPerson")
+    else:
+        library.books[0].update_card(bob, phones=[BOB, JANE])
+    library.books[0].commit()
+    library.text(JANE, at=ago(hours=1))
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert len(citadel.interactions(alice_id)) == 1 and kinds(citadel, "Bob Roe") == {"TEXT_INBOUND": 1}
+    assert "duplicate" not in result.output.lower()
+
+
 def test_handles_messages_grouped_share_one_placeholder_which_a_card_with_either_of_them_promotes(
         library: Library, citadel, cli: CLI):
     library.text("+19055551234", person="person-7", at=ago(days=2))
@@ -800,6 +823,22 @@ def test_a_contact_found_for_a_card_stays_that_persons_after_their_number_change
     assert [c["id"] for c in citadel.contacts()] == [kept]
     assert citadel.contacts()[0]["firstName"] == "Robert"  # found, not made: never written to
     assert len(citadel.interactions(kept)) == (3 if found != "the owner's own" else 2)
+
+
+def test_a_placeholder_another_mac_made_that_the_owner_filled_in_is_not_deleted_when_a_card_claims_it(
+        library: Library, citadel, cli: CLI):
+    bob = library.card(first="Bob", last="Roe", phones=[BOB])
+    assert cli("sync", "--contacts-only").code == 0
+    made = citadel.add_contact(**placeholder_fields("bob@example.org"))  # another Mac's, meanwhile
+    library.text("bob@example.org", at=ago(days=2))
+    assert cli("sync", "--interactions-only").code == 0  # adopted, not made again
+    citadel.update_contact(made, organization="Acme")
+
+    library.books[0].update_card(bob, emails=["bob@example.org"])
+    library.books[0].commit()
+
+    assert cli("sync").code == 0
+    assert made in [c["id"] for c in citadel.contacts()]
 
 
 @pytest.mark.parametrize("made, filled", [("placeholder", {"location": "Halifax"}),
