@@ -24,9 +24,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import email.utils
-import importlib.util
 import json
-import sys
 import time
 from typing import Any
 
