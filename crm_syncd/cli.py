@@ -24,7 +24,7 @@ from crm_syncd.engine import SOURCES, ContactsReport, Engine, PushReport, Source
 from crm_syncd.settings import (API_KEY_PLACES, ConfigError, Settings, config_warnings, load_settings,
                                 ready_folder)
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError
-from crm_syncd.store import Store, StoreError, now_ms
+from crm_syncd.store import Store, StoreError
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -141,8 +141,6 @@ def _open_store(settings: Settings, dry_run: bool) -> Store:
 
 async def _sync_async(settings: Settings, store: Store, *, contacts_only: bool, interactions_only: bool,
                       dry_run: bool, known_only: bool, days: int | None, full: bool) -> int:
-    from crm_syncd.status import CONTACTS_SYNCED
-
     async with crmlib.CitadelClient(settings.api_url, settings.api_key_value, timeout=settings.request_timeout_s,
                                     max_connections=settings.push_concurrency) as client:
         crm = crmlib.DryRun(client) if dry_run else client
@@ -156,7 +154,6 @@ async def _sync_async(settings: Settings, store: Store, *, contacts_only: bool, 
             if not interactions_only:
                 try:
                     contacts = await engine.sync_contacts()
-                    store.put(CONTACTS_SYNCED, now_ms())  # `status` shows it (a dry run's store is a copy)
                 except crmlib.CRMError as exc:
                     crm_error = exc
             if not contacts_only:

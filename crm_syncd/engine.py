@@ -51,6 +51,7 @@ log = get_logger("crm_syncd.engine")
 SOURCES = ("messages", "calls")
 DAY_MS = 86_400_000
 CREATE_SENT = "contact_create_sent_ms"  # kv: when a contact pass that has not finished last sent a create
+CONTACTS_SYNCED = "contacts_synced_ms"  # kv: when the last contacts pass ended (`status` shows it)
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 15.0  # the longest a returning CRM waits for us
 DEDUPE_RECHECK_MS = 3_600_000  # a contact found to need no look-up before sends is looked at again hourly
@@ -219,6 +220,7 @@ class Engine:
         await asyncio.to_thread(self.store.attach)  # off the loop: a big backlog may wait for these mappings
         self.store.save_signatures(signatures)
         self.store.put("duplicates", [{"kept": kept, "duplicate": other} for kept, other in report.duplicates])
+        self.store.put(CONTACTS_SYNCED, now_ms(), durable=False)
         self.contacts_stale = False
         log.info("contacts.synced", cards=report.cards, people=len(people), created=len(report.created),
                  existing=report.existing, promoted=len(report.promoted), updated=len(report.updated))

@@ -13,6 +13,7 @@ from typing import Any
 
 from crm_syncd import crm as crmlib, launchd
 from crm_syncd.daemon import HEARTBEAT_S, Lock
+from crm_syncd.engine import CONTACTS_SYNCED
 from crm_syncd.logs import mask_key
 from crm_syncd.settings import API_KEY_PLACES, Settings, folder_problem
 from crm_syncd.sources import contacts as contacts_source
@@ -25,7 +26,6 @@ HEALTHY, DEGRADED, NOT_RUNNING = 0, 1, 3
 STALL_MS = 180_000  # rows waiting and the mark unmoved this long: the lag is growing
 STALE_BEAT_MS = 3 * HEARTBEAT_S * 1000  # a running daemon that missed three beats is hung
 MISSING = "database not found"  # the feature is unused on this Mac: a problem for nobody
-CONTACTS_SYNCED = "contacts_synced_ms"  # kv: when a one-shot `sync` last synced contacts
 
 
 def _iso(ms: int | None) -> str | None:

@@ -171,6 +171,7 @@ ATTACH_ROWS = 20_000  # items given their contact per transaction
 CACHE_KIB = 16_384  # page cache: a backfill's index pages stay in memory between its batches
 WAL_PAGES = 8_192  # checkpoint every ~32 MiB of WAL, not every 4: a backfill rewrites the same index pages
 ENQUEUE_ROWS = 100  # items per INSERT (501 variables: under the 999 that SQLite before 3.32 allows)
+ASKED_ROWS = 400  # (key, time) pairs per `keys_continued` statement (800 variables)
 
 
 @functools.cache
@@ -394,11 +395,11 @@ class Store:
 
     def keys_continued(self, keys: Sequence[tuple[str, int]]) -> set[str]:
         """Of (key, occurred_ms) pairs, the keys that some item's key continues (`<key>:...`, its time):
-        one statement per 400 pairs, each pair a seek in outbox_key."""
+        one statement per ASKED_ROWS pairs, each pair a seek in outbox_key."""
         found: set[str] = set()
         with self._lock:
-            for start in range(0, len(keys), 400):
-                chunk = keys[start:start + 400]
+            for start in range(0, len(keys), ASKED_ROWS):
+                chunk = keys[start:start + ASKED_ROWS]
                 sql = (f"WITH asked(key, at) AS (VALUES {','.join(['(?, ?)'] * len(chunk))}) "
                        "SELECT key FROM asked WHERE EXISTS (SELECT 1 FROM outbox o WHERE o.occurred_ms = asked.at "
                        "AND o.key > asked.key || ':' AND o.key < asked.key || ';')")
