@@ -6,8 +6,8 @@
   and, until a first sync's pass is complete, its lookback window (rows above the mark obey it too).
 - `outbox`: every interaction ever extracted. It moves pending → sending → delivered (with the
   CRM id) or failed (with the reason); `held` waits for a contact. Delivered rows are the
-  ledger: a unique `key` and a unique fingerprint (counterpart, type, second of `occurred_ms`)
-  are what make a second delivery impossible.
+  ledger: a unique `key` and a unique fingerprint (counterpart, type, and `occurred_ms`: a text's
+  exact time, a call's second) are what make a second delivery impossible.
 - `handles`: the identity map, normalised address → CRM contact id. An item takes its contact
   from it when extracted, or, if its address had none yet, at the next `attach`.
 - `contacts`: the CRM contacts crm-syncd knows, where they came from, what it last wrote, the cards
@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 
 from crm_syncd.settings import secure_dir, secure_file
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 APPLICATION_ID = 0x43524D53  # "CRMS": tells our database from any other SQLite file
 
 MIGRATIONS: dict[int, str] = {
@@ -164,6 +164,15 @@ MIGRATIONS: dict[int, str] = {
     7: """
     ALTER TABLE contacts ADD COLUMN cards TEXT;
     """,
+    # A message's fingerprint keeps its whole time (Messages dates are exact, and a re-downloaded copy
+    # keeps its original one): two texts one person sent within a second (a photo and its caption) are
+    # two interactions. A call's stays to the second.
+    8: """
+    DROP INDEX outbox_fingerprint;
+    CREATE UNIQUE INDEX outbox_fingerprint
+        ON outbox(occurred_ms / (CASE WHEN type IN ('TEXT_INBOUND', 'TEXT_OUTBOUND') THEN 1 ELSE 1000 END),
+                  address, type);
+    """,
 }
 UNRESOLVED = "(state = 'pending' OR state = 'held') AND contact_id IS NULL"  # as outbox_unresolved's WHERE
 UNKNOWN_OUTCOME = "cannot tell whether it reached the CRM"  # a failed item's reason when it may be there
@@ -218,7 +227,7 @@ class Item(NamedTuple):
 
 
 class NewItem(NamedTuple):
-    """An extracted interaction; its fingerprint is (address, type, occurred_ms // 1000)."""
+    """An extracted interaction; its fingerprint is (address, type, occurred_ms: a call's to the second)."""
 
     key: str
     address: str

@@ -409,18 +409,38 @@ def test_chat_db_locked_by_a_writer_for_seconds_delays_but_loses_nothing(
 def test_an_icloud_redownload_with_new_rowid_and_guid_is_not_delivered_twice(
         library: Library, citadel: CitadelServer, cli: CLI):
     library.card(first="Jane", last="Doe", phones=[JANE])
-    at = ago(days=2).replace(microsecond=0)  # the copy below must stay within the same second
+    at = ago(days=2).replace(microsecond=0)
     library.text(JANE, at=at)
-    library.text(JANE, at=at + timedelta(milliseconds=250))  # re-downloaded in the same batch
+    library.text(JANE, at=at)  # re-downloaded in the same batch: its original date, a new guid
     assert cli("sync").code == 0
 
     library.text(JANE, at=at)  # and again later: new ROWID, new guid, same moment and direction
-    library.text(JANE, from_me=True, at=at)  # same second, other direction: a different interaction
+    library.text(JANE, from_me=True, at=at)  # same moment, other direction: a different interaction
     second = cli("sync")
 
     assert second.code == 0, second.output
-    got = Counter((r["type"], r["occurredAt"][:19]) for r in citadel.interactions_of(JANE))
-    assert got == {("TEXT_INBOUND", iso(at)[:19]): 1, ("TEXT_OUTBOUND", iso(at)[:19]): 1}
+    got = Counter((r["type"], r["occurredAt"]) for r in citadel.interactions_of(JANE))
+    assert got == {("TEXT_INBOUND", iso(at)): 1, ("TEXT_OUTBOUND", iso(at)): 1}
+
+
+def test_two_texts_one_person_sent_within_a_second_are_two_interactions_and_a_call_copy_is_one(
+        library: Library, citadel: CitadelServer, cli: CLI):
+    """A photo and its caption arrive as two messages a few milliseconds apart: both count. A call is
+    still told apart to the second only (its copies from another device carry their own id)."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    at = ago(days=2).replace(microsecond=0)
+    library.text(JANE, at=at + timedelta(milliseconds=100))
+    library.text(JANE, at=at + timedelta(milliseconds=500))
+    library.call(JANE, answered=True, duration=30, at=at + timedelta(milliseconds=100))
+    library.call(JANE, answered=True, duration=30, at=at + timedelta(milliseconds=600))
+
+    first, again = cli("sync"), cli("sync", "--full")
+
+    assert first.code == 0 and again.code == 0, first.output + again.output
+    got = Counter((r["type"], r["occurredAt"]) for r in citadel.interactions_of(JANE))
+    assert got == {("TEXT_INBOUND", iso(at + timedelta(milliseconds=100))): 1,
+                   ("TEXT_INBOUND", iso(at + timedelta(milliseconds=500))): 1,
+                   ("CALL_INBOUND", iso(at + timedelta(milliseconds=100))): 1}
 
 
 # -- the state database ---------------------------------------------------------------------------

@@ -44,10 +44,12 @@ def test_a_version_2_state_database_keeps_its_ledger_and_marks_and_still_refuses
     assert (store.counts()["delivered"], store.crm_ids(7)) == (1, {70})
     result = store.enqueue("messages", [
         NewItem("msg:A", "+16135550199", "TEXT_INBOUND", 1700000000123, None),  # the same key (and so time)
-        NewItem("msg:B", JANE, "TEXT_INBOUND", 1700000000999, None),  # the same counterpart, type and second
-        NewItem("msg:C", JANE, "TEXT_INBOUND", 1700000001000, None),
+        NewItem("msg:B", JANE, "TEXT_INBOUND", 1700000000123, None),  # the same counterpart, type and time
+        NewItem("msg:C", JANE, "TEXT_INBOUND", 1700000000999, None),  # a text later in the same second
+        NewItem("call:D", JANE, "CALL_INBOUND", 1700000000500, None),
+        NewItem("call:E", JANE, "CALL_INBOUND", 1700000000900, None),  # a call is told apart to the second
     ], Mark(44, "1:2", "C"))
-    assert (result.added, result.duplicates) == (1, 2)
+    assert (result.added, result.duplicates) == (2, 3)
     assert store.mark("messages") == Mark(44, "1:2", "C")
 
 
