@@ -200,7 +200,7 @@ class Engine:
         await self._creates_landed()
         crm_contacts = await self.crm.list_contacts()
         index = _CRMIndex(crm_contacts, self.normalize)
-        self.store.prune_contacts(index.by_id)
+        self.store.prune_contacts({c: contact.get("createdAt") for c, contact in index.by_id.items()})
         index.placeholder_of = {a: c for a, c in self.store.addresses_of("placeholder").items()
                                 if c in index.by_id and is_placeholder(index.by_id[c])}
         self.store.map_each(index.single_owner(), "crm", replace=False)
@@ -248,7 +248,8 @@ class Engine:
             created = await self._create_contact(_present(fields))
             survivor = created["id"]
             index.add(created)
-            self.store.remember_contact(survivor, "card", person.key, written=fields, cards=person.unique_ids)
+            self.store.remember_contact(survivor, "card", person.key, written=fields, cards=person.unique_ids,
+                                        created_at=created.get("createdAt"))
             report.created.append(name)
         elif real:
             survivor = remembered if remembered in real else self._preferred(real)
@@ -550,7 +551,8 @@ class Engine:
             except crmlib.Rejected as exc:
                 self.store.fail_open(group, f"placeholder rejected by the CRM: {exc.reason}")
                 continue
-            self.store.remember_contact(contact["id"], "placeholder", f"placeholder:{primary}", written=fields)
+            self.store.remember_contact(contact["id"], "placeholder", f"placeholder:{primary}", written=fields,
+                                        created_at=contact.get("createdAt"))
             self.store.map_addresses(group, contact["id"], "placeholder")
             created.append(f"{fields['firstName']} {fields['lastName']}")
             log.info("contacts.placeholder", contact_id=contact["id"], address=primary)

@@ -11,7 +11,8 @@
 - `handles`: the identity map, normalised address → CRM contact id. An item takes its contact
   from it when extracted, or, if its address had none yet, at the next `attach`.
 - `contacts`: the CRM contacts crm-syncd knows, where they came from, what it last wrote, the cards
-  they were made or kept for, and whether (and since when) sends to them are looked up first.
+  they were made or kept for, when the CRM made them, and whether (and since when) sends to them are
+  looked up first.
 - `sources`: AddressBook file signatures, so an unchanged store is not re-read.
 - `kv`: heartbeat, last error and other small facts `status` reads without the daemon.
 
@@ -33,7 +34,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
@@ -42,7 +43,7 @@ from typing import Any, NamedTuple
 
 from crm_syncd.settings import secure_dir, secure_file
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 APPLICATION_ID = 0x43524D53  # "CRMS": tells our database from any other SQLite file
 
 MIGRATIONS: dict[int, str] = {
@@ -172,6 +173,11 @@ MIGRATIONS: dict[int, str] = {
     CREATE UNIQUE INDEX outbox_fingerprint
         ON outbox(occurred_ms / (CASE WHEN type IN ('TEXT_INBOUND', 'TEXT_OUTBOUND') THEN 1 ELSE 1000 END),
                   address, type);
+    """,
+    # When the CRM made each contact crm-syncd knows: an id the CRM hands out again (restored from a
+    # backup, another CRM at the same address) belongs to another contact, never to the one remembered.
+    9: """
+    ALTER TABLE contacts ADD COLUMN created_at TEXT;
     """,
 }
 UNRESOLVED = "(state = 'pending' OR state = 'held') AND contact_id IS NULL"  # as outbox_unresolved's WHERE
@@ -490,17 +496,19 @@ class Store:
         return [r[0] for r in self._all("SELECT address FROM hints WHERE person = ?", (person,))]
 
     def remember_contact(self, contact_id: int, origin: str, person_key: str | None = None,
-                         written: dict | None = None, cards: Iterable[str] | None = None) -> None:
+                         written: dict | None = None, cards: Iterable[str] | None = None,
+                         created_at: str | None = None) -> None:
         with self.transaction() as tx:
             tx.execute(
-                "INSERT INTO contacts (contact_id, origin, person_key, written, cards, updated_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?) "
+                "INSERT INTO contacts (contact_id, origin, person_key, written, cards, created_at, updated_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(contact_id) DO UPDATE SET origin = excluded.origin, "
                 "person_key = COALESCE(excluded.person_key, contacts.person_key), "
                 "written = COALESCE(excluded.written, contacts.written), "
-                "cards = COALESCE(excluded.cards, contacts.cards), updated_ms = excluded.updated_ms",
+                "cards = COALESCE(excluded.cards, contacts.cards), "
+                "created_at = COALESCE(excluded.created_at, contacts.created_at), updated_ms = excluded.updated_ms",
                 (contact_id, origin, person_key, json.dumps(written, sort_keys=True) if written else None,
-                 json.dumps(sorted(cards)) if cards is not None else None, now_ms()),
+                 json.dumps(sorted(cards)) if cards is not None else None, created_at, now_ms()),
             )
 
     def known_contact(self, contact_id: int) -> tuple[str, str | None, dict | None] | None:
@@ -547,17 +555,28 @@ class Store:
             tx.execute("UPDATE handles SET contact_id = ? WHERE contact_id = ?", (survivor, victim))
             tx.execute("UPDATE contacts SET origin = 'merging' WHERE contact_id = ?", (victim,))
 
-    def prune_contacts(self, existing: Iterable[int]) -> list[int]:
-        """Forget every contact, mapped or remembered, that the CRM no longer has.
+    def prune_contacts(self, listed: Mapping[int, str | None]) -> list[int]:
+        """Forget every contact, mapped or remembered, that the CRM no longer has or made anew, and
+        record when the CRM made the ones kept. `listed`: the CRM's contact ids with their `createdAt`.
 
-        Remembered ones too: a card without addresses has no mapping, and its person's stale row
-        would otherwise outrank the contact made again for it (`contact_for_person`).
+        An id listed with another creation time than recorded is another contact (a CRM restored from
+        a backup, another CRM at the same address): what was known of it would file one person's
+        interactions under someone else. Remembered ones go too: a card without addresses has no
+        mapping, and its person's stale row would otherwise outrank the contact made again for it.
         """
-        existing = set(existing)
-        known = {r[0] for r in self._all("SELECT contact_id FROM handles UNION SELECT contact_id FROM contacts")}
-        gone = [c for c in known if c not in existing]
+        known: dict[int, str | None] = {}
+        for contact_id, created in self._all("SELECT contact_id, created_at FROM contacts "
+                                             "UNION ALL SELECT contact_id, NULL FROM handles"):
+            known[contact_id] = known.get(contact_id) or created
+        gone = [c for c, created in known.items()
+                if c not in listed or (created is not None and listed[c] is not None and created != listed[c])]
         for contact_id in gone:
             self.forget_contact(contact_id)
+        if unrecorded := [(c, listed[c], now_ms()) for c, created in known.items()
+                          if created is None and c not in gone and listed[c] is not None]:
+            with self.transaction() as tx:
+                tx.conn.executemany("INSERT INTO contacts (contact_id, origin, created_at, updated_ms) VALUES (?, 'crm', ?, ?) "
+                               "ON CONFLICT(contact_id) DO UPDATE SET created_at = excluded.created_at", unrecorded)
         return gone
 
     def dedupe_flag(self, contact_id: int) -> tuple[bool, int] | None:

@@ -13,6 +13,7 @@ import pytest
 
 from crm_syncd.identity import placeholder_fields
 from tests.conftest import CLI, clean_env
+from tests.harness.citadel import CitadelServer
 from tests.harness.library import Library, ago
 from tests.harness.processes import unprivileged
 from tests.harness.statedb import state_db_at
@@ -1285,3 +1286,47 @@ def test_reconcile_after_the_state_database_was_lost_creates_nothing_twice(libra
 
     assert result.code == 0, result.output
     assert (len(citadel.contacts()), len(citadel.interactions())) == before == (2, 3)
+
+
+# -- the CRM replaced under crm-syncd ---------------------------------------------------------------
+
+def test_a_crm_restored_from_a_backup_that_hands_a_persons_id_to_another_never_files_them_there(
+        library: Library, citadel, cli: CLI):
+    """The owner restores Citadel from a backup older than Jane's contact, then types in Bob, who gets
+    the id crm-syncd had for Jane. Her next text goes to a contact of hers, never to Bob."""
+    backup = citadel.backup()
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=2))
+    assert cli("sync").code == 0
+    (jane_before,) = [c["id"] for c in citadel.contacts()]
+    citadel.restore(backup)
+    bob = citadel.add_contact(firstName="Bob", lastName="Smith", phone=BOB)
+    assert bob == jane_before  # the restored sequence hands out Jane's old id again
+
+    library.text(JANE, at=ago(minutes=5))
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert citadel.interactions(bob) == []
+    jane = names(citadel)["Jane Doe"]
+    assert (jane["id"] != bob, [i["type"] for i in citadel.interactions(jane["id"])]) == (True, ["TEXT_INBOUND"])
+    assert names(citadel)["Bob Smith"]["phone"] == BOB  # the owner's contact is left as they typed it
+
+
+def test_api_url_pointed_at_another_crm_never_takes_its_contacts_for_the_ones_crm_syncd_made(
+        library: Library, citadel, cli: CLI, tmp_path):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=2))
+    assert cli("sync").code == 0
+    (jane_before,) = [c["id"] for c in citadel.contacts()]
+    with CitadelServer(tmp_path / "other.sqlite") as other:
+        assert other.add_contact(firstName="Bob", lastName="Smith", phone=BOB) == jane_before
+        cli.env["CRM_SYNCD_API_URL"] = other.url
+        library.text(JANE, at=ago(minutes=5))
+
+        result = cli("sync")
+
+        assert result.code == 0, result.output
+        assert other.interactions(jane_before) == []
+        jane = {f"{c['firstName']} {c['lastName']}": c for c in other.contacts()}["Jane Doe"]
+        assert [i["type"] for i in other.interactions(jane["id"])] == ["TEXT_INBOUND"]

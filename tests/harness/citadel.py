@@ -1037,6 +1037,18 @@ class CitadelServer:
             except _Fail:
                 raise KeyError(contact_id) from None
 
+    def backup(self) -> sqlite3.Connection:
+        """A copy of the whole database, as the owner's backup (`restore` puts it back)."""
+        copy = sqlite3.connect(":memory:", check_same_thread=False)
+        with self._lock:
+            self._db().backup(copy)
+        return copy
+
+    def restore(self, backup: sqlite3.Connection) -> None:
+        """Put a backup back, its id sequences too: ids handed out since it was taken are handed out again."""
+        with self._lock:
+            backup.backup(self._db())
+
     def delete_contact(self, contact_id: int) -> None:
         """Delete a contact and its interactions, as the owner would in Citadel's UI."""
         with self._lock:
