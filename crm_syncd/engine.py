@@ -52,6 +52,7 @@ SOURCES = ("messages", "calls")
 DAY_MS = 86_400_000
 CREATE_SENT = "contact_create_sent_ms"  # kv: when a contact pass that has not finished last sent a create
 CONTACTS_SYNCED = "contacts_synced_ms"  # kv: when the last contacts pass ended (`status` shows it)
+UNANSWERED_CREATES = "contact_creates_unanswered"  # kv: [{person, fields}] of creates that may have landed
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 15.0  # the longest a returning CRM waits for us
 DEDUPE_RECHECK_MS = 3_600_000  # a contact found to need no look-up before sends is looked at again hourly
@@ -199,6 +200,7 @@ class Engine:
         report.cards = sum(len(c) for c in self._cards.values())
         await self._creates_landed()
         crm_contacts = await self.crm.list_contacts()
+        unanswered_before = self.store.get(UNANSWERED_CREATES, [])  # listed now if they landed
         index = _CRMIndex(crm_contacts, self.normalize)
         self.store.prune_contacts({c: contact.get("createdAt") for c, contact in index.by_id.items()})
         index.placeholder_of = {a: c for a, c in self.store.addresses_of("placeholder").items()
@@ -217,6 +219,9 @@ class Engine:
                 report.failed.append((fields[person.key]["firstName"] or person.key, reason))
                 log.warning("contacts.failed", person=person.key, reason=reason)
         self._creates_answered()
+        if unanswered_before:  # found by now, or never made
+            self.store.put(UNANSWERED_CREATES, [e for e in self.store.get(UNANSWERED_CREATES, [])
+                                                if e not in unanswered_before])
         await asyncio.to_thread(self.store.attach)  # off the loop: a big backlog may wait for these mappings
         self.store.save_signatures(signatures)
         self.store.put("duplicates", [{"kept": kept, "duplicate": other} for kept, other in report.duplicates])
@@ -245,7 +250,7 @@ class Engine:
         placeholders = sorted(c for c in candidates if is_placeholder(index.by_id[c]))
 
         if not candidates:
-            created = await self._create_contact(_present(fields))
+            created = await self._create_contact(_present(fields), made_for=(person.key, fields))
             survivor = created["id"]
             index.add(created)
             self.store.remember_contact(survivor, "card", person.key, written=fields, cards=person.unique_ids,
@@ -253,6 +258,7 @@ class Engine:
             report.created.append(name)
         elif real:
             survivor = remembered if remembered in real else self._preferred(real)
+            self._own_unanswered_create(survivor, person, index)
             report.existing += 1
             await self._follow_edits(survivor, fields, index, report, name)
             filed = (self.store.known_contact(survivor) or ("", None))[1]
@@ -560,11 +566,34 @@ class Engine:
         await asyncio.to_thread(self.store.attach)
         return created
 
-    async def _create_contact(self, fields: dict) -> dict:
+    async def _create_contact(self, fields: dict, made_for: tuple[str, dict] | None = None) -> dict:
         """POST a contact, noting the moment first: if its pass ends before the answer (a stop, a crash,
-        a lost answer), the next pass knows the contact may still appear (`_creates_landed`)."""
+        a lost answer), the next pass knows the contact may still appear (`_creates_landed`). A card's
+        create whose answer was lost is noted with its person and fields (`made_for`): the contact the
+        next pass finds for them is the one crm-syncd made (`_own_unanswered_create`)."""
         self.store.put(CREATE_SENT, now_ms(), durable=False)  # a power cut outlasts any request anyway
-        return await self.crm.create_contact(fields)
+        try:
+            return await self.crm.create_contact(fields)
+        except crmlib.CRMError as exc:
+            if made_for is not None and exc.maybe_written:
+                person_key, written = made_for
+                self.store.put(UNANSWERED_CREATES, [*self.store.get(UNANSWERED_CREATES, []),
+                                                    {"person": person_key, "fields": written}])
+            raise
+
+    def _own_unanswered_create(self, contact_id: int, person: Person, index: _CRMIndex) -> None:
+        """File a contact found for a person as crm-syncd's, with what it sent, when it is exactly what
+        their create whose answer was lost would have made: its card edits are then followed."""
+        unanswered = self.store.get(UNANSWERED_CREATES, [])
+        current, known = index.by_id[contact_id], self.store.known_contact(contact_id)
+        for entry in unanswered:
+            if (entry["person"] == person.key and (known is None or (known[0] == "crm" and known[2] is None))
+                    and not _owner_edited(entry["fields"], current)):
+                self.store.remember_contact(contact_id, "card", person.key, written=entry["fields"],
+                                            cards=person.unique_ids, created_at=current.get("createdAt"))
+                self.store.put(UNANSWERED_CREATES, [e for e in unanswered if e is not entry])
+                log.info("contacts.create_found", contact_id=contact_id)
+                return
 
     def _creates_answered(self) -> None:
         """The pass ends: every create it sent was answered (or refused)."""

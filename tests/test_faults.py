@@ -820,3 +820,24 @@ def test_a_restart_right_after_a_crash_waits_for_requests_still_on_their_way(
     finally:
         second.stop(signal.SIGKILL)
     assert sorted(r["occurredAt"] for r in citadel.interactions_of(JANE)) == sorted(map(iso, moments))
+
+
+@pytest.mark.parametrize("fault", ["500-after-write", "504-after-write", "500-after-write-truncated"])
+def test_a_contact_whose_create_answer_was_lost_is_still_crm_syncds_and_follows_card_edits(
+        library: Library, citadel: CitadelServer, cli: CLI, fault: str):
+    """The CRM made Jane's contact but its answer was lost: the next sync finds it by her number (no
+    second contact) and knows it as its own, so her new name and number reach it."""
+    pk = library.card(first="Jane", last="Doe", phones=[("+1 613 555 0111", "mobile")])
+    citadel.faults = Faults(rate=1.0, kinds=(fault,), limit=1)
+    cli("sync")
+    assert citadel.faults.fired[fault] == 1
+    assert cli("sync").code == 0
+    assert [(c["firstName"], c["lastName"]) for c in citadel.contacts()] == [("Jane", "Doe")]
+
+    library.books[0].update_card(pk, last="Smith", phones=[("+1 613 555 0112", "mobile")])
+    library.books[0].commit()
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    (jane,) = citadel.contacts()
+    assert (jane["firstName"], jane["lastName"], jane["phone"]) == ("Jane", "Smith", "+16135550112")
