@@ -211,9 +211,9 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
                 f"promoted {len(contacts.promoted)} · updated {len(contacts.updated)} · merged {len(contacts.merged)}")
         out.print(line + (f" · [red]failed {len(contacts.failed)}[/]" if contacts.failed else ""))
         for name in contacts.created[:20] if dry_run else []:
-            out.print(f"  + {name}")
+            out.print(f"  + {logs.mask_text(name)}")
         for name, reason in contacts.failed[:5]:
-            out.print(f"  [red]✗[/] {name}: {reason}")
+            out.print(f"  [red]✗[/] {logs.mask_text(name)}: {reason}")
         if contacts.missing:
             out.print("  [yellow]no AddressBook found; contacts skipped[/]")
         for kept, other in contacts.duplicates[:5]:
@@ -223,7 +223,7 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
     if placeholders:
         out.print(f"[bold]Placeholders[/]  {verb} {len(placeholders)}")
         for name in placeholders[:20]:
-            out.print(f"  ? {name}")
+            out.print(f"  ? {logs.mask_text(name)}")
     delivered = push.delivered_by_type if push else Counter()
     for report in sources:
         label = report.source.capitalize()

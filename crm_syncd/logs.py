@@ -30,6 +30,8 @@ _MASKED = ("address", "phone", "email", "handle", "counterpart")
 _MASKED_KEYS = frozenset(_MASKED) | {"addresses", "phones", "emails", "handles", "counterparts"}
 _SECRET_KEYS = frozenset({"api_key", "apikey", "authorization", "token", "x_api_key"})
 _PHONE_CHARS = re.compile(r"[\d\s+().\-]+")
+# an address inside free text: an email, or a run of 7 digits or more in a phone number's characters
+_IN_TEXT = re.compile(r"[^\s()<>@,;:\"']+@[^\s()<>@,;:\"']+|\+?\d(?:[\s().\-]*\d){6,}")
 
 
 def mask_address(value: str) -> str:
@@ -45,6 +47,12 @@ def mask_address(value: str) -> str:
     if _PHONE_CHARS.fullmatch(value) and digits:
         return f"{BULLETS}{digits[-2:]}"  # short codes
     return f"{value[:1]}{BULLETS}" if value else value
+
+
+def mask_text(text: str) -> str:
+    """Text (a contact's name, such as `Unknown (+1-905-555-1234)` or a nameless card's number) with
+    every phone number and email in it masked: `Unknown (+1•••••••1234)`."""
+    return _IN_TEXT.sub(lambda m: mask_address(m.group()), str(text))
 
 
 def mask_key(key: str) -> str:

@@ -10,7 +10,7 @@ import pytest
 import structlog
 
 from crm_syncd import logs
-from crm_syncd.logs import configure, get_logger, mask_address, mask_key
+from crm_syncd.logs import configure, get_logger, mask_address, mask_key, mask_text
 
 PHONE = "+15551231234"
 EMAIL = "john.appleseed@example.com"
@@ -165,6 +165,17 @@ def test_mask_address(raw, masked):
 ])
 def test_mask_key_masks_the_counterpart_an_item_key_ends_in(raw, masked):
     assert mask_key(raw) == masked
+
+
+@pytest.mark.parametrize("raw, masked", [
+    ("Unknown (+1-905-555-1234)", "Unknown (+1•••••••1234)"),
+    ("Unknown (someone@example.org)", "Unknown (s•••@example.org)"),
+    ("+16135550199 -", "+1•••••••0199 -"),
+    ("Jane Doe", "Jane Doe"),
+    ("Acme 2000 (company)", "Acme 2000 (company)"),  # a short run of digits is no number
+])
+def test_mask_text_masks_every_number_and_email_in_a_name(raw, masked):
+    assert mask_text(raw) == masked
 
 
 def test_item_keys_are_masked_at_info_level_and_whole_at_debug(tmp_path):

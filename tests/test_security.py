@@ -126,3 +126,38 @@ def test_a_rejected_group_message_shows_its_key_without_the_full_number_in_logs_
     failures = json.loads(status.stdout)["outbox"]["failures"]
     assert sorted(f["key"][-13:] for f in failures) == ["+1•••••••0111", "+1•••••••0122"]
     assert ana not in status.stdout and bob not in status.stdout
+
+
+def test_sync_names_placeholders_with_their_number_and_email_masked(library: Library, cli: CLI, citadel: CitadelServer):
+    library.text("+19055551234")
+    library.text("someone.private@example.org")
+
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert len(citadel.interactions()) == 2
+    for full in ("+19055551234", "+1-905-555-1234", "905-555-1234", "someone.private@example.org"):
+        assert full not in result.output
+    assert "Unknown (+1•••••••1234)" in result.stdout and "Unknown (s•••@example.org)" in result.stdout
+
+
+def test_dry_run_names_a_nameless_card_and_a_placeholder_without_their_full_numbers(
+        library: Library, cli: CLI, citadel: CitadelServer):
+    library.card(phones=["+16135550199"])  # no name: its contact is named after its number
+    library.text("+19055551234")
+
+    result = cli("sync", "--dry-run")
+
+    assert result.code == 0, result.output
+    for full in ("+16135550199", "+1-613-555-0199", "6135550199", "+19055551234", "+1-905-555-1234"):
+        assert full not in result.output
+    assert "+1•••••••0199" in result.stdout and "Unknown (+1•••••••1234)" in result.stdout
+
+
+def test_verbose_sync_output_still_names_placeholders_masked(library: Library, cli: CLI):
+    library.text("+19055551234")
+
+    result = cli("sync", "-v")
+
+    assert result.code == 0, result.output
+    assert "Unknown (+1•••••••1234)" in result.stdout and "+1-905-555-1234" not in result.stdout

@@ -730,7 +730,7 @@ def test_unknown_numbers_get_one_placeholder_and_known_only_holds_them(library: 
     assert (placeholder["firstName"], placeholder["lastName"]) == ("Unknown", "(+1-905-555-1234)")
     assert placeholder["phone"] == "+19055551234"
     assert placeholder["notes"] == "Auto-created by crm-syncd - needs review"
-    assert "Placeholders" in created.stdout and "Unknown (+1-905-555-1234)" in created.stdout
+    assert "Placeholders" in created.stdout and "Unknown (+1•••••••1234)" in created.stdout  # masked
     assert len(citadel.interactions(placeholder["id"])) == 2
 
 
@@ -956,7 +956,7 @@ def test_dry_run_writes_nothing_anywhere_and_says_what_it_would_create(library: 
 
     assert result.code == 0, result.output
     assert citadel.contacts() == [] and citadel.interactions() == []
-    assert "Jane Doe" in result.stdout and "Unknown (+1-905-555-1234)" in result.stdout
+    assert "Jane Doe" in result.stdout and "Unknown (+1•••••••1234)" in result.stdout  # masked
     assert not (home / "Library" / "Application Support" / "crm-syncd").exists()
 
 
