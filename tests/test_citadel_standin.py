@@ -98,6 +98,26 @@ def test_contact_validation_is_422_with_details_per_field(http: httpx.Client, bo
     assert err["code"] == "VALIDATION_ERROR" and list(err["details"]) == [field]
 
 
+@pytest.mark.parametrize("email", [
+    "ann@example.com,", "ann@example.com;", "<ann@example.com>", "Ann Lee <ann@example.com>",  # pasted from a list
+    "ann@example..com", ".ann@example.com", "ann.@example.com", "ann@example.c", "ann@example",
+    "ann@-example.com", "änn@exämple.de", "ann@exämple.de", "ann@example.\u212az",  # non-ASCII (a Kelvin sign)
+    "ann@example.com\n", "ann@@example.com",
+])
+def test_an_email_zods_email_rule_refuses_is_422_invalid_email(http: httpx.Client, email: str) -> None:
+    r = http.post("/api/contacts", json={"firstName": "Ann", "lastName": "Lee", "email": email})
+    assert r.status_code == 422, r.text
+    assert error_of(r)["details"] == {"email": ["Invalid email"]}
+
+
+@pytest.mark.parametrize("email", [
+    "ann@example.com", "Ann.Lee+crm@Mail.Example.co.uk", "o'neil@example.ie", "a_b-c@x-y.example.museum",
+])
+def test_an_email_zods_email_rule_takes_is_stored_as_sent(http: httpx.Client, email: str) -> None:
+    r = http.post("/api/contacts", json={"firstName": "Ann", "lastName": "Lee", "email": email})
+    assert r.status_code == 201 and r.json()["data"]["email"] == email, r.text
+
+
 def test_missing_last_name_reads_required(http: httpx.Client) -> None:
     assert error_of(http.post("/api/contacts", json={"firstName": "Ann"}))["details"] == {"lastName": ["Required"]}
 
