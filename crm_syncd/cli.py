@@ -214,6 +214,8 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
             out.print(f"  + {logs.mask_text(name)}")
         for name, reason in contacts.failed[:5]:
             out.print(f"  [red]✗[/] {logs.mask_text(name)}: {reason}")
+        for name, reason in contacts.left_out[:5]:
+            out.print(f"  [yellow]![/] {logs.mask_text(name)}: {reason}")
         if contacts.missing:
             out.print("  [yellow]no AddressBook found; contacts skipped[/]")
         for kept, other in contacts.duplicates[:5]:
@@ -343,6 +345,11 @@ def _print_status(doc: dict) -> None:
     else:
         crm_state = "[green]reachable[/]"
     out.print(f"CRM {crm['url']}: {crm_state}")
+    problems = doc["sources"]["contacts"]
+    for failure in problems["failed"]:
+        out.print(f"  [red]✗ contact not written:[/] {failure['name']}: {failure['reason']}")
+    for note in problems["left_out"]:
+        out.print(f"  [yellow]! contact[/] {note['name']}: {note['reason']}")
     for pair in doc["duplicates"][:5]:
         out.print(f"[yellow]possible duplicate:[/] CRM contact {pair['duplicate']} looks like {pair['kept']}")
     if doc["last_error"] and doc["health"] != "healthy":  # once healthy, whatever it was is overcome

@@ -38,7 +38,7 @@ from crm_syncd.identity import (
     owner_notes,
     placeholder_fields,
 )
-from crm_syncd.logs import get_logger
+from crm_syncd.logs import get_logger, mask_text
 from crm_syncd.settings import Settings
 from crm_syncd.sources import BEFORE_WINDOW, Batch, Card, contacts as contacts_source, sqlite
 from crm_syncd.sources.calls import CallsReader
@@ -53,6 +53,8 @@ DAY_MS = 86_400_000
 CREATE_SENT = "contact_create_sent_ms"  # kv: when a contact pass that has not finished last sent a create
 CONTACTS_SYNCED = "contacts_synced_ms"  # kv: when the last contacts pass ended (`status` shows it)
 UNANSWERED_CREATES = "contact_creates_unanswered"  # kv: [{person, fields}] of creates that may have landed
+CONTACTS_PROBLEMS = "contacts_problems"  # kv: the last contacts pass's people not written and fields left out
+DROPPABLE = frozenset({"phone", "email"})  # a contact is still worth writing without them
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 15.0  # the longest a returning CRM waits for us
 DEDUPE_RECHECK_MS = 3_600_000  # a contact found to need no look-up before sends is looked at again hourly
@@ -83,6 +85,7 @@ class ContactsReport:
     duplicates: list[tuple[int, int]] = field(default_factory=list)  # (kept, possible duplicate) left alone
     merged: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (name, the fields the CRM refused and why)
     skipped: Counter[str] = field(default_factory=Counter)
     store_errors: dict[str, str] = field(default_factory=dict)
     missing: bool = False
@@ -226,6 +229,9 @@ class Engine:
         self.store.save_signatures(signatures)
         self.store.put("duplicates", [{"kept": kept, "duplicate": other} for kept, other in report.duplicates])
         self.store.put(CONTACTS_SYNCED, now_ms(), durable=False)
+        self.store.put(CONTACTS_PROBLEMS, {  # names masked: `status` shows them as they are
+            kind: [{"name": mask_text(name), "reason": reason} for name, reason in problems]
+            for kind, problems in (("failed", report.failed), ("left_out", report.left_out))}, durable=False)
         self.contacts_stale = False
         log.info("contacts.synced", cards=report.cards, people=len(people), created=len(report.created),
                  existing=report.existing, promoted=len(report.promoted), updated=len(report.updated))
@@ -250,10 +256,12 @@ class Engine:
         placeholders = sorted(c for c in candidates if is_placeholder(index.by_id[c]))
 
         if not candidates:
-            created = await self._create_contact(_present(fields), made_for=(person.key, fields))
+            created, written = await self._writing(
+                lambda sent: self._create_contact(sent, made_for=(person.key, fields)), _present(fields), fields,
+                report, name)
             survivor = created["id"]
             index.add(created)
-            self.store.remember_contact(survivor, "card", person.key, written=fields, cards=person.unique_ids,
+            self.store.remember_contact(survivor, "card", person.key, written=written, cards=person.unique_ids,
                                         created_at=created.get("createdAt"))
             report.created.append(name)
         elif real:
@@ -267,10 +275,12 @@ class Engine:
         else:
             survivor = placeholders[0]
             await self._dedupe_wanted(survivor)  # settled while it is known as found, not made, if another Mac made it
-            updated = await self.crm.update_contact(survivor, _present(_promotion(fields, index.by_id[survivor])))
+            updated, written = await self._writing(lambda sent: self.crm.update_contact(survivor, sent),
+                                                   _present(_promotion(fields, index.by_id[survivor])), fields,
+                                                   report, name)
             index.replace(updated)
             # the card's fields: notes the owner kept differ from them, so they are never written over
-            self.store.remember_contact(survivor, "card", person.key, written=fields, cards=person.unique_ids)
+            self.store.remember_contact(survivor, "card", person.key, written=written, cards=person.unique_ids)
             report.promoted.append(name)
             log.info("contacts.promoted", contact_id=survivor)
         self.store.map_addresses(person.owned, survivor, "card")
@@ -361,11 +371,31 @@ class Engine:
             report.owner_edits.append(name)
             log.info("contacts.owner_edit_kept", contact_id=contact_id)
             return
-        changes = {k: v for k, v in fields.items() if v != written.get(k)}
-        updated = await self.crm.update_contact(contact_id, {k: v if v is not None else "" for k, v in changes.items()})
+        changes = {k: v if v is not None else "" for k, v in fields.items() if v != written.get(k)}
+        updated, written = await self._writing(
+            lambda sent: self.crm.update_contact(contact_id, sent) if sent else _as_is(index.by_id[contact_id]),
+            changes, fields, report, name)
         index.replace(updated)
-        self.store.remember_contact(contact_id, "card", written=fields)
+        self.store.remember_contact(contact_id, "card", written=written)
         report.updated.append(name)
+
+    async def _writing(self, write: Callable[[dict], Any], sent: dict, fields: dict, report: ContactsReport,
+                       name: str) -> tuple[dict, dict]:
+        """`write(sent)`; if the CRM refuses only a phone or an email of it (a 422 naming no other field: an
+        address it takes for invalid), once more without them, reported in `left_out`. The contact, and
+        `fields` as they now stand in the CRM: what `_owner_edited` compares with (a field left out holds
+        what the CRM has, so it is not taken for the owner's edit, and is tried again at the next pass)."""
+        try:
+            return await write(sent), fields
+        except crmlib.Rejected as exc:
+            refused = {key: ", ".join(messages) for key, messages in exc.details.items()}
+            if not refused or not refused.keys() <= DROPPABLE or not refused.keys() & sent.keys():
+                raise
+        contact = await write({k: v for k, v in sent.items() if k not in refused})
+        reason = "; ".join(f"{k}: {refused[k]}" for k in sorted(refused))
+        report.left_out.append((name, f"written without its {' and '.join(sorted(refused))} ({reason})"))
+        log.warning("contacts.field_left_out", contact_id=contact.get("id"), fields=sorted(refused), reason=reason)
+        return contact, {**fields, **{k: contact.get(k) for k in refused}}
 
     # -- 2. extraction --------------------------------------------------------------------
 
@@ -950,6 +980,11 @@ class _CRMIndex:
 
 def _same_name(fields: dict, others: dict) -> bool:
     return (fields.get("firstName"), fields.get("lastName")) == (others.get("firstName"), others.get("lastName"))
+
+
+async def _as_is(contact: dict) -> dict:
+    """A write with nothing left to write: the contact as it is."""
+    return contact
 
 
 def _present(fields: dict) -> dict:

@@ -24,6 +24,8 @@ PLACEHOLDER_NOTE = "Auto-created by crm-syncd - needs review"
 MISSING_NAME = "-"  # fills the CRM's mandatory name part a card does not have
 COMPANY_LAST = "(company)"  # last name of a company card: first name is the organisation
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
+# what the CRM takes as an email (Citadel validates with Zod 3's z.string().email(), in ASCII)
+_CRM_EMAIL = re.compile(r"(?!\.)(?!.*\.\.)[A-Za-z0-9_'+\-.]*[A-Za-z0-9_+\-]@([A-Za-z0-9][A-Za-z0-9\-]*\.)+[A-Za-z]{2,}")
 _DIGITS = re.compile(r"^[\d\s().\-]+$")
 _MOBILE_LABELS = frozenset({"mobile", "iphone", "cell"})
 _REGIONS = phonenumbers.SUPPORTED_REGIONS
@@ -100,6 +102,12 @@ class Normalizer:
         if phonenumbers.is_possible_number_with_reason(number) != ValidationResult.IS_POSSIBLE:
             return None
         return number
+
+
+def crm_takes_email(value: str) -> bool:
+    """Whether the CRM stores this email: an address it refuses ("ann@example.com,", a non-ASCII one)
+    still identifies its person, but is not sent."""
+    return _CRM_EMAIL.fullmatch(value) is not None
 
 
 def display_address(value: str) -> str:
@@ -183,7 +191,7 @@ class Person:
             "firstName": first or MISSING_NAME,
             "lastName": last or MISSING_NAME,
             "phone": self.phones[0] if self.phones else None,
-            "email": self.emails[0] if self.emails else None,
+            "email": next((e for e in self.emails if crm_takes_email(e)), None),
             "organization": organization,
             "title": _text(card.job_title) or None,
             "notes": (notes[:NOTES_MAX_CHARS - 1] + "…" if len(notes) > NOTES_MAX_CHARS else notes) or None,

@@ -13,7 +13,7 @@ from typing import Any
 
 from crm_syncd import crm as crmlib, launchd
 from crm_syncd.daemon import HEARTBEAT_S, Lock
-from crm_syncd.engine import CONTACTS_SYNCED
+from crm_syncd.engine import CONTACTS_PROBLEMS, CONTACTS_SYNCED
 from crm_syncd.logs import mask_key
 from crm_syncd.settings import API_KEY_PLACES, Settings, folder_problem
 from crm_syncd.sources import contacts as contacts_source
@@ -100,6 +100,7 @@ def gather(settings: Settings) -> dict[str, Any]:
         failures = store.failures() if store else []
         duplicates = store.get("duplicates", []) if store else []
         contacts_synced = store.get(CONTACTS_SYNCED) if store else None
+        contacts_problems = (store.get(CONTACTS_PROBLEMS) if store else None) or {}
     finally:
         if store:
             store.close()
@@ -123,7 +124,11 @@ def gather(settings: Settings) -> dict[str, Any]:
     contacts = daemon_sources.get("contacts") or {}
     sources["contacts"] = {"last_sync_at": _latest(contacts.get("last_sync_ms"), contacts_synced), "lag_rows": 0,
                            "stores": len(contacts_source.store_paths(Path(settings.addressbook_dir))),
-                           "problem": contacts.get("error") if running else None}
+                           "problem": contacts.get("error") if running else None,
+                           # the last contacts pass's people the CRM would not take (their messages wait in
+                           # placeholders), and those written without an address it refused; names masked
+                           "failed": contacts_problems.get("failed", []),
+                           "left_out": contacts_problems.get("left_out", [])}
     try:
         reachable = asyncio.run(_crm_reachable(settings))
     except Exception:
@@ -155,8 +160,9 @@ def gather(settings: Settings) -> dict[str, Any]:
     lag_growing = any(s.get("lag_seconds", 0) * 1000 > STALL_MS for s in sources.values())
     unreadable = any(s.get("problem") not in (None, MISSING) for s in sources.values())
     doc["health"] = ("not running" if not running else
-                     "degraded" if (doc["outbox"]["failed"] or not reachable or lag_growing or unreadable
-                                    or doc["responding"] is False or doc["crm"]["daemon_reachable"] is False)
+                     "degraded" if (doc["outbox"]["failed"] or sources["contacts"]["failed"] or not reachable
+                                    or lag_growing or unreadable or doc["responding"] is False
+                                    or doc["crm"]["daemon_reachable"] is False)
                      else "healthy")
     return doc
 

@@ -421,6 +421,19 @@ def test_status_during_a_one_shot_sync_says_no_daemon_runs_and_names_the_sync(
         proc.communicate()
 
 
+def test_status_is_degraded_while_the_crm_refuses_a_persons_contact_and_names_them(
+        library: Library, citadel, daemon, daemon_env: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    citadel.reject_contact_values = {"Doe"}  # a 422 about her name: nothing left out would make it pass
+    daemon()
+
+    doc = eventually(lambda: (lambda s: s if s["running"] and s["sources"]["contacts"]["failed"] else None)(
+        json.loads(daemon_env("status", "--json").stdout)), what="the failed contact in status")
+
+    assert doc["health"] == "degraded" and daemon_env("status", "--json").code == 1
+    assert doc["sources"]["contacts"]["failed"] == [{"name": "Jane", "reason": "lastName: Invalid lastName"}]
+
+
 def test_status_is_not_degraded_by_a_message_that_came_after_a_quiet_spell(
         library: Library, citadel, daemon, daemon_env: CLI, home):
     """The lag is how long rows have waited, not how long the mark has not moved."""

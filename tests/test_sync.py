@@ -1152,6 +1152,100 @@ def test_a_card_with_a_nul_in_its_name_and_a_note_past_the_crms_body_limit_is_st
     assert note.startswith("pasted pasted") and note.endswith("…") and len(note) == 100_000
 
 
+def refusals(citadel) -> int:
+    """How many 422s the stand-in answered."""
+    return sum(n for (_method, _route, status), n in citadel.stats.items() if status == 422)
+
+
+@pytest.mark.parametrize(("emails", "sent"), [
+    (["ann@example.com,", "ann.lee@example.org"], "ann.lee@example.org"),  # pasted from a list: a trailing comma
+    (["ann@example.com,"], None),  # her only email is one the CRM refuses
+    (["änn@exämple.de", "ann.lee@example.org"], "ann.lee@example.org"),  # internationalised: Zod refuses it
+    (["ann@example..com", "<ann@example.org>"], None),
+])
+def test_a_card_whose_first_email_the_crm_refuses_gets_its_contact_with_the_first_email_it_takes(
+        library: Library, citadel, cli: CLI, emails: list[str], sent: str | None):
+    library.card(first="Ann", last="Lee", phones=[("+1 613 555 0111", "mobile")], emails=emails)
+    library.call(JANE, answered=True, duration=42, at=ago(hours=2))
+
+    first = cli("sync")
+    second = cli("sync")
+
+    assert first.code == 0 and second.code == 0, first.output + second.output
+    (ann,) = citadel.contacts()
+    assert (ann["firstName"], ann["lastName"], ann["phone"], ann["email"]) == ("Ann", "Lee", JANE, sent)
+    assert kinds(citadel, "Ann Lee") == {"CALL_INBOUND": 1}
+    assert refusals(citadel) == 0  # the address the CRM refuses is never sent
+    assert "updated 0" in second.stdout and "owner_edit_kept" not in second.stderr
+
+
+def test_a_contact_the_crm_refuses_only_for_its_email_is_written_without_it_and_gets_it_once_the_crm_takes_it(
+        library: Library, citadel, cli: CLI):
+    pk = library.card(first="Ann", last="Lee", phones=[JANE], emails=["ann@example.com"])
+    library.text(JANE)
+    citadel.reject_contact_values = {"ann@example.com"}  # a CRM stricter than its Zod rule
+
+    made = cli("sync")
+
+    assert made.code == 0, made.output
+    (ann,) = citadel.contacts()
+    assert (ann["firstName"], ann["phone"], ann["email"]) == ("Ann", JANE, None)
+    assert kinds(citadel, "Ann Lee") == {"TEXT_INBOUND": 1}
+    assert "Ann Lee: written without its email (email: Invalid email)" in made.stdout
+    assert "contacts.field_left_out" in made.stderr and "ann@example.com" not in made.output
+
+    library.books[0].update_card(pk, last="Lee-Smith")  # still refused: the rest of the edit goes through
+    library.books[0].commit()
+    renamed = cli("sync")
+    assert renamed.code == 0 and "owner_edit_kept" not in renamed.stderr, renamed.output
+    assert [(c["lastName"], c["email"]) for c in citadel.contacts()] == [("Lee-Smith", None)]
+
+    citadel.reject_contact_values = set()
+    assert cli("sync").code == 0
+    assert [(c["lastName"], c["email"]) for c in citadel.contacts()] == [("Lee-Smith", "ann@example.com")]
+    assert kinds(citadel, "Ann Lee-Smith") == {"TEXT_INBOUND": 1}
+
+
+def test_a_placeholder_promoted_by_a_card_whose_email_the_crm_refuses_is_promoted_without_it(
+        library: Library, citadel, cli: CLI):
+    library.text(JANE)
+    assert cli("sync").code == 0
+    library.card(first="Ann", last="Lee", phones=[JANE], emails=["ann@example.com"])
+    citadel.reject_contact_values = {"ann@example.com"}
+
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    (ann,) = citadel.contacts()
+    assert (ann["firstName"], ann["lastName"], ann["phone"], ann["email"]) == ("Ann", "Lee", JANE, None)
+    assert "promoted 1" in result.stdout and "written without its email" in result.stdout
+    citadel.reject_contact_values = set()
+    assert cli("sync").code == 0 and citadel.contacts()[0]["email"] == "ann@example.com"
+
+
+def test_a_contact_the_crm_refuses_for_more_than_an_address_fails_with_its_reason_and_status_names_it_masked(
+        library: Library, citadel, cli: CLI):
+    library.card(phones=["+16135550199"])  # no name: named after its number, which the CRM refuses here
+    library.card(first="Bob", last="Roe", phones=[BOB])
+    citadel.reject_contact_values = {"+16135550199"}
+
+    result = cli("sync", "--contacts-only")
+    status = cli("status")
+    doc = json.loads(cli("status", "--json").stdout)
+
+    assert result.code == 1 and "failed 1" in result.stdout, result.output
+    assert [c["firstName"] for c in citadel.contacts()] == ["Bob"]
+    assert doc["sources"]["contacts"]["failed"] == [
+        {"name": "+1•••••••0199", "reason": "firstName: Invalid firstName; phone: Invalid phone"}]
+    assert "contact not written: +1•••••••0199: firstName: Invalid firstName" in status.stdout
+    for text in (result.output, status.output, json.dumps(doc)):
+        assert "6135550199" not in text and "613-555-0199" not in text
+
+    citadel.reject_contact_values = set()
+    assert cli("sync", "--contacts-only").code == 0
+    assert json.loads(cli("status", "--json").stdout)["sources"]["contacts"]["failed"] == []
+
+
 def test_an_invalid_setting_is_one_line_naming_it_and_its_source_with_exit_2(library: Library, cli: CLI):
     cli.env["CRM_SYNCD_DEFAULT_REGION"] = "XX"
 

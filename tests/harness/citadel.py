@@ -6,7 +6,8 @@ header) and for PostgreSQL's refusal of a NUL in a contact's text, Express's HTM
 routes, ms-precision timestamps, limit capped at 100, optionally unstable ordering of rows whose sort
 keys tie (`unstable_ties`), and the lax bulk imports.
 
-Test controls: `faults` (injected 5xx/429/timeouts/resets), `latency_s`, `go_down()`/`come_up()`,
+Test controls: `faults` (injected 5xx/429/timeouts/resets), `latency_s`, `reject_interactions_at` and
+`reject_contact_values` (422s), `go_down()`/`come_up()`,
 `stats`, and helpers that read and seed the database directly.
 
     with CitadelServer(tmp_path / "crm.db") as crm:
@@ -539,6 +540,7 @@ class CitadelServer:
         self.latency_s = latency_s  # added to every request (a hosted CRM)
         self.faults = Faults()
         self.reject_interactions_at: set[str] = set()  # UTC days whose interaction POSTs get a 422
+        self.reject_contact_values: set[str] = set()  # field values a contact POST or PUT gets a 422 for
         self.stats: Counter[tuple[str, str, int | str]] = Counter()  # (method, route, status|fault)
         self.timeline: list[tuple[float, str, str, int | str]] | None = None  # set to [] to log each answer
         self.connections_accepted = 0
@@ -819,7 +821,7 @@ class CitadelServer:
         return cur.lastrowid  # type: ignore[return-value]
 
     def _create_contact(self, _ident: None, _query: str, body: bytes) -> tuple[int, Any]:
-        cols = _check_contact(_parse_body(body), partial=False)
+        cols = self._refuse_values(_check_contact(_parse_body(body), partial=False))
         with self._lock:
             db = self._db()
             contact_id = self._insert_contact(db, cols, _now_ms())
@@ -832,11 +834,20 @@ class CitadelServer:
         with self._lock:
             db = self._db()
             self._contact_row(db, contact_id)  # 404 before 422, like a findUnique-then-validate handler
-        cols = _check_contact(parsed, partial=True)
+        cols = self._refuse_values(_check_contact(parsed, partial=True))
         with self._lock:
             db = self._db()
             row = self._write_contact(db, contact_id, cols)
         return 200, {"data": _contact_json(row)}
+
+    def _refuse_values(self, cols: dict[str, Any]) -> dict[str, Any]:
+        """A test's stand-in for a CRM stricter than Zod: a 422 naming each field whose value is in
+        `reject_contact_values`."""
+        refused = {name: [f"Invalid {name}"] for name, col in _CONTACT_FIELDS.items()
+                   if cols.get(col) is not None and cols[col] in self.reject_contact_values}
+        if refused:
+            raise _invalid(refused)
+        return cols
 
     def _write_contact(self, db: sqlite3.Connection, contact_id: int, cols: dict[str, Any]) -> tuple:
         """Apply column updates (keeping the search text current); the updated row."""
