@@ -179,8 +179,8 @@ async def _sync_async(settings: Settings, store: Store, *, contacts_only: bool, 
                         crm_error = exc
         crm_down = crm_error.message if crm_error else None
         refused = crm_down if isinstance(crm_error, crmlib.Unauthorized) else push and push.refused
-        failed = bool(push and (push.failed or push.unreachable) or contacts and contacts.failed or crm_down
-                      or any(report.error for report in sources))
+        failed = bool(push and (push.failed or push.unreachable or push.throttled) or contacts and contacts.failed
+                      or crm_down or any(report.error for report in sources))
         _summary(store, contacts, sources, placeholders, push, crm_down, refused, failed, dry_run, crm)
     return EXIT_FIX if refused else EXIT_FAILED if failed else EXIT_OK
 
@@ -250,6 +250,11 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
     if refused:
         out.print(f"[red]✗ the CRM refused crm-syncd's API key[/] ({refused}): "
                   f"set api_key in {API_KEY_PLACES}{queued}")
+    elif push and push.throttled:
+        waiting = counts.get("pending", 0) + counts.get("sending", 0)
+        out.print(f"[red]✗ CRM busy:[/] the CRM asked to wait {push.throttled:.0f} s; "
+                  f"{waiting} item{'' if waiting == 1 else 's'} stay{'s' if waiting == 1 else ''} queued "
+                  "for the next sync or the daemon")
     elif crm_down or (push and push.unreachable):
         out.print(f"[red]✗ CRM unreachable:[/] {crm_down or push.unreachable}{queued}")
     elif not failed:

@@ -25,6 +25,7 @@ import asyncio
 import datetime as dt
 import email.utils
 import json
+import math
 import time
 from typing import Any
 
@@ -41,6 +42,9 @@ _INTERACTION_PASSES = ((None, 100), (None, 97), (None, 89), (None, 83))
 _JSON_HEADERS = {"Content-Type": "application/json"}
 BUSY_STATUSES = (408, 502, 503, 504)  # a timeout, a proxy, a restart: try again
 UNHANDLED = (408, 503)  # of those, the ones that say the request was not handled (502 and 504: unknown)
+# The longest wait a server may ask for: a proxy's `Retry-After: 86400` (or a date a skewed clock puts a
+# day ahead) must not stop delivery for a day; a quarter of an hour outlasts any sane rate limit.
+RETRY_AFTER_MAX_S = 900.0
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
@@ -134,20 +138,23 @@ class BadResponse(CRMError):
 
 
 def _retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
+    """Retry-After as seconds (delta-seconds or an HTTP date), between 0 and RETRY_AFTER_MAX_S; None when
+    absent or not a finite number (`inf`, `nan`, garbage): then the caller's own back-off applies."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.timezone.utc)
+        seconds = (when - dt.datetime.now(dt.timezone.utc)).total_seconds()
+    if not math.isfinite(seconds):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return max(0.0, (when - dt.datetime.now(dt.timezone.utc)).total_seconds())
+    return min(max(0.0, seconds), RETRY_AFTER_MAX_S)
 
 
 def _envelope(raw: bytes) -> tuple[str, str, dict[str, list[str]]] | None:

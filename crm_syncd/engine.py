@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import math
 import os
 import random
 import threading
@@ -57,6 +58,7 @@ CONTACTS_PROBLEMS = "contacts_problems"  # kv: the last contacts pass's people n
 DROPPABLE = frozenset({"phone", "email"})  # a contact is still worth writing without them
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 15.0  # the longest a returning CRM waits for us
+SYNC_WAIT_MAX_S = 60.0  # a one-shot delivery the CRM asks to wait longer ends, keeping the rest queued
 DEDUPE_RECHECK_MS = 3_600_000  # a contact found to need no look-up before sends is looked at again hourly
 
 
@@ -99,6 +101,7 @@ class PushReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     delivered_by_type: Counter[str] = field(default_factory=Counter)
     unreachable: str | None = None  # why delivery stopped early, if it did
+    throttled: float | None = None  # a one-shot delivery ended early: the CRM asked to wait this long (s)
     refused: str | None = None  # the CRM refused the API key (401/403): the owner must fix it
 
 
@@ -653,13 +656,15 @@ class Engine:
         request as soon as its last is answered (keep-alive connections never wait for a
         scheduler); this loop keeps the queue topped up and settles outcomes in batches.
         Without `stop` (one-shot sync) it also gives up once the CRM has failed several
-        times in a row: whatever is left stays queued for the next run.
+        times in a row, or asks to wait over SYNC_WAIT_MAX_S (`throttled`): whatever is left
+        stays queued for the next run.
         """
         report = PushReport()
         limit = self.settings.push_concurrency
         queue: asyncio.Queue[Item] = asyncio.Queue()
         outcomes: list[tuple[str, Item, Any]] = []
         wake = asyncio.Event()  # the queue runs low, outcomes pile up, or a worker fell idle
+        halt = asyncio.Event()  # delivery ends: an item still waiting out a back-off goes back unsent
         busy = 0
 
         async def worker() -> None:
@@ -669,7 +674,7 @@ class Engine:
                 item = await queue.get()
                 busy += 1
                 try:
-                    outcomes.append(await self._deliver(item))
+                    outcomes.append(await self._deliver(item, halt))
                 finally:
                     busy -= 1
                 if queue.qsize() < limit or len(outcomes) >= 64 or not busy:
@@ -684,6 +689,9 @@ class Engine:
                 pass
 
         def halted() -> bool:
+            if stop is None and self.backoff_left() > SYNC_WAIT_MAX_S:
+                report.throttled = self.backoff_left()
+                return True
             return bool(stop and stop.is_set()) or (
                 stop is None and report.unreachable is not None and self._failures_in_row >= 3)
 
@@ -717,6 +725,7 @@ class Engine:
                     break
                 await woken(min(1.0, max(0.05, self.backoff_left())))  # no busy waking while everything waits
         finally:
+            halt.set()
             unsent = [queue.get_nowait() for _ in range(queue.qsize())]  # claimed, never sent: back to pending
             deadline = time.monotonic() + self.settings.shutdown_deadline_s
             while busy and time.monotonic() < deadline and not asyncio.current_task().cancelling():
@@ -728,8 +737,9 @@ class Engine:
                 self.store.settle(retry=[(item, None) for item in unsent])
         return report
 
-    async def _deliver(self, item: Item) -> tuple[str, Item, Any]:
-        await self._wait_backoff()
+    async def _deliver(self, item: Item, halt: asyncio.Event) -> tuple[str, Item, Any]:
+        if not await self._wait_backoff(halt):
+            return "unsent", item, None
         payload = {"type": item.type, "occurredAt": occurred_iso(item.occurred_ms), "source": "IMPORT_IOS"}
         if item.duration_s:
             payload["durationSeconds"] = item.duration_s
@@ -802,6 +812,8 @@ class Engine:
                 self.contacts_stale = True
             elif outcome == "unsure":
                 report.unreachable = self.crm_failure = value
+            elif outcome == "unsent":  # delivery ended while it waited to be sent: nothing was tried
+                retry.append((item, None))
             else:  # retry, or refused
                 retry.append((item, value))
                 report.retried += 1
@@ -905,7 +917,8 @@ class Engine:
         return flag
 
     def back_off(self, retry_after: float | None = None) -> None:
-        """Hold every request for a while: exponential with jitter, capped, at least `retry_after`.
+        """Hold every request for a while: exponential with jitter, capped, at least `retry_after`
+        (itself capped at RETRY_AFTER_MAX_S).
 
         It grows once per round of failures, not once per request: eight requests failing together
         are one failure, or a short outage would push the wait to the cap.
@@ -916,16 +929,26 @@ class Engine:
             self._failures_in_row = 1 if accepted else self._failures_in_row + 1
             self._backoff_since = now
         delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(self._failures_in_row - 1, 10))
-        delay = max(delay * random.uniform(0.5, 1.0), retry_after or 0.0)
+        asked = min(retry_after, crmlib.RETRY_AFTER_MAX_S) if retry_after and not math.isnan(retry_after) else 0.0
+        delay = max(delay * random.uniform(0.5, 1.0), asked)
         self._backoff_until = max(self._backoff_until, now + delay)
 
     def backoff_left(self) -> float:
         """Seconds until requests may go again (0 when not backing off)."""
         return max(0.0, self._backoff_until - time.monotonic())
 
-    async def _wait_backoff(self) -> None:
-        while (wait := self.backoff_left()) > 0:
-            await asyncio.sleep(wait)
+    async def _wait_backoff(self, halt: asyncio.Event | None = None) -> bool:
+        """Wait until requests may go again; False, at once, when `halt` is or gets set."""
+        while (wait := self.backoff_left()) > 0 and not (halt and halt.is_set()):
+            if halt is None:
+                await asyncio.sleep(wait)
+                continue
+            try:  # not wait_for: on 3.11 it swallows a cancellation that comes as the event is set
+                async with asyncio.timeout(wait):
+                    await halt.wait()
+            except TimeoutError:
+                pass
+        return not (halt and halt.is_set())
 
 
 class _CRMIndex:

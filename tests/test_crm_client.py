@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import email.utils
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -236,6 +238,25 @@ def test_429_is_throttled_with_retry_after(crm: CitadelServer) -> None:
     crm.faults = Faults(rate=1.0, kinds=("429",))
     err = raises(Throttled, crm.url, lambda c: c.create_contact({"firstName": "A", "lastName": "B"}))
     assert err.retry_after == 1.0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("header", "seconds"), [
+    ("0", 0.0), ("-5", 0.0), ("2.5", 2.5), ("86400", 900.0), ("1e400", None), ("inf", None), ("nan", None),
+    ("soon", None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+])
+def test_a_429s_retry_after_is_read_as_finite_seconds_capped_at_a_quarter_of_an_hour(
+        crm: CitadelServer, header: str, seconds: float | None) -> None:
+    """Delta-seconds or an HTTP date, never negative, never past RETRY_AFTER_MAX_S; what is no finite
+    number (`inf`, `nan`, garbage) is as if the server had said nothing."""
+    crm.faults = Faults(rate=1.0, kinds=("429",), retry_after=header)
+    err = raises(Throttled, crm.url, lambda c: c.create_contact({"firstName": "A", "lastName": "B"}))
+    assert err.retry_after == seconds
+
+
+def test_a_retry_after_as_an_http_date_a_day_ahead_is_capped_too(crm: CitadelServer) -> None:
+    crm.faults = Faults(rate=1.0, kinds=("429",), retry_after=email.utils.formatdate(time.time() + 86_400, usegmt=True))
+    err = raises(Throttled, crm.url, lambda c: c.create_contact({"firstName": "A", "lastName": "B"}))
+    assert err.retry_after == 900.0  # RETRY_AFTER_MAX_S
 
 
 def test_connection_refused_is_unreachable_and_the_pool_recovers(crm: CitadelServer) -> None:

@@ -6,8 +6,10 @@ interaction arrives exactly once (none missing, none twice) and that the process
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import os
 import random
+import re
 import signal
 import sqlite3
 import time
@@ -474,6 +476,70 @@ def test_a_sync_that_gives_up_on_a_failing_crm_leaves_everything_pending_and_a_l
     assert cli("sync").code == 0
     got = Counter(occurred for _contact, _type, occurred in delivered(citadel).elements())
     assert compare(Counter(iso(at) for at in moments), got) == (0, 0)
+
+
+def http_date_in(seconds: int) -> str:
+    return email.utils.formatdate(time.time() + seconds, usegmt=True)
+
+
+@pytest.mark.parametrize("retry_after", ["3600", "in an hour"])
+def test_a_sync_the_crm_asks_to_wait_an_hour_ends_at_once_says_so_and_keeps_everything_queued(
+        library: Library, citadel: CitadelServer, cli: CLI, home: Path, retry_after: str):
+    """A rate limiter's 429 with `Retry-After: 3600` (or an HTTP date an hour ahead): a one-shot sync
+    does not sit silent for an hour; it stops, says what the CRM asked (capped at 15 minutes), and the
+    next sync delivers. One request at a time: the 429 is the first answer, so nothing was delivered."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    cli.env["CRM_SYNCD_PUSH_CONCURRENCY"] = "1"
+    assert cli("sync", "--contacts-only").code == 0
+    moments = [ago(hours=3 - n) for n in range(3)]
+    for at in moments:
+        library.text(JANE, at=at)
+    header = http_date_in(3600) if retry_after == "in an hour" else retry_after
+    citadel.faults = Faults(rate=1.0, kinds=("429",), retry_after=header, limit=1)
+
+    started = time.monotonic()
+    result = cli("sync", timeout=60)
+
+    assert time.monotonic() - started < 30, result.output
+    assert result.code == 1, result.output  # as for an unreachable CRM: kept for the next run
+    assert re.search(r"the CRM asked to wait (8\d\d|900) s; 3 items stay queued for the next sync or the daemon",
+                     result.stdout), result.output
+    assert "Traceback" not in result.output and outbox_states(home) == {"pending": 3}, outbox_states(home)
+    assert cli("sync").code == 0
+    got = Counter(occurred for _contact, _type, occurred in delivered(citadel).elements())
+    assert compare(Counter(iso(at) for at in moments), got) == (0, 0)
+
+
+def test_a_sync_the_crm_asks_to_wait_a_few_seconds_waits_them_and_delivers(
+        library: Library, citadel: CitadelServer, cli: CLI):
+    """The other side of the bound: a short wait asked is waited out within the same sync."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    assert cli("sync", "--contacts-only").code == 0
+    at = ago(hours=2)
+    library.text(JANE, at=at)
+    citadel.faults = Faults(rate=1.0, kinds=("429",), retry_after="2", limit=1)
+
+    started = time.monotonic()
+    result = cli("sync")
+
+    assert result.code == 0 and time.monotonic() - started >= 2, result.output
+    assert [r["occurredAt"] for r in citadel.interactions_of(JANE)] == [iso(at)]
+
+
+@pytest.mark.parametrize("retry_after", [float("inf"), 1e12])
+def test_the_back_off_a_crm_asks_for_is_capped_at_a_quarter_of_an_hour(
+        tmp_path: Path, citadel: CitadelServer, retry_after: float):
+    """The daemon waits what the CRM asks, but never longer than 15 minutes: a proxy's absurd or
+    infinite Retry-After does not stop delivery for good."""
+    settings = Settings(state_dir=tmp_path / "state")
+
+    async def wait_asked() -> float:
+        async with CitadelClient(citadel.url) as crm:
+            engine = Engine(settings, Store(settings.state_db), crm)
+            engine.back_off(retry_after)
+            return engine.backoff_left()
+
+    assert 14 * 60 < asyncio.run(wait_asked()) <= 15 * 60
 
 
 def test_ctrl_c_stops_a_sync_at_once_and_the_next_sync_delivers_the_rest_once(

@@ -152,7 +152,7 @@ def _invalid(details: dict[str, list[str]]) -> _Fail:
 
 @dataclass
 class Faults:
-    """Which requests fail and how. Kinds: 503 502 504 429 (Retry-After: 1), 500-before-write,
+    """Which requests fail and how. Kinds: 503 502 504 429 (with `retry_after`), 500-before-write,
     500-after-write (the write happens, then 500), 504-after-write (the write happens, then a proxy's
     504: it gave up waiting), timeout (hold `hold_s` or until the client
     gives up, then close without answering), reset (RST, no response), slow (wait `slow_s`, then
@@ -160,6 +160,7 @@ class Faults:
     (both: the write happens, then half of a 500's body).
 
     Only mutating requests are affected unless `reads`; `limit` caps how many faults fire in total.
+    `retry_after` is the 429's Retry-After header as sent (None: no header).
     """
 
     rate: float = 0.0
@@ -169,6 +170,7 @@ class Faults:
     reads: bool = False
     hold_s: float = 30.0
     limit: int | None = None
+    retry_after: str | None = "1"
     fired: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
@@ -711,7 +713,8 @@ class CitadelServer:
         else:  # 429 / 502 / 503 / 504, as a proxy or rate limiter would answer
             status, ctype = int(fault), _JSON_CT
             if status == 429:
-                extra = b"Retry-After: 1\r\n"
+                if self.faults.retry_after is not None:
+                    extra = b"Retry-After: %s\r\n" % self.faults.retry_after.encode()
                 out = _Fail(429, "RATE_LIMITED", "Too many requests").body()
             else:
                 out, ctype = _REASONS[status].encode(), b"text/plain; charset=utf-8"
