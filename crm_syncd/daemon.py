@@ -88,6 +88,28 @@ class Lock:
         return None
 
 
+class StateLost(Exception):
+    """A file the daemon holds (its state database, its lock) was removed or replaced under it."""
+
+
+def _file_key(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _lost(held: dict[Path, tuple[int, int]]) -> str | None:
+    """What happened to the first of the `held` files that is no longer the one opened, if any
+    (two stats: cheap enough for every heartbeat)."""
+    for path, key in held.items():
+        try:
+            now = _file_key(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return f"{path} was removed"
+        if now != key:
+            return f"{path} was replaced by another file"
+    return None
+
+
 def _holder(content: bytes) -> tuple[str, str]:
     """(pid, command) as a lock file names them; a file from before commands were named held `run`'s pid."""
     pid, _, command = content.decode(errors="replace").strip().partition(" ")
@@ -116,11 +138,13 @@ class Daemon:
         self._probes: dict[str, Probe] = {}
         self._debouncers: dict[str, Debouncer] = {}
         self._retries: dict[str, asyncio.TimerHandle] = {}
+        self._held: dict[Path, tuple[int, int]] = {}  # the state database and the lock, as opened
 
     async def run(self) -> int:
         lock = Lock(self.settings.lock_path)
         lock.acquire()
         store = Store(self.settings.state_db)
+        self._held = {path: _file_key(path) for path in (self.settings.state_db, self.settings.lock_path)}
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig)
@@ -214,8 +238,12 @@ class Daemon:
     def _died(self, task: asyncio.Task) -> int:
         """A task ended on its own: stop with exit 1 rather than live on without it (launchd restarts us)."""
         exc = task.exception()
-        self._remember(f"{task.get_name()} stopped: {exc!r}")
-        log.error("daemon.failed", task=task.get_name(), error=repr(exc), exc_info=exc)
+        if isinstance(exc, StateLost):
+            self._remember(str(exc))
+            log.error("daemon.state_lost", error=str(exc))
+        else:
+            self._remember(f"{task.get_name()} stopped: {exc!r}")
+            log.error("daemon.failed", task=task.get_name(), error=repr(exc), exc_info=exc)
         self.stop.set()
         self.work.set()
         return 1
@@ -346,11 +374,15 @@ class Daemon:
 
     async def _heartbeats(self) -> None:
         """The beat `status` reads, every HEARTBEAT_S; and, while all is well, a GET of heartbeat_url
-        on its own task (one at a time): an endpoint slow to answer never delays a beat."""
+        on its own task (one at a time): an endpoint slow to answer never delays a beat. Each beat
+        first checks that the state database and the lock are still the files opened (`StateLost`)."""
         last_ping, ping = 0.0, None
         async with httpx.AsyncClient(timeout=PING_TIMEOUT_S) as client:
             try:
                 while not self.stop.is_set():
+                    if lost := _lost(self._held):  # writes would go to a file no one sees, the lock guard nothing
+                        raise StateLost(f"{lost} while the daemon ran; stopping (the next start rebuilds "
+                                        "its state from the CRM)")
                     self.beat()
                     url = self.settings.heartbeat_url
                     due = url and time.monotonic() - last_ping >= self.settings.heartbeat_interval_s

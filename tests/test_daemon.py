@@ -864,6 +864,52 @@ def test_a_daemon_that_loses_a_task_to_an_error_exits_1_saying_why_instead_of_id
     assert d.events("daemon.stopped")[0]["code"] == 1
 
 
+def replace_with_a_copy(path: Path) -> None:
+    """Put a consistent copy of a SQLite file in its place (a backup restored over it)."""
+    copy = path.with_name(path.name + ".restored")
+    source, target = sqlite3.connect(path), sqlite3.connect(copy)
+    source.backup(target)
+    source.close()
+    target.close()
+    os.replace(copy, path)
+
+
+STATE_LOSSES = {
+    "the state folder removed": lambda state: shutil.rmtree(state),
+    "state.db replaced": lambda state: replace_with_a_copy(state / "state.db"),
+    "the lock file removed": lambda state: (state / "crm-syncd.lock").unlink(),
+}
+
+
+@pytest.mark.parametrize("loss", list(STATE_LOSSES))
+def test_state_files_removed_or_replaced_under_a_running_daemon_stop_it_and_a_restart_duplicates_nothing(
+        library: Library, citadel, daemon, daemon_env: CLI, home: Path, loss: str):
+    """A cleaner app deletes ~/Library/Application Support/crm-syncd, or a backup is restored over
+    state.db, while the daemon runs. It used to write on into a file no one could see, with no lock
+    a `sync` would meet. It notices at its next heartbeat, says which file and what happened, and exits
+    1 like on any unexpected failure; launchd's restart rebuilds what was lost without duplicates."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=3))
+    d = daemon()
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 1, what="the first message")
+    state = home / STATE_DIR
+    assert (state / "crm-syncd.lock").exists()
+
+    STATE_LOSSES[loss](state)
+
+    eventually(lambda: d.proc.poll() is not None, timeout=20, what="the daemon to notice and stop")
+    assert d.proc.returncode == 1 and "Traceback" not in d.proc.communicate()[1]
+    (lost,) = [e for e in d.events() if e.get("level") == "error"]
+    assert lost["event"] == "daemon.state_lost" and str(state) in lost["error"], lost
+    assert ("replaced" if "replaced" in loss else "removed") in lost["error"], lost
+    library.text(JANE, at=ago(hours=2))
+    again = daemon()
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 2, timeout=40, what="the message after the loss")
+    assert again.stop() == 0
+    got = Counter(r["occurredAt"] for r in citadel.interactions_of(JANE))
+    assert sum(got.values()) == 2 and max(got.values()) == 1, got
+
+
 def test_an_idle_daemon_holds_no_read_transaction_so_apple_can_truncate_its_wal(library: Library, citadel, daemon):
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE)
