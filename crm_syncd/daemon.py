@@ -12,6 +12,7 @@ import asyncio
 import fcntl
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from crm_syncd.engine import SOURCES, Engine
 from crm_syncd.logs import get_logger
 from crm_syncd.settings import Settings, secure_dir
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError
-from crm_syncd.store import Store, now_ms
+from crm_syncd.store import Store, StoreError, now_ms
 from crm_syncd.watch import Debouncer, Probe, Watcher, wait_event
 
 log = get_logger("crm_syncd.daemon")
@@ -139,6 +140,7 @@ class Daemon:
         self._debouncers: dict[str, Debouncer] = {}
         self._retries: dict[str, asyncio.TimerHandle] = {}
         self._held: dict[Path, tuple[int, int]] = {}  # the state database and the lock, as opened
+        self._owner_error: StoreError | None = None  # why a task died, when the owner must fix it
 
     async def run(self) -> int:
         lock = Lock(self.settings.lock_path)
@@ -154,9 +156,15 @@ class Daemon:
                                             max_connections=self.settings.push_concurrency) as crm:
                 self.engine = Engine(self.settings, store, crm)
                 self.store = store
-                return await self._serve(loop)
+                code = await self._serve(loop)
+            if self._owner_error is not None:  # `run` ends with its one line and exit 2
+                raise self._owner_error
+            return code
         finally:
-            self.beat(running=False)
+            try:
+                self.beat(running=False)
+            except (StoreError, sqlite3.Error) as exc:  # what stopped us (a full disk) was said once already
+                log.debug("daemon.last_beat_lost", error=str(exc))
             store.close()
             lock.release()
 
@@ -231,7 +239,7 @@ class Daemon:
             done, _ = await asyncio.wait({pusher}, timeout=self.settings.shutdown_deadline_s + 1)
             if not done:
                 pusher.cancel()
-                await asyncio.gather(pusher, return_exceptions=True)
+            await asyncio.gather(pusher, return_exceptions=True)  # an error met while stopping is the stop's
         log.info("daemon.stopped", code=code)
         return code
 
@@ -241,6 +249,9 @@ class Daemon:
         if isinstance(exc, StateLost):
             self._remember(str(exc))
             log.error("daemon.state_lost", error=str(exc))
+        elif isinstance(exc, StoreError):  # the owner's to fix (a full disk): their words, no traceback
+            self._owner_error = exc
+            log.error("daemon.failed", task=task.get_name(), error=str(exc))
         else:
             self._remember(f"{task.get_name()} stopped: {exc!r}")
             log.error("daemon.failed", task=task.get_name(), error=repr(exc), exc_info=exc)

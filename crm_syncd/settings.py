@@ -30,6 +30,7 @@ API_KEY_PLACES = f"~/.config/crm-syncd/config.toml, {ENV_PREFIX}API_KEY or the K
 LEGACY_KEYS = ("api_url", "api_key", "initial_lookback_days", "create_unknown_contacts", "default_region",
                "allow_insecure_http")  # the last: what the error for a LAN http:// api_url says to add
 _SECRET_FIELDS = frozenset({"api_key"})
+MIN_FREE_BYTES = 32 * 2**20  # `doctor` flags a state folder whose disk has less free (`space_problem`)
 PATH_FIELDS = ("messages_db", "calls_db", "addressbook_dir", "state_dir", "log_dir")
 
 
@@ -352,6 +353,20 @@ def folder_problem(path: Path) -> str | None:
         tempfile.TemporaryFile(dir=nearest).close()
     except OSError as exc:
         return exc.strerror or str(exc)
+    return None
+
+
+def space_problem(path: Path) -> str | None:
+    """Why the disk holding `path` is too full for crm-syncd's state, or None. The state database's WAL
+    grows up to 32 MiB between checkpoints (store.WAL_PAGES pages of 4 KiB), so with less free a
+    backfill may meet a full disk part-way."""
+    try:
+        fs = os.statvfs(existing_ancestor(Path(path)))
+    except OSError:
+        return None  # folder_problem says why the folder cannot be used
+    free = fs.f_bavail * fs.f_frsize
+    if free < MIN_FREE_BYTES:
+        return f"only {free / 2**20:.1f} MiB free on its disk (crm-syncd needs {MIN_FREE_BYTES // 2**20} MiB)"
     return None
 
 

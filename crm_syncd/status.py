@@ -15,7 +15,7 @@ from crm_syncd import crm as crmlib, launchd
 from crm_syncd.daemon import HEARTBEAT_S, Lock
 from crm_syncd.engine import CONTACTS_PROBLEMS, CONTACTS_SYNCED
 from crm_syncd.logs import mask_key
-from crm_syncd.settings import API_KEY_PLACES, Settings, folder_problem
+from crm_syncd.settings import API_KEY_PLACES, Settings, folder_problem, space_problem
 from crm_syncd.sources import contacts as contacts_source
 from crm_syncd.sources.calls import CallsReader
 from crm_syncd.sources.messages import MessagesReader
@@ -222,6 +222,8 @@ def doctor(settings: Settings) -> list[Check]:
 def _folder_check(label: str, settings: Settings, field: str) -> Check:
     path = getattr(settings, field)
     problem = folder_problem(path)
+    if problem is None and (full := space_problem(path)):
+        return Check(label, False, f"{path}: {full}", f"free space on the disk holding {path}", owner_fix=True)
     if problem is None:
         return Check(label, True, f"{path} writable")
     return Check(label, False, f"{path}: {problem}", f"set {field} to a folder you can write in (or make this one so)",

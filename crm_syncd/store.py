@@ -214,6 +214,18 @@ def _check(conn: sqlite3.Connection) -> None:
         raise sqlite3.DatabaseError(" ".join(verdict.split()))
 
 
+def _disk_failed(exc: sqlite3.Error) -> bool:
+    """Whether SQLite says the disk refused a write or a read (full, over a size limit, failing)."""
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    return name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR")
+
+
+def _no_disk(path: Path | str | None, exc: sqlite3.Error) -> StoreError:
+    folder = Path(path).parent if path not in (None, ":memory:") else "it"
+    return StoreError(f"cannot write the state database {path}: the disk is full or failing ({exc}); free space "
+                      f"on the disk holding {folder}. Nothing is lost: crm-syncd goes on from where it stopped")
+
+
 def _damaged(path: Path | str, exc: sqlite3.DatabaseError) -> StoreError:
     return StoreError(f"the state database {path} is damaged ({exc}); crm-syncd will not reset it by itself. "
                       f"Move it aside and run `crm-syncd sync --reconcile` to rebuild it against the CRM.")
@@ -289,8 +301,18 @@ class Store:
             conn.execute("PRAGMA foreign_keys=OFF")
             _check(conn)
         except sqlite3.DatabaseError as exc:
-            raise _damaged(path, exc) from exc
+            raise (_no_disk(path, exc) if _disk_failed(exc) else _damaged(path, exc)) from exc
         return conn
+
+    @contextmanager
+    def _disk(self) -> Iterator[None]:
+        """Turn SQLite's word for a full or failing disk into a StoreError that names the fix."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            if _disk_failed(exc):
+                raise _no_disk(self.path, exc) from exc
+            raise
 
     def _migrate(self) -> None:
         conn = self._conn
@@ -345,7 +367,7 @@ class Store:
     @contextmanager
     def transaction(self, *, durable: bool = True) -> Iterator[_Tx]:
         """One write transaction; `durable=False` skips the fsync (see the module docstring)."""
-        with self._lock:
+        with self._lock, self._disk():
             if not durable:  # per connection, and only outside a transaction
                 self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
@@ -362,11 +384,11 @@ class Store:
                     self._conn.execute("PRAGMA synchronous=FULL")
 
     def _all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-        with self._lock:
+        with self._lock, self._disk():
             return self._conn.execute(sql, params).fetchall()
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        with self._lock:
+        with self._lock, self._disk():
             row = self._conn.execute(sql, params).fetchone()
         return row[0] if row else None
 

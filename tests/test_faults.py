@@ -10,8 +10,11 @@ import email.utils
 import os
 import random
 import re
+import resource
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections import Counter
 from datetime import timedelta
@@ -27,7 +30,7 @@ from tests.conftest import CLI
 from tests.harness.chatdb import ChatDB
 from tests.harness.citadel import CitadelServer, Faults
 from tests.harness.library import Library, ago
-from tests.harness.processes import RunningDaemon, eventually
+from tests.harness.processes import REPO, RunningDaemon, eventually
 
 JANE = "+16135550111"
 
@@ -586,6 +589,72 @@ def refused(cli: CLI, what: str) -> None:
         result = cli(command, timeout=60)
         assert result.code == 2, (command, result.output)
         assert what in result.stderr and "Traceback" not in result.output, result.output
+
+
+def fill_the_disk(pid: int, home: Path) -> int:
+    """Make the state database's disk full for process `pid`, without root: RLIMIT_FSIZE at the WAL's
+    size (CPython ignores SIGXFSZ, so a write past it fails with EFBIG, and SQLite reports a disk I/O
+    error as for ENOSPC). The log file, smaller, can still be written. Returns the limit."""
+    limit = state_db(home).with_name("state.db-wal").stat().st_size
+    log = home / "Library" / "Logs" / "crm-syncd" / "crm-syncd.log"
+    assert log.exists() and log.stat().st_size < limit // 2, (log.stat().st_size, limit)
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    return limit
+
+
+def test_a_full_disk_under_the_state_database_stops_the_daemon_in_clear_words_and_loses_nothing(
+        library: Library, citadel: CitadelServer, daemon_env: CLI, home: Path):
+    """The disk holding state.db fills up while the daemon runs (a laptop's disk does, over months).
+    It used to end in a traceback. Now: one line naming the state database and the fix, exit 2 (as for
+    any state database the owner must see to); once space is freed, every message arrives exactly once."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=3))
+    d = RunningDaemon(daemon_env, home)
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 1, what="the first message")
+    fill_the_disk(d.proc.pid, home)
+    later = [ago(hours=2 - n * 0.1) for n in range(3)]
+    for at in later:
+        library.text(JANE, at=at)
+
+    eventually(lambda: d.proc.poll() is not None, timeout=30, what="the daemon to stop on the full disk")
+    _out, err = d.proc.communicate()
+    assert d.proc.returncode == 2 and "Traceback" not in err, err
+    (line,) = err.strip().splitlines()
+    assert f"cannot write the state database {state_db(home)}: the disk is full or failing" in line, line
+    assert f"free space on the disk holding {state_db(home).parent}" in line, line
+    (failed,) = d.events("daemon.failed")
+    assert "disk is full" in failed["error"] and "Traceback" not in d.log.read_text()
+    # launchd starts it again 30 s later, the disk still full (too full for SQLite's 32 KiB -shm file)
+    assert d.log.stat().st_size < 32_767  # the log can still be written
+    restart = subprocess.run([sys.executable, "-m", "crm_syncd", "run"], env=daemon_env.env, cwd=REPO,
+                             capture_output=True, text=True, timeout=60,
+                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (32_767, 32_767)))
+    assert restart.returncode == 2 and "Traceback" not in restart.stderr, restart.stderr
+    assert "the disk is full or failing" in restart.stderr, restart.stderr
+
+    again = RunningDaemon(daemon_env, home)  # space freed: launchd's next restart
+    eventually(lambda: len(citadel.interactions_of(JANE)) >= 4, timeout=30, what="the rest after space is freed")
+    assert again.stop() == 0
+    got = Counter(r["occurredAt"] for r in citadel.interactions_of(JANE))
+    assert sum(got.values()) == 4 and max(got.values()) == 1, got
+
+
+def test_a_sync_on_a_full_disk_says_so_instead_of_calling_the_state_database_damaged(
+        library: Library, citadel: CitadelServer, cli: CLI, home: Path):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=3))
+    assert cli("sync").code == 0
+    library.text(JANE, at=ago(hours=2))
+
+    full = subprocess.run([sys.executable, "-m", "crm_syncd", "sync"], env=cli.env, cwd=REPO, capture_output=True,
+                          text=True, timeout=60,  # too full for SQLite's 32 KiB -shm file
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (32_767, 32_767)))
+
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr
+    assert "the disk is full or failing" in full.stderr and "damaged" not in full.stderr, full.stderr
+    assert cli("sync").code == 0
+    got = Counter(r["occurredAt"] for r in citadel.interactions_of(JANE))
+    assert sum(got.values()) == 2 and max(got.values()) == 1, got
 
 
 def test_a_corrupt_state_database_is_refused_and_left_as_it_is(library: Library, citadel, cli: CLI, home: Path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from crm_syncd.settings import (
     load_settings,
     secure_dir,
     secure_file,
+    space_problem,
 )
 from tests.harness.processes import in_process_home
 
@@ -350,3 +352,13 @@ def test_settings_class_reads_the_same_sources_without_load_settings(home, monke
     monkeypatch.setenv("CRM_SYNCD_MAX_WAIT_MS", "10")
     s = Settings()
     assert (s.batch_size, s.max_wait_ms) == (50, 10)
+
+
+def test_a_state_folder_on_a_nearly_full_disk_is_flagged_with_what_is_free(tmp_path: Path, monkeypatch) -> None:
+    """`doctor` flags it (its state-folder check): a full disk stops the daemon part-way through a write.
+    os.statvfs answers as a disk with 3 MiB free would (a full volume needs root to make)."""
+    real = os.statvfs(tmp_path)
+    assert space_problem(tmp_path / "not-made-yet") is None  # the test machine's disk has room
+    nearly_full = os.statvfs_result((real.f_bsize, 4096, real.f_blocks, 768, 768, *real[5:]))
+    monkeypatch.setattr(os, "statvfs", lambda path: nearly_full)
+    assert space_problem(tmp_path / "not-made-yet") == "only 3.0 MiB free on its disk (crm-syncd needs 32 MiB)"
