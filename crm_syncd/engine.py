@@ -455,8 +455,8 @@ class Engine:
                     report.duplicates += self._keep_first_parties(batch)
                 items, hints = self._items(batch, report, verdicts)
                 # rows a later read must see stop the mark: old ones above it that a window narrower than
-                # the mark's left out (they came late), or a message still being sent (the mark waits
-                # just before it)
+                # the mark's left out (they came late), or a message still being sent or dated ahead of the
+                # clock (the mark waits just before it)
                 dropped = resumed and narrower and batch.skipped[BEFORE_WINDOW] and batch.last_rowid > mark.rowid
                 if held or dropped:
                     held = True

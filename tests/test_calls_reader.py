@@ -95,12 +95,14 @@ def test_zdate_is_seconds_since_2001_turned_into_unix_milliseconds(store):
 def test_calls_without_a_usable_date_are_skipped_and_counted(store):
     store.call(ALICE, None)
     store.call(ALICE, -3600.0)  # before 2001
-    store.call(ALICE, datetime.now(timezone.utc) + timedelta(days=2))
+    store.call(ALICE, datetime.now(timezone.utc) + timedelta(days=90))  # no clock is that far behind
+    ahead = store.call(ALICE, datetime.now(timezone.utc) + timedelta(days=2))  # this Mac's clock is behind
     store.call(ALICE, datetime.now(timezone.utc) + timedelta(hours=1))  # clock skew is tolerated
     store.commit()
     batch = CallsReader(store.path).read()
-    assert batch.skipped == {"no-date": 1, "bad-date": 2}
-    assert len(batch.activities) == 1 and (batch.rows, batch.last_rowid) == (4, 4)
+    assert batch.skipped == {"no-date": 1, "bad-date": 2, "ahead-of-clock": 1}
+    assert len(batch.activities) == 1 and (batch.rows, batch.last_rowid) == (5, 5)
+    assert batch.unsettled == ahead  # read again later: the mark waits before it
 
 
 def test_calls_before_the_window_are_counted_and_the_mark_still_moves_past_them(store):

@@ -217,12 +217,14 @@ def test_missing_and_impossible_dates_are_skipped(db):
     db.message(chat, ann, at=None)
     db.message(chat, ann, at=0)
     db.message(chat, ann, at=-5)  # before 2001
-    db.message(chat, ann, at=datetime.now(UTC) + timedelta(days=3))
+    db.message(chat, ann, at=datetime.now(UTC) + timedelta(days=90))  # no clock is that far behind
+    ahead = db.message(chat, ann, at=datetime.now(UTC) + timedelta(days=3))  # this Mac's clock is behind
     db.message(chat, ann, at=datetime.now(UTC) + timedelta(hours=20), guid="SOON")  # clock skew is fine
 
     batch = read(db)
     assert [a.key for a in batch.activities] == ["msg:SOON"]
-    assert batch.skipped == {"no-date": 2, "bad-date": 2}
+    assert batch.skipped == {"no-date": 2, "bad-date": 2, "ahead-of-clock": 1}
+    assert batch.unsettled == ahead  # read again later: the mark waits before it
 
 
 # -- dates ------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 import shutil
 import sqlite3
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,6 +19,7 @@ from tests.harness.library import Library, ago
 from tests.harness.processes import unprivileged
 from tests.harness.statedb import state_db_at
 
+CLOCK_HARNESS = Path(__file__).parent / "harness" / "clock"  # a sitecustomize that sets the wall clock wrong
 JANE = "+16135550111"
 BOB = "+19025550122"
 CAROL = "+14165550133"
@@ -1424,3 +1426,30 @@ def test_api_url_pointed_at_another_crm_never_takes_its_contacts_for_the_ones_cr
         assert other.interactions(jane_before) == []
         jane = {f"{c['firstName']} {c['lastName']}": c for c in other.contacts()}["Jane Doe"]
         assert [i["type"] for i in other.interactions(jane["id"])] == ["TEXT_INBOUND"]
+
+
+# -- the Mac's clock --------------------------------------------------------------------------------
+
+def test_a_text_and_a_call_dated_ahead_of_a_clock_set_behind_wait_and_arrive_once_it_is_right(
+        library: Library, citadel, cli: CLI, tmp_path):
+    """The Mac's clock is two days behind (reset before the network time came back); a text and an
+    iPhone call arrive dated at the real time. They are not dropped as bad dates: the mark waits before
+    them, and the sync after the clock is corrected delivers them, once."""
+    offset = tmp_path / "clock-offset"
+    offset.write_text(str(-2 * 86_400))
+    cli.env.update(CRM_TEST_CLOCK_OFFSET_FILE=str(offset),
+                   PYTHONPATH=os.pathsep.join([str(CLOCK_HARNESS), cli.env.get("PYTHONPATH", "")]))
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    text_at, call_at = ago(minutes=5), ago(minutes=3)
+    library.text(JANE, at=text_at)
+    library.call(JANE, answered=True, duration=30, at=call_at)
+
+    behind = cli("sync")
+
+    assert behind.code == 0, behind.output
+    assert "ahead-of-clock 1" in behind.stdout and citadel.interactions() == []
+    offset.write_text("0")  # the clock is right again
+    assert cli("sync").code == 0 and cli("sync").code == 0
+    got = Counter((i["type"], i["occurredAt"][:19]) for i in citadel.interactions())
+    assert got == {("TEXT_INBOUND", text_at.strftime("%Y-%m-%dT%H:%M:%S")): 1,
+                   ("CALL_INBOUND", call_at.strftime("%Y-%m-%dT%H:%M:%S")): 1}

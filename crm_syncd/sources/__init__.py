@@ -13,6 +13,9 @@ from typing import NamedTuple
 
 APPLE_EPOCH = 978_307_200  # 2001-01-01T00:00:00Z in Unix seconds
 BEFORE_WINDOW = "before-window"  # skip reason of rows dated before a read's `since_ms`
+FUTURE_SLACK_MS = 86_400_000  # a date up to this far ahead of the wall clock is taken as it is
+AHEAD_MAX_MS = 30 * 86_400_000  # further ahead, up to this: read again later (a clock behind, a send scheduled)
+AHEAD, BAD_DATE = "ahead-of-clock", "bad-date"  # skip reasons: a row held (the mark waits before it), one dropped
 
 
 class Activity(NamedTuple):
@@ -36,7 +39,7 @@ class Batch:
     last_rowid: int = 0  # highest source row examined (the next mark), even if it was skipped
     rows: int = 0  # source rows examined
     anchor: str | None = None  # the own id (guid, ZUNIQUE_ID) of the row at last_rowid, if any
-    unsettled: int | None = None  # the first row that may still change (a send under way): read it again later
+    unsettled: int | None = None  # the first row to read again later: a send under way, a date ahead of the clock
     # rows with several parties (a message sent to a group, a group call), one Activity each, keyed
     # `<shared>:<address>`: (shared, occurred_ms) per row
     fanned_out: list[tuple[str, int]] = field(default_factory=list)

@@ -14,16 +14,15 @@ import sqlite3
 import time
 from collections import Counter
 
-from crm_syncd.sources import APPLE_EPOCH, Activity, Batch, sqlite
+from crm_syncd.sources import AHEAD, AHEAD_MAX_MS, APPLE_EPOCH, BAD_DATE, FUTURE_SLACK_MS, Activity, Batch, sqlite
 
 CALL_INBOUND, CALL_OUTBOUND, CALL_MISSED = "CALL_INBOUND", "CALL_OUTBOUND", "CALL_MISSED"
-FUTURE_SLACK_MS = 86_400_000  # dates further ahead of the wall clock than this are bad
 MAX_DURATION_S = 7 * 86_400  # longer "calls" are corrupt values, not calls
 REQUIRED = ("Z_PK", "ZDATE")
 
 # Skip reasons (stable names, counted in Batch.skipped).
 NO_ADDRESS, ENCRYPTED_ADDRESS = "no-address", "encrypted-address"
-NO_DATE, BAD_DATE = "no-date", "bad-date"  # and sources.BEFORE_WINDOW, counted by every reader
+NO_DATE = "no-date"  # and sources.BEFORE_WINDOW, AHEAD and BAD_DATE, counted by every reader
 
 _JOIN_TABLE = re.compile(r"^Z_(\d+)REMOTEPARTICIPANTHANDLES$")
 _ENTITY_COLUMN = re.compile(r"^Z_(\d+)(\w+)$")
@@ -59,7 +58,8 @@ def _select(cols: frozenset[str], windowed: bool) -> str:
     number = "typeof(ZDATE) IN ('integer', 'real')"
     occurred = f"(CASE WHEN {number} THEN CAST(ROUND((ZDATE + {APPLE_EPOCH}) * 1000) AS INTEGER) END)"
     skip = (f"CASE WHEN {occurred} IS NULL THEN '{NO_DATE}' "
-            f"WHEN ZDATE < 0 OR {occurred} > :now + {FUTURE_SLACK_MS} THEN '{BAD_DATE}' END")
+            f"WHEN ZDATE < 0 OR {occurred} > :now + {FUTURE_SLACK_MS + AHEAD_MAX_MS} THEN '{BAD_DATE}' "
+            f"WHEN {occurred} > :now + {FUTURE_SLACK_MS} THEN '{AHEAD}' END")
     originated = f"COALESCE({col('ZORIGINATED')}, 0) != 0"
     answered = f"COALESCE({col('ZANSWERED')}, 0) != 0"
     kind = (f"CASE WHEN {originated} THEN '{CALL_OUTBOUND}' "
@@ -101,9 +101,12 @@ def _activities(db: sqlite.Database, conn: sqlite3.Connection, rows: list[tuple]
     decoded = [(row, _address(row[6])) if row[3] is None else (row, None) for row in rows]
     needy = [row[0] for row, address in decoded if row[3] is None and (address is None or address is _ENCRYPTED)]
     parties = _participants(db, conn, rows[0][0], rows[-1][0], needy) if rows else {}
+    unsettled = None
     for (pk, key, occurred, skip, kind, duration, _raw, country), address in decoded:
         if skip is not None:
             skipped[skip] += 1
+            if skip == AHEAD and unsettled is None:
+                unsettled = pk
             continue
         readable = address is not None and address is not _ENCRYPTED
         if readable and pk not in parties:  # the common case: one party, named by ZADDRESS
@@ -120,7 +123,7 @@ def _activities(db: sqlite.Database, conn: sqlite3.Connection, rows: list[tuple]
             add(new(Activity, (key, address if readable else found[0], kind, occurred, duration, None, country)))
         else:
             skipped[ENCRYPTED_ADDRESS if address is _ENCRYPTED or unreadable else NO_ADDRESS] += 1
-    return Batch(activities=out, skipped=skipped, fanned_out=fanned_out)
+    return Batch(activities=out, skipped=skipped, unsettled=unsettled, fanned_out=fanned_out)
 
 
 _NO_PARTIES: tuple[tuple[str, ...], bool, frozenset[str]] = ((), False, frozenset())

@@ -19,12 +19,11 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from crm_syncd.sources import APPLE_EPOCH, Activity, Batch, sqlite
+from crm_syncd.sources import AHEAD, AHEAD_MAX_MS, APPLE_EPOCH, BAD_DATE, FUTURE_SLACK_MS, Activity, Batch, sqlite
 
 TEXT_INBOUND, TEXT_OUTBOUND = "TEXT_INBOUND", "TEXT_OUTBOUND"
 GROUP_STYLE, DIRECT_STYLE = 43, 45  # chat.style
 NS_THRESHOLD = 1_000_000_000_000  # a message date above this is nanoseconds, else seconds
-FUTURE_SLACK_MS = 86_400_000  # dates further ahead of the wall clock than this are bad
 EPOCH_MS = APPLE_EPOCH * 1000
 REQUIRED = ("guid", "date", "is_from_me", "handle_id")
 
@@ -33,7 +32,7 @@ NOT_A_MESSAGE, REACTION, SYSTEM, FAILED_SEND = "not-a-message", "reaction", "sys
 DELETED = "deleted"  # in Recently Deleted (macOS 13+) when read
 NOT_SENT_YET = "not-sent-yet"  # outgoing, Messages still sending it: read again until it is sent or failed
 PENDING_SEND_MS = 900_000  # still unsent 15 min after its date: taken as it is (Messages has sent or given up by then)
-NO_DATE, BAD_DATE = "no-date", "bad-date"  # and sources.BEFORE_WINDOW, counted by every reader
+NO_DATE = "no-date"  # and sources.BEFORE_WINDOW, AHEAD and BAD_DATE, counted by every reader
 NO_COUNTERPART, GROUP_OUTGOING = "no-counterpart", "group-outgoing"
 
 RECENTLY_DELETED = "chat_recoverable_message_join"
@@ -90,7 +89,7 @@ class MessagesReader(sqlite.SourceReader):
         for rowid, guid, date, from_me, handle_id, chat_id, skip in rows:
             if skip is not None:
                 skipped[skip] += 1
-                if skip == NOT_SENT_YET and unsettled is None:
+                if (skip == NOT_SENT_YET or skip == AHEAD) and unsettled is None:
                     unsettled = rowid
                 continue
             occurred = (date // 1_000_000 if date > NS_THRESHOLD else date * 1000) + EPOCH_MS
@@ -194,8 +193,10 @@ def _select(cols: frozenset[str], join_cols: frozenset[str], deleted: bool,
     Date rules compare the raw column against thresholds pre-computed in both units, so SQLite
     does no per-row arithmetic; the join yields one row per chat a message is in.
     """
-    ahead = time.time_ns() // 1_000_000 + FUTURE_SLACK_MS - EPOCH_MS  # ms after 2001 that is too far ahead
-    params = {"ns": NS_THRESHOLD, "future_ns": ahead * 1_000_000 + 999_999, "future_s": ahead // 1000}
+    ahead = time.time_ns() // 1_000_000 + FUTURE_SLACK_MS - EPOCH_MS  # ms after 2001 that is ahead of the clock
+    far = ahead + AHEAD_MAX_MS  # and too far ahead to be a clock behind or a send scheduled
+    params = {"ns": NS_THRESHOLD, "future_ns": ahead * 1_000_000 + 999_999, "future_s": ahead // 1000,
+              "far_ns": far * 1_000_000 + 999_999, "far_s": far // 1000}
     reasons = []
     if "item_type" in cols:
         reasons.append(f"WHEN m.item_type != 0 THEN '{NOT_A_MESSAGE}'")
@@ -207,8 +208,8 @@ def _select(cols: frozenset[str], join_cols: frozenset[str], deleted: bool,
     if "error" in cols:
         reasons.append(f"WHEN m.is_from_me = 1 AND m.error != 0 THEN '{FAILED_SEND}'")
     reasons += [f"WHEN m.date IS NULL OR m.date = 0 THEN '{NO_DATE}'",
-                "WHEN m.date < 0 OR m.date > :future_ns OR (m.date <= :ns AND m.date > :future_s) "
-                f"THEN '{BAD_DATE}'"]
+                f"WHEN m.date < 0 OR m.date > :far_ns OR (m.date <= :ns AND m.date > :far_s) THEN '{BAD_DATE}'",
+                f"WHEN m.date > :future_ns OR (m.date <= :ns AND m.date > :future_s) THEN '{AHEAD}'"]
     if "is_sent" in cols:  # rows appear before they are sent and are updated once sent (or failed)
         pending = time.time_ns() // 1_000_000 - PENDING_SEND_MS - EPOCH_MS
         params |= {"pending_ns": pending * 1_000_000, "pending_s": -(-pending // 1000)}
