@@ -568,8 +568,9 @@ class Engine:
             group = sorted(set(self.store.addresses_with_hint(person)) | {address}) if person else [address]
             done.update(group)
             known = next((c for c in map(self.store.contact_for, group) if c is not None), None)
-            if known is not None:
-                self.store.map_addresses(group, known, "person")
+            if known is not None:  # a placeholder's stays known as such: a card holding the new handle promotes it
+                origin = "placeholder" if (self.store.known_contact(known) or ("",))[0] == "placeholder" else "person"
+                self.store.map_addresses(group, known, origin)
                 continue
             primary = next((a for a in group if a.startswith("+")), group[0])
             # A contact may hold it since the last contacts sync: made by the owner or another Mac, or by

@@ -1453,3 +1453,24 @@ def test_a_text_and_a_call_dated_ahead_of_a_clock_set_behind_wait_and_arrive_onc
     got = Counter((i["type"], i["occurredAt"][:19]) for i in citadel.interactions())
     assert got == {("TEXT_INBOUND", text_at.strftime("%Y-%m-%dT%H:%M:%S")): 1,
                    ("CALL_INBOUND", call_at.strftime("%Y-%m-%dT%H:%M:%S")): 1}
+
+
+def test_a_placeholder_a_grouped_number_joined_later_is_promoted_by_a_card_holding_that_number(
+        library: Library, citadel, cli: CLI):
+    """An unknown person writes from an email, later from a number Messages groups with it: one
+    placeholder. A card with the number promotes it; nothing is split over two contacts."""
+    number, email = "+19055551235", "pc@example.org"
+    library.text(email, at=ago(days=3), person="pc-1")
+    assert cli("sync").code == 0
+    library.text(number, at=ago(days=2), person="pc-1")
+    assert cli("sync").code == 0
+    (placeholder,) = citadel.contacts()
+    assert placeholder["firstName"] == "Unknown" and len(citadel.interactions(placeholder["id"])) == 2
+
+    library.card(first="Jane", last="Doe", phones=["(905) 555-1235"])
+    assert cli("sync").code == 0
+    library.text(email, at=ago(days=1), person="pc-1")
+    assert cli("sync").code == 0
+
+    (jane,) = citadel.contacts()
+    assert (jane["id"], jane["firstName"], len(citadel.interactions(jane["id"]))) == (placeholder["id"], "Jane", 3)
