@@ -137,6 +137,7 @@ class Engine:
         self._store_errors: dict[str, str] = {}  # AddressBook store → why it was last unreadable
         self._day_cache: dict[tuple[int, str], list[dict]] = {}  # (contact, UTC day) -> listing, for one push
         self._adopted: dict[int, int] = {}  # CRM interaction id -> the outbox item that adopted it, for one push
+        self._same_contact: dict[int, asyncio.Future[bool]] = {}  # contact id -> still the one made, for one push
         self._ambiguous: Counter[int] = Counter()  # outbox id -> 500s answered to it (this process), until settled
         self._backoff_until = 0.0
         self._backoff_since = 0.0  # when the current round of failures began
@@ -698,6 +699,7 @@ class Engine:
 
         self._day_cache.clear()  # another Mac may have written since the last pass: list each day afresh
         self._adopted.clear()  # the last pass's adoptions are in the ledger now, or still `sending` and looked up anew
+        self._same_contact.clear()  # a CRM restored from a backup may have given a contact's id to another since
         if not await self._recover(report):
             return report
         workers = [asyncio.create_task(worker()) for _ in range(limit)]
@@ -745,6 +747,8 @@ class Engine:
         if item.duration_s:
             payload["durationSeconds"] = item.duration_s
         try:
+            if not await self._still_the_contact(item.contact_id):
+                return "vanished", item, None  # its id is another contact's now: forgotten, matched afresh
             if await self._dedupe_wanted(item.contact_id):
                 existing = await self._find_in_crm(item)
                 if existing is not None:
@@ -768,6 +772,30 @@ class Engine:
         self._remember_created(item, created)
         log.debug("push.created", item=item.id, crm_id=created["id"])
         return "delivered", item, created["id"]
+
+    async def _still_the_contact(self, contact_id: int) -> bool:
+        """Whether the contact behind this id is still the one crm-syncd knows (by when the CRM made it),
+        asked once per contact and push: a CRM restored from a backup hands ids out again, and a
+        person's interactions must never land on whoever got theirs."""
+        check = self._same_contact.get(contact_id)
+        if check is None:
+            check = self._same_contact[contact_id] = asyncio.ensure_future(self._made_when_known(contact_id))
+        try:
+            return await asyncio.shield(check)
+        except crmlib.CRMError:
+            if self._same_contact.get(contact_id) is check:  # asked again by the next item
+                del self._same_contact[contact_id]
+            raise
+
+    async def _made_when_known(self, contact_id: int) -> bool:
+        recorded = self.store.created_at(contact_id)
+        if recorded is None:
+            return True
+        made = (await self.crm.get_contact(contact_id)).get("createdAt")
+        if made not in (None, recorded):
+            log.warning("push.contact_replaced", contact_id=contact_id)
+            return False
+        return True
 
     async def _unsure(self, item: Item, exc: crmlib.CRMError) -> tuple[str, Item, Any]:
         """The write may have happened (a 500, or a reply lost after sending): look before resending."""

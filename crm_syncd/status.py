@@ -16,7 +16,7 @@ from crm_syncd.daemon import HEARTBEAT_S, Lock
 from crm_syncd.engine import CONTACTS_PROBLEMS, CONTACTS_SYNCED
 from crm_syncd.logs import mask_key
 from crm_syncd.settings import API_KEY_PLACES, Settings, folder_problem, space_problem
-from crm_syncd.sources import contacts as contacts_source
+from crm_syncd.sources import AHEAD, contacts as contacts_source
 from crm_syncd.sources.calls import CallsReader
 from crm_syncd.sources.messages import MessagesReader
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError, SourceMissing
@@ -52,12 +52,15 @@ def _newest(reader) -> tuple[int | None, str | None]:
 
 def _waiting_since(reader, mark: dict) -> int:
     """Since when rows past the mark have waited: the mark's last move, or the first such row's date
-    if later (a row that came after a quiet spell has not waited all of it)."""
+    if later (a row that came after a quiet spell has not waited all of it; one dated ahead of the
+    clock, which holds the mark until its date, has not waited at all)."""
     try:
-        dates = [a.occurred_ms for a in reader.read(mark["rowid"], limit=1).activities]
+        batch = reader.read(mark["rowid"], limit=1)
     except SourceError:
-        dates = []
-    return max(mark["updated_ms"], min(dates, default=0))
+        return mark["updated_ms"]
+    if batch.skipped[AHEAD]:
+        return now_ms()
+    return max(mark["updated_ms"], min((a.occurred_ms for a in batch.activities), default=0))
 
 
 def _agent() -> dict[str, Any]:

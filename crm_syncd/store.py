@@ -540,6 +540,10 @@ class Store:
                 "SELECT origin, person_key, written FROM contacts WHERE contact_id = ?", (contact_id,)).fetchone()
         return (row[0], row[1], json.loads(row[2]) if row[2] else None) if row else None
 
+    def created_at(self, contact_id: int) -> str | None:
+        """When the CRM made this contact, as recorded (`createdAt`), if known."""
+        return self._one("SELECT created_at FROM contacts WHERE contact_id = ?", (contact_id,))
+
     def keep_contact_for(self, contact_id: int, person_key: str, cards: Iterable[str]) -> None:
         """File a contact under the person and cards it is kept for today, so it is theirs whatever their
         card holds next; one the owner made is filed as found (`crm`: never written to, never deleted).

@@ -922,3 +922,24 @@ def test_an_idle_daemon_holds_no_read_transaction_so_apple_can_truncate_its_wal(
     assert library.messages_db.with_name("chat.db-wal").stat().st_size == 0
     assert d.proc.poll() is None
     d.stop()
+
+
+def test_a_crm_restored_under_the_running_daemon_never_gets_a_persons_text_filed_under_another(
+        library: Library, citadel, daemon):
+    """The owner restores Citadel from a backup older than Jane's contact while the daemon runs, then
+    types in Bob, who gets her old id. Her next text reaches a contact of hers, not Bob's."""
+    backup = citadel.backup()
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=2))
+    d = daemon()
+    eventually(lambda: len(citadel.interactions()) == 1, what="her first text")
+    (jane_before,) = [c["id"] for c in citadel.contacts()]
+    citadel.restore(backup)
+    assert citadel.add_contact(firstName="Bob", lastName="Smith", phone="+19025550122") == jane_before
+
+    library.text(JANE, at=ago(minutes=1))
+
+    eventually(lambda: any(c["firstName"] == "Jane" and citadel.interactions(c["id"]) for c in citadel.contacts()),
+               what="her second text on a contact of hers")
+    assert d.stop() == 0
+    assert citadel.interactions(jane_before) == []

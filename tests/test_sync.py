@@ -1474,3 +1474,42 @@ def test_a_placeholder_a_grouped_number_joined_later_is_promoted_by_a_card_holdi
 
     (jane,) = citadel.contacts()
     assert (jane["id"], jane["firstName"], len(citadel.interactions(jane["id"]))) == (placeholder["id"], "Jane", 3)
+
+
+def test_a_send_later_text_days_ahead_holds_the_mark_without_status_calling_it_a_growing_lag(
+        library: Library, citadel, cli: CLI, tmp_path):
+    """A text scheduled with Send Later five days ahead holds the mark until then; ten quiet minutes
+    later nothing waits on crm-syncd, so `status` reports no lag for it."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(minutes=5))
+    library.text(JANE, from_me=True, at=ago(days=-5))
+    assert cli("sync").code == 0 and len(citadel.interactions()) == 1
+    offset = tmp_path / "clock-offset"
+    offset.write_text(str(10 * 60))
+    cli.env.update(CRM_TEST_CLOCK_OFFSET_FILE=str(offset),
+                   PYTHONPATH=os.pathsep.join([str(CLOCK_HARNESS), cli.env.get("PYTHONPATH", "")]))
+
+    messages = json.loads(cli("status", "--json").stdout)["sources"]["messages"]
+
+    assert (messages["lag_rows"], messages["lag_seconds"]) == (1, 0), messages
+
+
+def test_a_crm_restored_under_a_sync_of_interactions_alone_never_files_a_persons_text_under_another(
+        library: Library, citadel, cli: CLI):
+    """Without a contacts pass (`--interactions-only`, or a daemon between changes in Contacts), a send
+    to an id the restored CRM gave to Bob is caught before it is made: Jane is matched afresh."""
+    backup = citadel.backup()
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=2))
+    assert cli("sync").code == 0
+    (jane_before,) = [c["id"] for c in citadel.contacts()]
+    citadel.restore(backup)
+    assert citadel.add_contact(firstName="Bob", lastName="Smith", phone=BOB) == jane_before
+
+    library.text(JANE, at=ago(minutes=1))
+    result = cli("sync", "--interactions-only")
+
+    assert result.code == 0, result.output
+    assert citadel.interactions(jane_before) == []
+    jane = names(citadel)["Jane Doe"]
+    assert [i["type"] for i in citadel.interactions(jane["id"])] == ["TEXT_INBOUND"]
