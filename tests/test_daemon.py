@@ -585,7 +585,8 @@ def test_status_is_healthy_again_once_a_write_answered_with_500_is_found_in_the_
     d = daemon()
     eventually(lambda: status(daemon_env)["crm"]["daemon_reachable"], what="the daemon's contacts in the CRM")
 
-    citadel.faults = Faults(rate=1.0, kinds=("500-after-write",), reads=True, limit=2)
+    citadel.faults = Faults(rate=1.0, kinds=("500-after-write",), reads=True, limit=2,
+                            routes=("/api/contacts/:id/interactions",))  # the write, then its look-up
     library.text(JANE)
 
     found = eventually(lambda: d.events("push.recovered"), timeout=30, what="the unsure write looked up again")[0]

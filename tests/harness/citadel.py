@@ -159,7 +159,8 @@ class Faults:
     answer normally), truncate (answer with half the announced body, then close), 500-after-write-truncated
     (both: the write happens, then half of a 500's body).
 
-    Only mutating requests are affected unless `reads`; `limit` caps how many faults fire in total.
+    Only mutating requests are affected unless `reads`, and only those of `routes` if given (route
+    patterns such as "/api/contacts/:id/interactions"); `limit` caps how many faults fire in total.
     `retry_after` is the 429's Retry-After header as sent (None: no header).
     """
 
@@ -171,6 +172,7 @@ class Faults:
     hold_s: float = 30.0
     limit: int | None = None
     retry_after: str | None = "1"
+    routes: tuple[str, ...] | None = None
     fired: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
@@ -180,8 +182,9 @@ class Faults:
         self._rng = random.Random(self.seed)
         self._lock = threading.Lock()
 
-    def pick(self, method: str) -> str | None:
-        if self.rate <= 0.0 or (not self.reads and method not in _MUTATING):
+    def pick(self, method: str, route: str = "*") -> str | None:
+        if (self.rate <= 0.0 or (not self.reads and method not in _MUTATING)
+                or (self.routes is not None and route not in self.routes)):
             return None
         with self._lock:
             if self.limit is not None and self.fired.total() >= self.limit:
@@ -690,7 +693,7 @@ class CitadelServer:
             self._stopping.wait(self.latency_s)
         path, _, query = target.partition("?")
         route, fn, ident = self._route(method, path)
-        fault = self.faults.pick(method) if fn is not None else None
+        fault = self.faults.pick(method, route) if fn is not None else None
         extra = b""
         if fault is None or fault in ("slow", "500-after-write", "504-after-write", "truncate",
                                       "500-after-write-truncated"):
