@@ -1386,18 +1386,23 @@ def test_reconcile_after_the_state_database_was_lost_creates_nothing_twice(libra
 
 # -- the CRM replaced under crm-syncd ---------------------------------------------------------------
 
-def test_a_crm_restored_from_a_backup_that_hands_a_persons_id_to_another_never_files_them_there(
-        library: Library, citadel, cli: CLI):
-    """The owner restores Citadel from a backup older than Jane's contact, then types in Bob, who gets
-    the id crm-syncd had for Jane. Her next text goes to a contact of hers, never to Bob."""
+def janes_id_handed_to_bob(library: Library, citadel, cli: CLI) -> int:
+    """Jane synced; then the owner restores Citadel from a backup older than her contact and types in
+    Bob, who gets the id crm-syncd had for her (the restored sequence hands it out again). That id."""
     backup = citadel.backup()
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE, at=ago(hours=2))
     assert cli("sync").code == 0
     (jane_before,) = [c["id"] for c in citadel.contacts()]
     citadel.restore(backup)
-    bob = citadel.add_contact(firstName="Bob", lastName="Smith", phone=BOB)
-    assert bob == jane_before  # the restored sequence hands out Jane's old id again
+    assert citadel.add_contact(firstName="Bob", lastName="Smith", phone=BOB) == jane_before
+    return jane_before
+
+
+def test_a_crm_restored_from_a_backup_that_hands_a_persons_id_to_another_never_files_them_there(
+        library: Library, citadel, cli: CLI):
+    """Jane's next text goes to a contact of hers, never to Bob, who got her old id."""
+    bob = janes_id_handed_to_bob(library, citadel, cli)
 
     library.text(JANE, at=ago(minutes=5))
     result = cli("sync")
@@ -1498,13 +1503,7 @@ def test_a_crm_restored_under_a_sync_of_interactions_alone_never_files_a_persons
         library: Library, citadel, cli: CLI):
     """Without a contacts pass (`--interactions-only`, or a daemon between changes in Contacts), a send
     to an id the restored CRM gave to Bob is caught before it is made: Jane is matched afresh."""
-    backup = citadel.backup()
-    library.card(first="Jane", last="Doe", phones=[JANE])
-    library.text(JANE, at=ago(hours=2))
-    assert cli("sync").code == 0
-    (jane_before,) = [c["id"] for c in citadel.contacts()]
-    citadel.restore(backup)
-    assert citadel.add_contact(firstName="Bob", lastName="Smith", phone=BOB) == jane_before
+    jane_before = janes_id_handed_to_bob(library, citadel, cli)
 
     library.text(JANE, at=ago(minutes=1))
     result = cli("sync", "--interactions-only")
