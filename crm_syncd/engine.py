@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import math
 import os
 import random
 import threading
@@ -46,6 +45,7 @@ from crm_syncd.sources.calls import CallsReader
 from crm_syncd.sources.messages import MessagesReader
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError, SourceMissing, SourceReader
 from crm_syncd.store import UNKNOWN_OUTCOME, Item, Mark, NewItem, Store, now_ms
+from crm_syncd.watch import wait_event
 
 log = get_logger("crm_syncd.engine")
 
@@ -207,7 +207,7 @@ class Engine:
         report.cards = sum(len(c) for c in self._cards.values())
         await self._creates_landed()
         crm_contacts = await self.crm.list_contacts()
-        unanswered_before = self.store.get(UNANSWERED_CREATES, [])  # listed now if they landed
+        unanswered = self.store.get(UNANSWERED_CREATES, [])  # creates that may have landed: listed now if they did
         index = _CRMIndex(crm_contacts, self.normalize)
         self.store.prune_contacts({c: contact.get("createdAt") for c, contact in index.by_id.items()})
         index.placeholder_of = {a: c for a, c in self.store.addresses_of("placeholder").items()
@@ -218,7 +218,7 @@ class Engine:
         self._give_back_by_name(people, fields, index)
         for person in sorted(people, key=lambda p: p.key):
             try:
-                await self._apply_person(person, fields[person.key], index, report, live)
+                await self._apply_person(person, fields[person.key], index, report, live, unanswered)
             except (crmlib.Rejected, crmlib.Ambiguous, crmlib.NotFound, crmlib.BadResponse) as exc:
                 # about this person (a 422, a 500 that Citadel gives many bad requests, a contact deleted
                 # meanwhile): the others go on. A write that did land is found by the next pass's listing.
@@ -226,9 +226,9 @@ class Engine:
                 report.failed.append((fields[person.key]["firstName"] or person.key, reason))
                 log.warning("contacts.failed", person=person.key, reason=reason)
         self._creates_answered()
-        if unanswered_before:  # found by now, or never made
+        if unanswered:  # found by now, or never made: only this pass's own stay noted
             self.store.put(UNANSWERED_CREATES, [e for e in self.store.get(UNANSWERED_CREATES, [])
-                                                if e not in unanswered_before])
+                                                if e not in unanswered])
         await asyncio.to_thread(self.store.attach)  # off the loop: a big backlog may wait for these mappings
         self.store.save_signatures(signatures)
         self.store.put("duplicates", [{"kept": kept, "duplicate": other} for kept, other in report.duplicates])
@@ -242,11 +242,12 @@ class Engine:
         return report
 
     async def _apply_person(self, person: Person, fields: dict, index: _CRMIndex, report: ContactsReport,
-                            live: set[str]) -> None:
+                            live: set[str], unanswered: list[dict]) -> None:
         """Match, create or promote the person's contact, follow card edits, fold in duplicates.
 
         A contact remembered for another person of this address book (`live` keys) is theirs: a number
-        moved from their card to this one moves alone, whichever person comes first.
+        moved from their card to this one moves alone, whichever person comes first. `unanswered`: the
+        creates earlier passes sent without an answer (`_own_unanswered_create`).
         """
         name = f"{fields['firstName']} {fields['lastName']}"
         candidates = self._unclaimed(index.for_person(person, fields), person, fields, live, index)
@@ -270,7 +271,8 @@ class Engine:
             report.created.append(name)
         elif real:
             survivor = remembered if remembered in real else self._preferred(real)
-            self._own_unanswered_create(survivor, person, index)
+            if unanswered:
+                self._own_unanswered_create(survivor, person, index, unanswered)
             report.existing += 1
             await self._follow_edits(survivor, fields, index, report, name)
             filed = (self.store.known_contact(survivor) or ("", None))[1]
@@ -616,19 +618,19 @@ class Engine:
                                                     {"person": person_key, "fields": written}])
             raise
 
-    def _own_unanswered_create(self, contact_id: int, person: Person, index: _CRMIndex) -> None:
+    def _own_unanswered_create(self, contact_id: int, person: Person, index: _CRMIndex,
+                               unanswered: list[dict]) -> None:
         """File a contact found for a person as crm-syncd's, with what it sent, when it is exactly what
-        their create whose answer was lost would have made: its card edits are then followed."""
-        unanswered = self.store.get(UNANSWERED_CREATES, [])
-        current, known = index.by_id[contact_id], self.store.known_contact(contact_id)
-        for entry in unanswered:
-            if (entry["person"] == person.key and (known is None or (known[0] == "crm" and known[2] is None))
-                    and not _owner_edited(entry["fields"], current)):
-                self.store.remember_contact(contact_id, "card", person.key, written=entry["fields"],
-                                            cards=person.unique_ids, created_at=current.get("createdAt"))
-                self.store.put(UNANSWERED_CREATES, [e for e in unanswered if e is not entry])
-                log.info("contacts.create_found", contact_id=contact_id)
-                return
+        their create whose answer was lost would have made: its card edits are then followed. (The
+        pass drops the notes it was given when it ends.)"""
+        entry = next((e for e in unanswered if e["person"] == person.key), None)
+        if entry is None or _owner_edited(entry["fields"], current := index.by_id[contact_id]):
+            return
+        known = self.store.known_contact(contact_id)
+        if known is None or (known[0] == "crm" and known[2] is None):
+            self.store.remember_contact(contact_id, "card", person.key, written=entry["fields"],
+                                        cards=person.unique_ids, created_at=current.get("createdAt"))
+            log.info("contacts.create_found", contact_id=contact_id)
 
     def _creates_answered(self) -> None:
         """The pass ends: every create it sent was answered (or refused)."""
@@ -958,8 +960,7 @@ class Engine:
             self._failures_in_row = 1 if accepted else self._failures_in_row + 1
             self._backoff_since = now
         delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(self._failures_in_row - 1, 10))
-        asked = min(retry_after, crmlib.RETRY_AFTER_MAX_S) if retry_after and not math.isnan(retry_after) else 0.0
-        delay = max(delay * random.uniform(0.5, 1.0), asked)
+        delay = max(delay * random.uniform(0.5, 1.0), min(retry_after or 0.0, crmlib.RETRY_AFTER_MAX_S))  # NaN: ignored
         self._backoff_until = max(self._backoff_until, now + delay)
 
     def backoff_left(self) -> float:
@@ -968,16 +969,10 @@ class Engine:
 
     async def _wait_backoff(self, halt: asyncio.Event | None = None) -> bool:
         """Wait until requests may go again; False, at once, when `halt` is or gets set."""
-        while (wait := self.backoff_left()) > 0 and not (halt and halt.is_set()):
-            if halt is None:
-                await asyncio.sleep(wait)
-                continue
-            try:  # not wait_for: on 3.11 it swallows a cancellation that comes as the event is set
-                async with asyncio.timeout(wait):
-                    await halt.wait()
-            except TimeoutError:
-                pass
-        return not (halt and halt.is_set())
+        halt = halt or asyncio.Event()
+        while (wait := self.backoff_left()) > 0 and not halt.is_set():
+            await wait_event(halt, wait)
+        return not halt.is_set()
 
 
 class _CRMIndex:

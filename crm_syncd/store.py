@@ -602,7 +602,7 @@ class Store:
                           if created is None and c not in gone and listed[c] is not None]:
             with self.transaction() as tx:
                 tx.conn.executemany("INSERT INTO contacts (contact_id, origin, created_at, updated_ms) VALUES (?, 'crm', ?, ?) "
-                               "ON CONFLICT(contact_id) DO UPDATE SET created_at = excluded.created_at", unrecorded)
+                                    "ON CONFLICT(contact_id) DO UPDATE SET created_at = excluded.created_at", unrecorded)
         return gone
 
     def dedupe_flag(self, contact_id: int) -> tuple[bool, int] | None:
