@@ -155,6 +155,19 @@ def test_connections_are_kept_alive(crm: CitadelServer) -> None:
     assert crm.connections_accepted == 1
 
 
+def test_concurrent_requests_share_at_most_max_connections_each_with_the_key(crm: CitadelServer) -> None:
+    cid = crm.add_contact(firstName="Ann", lastName="Lee")
+
+    async def use(c: CitadelClient) -> list[dict]:
+        return await asyncio.gather(*(c.create_interaction(cid, {**TEXT, "occurredAt": f"2024-03-01T10:00:{s:02d}.000Z"})
+                                      for s in range(40)))
+
+    crm.require_key(KEY)  # a request without it would be refused
+    created = run(crm.url, use, api_key=KEY, max_connections=3)
+    assert len({i["id"] for i in created}) == 40
+    assert 1 <= crm.connections_accepted <= 3
+
+
 # -- the error tree -----------------------------------------------------------------------------
 
 
