@@ -1433,6 +1433,30 @@ def test_api_url_pointed_at_another_crm_never_takes_its_contacts_for_the_ones_cr
         assert [i["type"] for i in other.interactions(jane["id"])] == ["TEXT_INBOUND"]
 
 
+def test_after_a_crm_restore_the_state_moved_aside_and_sync_reconcile_sends_back_what_the_backup_lacks(
+        library: Library, citadel, cli: CLI, home):
+    """The README's way back after a restore: texts delivered after the backup are sent again, once,
+    and those the backup kept are not doubled."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(days=3))
+    library.text(JANE, at=ago(days=2), from_me=True)
+    assert cli("sync").code == 0
+    backup = citadel.backup()
+    library.call(JANE, answered=True, duration=60, at=ago(days=1))
+    library.text(JANE, at=ago(hours=2))
+    assert cli("sync").code == 0
+    citadel.restore(backup)
+    state = home / "Library" / "Application Support" / "crm-syncd" / "state.db"
+    state.rename(state.with_name("state.db.before-restore"))
+
+    result = cli("sync", "--reconcile")
+
+    assert result.code == 0, result.output
+    (jane,) = citadel.contacts()
+    assert sorted(i["type"] for i in citadel.interactions(jane["id"])) == [
+        "CALL_INBOUND", "TEXT_INBOUND", "TEXT_INBOUND", "TEXT_OUTBOUND"]
+
+
 # -- the Mac's clock --------------------------------------------------------------------------------
 
 def test_a_text_and_a_call_dated_ahead_of_a_clock_set_behind_wait_and_arrive_once_it_is_right(
