@@ -116,7 +116,8 @@ def _sync(*, contacts_only: bool, interactions_only: bool, dry_run: bool, known_
     lock = Lock(settings.lock_path)
     if not dry_run:  # the daemon and a sync must not deliver the same outbox at once
         try:
-            lock.acquire("sync")
+            with owner_errors():
+                lock.acquire("sync")
         except AlreadyRunning as exc:
             advice = ("it already syncs continuously (stop it to run a one-shot sync)" if exc.holder == "run"
                       else "wait for it to finish")

@@ -66,8 +66,14 @@ class Lock:
             os.close(fd)
             raise AlreadyRunning(f"crm-syncd {held_by} is already running (pid {pid}); "
                                  "see `crm-syncd status`", held_by) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {command}".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {command}".encode())
+        except OSError as exc:  # a full disk (or over a size limit): say so, as the state database would
+            os.close(fd)
+            raise StoreError(f"cannot write the lock file {self.path}: {exc.strerror}; free space on the disk "
+                             f"holding {self.path.parent}. Nothing is lost: crm-syncd goes on from where it "
+                             "stopped") from exc
         self._fd = fd
 
     def release(self) -> None:

@@ -657,6 +657,25 @@ def test_a_sync_on_a_full_disk_says_so_instead_of_calling_the_state_database_dam
     assert sum(got.values()) == 2 and max(got.values()) == 1, got
 
 
+@pytest.mark.parametrize("command", ["sync", "run"])
+def test_a_disk_too_full_for_the_lock_file_is_named_in_clear_words(
+        library: Library, citadel: CitadelServer, cli: CLI, command: str):
+    """Not even the lock file's few bytes can be written (RLIMIT_FSIZE 0, as a full disk refuses them):
+    one line naming the file and the fix, exit 2, where a traceback came at every start of the agent."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=3))
+    assert cli("sync").code == 0
+
+    full = subprocess.run([sys.executable, "-m", "crm_syncd", command], env=cli.env, cwd=REPO, capture_output=True,
+                          text=True, timeout=60, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)))
+
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr
+    assert "cannot write the lock file" in full.stderr and "free space on the disk" in full.stderr, full.stderr
+    library.text(JANE, at=ago(hours=2))
+    assert cli("sync").code == 0  # space freed: the lock is free and nothing was lost
+    assert len(citadel.interactions_of(JANE)) == 2
+
+
 def test_a_corrupt_state_database_is_refused_and_left_as_it_is(library: Library, citadel, cli: CLI, home: Path):
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE)
