@@ -160,8 +160,10 @@ def _retry_after(value: str | None) -> float | None:
 
 @functools.lru_cache(maxsize=4096)
 def _absolute(base_url: str, path: str) -> httpx.URL:
-    """`base_url` + `path`, parsed once per contact's path (httpx would merge and parse it per request)."""
-    return httpx.URL(base_url + path)
+    """`path` under `base_url` (its fragment dropped, as httpx's `base_url` does), parsed once per path:
+    httpx would merge and parse it for each request."""
+    base = httpx.URL(base_url)
+    return base.copy_with(raw_path=base.raw_path.rstrip(b"/") + path.encode(), fragment=None)
 
 
 def _envelope(raw: bytes) -> tuple[str, str, dict[str, list[str]]] | None:
@@ -217,9 +219,10 @@ class CitadelClient:
                               limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
             for _ in range(max_connections)
         ]
-        self._idle: asyncio.LifoQueue[httpx.AsyncClient] = asyncio.LifoQueue()  # the warmest connection first
-        for client in self._clients:
-            self._idle.put_nowait(client)
+        self._idle = list(self._clients)  # the warmest connection last
+        # First come, first served (asyncio's Semaphore hands a freed slot to its oldest waiter): a
+        # contacts listing waits its turn behind the push workers, not until the outbox is empty.
+        self._turns = asyncio.Semaphore(max_connections)
 
     def __repr__(self) -> str:
         return f"CitadelClient({self.base_url!r}, api_key={'***' if self._secret else None})"
@@ -363,22 +366,23 @@ class CitadelClient:
     ) -> dict[str, Any]:
         """Send one request; the parsed JSON object of a 2xx, else the mapped CRMError."""
         content = None if body is None else _encode(body).encode()
-        client = await self._idle.get()
-        try:
-            request = client.build_request(method, _absolute(self.base_url, path), params=params, content=content,
-                                           headers=_JSON_HEADERS if content is not None else None)
+        async with self._turns:
+            client = self._idle.pop()
             try:
-                response = await client.send(request, stream=True)
-            except httpx.TimeoutException as exc:
-                raise self._unreachable(method, path, exc, f"timed out after {self._timeout:g}s") from exc
-            except httpx.TransportError as exc:
-                raise self._unreachable(method, path, exc, "cannot connect") from exc
-            try:
-                raw = await self._read(response, method, path)
+                request = client.build_request(method, _absolute(self.base_url, path), params=params,
+                                               content=content, headers=_JSON_HEADERS if content is not None else None)
+                try:
+                    response = await client.send(request, stream=True)
+                except httpx.TimeoutException as exc:
+                    raise self._unreachable(method, path, exc, f"timed out after {self._timeout:g}s") from exc
+                except httpx.TransportError as exc:
+                    raise self._unreachable(method, path, exc, "cannot connect") from exc
+                try:
+                    raw = await self._read(response, method, path)
+                finally:
+                    await response.aclose()
             finally:
-                await response.aclose()
-        finally:
-            self._idle.put_nowait(client)
+                self._idle.append(client)
         status = response.status_code
         if 200 <= status < 300:
             try:

@@ -187,6 +187,14 @@ def test_unknown_contact_is_not_found(crm: CitadelServer) -> None:
         assert err.status == 404 and str(err) == "404: Contact not found"
 
 
+def test_an_api_url_copied_from_a_browser_with_a_fragment_reaches_the_api_at_its_paths(crm: CitadelServer) -> None:
+    """`http://host:port/#/contacts`, the address bar of a hash-routed web app: a fragment is never
+    sent, so the API is where it is without one."""
+    cid = crm.add_contact(firstName="Ann", lastName="Lee")
+    contacts = run(crm.url + "/#/contacts", lambda c: c.list_contacts())
+    assert [c["id"] for c in contacts] == [cid]
+
+
 def test_html_404_from_a_wrong_base_url_is_a_bad_response(crm: CitadelServer) -> None:
     err = raises(BadResponse, crm.url + "/wrong-prefix", lambda c: c.get_contact(1))
     assert err.status == 404

@@ -96,6 +96,28 @@ def test_a_new_address_book_card_is_picked_up_by_the_rescan_timer(library: Libra
     assert d.stop() == 0
 
 
+def test_a_card_added_during_a_backfill_reaches_the_crm_before_the_backfill_ends(
+        library: Library, citadel, daemon):
+    """The rescan's listing of the CRM's contacts takes its turn for a connection behind the push
+    workers, first come first served; it does not wait until the whole outbox is delivered."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.chat.autocommit = False
+    start = ago(days=200).replace(microsecond=0)
+    total = 6000
+    for n in range(total):
+        library.text(JANE, at=start + timedelta(minutes=n))
+    library.chat.commit()
+    citadel.latency_s = 0.02  # a CRM a few ms away, as a hosted one is: the backlog takes some 15 s
+    d = daemon()
+    eventually(lambda: len(citadel.interactions_of(JANE)) >= 300, timeout=60, what="the backfill under way")
+
+    library.card(source=1, first="Newly", last="Added", phones=["+16135550177"])
+
+    eventually(lambda: "Added" in [c["lastName"] for c in citadel.contacts()], timeout=120, what="the new contact")
+    assert len(citadel.interactions_of(JANE)) < total
+    d.stop()
+
+
 def test_sigterm_drains_and_a_restart_continues_from_the_mark(library: Library, citadel, daemon):
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE, at=ago(hours=3))
