@@ -569,6 +569,24 @@ class Store:
         card, written, left_out = rows[0]
         return (json.loads(card or written) if card or written else None), (json.loads(left_out) if left_out else {})
 
+    def retry_left_out(self) -> int:
+        """Have the next contacts pass send again every card field the CRM refused (`retry-failed`): each
+        is recorded as applied with the value the CRM holds, so the card differs from it again. Returns
+        how many fields."""
+        count = 0
+        with self.transaction() as tx:
+            rows = tx.execute("SELECT contact_id, card, written, left_out FROM contacts "
+                              "WHERE left_out IS NOT NULL AND left_out != '{}'").fetchall()
+            for contact_id, card, written, left_out in rows:
+                written_fields = json.loads(written) if written else {}
+                applied = json.loads(card or written or "{}")
+                refused = json.loads(left_out)
+                applied.update({k: written_fields.get(k) for k in refused})
+                count += len(refused)
+                tx.execute("UPDATE contacts SET card = ?, left_out = NULL WHERE contact_id = ?",
+                           (json.dumps(applied, sort_keys=True), contact_id))
+        return count
+
     def created_at(self, contact_id: int) -> str | None:
         """When the CRM made this contact, as recorded (`createdAt`), if known."""
         return self._one("SELECT created_at FROM contacts WHERE contact_id = ?", (contact_id,))

@@ -1263,9 +1263,10 @@ def left_out_in_status(cli: CLI) -> list[dict]:
     return json.loads(cli("status", "--json").stdout)["sources"]["contacts"]["left_out"]
 
 
-def test_a_contact_the_crm_refuses_only_for_its_email_is_written_without_it_and_the_rest_of_its_card_edits_follow(
+def test_a_contact_the_crm_refuses_only_for_its_email_is_written_without_it_and_retry_failed_sends_it_once_the_crm_takes_it(
         library: Library, citadel, cli: CLI):
-    """Once refused, the email is not sent again by every pass (one 422 each, forever)."""
+    """Once refused, the email is not sent again by every pass (one 422 each, forever); `retry-failed`
+    sends it again once the owner knows the CRM takes it."""
     pk = library.card(first="Ann", last="Lee", phones=[JANE], emails=["ann@example.com"])
     library.text(JANE)
     citadel.reject_contact_values = {"ann@example.com"}  # a CRM stricter than its Zod rule
@@ -1290,7 +1291,12 @@ def test_a_contact_the_crm_refuses_only_for_its_email_is_written_without_it_and_
     citadel.reject_contact_values = set()
     assert cli("sync").code == 0
     assert [c["email"] for c in citadel.contacts()] == [None]  # the card did not change: nothing is sent
+    retried = cli("retry-failed")
+    assert retried.code == 0 and "1 contact field(s) the CRM refused are sent again" in retried.stdout
+    assert cli("sync").code == 0
+    assert [(c["lastName"], c["email"]) for c in citadel.contacts()] == [("Lee-Smith", "ann@example.com")]
     assert kinds(citadel, "Ann Lee-Smith") == {"TEXT_INBOUND": 1}
+    assert left_out_in_status(cli) == []
 
 
 def test_an_email_the_crm_refused_is_not_sent_again_until_the_card_changes_it_and_stays_named_meanwhile(
@@ -1334,6 +1340,8 @@ def test_a_placeholder_promoted_by_a_card_whose_email_the_crm_refuses_is_promote
     citadel.reject_contact_values = set()
     later = cli("sync")
     assert later.code == 0 and "updated 0" in later.stdout and "written without its email" in later.stdout
+    assert cli("retry-failed").code == 0
+    assert cli("sync").code == 0 and citadel.contacts()[0]["email"] == "ann@example.com"
 
 
 def test_a_contact_the_crm_refuses_for_more_than_an_address_fails_with_its_reason_and_status_names_it_masked(
