@@ -267,14 +267,18 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
 
 @main.command("retry-failed")
 def retry_failed() -> None:
-    """Send failed interactions again on the next sync or daemon pass."""
+    """Send failed interactions again on the next sync or daemon pass, and the contact fields the CRM
+    refused on the next contacts pass."""
     def body() -> int:
         settings = _settings(folders=("state_dir",))
         with owner_errors():
             store = Store(settings.state_db)
         count = store.retry_failed()
+        fields = store.retry_left_out()
         store.close()
         out.print(f"{count} failed interaction(s) queued again")
+        if fields:
+            out.print(f"{fields} contact field(s) the CRM refused are sent again by the next contacts pass")
         return EXIT_OK
     _run(body)
 

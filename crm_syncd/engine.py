@@ -261,13 +261,16 @@ class Engine:
         placeholders = sorted(c for c in candidates if is_placeholder(index.by_id[c]))
 
         if not candidates:
-            created, written = await self._writing(
-                lambda sent: self._create_contact(sent, made_for=(person.key, fields)), _present(fields), fields,
-                report, name)
+            created, refused = await self._writing(
+                lambda sent: self._create_contact(sent, made_for=(person.key, fields)), _present(fields), name)
             survivor = created["id"]
             index.add(created)
+            # a field left out holds what the CRM has: not taken for an edit of the owner's, nor sent again
+            # until the card changes it
+            written = {**fields, **{k: created.get(k) for k in refused}}
             self.store.remember_contact(survivor, "card", person.key, written=written, cards=person.unique_ids,
-                                        created_at=created.get("createdAt"))
+                                        created_at=created.get("createdAt"), card=fields, left_out=refused)
+            _report_left_out(report, name, refused)
             report.created.append(name)
         elif real:
             survivor = remembered if remembered in real else self._preferred(real)
@@ -281,12 +284,14 @@ class Engine:
         else:
             survivor = placeholders[0]
             await self._dedupe_wanted(survivor)  # settled while it is known as found, not made, if another Mac made it
-            updated, written = await self._writing(lambda sent: self.crm.update_contact(survivor, sent),
-                                                   _present(_promotion(fields, index.by_id[survivor])), fields,
-                                                   report, name)
+            updated, refused = await self._writing(lambda sent: self.crm.update_contact(survivor, sent),
+                                                   _present(_promotion(fields, index.by_id[survivor])), name)
             index.replace(updated)
-            # the card's fields: notes the owner kept differ from them, so they are never written over
-            self.store.remember_contact(survivor, "card", person.key, written=written, cards=person.unique_ids)
+            # written: what the CRM now holds (a number a card without one leaves, the owner's notes before
+            # the card's), which an edit of the owner's would differ from; card: what the card's edits will
+            self.store.remember_contact(survivor, "card", person.key, written={k: updated.get(k) for k in fields},
+                                        cards=person.unique_ids, card=fields, left_out=refused)
+            _report_left_out(report, name, refused)
             report.promoted.append(name)
             log.info("contacts.promoted", contact_id=survivor)
         self.store.map_addresses(person.owned, survivor, "card")
@@ -351,7 +356,8 @@ class Engine:
         if known[0] != "merging":
             current = index.by_id[victim]
             if (_owner_edited(known[2], current) or _owner_filled(current, known[2], known[0])
-                    or (known[0] == "placeholder" and not is_placeholder(current))):
+                    or (known[0] == "placeholder" and not is_placeholder(current))
+                    or (known[0] == "card" and _beyond_card(known[2], self.store.applied_card(victim)[0]))):
                 return False  # the owner renamed, annotated or filled it in: theirs now
             theirs = {i["id"] for i in await self.crm.list_interactions(victim)} - self.store.crm_ids(victim)
             if theirs:
@@ -368,40 +374,56 @@ class Engine:
 
     async def _follow_edits(self, contact_id: int, fields: dict, index: _CRMIndex,
                             report: ContactsReport, name: str) -> None:
-        """Apply card edits to a contact crm-syncd created, unless the owner edited it in the CRM."""
+        """Apply card edits to a contact crm-syncd created, unless the owner edited it in the CRM.
+
+        The card's edits are what differs from the card as last applied; the owner's, what differs from
+        the CRM's fields as crm-syncd left them (`written`). They are not the same when the contact holds
+        what the card does not (a promoted placeholder's number and notes) or lacks what it does (a field
+        the CRM refused): either is then neither an edit to send nor one of the owner's."""
         known = self.store.known_contact(contact_id)
-        if not known or known[0] != "card" or known[2] is None or known[2] == fields:
+        if not known or known[0] != "card" or known[2] is None:
             return
         written = known[2]
-        if _owner_edited(written, index.by_id[contact_id]):
-            report.owner_edits.append(name)
-            log.info("contacts.owner_edit_kept", contact_id=contact_id)
+        card, left_out = self.store.applied_card(contact_id)
+        card = card if card is not None else written
+        current = index.by_id[contact_id]
+        if card == fields or _owner_edited(written, current):
+            if card != fields:
+                report.owner_edits.append(name)
+                log.info("contacts.owner_edit_kept", contact_id=contact_id)
+            # refused values the card still holds and the CRM still lacks: named every pass, sent no more
+            _report_left_out(report, name, {k: reason for k, reason in left_out.items() if fields.get(k) == card.get(k)
+                                            and (current.get(k) or None) != fields.get(k)})
             return
-        changes = {k: v if v is not None else "" for k, v in fields.items() if v != written.get(k)}
-        updated, written = await self._writing(
-            lambda sent: self.crm.update_contact(contact_id, sent) if sent else _as_is(index.by_id[contact_id]),
-            changes, fields, report, name)
+        changes = {k: v for k, v in fields.items() if v != card.get(k)}
+        sent = {k: v if v is not None else "" for k, v in changes.items()}
+        if "notes" in changes:  # what the owner wrote in front of the card's note stays in front
+            sent["notes"] = _notes_after(written.get("notes"), card.get("notes"), fields.get("notes"))
+        updated, refused = await self._writing(
+            lambda sent: self.crm.update_contact(contact_id, sent) if sent else _as_is(current), sent, name)
         index.replace(updated)
-        self.store.remember_contact(contact_id, "card", written=written)
-        report.updated.append(name)
+        left_out = {**{k: reason for k, reason in left_out.items() if k not in changes}, **refused}
+        self.store.remember_contact(contact_id, "card", written={**written, **{k: updated.get(k) for k in sent}},
+                                    card=fields, left_out=left_out)
+        _report_left_out(report, name, left_out)
+        if sent.keys() - refused.keys():  # not when the CRM refused all there was to write
+            report.updated.append(name)
 
-    async def _writing(self, write: Callable[[dict], Any], sent: dict, fields: dict, report: ContactsReport,
-                       name: str) -> tuple[dict, dict]:
+    async def _writing(self, write: Callable[[dict], Any], sent: dict, name: str) -> tuple[dict, dict[str, str]]:
         """`write(sent)`; if the CRM refuses only a phone or an email of it (a 422 naming no other field: an
-        address it takes for invalid), once more without them, reported in `left_out`. The contact, and
-        `fields` as they now stand in the CRM: what `_owner_edited` compares with (a field left out holds
-        what the CRM has, so it is not taken for the owner's edit, and is tried again at the next pass)."""
+        address it takes for invalid), once more without them. The contact, and {field: the CRM's reason}
+        of the fields left out (recorded, so they are reported at every pass and not sent again until the
+        card changes them)."""
         try:
-            return await write(sent), fields
+            return await write(sent), {}
         except crmlib.Rejected as exc:
             refused = {key: ", ".join(messages) for key, messages in exc.details.items()}
             if not refused or not refused.keys() <= DROPPABLE or not refused.keys() & sent.keys():
                 raise
         contact = await write({k: v for k, v in sent.items() if k not in refused})
-        reason = "; ".join(f"{k}: {refused[k]}" for k in sorted(refused))
-        report.left_out.append((name, f"written without its {' and '.join(sorted(refused))} ({reason})"))
-        log.warning("contacts.field_left_out", contact_id=contact.get("id"), fields=sorted(refused), reason=reason)
-        return contact, {**fields, **{k: contact.get(k) for k in refused}}
+        log.warning("contacts.field_left_out", contact_id=contact.get("id"), fields=sorted(refused),
+                    reason=_left_out_reason(refused))
+        return contact, {k: refused[k] for k in sorted(refused) if k in sent}
 
     # -- 2. extraction --------------------------------------------------------------------
 
@@ -629,7 +651,8 @@ class Engine:
         known = self.store.known_contact(contact_id)
         if known is None or (known[0] == "crm" and known[2] is None):
             self.store.remember_contact(contact_id, "card", person.key, written=entry["fields"],
-                                        cards=person.unique_ids, created_at=current.get("createdAt"))
+                                        cards=person.unique_ids, created_at=current.get("createdAt"),
+                                        card=entry["fields"])
             log.info("contacts.create_found", contact_id=contact_id)
 
     def _creates_answered(self) -> None:
@@ -1056,6 +1079,34 @@ def _owner_filled(current: dict, written: dict | None, origin: str) -> bool:
     ours = written.keys() if written is not None else PLACEHOLDER_WRITTEN if origin == "placeholder" else WRITTEN
     return any(value not in (None, "", [], {}) for key, value in current.items()
                if key not in ours and key not in SERVER_SET)
+
+
+def _beyond_card(written: dict | None, card: dict | None) -> bool:
+    """Whether crm-syncd left a contact holding what its card does not: the owner's notes or the number
+    of the placeholder it promoted, which deleting it as a duplicate would lose."""
+    return written is not None and card is not None and any(
+        value and value != (card.get(key) or None) for key, value in written.items())
+
+
+def _left_out_reason(refused: dict[str, str]) -> str:
+    return "; ".join(f"{k}: {refused[k]}" for k in sorted(refused))
+
+
+def _report_left_out(report: ContactsReport, name: str, left_out: dict[str, str]) -> None:
+    """Name the fields of a person's card the CRM holds without (it refused them), and why."""
+    if left_out:
+        report.left_out.append((name, f"written without its {' and '.join(sorted(left_out))} "
+                                      f"({_left_out_reason(left_out)})"))
+
+
+def _notes_after(held: str | None, before: str | None, card_note: str | None) -> str:
+    """A contact's notes once its card's note changes from `before` to `card_note`: what the CRM `held`
+    in front of the old note (the owner's words a promoted placeholder kept, `_promotion`) stays in front.
+    Notes that do not end with the old note are kept whole: nothing the owner wrote is written over."""
+    held, before = held or "", before or ""
+    if before and held.endswith(before):
+        held = held[:-len(before)]
+    return "\n".join(n for n in (held.strip(), card_note) if n)
 
 
 def _promotion(fields: dict, placeholder: dict) -> dict:

@@ -10,8 +10,9 @@
   exact time, a call's second) are what make a second delivery impossible.
 - `handles`: the identity map, normalised address → CRM contact id. An item takes its contact
   from it when extracted, or, if its address had none yet, at the next `attach`.
-- `contacts`: the CRM contacts crm-syncd knows, where they came from, what it last wrote, the cards
-  they were made or kept for, when the CRM made them, and whether (and since when) sends to them are
+- `contacts`: the CRM contacts crm-syncd knows, where they came from, what it last wrote (as the CRM
+  then held it), the card's fields as last applied and those the CRM refused, the cards they were made
+  or kept for, when the CRM made them, and whether (and since when) sends to them are
   looked up first.
 - `sources`: AddressBook file signatures, so an unchanged store is not re-read.
 - `kv`: heartbeat, last error and other small facts `status` reads without the daemon.
@@ -43,7 +44,7 @@ from typing import Any, NamedTuple
 
 from crm_syncd.settings import secure_dir, secure_file
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 APPLICATION_ID = 0x43524D53  # "CRMS": tells our database from any other SQLite file
 
 MIGRATIONS: dict[int, str] = {
@@ -178,6 +179,16 @@ MIGRATIONS: dict[int, str] = {
     # backup, another CRM at the same address) belongs to another contact, never to the one remembered.
     9: """
     ALTER TABLE contacts ADD COLUMN created_at TEXT;
+    """,
+    # What a contact crm-syncd writes holds and what its card says are two things: a promoted placeholder
+    # keeps the number a card without one cannot replace and the notes the owner wrote in it, and a field
+    # the CRM refuses is left out. `written` (what the CRM holds after crm-syncd's write) tells the owner's
+    # edits in the CRM; `card` (the card's fields as last applied) tells the card's edits; `left_out` names
+    # the card's fields the CRM refused, with its reasons, until the card changes them. A row without a
+    # `card` was written when the two were one: its card is what it wrote.
+    10: """
+    ALTER TABLE contacts ADD COLUMN card TEXT;
+    ALTER TABLE contacts ADD COLUMN left_out TEXT;
     """,
 }
 UNRESOLVED = "(state = 'pending' OR state = 'held') AND contact_id IS NULL"  # as outbox_unresolved's WHERE
@@ -519,18 +530,27 @@ class Store:
 
     def remember_contact(self, contact_id: int, origin: str, person_key: str | None = None,
                          written: dict | None = None, cards: Iterable[str] | None = None,
-                         created_at: str | None = None) -> None:
+                         created_at: str | None = None, card: dict | None = None,
+                         left_out: Mapping[str, str] | None = None) -> None:
+        """Record a contact. `written`: its fields as the CRM holds them after crm-syncd's write (what an
+        edit of the owner's differs from); `card`: the card's fields that write applied (what the card's
+        next edit differs from); `left_out`: {field: the CRM's reason} of the card's fields it refused
+        (an empty one clears them). None leaves what was recorded."""
         with self.transaction() as tx:
             tx.execute(
-                "INSERT INTO contacts (contact_id, origin, person_key, written, cards, created_at, updated_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "INSERT INTO contacts (contact_id, origin, person_key, written, cards, created_at, card, left_out, "
+                "updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(contact_id) DO UPDATE SET origin = excluded.origin, "
                 "person_key = COALESCE(excluded.person_key, contacts.person_key), "
                 "written = COALESCE(excluded.written, contacts.written), "
                 "cards = COALESCE(excluded.cards, contacts.cards), "
-                "created_at = COALESCE(excluded.created_at, contacts.created_at), updated_ms = excluded.updated_ms",
+                "created_at = COALESCE(excluded.created_at, contacts.created_at), "
+                "card = COALESCE(excluded.card, contacts.card), "
+                "left_out = COALESCE(excluded.left_out, contacts.left_out), updated_ms = excluded.updated_ms",
                 (contact_id, origin, person_key, json.dumps(written, sort_keys=True) if written else None,
-                 json.dumps(sorted(cards)) if cards is not None else None, created_at, now_ms()),
+                 json.dumps(sorted(cards)) if cards is not None else None, created_at,
+                 json.dumps(card, sort_keys=True) if card else None,
+                 json.dumps(dict(left_out), sort_keys=True) if left_out is not None else None, now_ms()),
             )
 
     def known_contact(self, contact_id: int) -> tuple[str, str | None, dict | None] | None:
@@ -539,6 +559,33 @@ class Store:
             row = self._conn.execute(
                 "SELECT origin, person_key, written FROM contacts WHERE contact_id = ?", (contact_id,)).fetchone()
         return (row[0], row[1], json.loads(row[2]) if row[2] else None) if row else None
+
+    def applied_card(self, contact_id: int) -> tuple[dict | None, dict[str, str]]:
+        """(the card's fields crm-syncd last applied to a contact, {field: reason} of those the CRM refused).
+        A contact written before the two were recorded apart has its written fields as its card."""
+        rows = self._all("SELECT card, written, left_out FROM contacts WHERE contact_id = ?", (contact_id,))
+        if not rows:
+            return None, {}
+        card, written, left_out = rows[0]
+        return (json.loads(card or written) if card or written else None), (json.loads(left_out) if left_out else {})
+
+    def retry_left_out(self) -> int:
+        """Have the next contacts pass send again every card field the CRM refused (`retry-failed`): each
+        is recorded as applied with the value the CRM holds, so the card differs from it again. Returns
+        how many fields."""
+        count = 0
+        with self.transaction() as tx:
+            rows = tx.execute("SELECT contact_id, card, written, left_out FROM contacts "
+                              "WHERE left_out IS NOT NULL AND left_out != '{}'").fetchall()
+            for contact_id, card, written, left_out in rows:
+                written_fields = json.loads(written) if written else {}
+                applied = json.loads(card or written or "{}")
+                refused = json.loads(left_out)
+                applied.update({k: written_fields.get(k) for k in refused})
+                count += len(refused)
+                tx.execute("UPDATE contacts SET card = ?, left_out = NULL WHERE contact_id = ?",
+                           (json.dumps(applied, sort_keys=True), contact_id))
+        return count
 
     def created_at(self, contact_id: int) -> str | None:
         """When the CRM made this contact, as recorded (`createdAt`), if known."""

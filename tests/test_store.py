@@ -14,6 +14,7 @@ import pytest
 from crm_syncd.engine import Engine
 from crm_syncd.settings import Settings
 from crm_syncd.store import SCHEMA_VERSION, Mark, NewItem, Store, StoreError
+from tests.conftest import CLI
 from tests.harness.library import Library, ago
 from tests.harness.statedb import state_db_at
 
@@ -51,6 +52,40 @@ def test_a_version_2_state_database_keeps_its_ledger_and_marks_and_still_refuses
     ], Mark(44, "1:2", "C"))
     assert (result.added, result.duplicates) == (2, 3)
     assert store.mark("messages") == Mark(44, "1:2", "C")
+
+
+def as_version_9_left_it(state_db: Path) -> None:
+    """The state database as crm-syncd 9 kept it: one `written` per contact, the card's fields and the
+    fields the CRM refused not recorded apart."""
+    conn = sqlite3.connect(state_db)
+    conn.execute("ALTER TABLE contacts DROP COLUMN card")
+    conn.execute("ALTER TABLE contacts DROP COLUMN left_out")
+    conn.execute("PRAGMA user_version = 9")
+    conn.commit()
+    conn.close()
+
+
+def test_contacts_a_version_9_state_database_knows_follow_card_edits_and_a_refused_email_is_tried_once_more(
+        library: Library, citadel, cli: CLI, home: Path):
+    jane = library.card(first="Jane", last="Doe", phones=[JANE])
+    library.card(first="Ann", last="Lee", phones=["+16135550122"], emails=["ann@example.com"])
+    citadel.reject_contact_values = {"ann@example.com"}
+    assert cli("sync", "--contacts-only").code == 0
+    as_version_9_left_it(home / "Library" / "Application Support" / "crm-syncd" / "state.db")
+    refused = lambda: sum(n for (_method, _route, status), n in citadel.stats.items() if status == 422)  # noqa: E731
+    assert refused() == 1
+
+    library.books[0].update_card(jane, first="Janet")
+    library.books[0].commit()
+    upgraded = cli("sync", "--contacts-only")
+
+    assert upgraded.code == 0 and "owner_edit_kept" not in upgraded.stderr, upgraded.output
+    assert sorted((c["firstName"], c["email"]) for c in citadel.contacts()) == [("Ann", None), ("Janet", None)]
+    assert refused() == 2  # crm-syncd 9 did not record the refusal: the email is sent once more, and recorded
+    again = cli("sync", "--contacts-only")
+    assert again.code == 0 and "Ann Lee: written without its email" in again.stdout, again.output
+    assert refused() == 2
+    assert Store(home / "Library" / "Application Support" / "crm-syncd" / "state.db").schema_version == SCHEMA_VERSION
 
 
 def test_a_state_database_with_a_damaged_page_is_refused_with_the_fix(tmp_path):

@@ -588,6 +588,25 @@ def test_a_card_contact_the_owner_annotated_is_kept_when_its_card_joins_another(
     assert names(citadel)["Robert Roe"]["notes"] == "Allergic to peanuts"
 
 
+def test_a_promoted_placeholder_holding_the_owners_notes_is_kept_when_its_card_joins_another(
+        library: Library, citadel, cli: CLI):
+    library.text("bob@example.org")
+    assert cli("sync").code == 0
+    (placeholder,) = citadel.contacts()
+    citadel.update_contact(placeholder["id"], notes=placeholder["notes"] + "\nAllergic to peanuts")
+    bob = library.card(first="Robert", last="Roe", phones=[BOB], unique_id="A-1:ABPerson")
+    library.card(first="Robert", last="Roe", emails=["bob@example.org"], unique_id="B-2:ABPerson")
+    assert cli("sync").code == 0  # two namesakes: one gets a contact, the other the placeholder and its note
+
+    library.books[0].update_card(bob, emails=["bob@example.org"])  # one person on two cards now
+    library.books[0].commit()
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert "merged 0" in result.stdout
+    assert sorted(c["id"] for c in citadel.contacts() if c["notes"] == "Allergic to peanuts") == [placeholder["id"]]
+
+
 def test_a_card_without_addresses_whose_contact_the_owner_deleted_is_made_again_then_renamed_not_duplicated(
         library: Library, citadel, cli: CLI):
     card = library.card(first="Jon", last="Smiht", note="lives next door")  # found by its name only
@@ -880,6 +899,65 @@ def test_a_promoted_placeholder_keeps_what_the_owner_wrote_in_its_notes(library:
     (joe,) = citadel.contacts()
     assert (joe["id"], joe["firstName"]) == (placeholder["id"], "Joe")
     assert joe["notes"] == "The plumber: fixed the sink\nCall before 9"
+
+
+def test_a_placeholder_promoted_by_a_card_without_its_number_keeps_it_and_follows_the_cards_later_edits(
+        library: Library, citadel, cli: CLI):
+    library.text("+19055551234", person="person-7", at=ago(days=2))
+    library.text("sam@example.org", person="person-7", at=ago(days=1))
+    assert cli("sync").code == 0
+    (placeholder,) = citadel.contacts()
+    pk = library.card(first="Sam", last="Stone", emails=["sam@example.org"])  # no number: the contact keeps its own
+    assert cli("sync").code == 0
+    assert [(c["firstName"], c["phone"]) for c in citadel.contacts()] == [("Sam", "+19055551234")]
+
+    library.books[0].update_card(pk, first="Samuel")  # nobody touched the contact in the CRM
+    library.books[0].commit()
+    renamed = cli("sync")
+
+    assert renamed.code == 0 and "owner_edit_kept" not in renamed.stderr, renamed.output
+    assert "updated 1" in renamed.stdout
+    assert [(c["id"], c["firstName"], c["phone"]) for c in citadel.contacts()] == [
+        (placeholder["id"], "Samuel", "+19055551234")]
+
+    library.books[0].update_card(pk, phones=[BOB])  # the card gains a number: it is the card's to send
+    library.books[0].commit()
+    assert cli("sync").code == 0
+    assert [(c["firstName"], c["phone"], c["email"]) for c in citadel.contacts()] == [
+        ("Samuel", BOB, "sam@example.org")]
+    assert kinds(citadel, "Samuel Stone") == {"TEXT_INBOUND": 2}
+    assert "updated 0" in cli("sync").stdout
+
+
+def test_a_promoted_placeholder_with_the_owners_notes_follows_card_edits_keeping_those_notes_in_front(
+        library: Library, citadel, cli: CLI):
+    library.text("+19055551234")
+    assert cli("sync").code == 0
+    (placeholder,) = citadel.contacts()
+    citadel.update_contact(placeholder["id"], notes=placeholder["notes"] + "\nThe plumber: fixed the sink")
+    pk = library.card(first="Joe", last="Pipes", phones=["905-555-1234"], note="Call before 9")
+    assert cli("sync").code == 0
+
+    library.books[0].update_card(pk, first="Joseph", note="Call before 10")
+    library.books[0].commit()
+    edited = cli("sync")
+
+    assert edited.code == 0 and "owner_edit_kept" not in edited.stderr, edited.output
+    (joe,) = citadel.contacts()
+    assert (joe["id"], joe["firstName"]) == (placeholder["id"], "Joseph")
+    assert joe["notes"] == "The plumber: fixed the sink\nCall before 10"
+
+    library.books[0].update_card(pk, note=None)  # the card's note goes; the owner's stays
+    library.books[0].commit()
+    assert cli("sync").code == 0
+    assert citadel.contacts()[0]["notes"] == "The plumber: fixed the sink"
+
+    citadel.update_contact(placeholder["id"], lastName="Pipes (plumber)")  # the owner's edit in the CRM still wins
+    library.books[0].update_card(pk, first="Joe")
+    library.books[0].commit()
+    kept = cli("sync")
+    assert kept.code == 0 and "contacts.owner_edit_kept" in kept.stderr
+    assert [(c["firstName"], c["lastName"]) for c in citadel.contacts()] == [("Joseph", "Pipes (plumber)")]
 
 
 def another_mac_delivered(citadel, address: str, at) -> int:
@@ -1181,8 +1259,14 @@ def test_a_card_whose_first_email_the_crm_refuses_gets_its_contact_with_the_firs
     assert "updated 0" in second.stdout and "owner_edit_kept" not in second.stderr
 
 
-def test_a_contact_the_crm_refuses_only_for_its_email_is_written_without_it_and_gets_it_once_the_crm_takes_it(
+def left_out_in_status(cli: CLI) -> list[dict]:
+    return json.loads(cli("status", "--json").stdout)["sources"]["contacts"]["left_out"]
+
+
+def test_a_contact_the_crm_refuses_only_for_its_email_is_written_without_it_and_retry_failed_sends_it_once_the_crm_takes_it(
         library: Library, citadel, cli: CLI):
+    """Once refused, the email is not sent again by every pass (one 422 each, forever); `retry-failed`
+    sends it again once the owner knows the CRM takes it."""
     pk = library.card(first="Ann", last="Lee", phones=[JANE], emails=["ann@example.com"])
     library.text(JANE)
     citadel.reject_contact_values = {"ann@example.com"}  # a CRM stricter than its Zod rule
@@ -1201,11 +1285,43 @@ def test_a_contact_the_crm_refuses_only_for_its_email_is_written_without_it_and_
     renamed = cli("sync")
     assert renamed.code == 0 and "owner_edit_kept" not in renamed.stderr, renamed.output
     assert [(c["lastName"], c["email"]) for c in citadel.contacts()] == [("Lee-Smith", None)]
+    assert "updated 1" in renamed.stdout and "Ann Lee-Smith: written without its email" in renamed.stdout
+    assert refusals(citadel) == 1  # the rename alone was sent
 
     citadel.reject_contact_values = set()
     assert cli("sync").code == 0
+    assert [c["email"] for c in citadel.contacts()] == [None]  # the card did not change: nothing is sent
+    retried = cli("retry-failed")
+    assert retried.code == 0 and "1 contact field(s) the CRM refused are sent again" in retried.stdout
+    assert cli("sync").code == 0
     assert [(c["lastName"], c["email"]) for c in citadel.contacts()] == [("Lee-Smith", "ann@example.com")]
     assert kinds(citadel, "Ann Lee-Smith") == {"TEXT_INBOUND": 1}
+    assert left_out_in_status(cli) == []
+
+
+def test_an_email_the_crm_refused_is_not_sent_again_until_the_card_changes_it_and_stays_named_meanwhile(
+        library: Library, citadel, cli: CLI):
+    pk = library.card(first="Ann", last="Lee", phones=[JANE], emails=["ann@example.com"])
+    citadel.reject_contact_values = {"ann@example.com"}
+    assert cli("sync", "--contacts-only").code == 0
+    assert refusals(citadel) == 1
+
+    again = [cli("sync", "--contacts-only") for _ in range(2)]
+
+    for result in again:  # not sent, not counted as an update, still named, in `sync` and in `status`
+        assert result.code == 0, result.output
+        assert "updated 0" in result.stdout, result.output
+        assert "Ann Lee: written without its email (email: Invalid email)" in result.stdout
+    assert refusals(citadel) == 1
+    assert [(s["name"], s["reason"]) for s in left_out_in_status(cli)] == [
+        ("Ann Lee", "written without its email (email: Invalid email)")]
+
+    library.books[0].update_card(pk, emails=["ann.lee@example.org"])  # the owner fixes the card's email
+    library.books[0].commit()
+    fixed = cli("sync", "--contacts-only")
+    assert fixed.code == 0 and "updated 1" in fixed.stdout and "written without" not in fixed.stdout, fixed.output
+    assert [c["email"] for c in citadel.contacts()] == ["ann.lee@example.org"]
+    assert left_out_in_status(cli) == []
 
 
 def test_a_placeholder_promoted_by_a_card_whose_email_the_crm_refuses_is_promoted_without_it(
@@ -1222,6 +1338,9 @@ def test_a_placeholder_promoted_by_a_card_whose_email_the_crm_refuses_is_promote
     assert (ann["firstName"], ann["lastName"], ann["phone"], ann["email"]) == ("Ann", "Lee", JANE, None)
     assert "promoted 1" in result.stdout and "written without its email" in result.stdout
     citadel.reject_contact_values = set()
+    later = cli("sync")
+    assert later.code == 0 and "updated 0" in later.stdout and "written without its email" in later.stdout
+    assert cli("retry-failed").code == 0
     assert cli("sync").code == 0 and citadel.contacts()[0]["email"] == "ann@example.com"
 
 
