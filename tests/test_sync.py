@@ -572,6 +572,15 @@ def test_a_placeholder_the_owner_made_their_own_is_kept_when_a_card_claims_its_a
     assert json.loads(cli("status", "--json").stdout)["duplicates"] == [{"kept": kept, "duplicate": placeholder["id"]}]
 
 
+def annotated_placeholder(library: Library, citadel, cli: CLI, address: str, note: str) -> dict:
+    """An unknown `address` texts; the owner writes `note` under the review note of its placeholder."""
+    library.text(address)
+    assert cli("sync").code == 0
+    (placeholder,) = citadel.contacts()
+    citadel.update_contact(placeholder["id"], notes=placeholder["notes"] + "\n" + note)
+    return placeholder
+
+
 def test_a_card_contact_the_owner_annotated_is_kept_when_its_card_joins_another(library: Library, citadel, cli: CLI):
     """Two namesake cards, one with a number, one with an email: two contacts. The owner annotates the
     second; then the first card gains the email: one person now, and the annotated contact is kept."""
@@ -593,10 +602,7 @@ def test_a_card_contact_the_owner_annotated_is_kept_when_its_card_joins_another(
 
 def test_a_promoted_placeholder_holding_the_owners_notes_is_kept_when_its_card_joins_another(
         library: Library, citadel, cli: CLI):
-    library.text("bob@example.org")
-    assert cli("sync").code == 0
-    (placeholder,) = citadel.contacts()
-    citadel.update_contact(placeholder["id"], notes=placeholder["notes"] + "\nAllergic to peanuts")
+    placeholder = annotated_placeholder(library, citadel, cli, "bob@example.org", "Allergic to peanuts")
     bob = library.card(first="Robert", last="Roe", phones=[BOB], unique_id="A-1:ABPerson")
     library.card(first="Robert", last="Roe", emails=["bob@example.org"], unique_id="B-2:ABPerson")
     assert cli("sync").code == 0  # two namesakes: one gets a contact, the other the placeholder and its note
@@ -890,10 +896,7 @@ def test_a_contact_crm_syncd_made_that_the_owner_filled_in_is_not_deleted_when_i
 
 
 def test_a_promoted_placeholder_keeps_what_the_owner_wrote_in_its_notes(library: Library, citadel, cli: CLI):
-    library.text("+19055551234")
-    assert cli("sync").code == 0
-    (placeholder,) = citadel.contacts()
-    citadel.update_contact(placeholder["id"], notes=placeholder["notes"] + "\nThe plumber: fixed the sink")
+    placeholder = annotated_placeholder(library, citadel, cli, "+19055551234", "The plumber: fixed the sink")
 
     library.card(first="Joe", last="Pipes", phones=["905-555-1234"], note="Call before 9")
     assert cli("sync").code == 0
@@ -934,10 +937,7 @@ def test_a_placeholder_promoted_by_a_card_without_its_number_keeps_it_and_follow
 
 def test_a_promoted_placeholder_with_the_owners_notes_follows_card_edits_keeping_those_notes_in_front(
         library: Library, citadel, cli: CLI):
-    library.text("+19055551234")
-    assert cli("sync").code == 0
-    (placeholder,) = citadel.contacts()
-    citadel.update_contact(placeholder["id"], notes=placeholder["notes"] + "\nThe plumber: fixed the sink")
+    placeholder = annotated_placeholder(library, citadel, cli, "+19055551234", "The plumber: fixed the sink")
     pk = library.card(first="Joe", last="Pipes", phones=["905-555-1234"], note="Call before 9")
     assert cli("sync").code == 0
 
