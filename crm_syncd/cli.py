@@ -278,7 +278,8 @@ def retry_failed() -> None:
         store.close()
         out.print(f"{count} failed interaction(s) queued again")
         if fields:
-            out.print(f"{fields} contact field(s) the CRM refused are sent again by the next contacts pass")
+            out.print(f"{fields} contact field(s) the CRM refused are sent again by the next contacts pass "
+                      "(the next `sync`, or the running daemon's next rescan)")
         return EXIT_OK
     _run(body)
 

@@ -571,8 +571,9 @@ class Store:
 
     def retry_left_out(self) -> int:
         """Have the next contacts pass send again every card field the CRM refused (`retry-failed`): each
-        is recorded as applied with the value the CRM holds, so the card differs from it again. Returns
-        how many fields."""
+        is recorded as applied with the value the CRM holds, so the card differs from it again, and the
+        address book's signatures are forgotten, so a running daemon's next rescan is such a pass.
+        Returns how many fields."""
         count = 0
         with self.transaction() as tx:
             rows = tx.execute("SELECT contact_id, card, written, left_out FROM contacts "
@@ -585,6 +586,8 @@ class Store:
                 count += len(refused)
                 tx.execute("UPDATE contacts SET card = ?, left_out = NULL WHERE contact_id = ?",
                            (json.dumps(applied, sort_keys=True), contact_id))
+            if count:
+                tx.execute("DELETE FROM sources")
         return count
 
     def created_at(self, contact_id: int) -> str | None:

@@ -118,6 +118,22 @@ def test_a_card_added_during_a_backfill_reaches_the_crm_before_the_backfill_ends
     d.stop()
 
 
+def test_retry_failed_while_the_daemon_runs_has_its_next_rescan_send_a_refused_email(
+        library: Library, citadel, daemon, daemon_env: CLI):
+    """The address book has not changed, yet the rescan after `retry-failed` is a contacts pass."""
+    library.card(first="Ann", last="Lee", phones=[JANE], emails=["ann@example.com"])
+    citadel.reject_contact_values = {"ann@example.com"}
+    d = daemon()
+    eventually(lambda: d.events("contacts.field_left_out"), what="the email left out")
+    citadel.reject_contact_values = set()  # the CRM takes it now
+
+    retried = daemon_env("retry-failed")
+
+    assert retried.code == 0 and "1 contact field(s) the CRM refused are sent again" in retried.stdout
+    eventually(lambda: [c["email"] for c in citadel.contacts()] == ["ann@example.com"], what="the email sent")
+    d.stop()
+
+
 def test_sigterm_drains_and_a_restart_continues_from_the_mark(library: Library, citadel, daemon):
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE, at=ago(hours=3))
