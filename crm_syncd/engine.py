@@ -257,12 +257,18 @@ class Engine:
         if not candidates and not person.addresses:
             candidates = self._unclaimed(index.named(fields["firstName"], fields["lastName"]), person, fields, live,
                                          index)
+        if not candidates and (lost := next((e for e in unanswered if e["person"] == person.key), None)):
+            # their create whose answer was lost went without the addresses the CRM refused: by name, as sent
+            candidates = {c for c in self._unclaimed(index.named(fields["firstName"], fields["lastName"]), person,
+                                                     fields, live, index)
+                          if not _owner_edited(lost["fields"], index.by_id[c])}
         real = sorted(c for c in candidates if not is_placeholder(index.by_id[c]))
         placeholders = sorted(c for c in candidates if is_placeholder(index.by_id[c]))
 
         if not candidates:
-            created, refused = await self._writing(
-                lambda sent: self._create_contact(sent, made_for=(person.key, fields)), _present(fields), name)
+            created, refused = await self._writing(  # noted as sent: without a field the CRM refused
+                lambda sent: self._create_contact(sent, made_for=(person.key, {k: sent.get(k) for k in fields})),
+                _present(fields), name)
             survivor = created["id"]
             index.add(created)
             # a field left out holds what the CRM has: not taken for an edit of the owner's, nor sent again

@@ -995,3 +995,28 @@ def test_a_contact_whose_create_answer_was_lost_is_still_crm_syncds_and_follows_
     assert result.code == 0, result.output
     (jane,) = citadel.contacts()
     assert (jane["firstName"], jane["lastName"], jane["phone"]) == ("Jane", "Smith", "+16135550112")
+
+
+@pytest.mark.parametrize("phones", [[], [JANE]], ids=["email only", "with a number"])
+def test_a_create_made_again_without_a_refused_email_whose_answer_is_lost_is_found_not_made_twice(
+        library: Library, citadel: CitadelServer, cli: CLI, phones: list[str]):
+    """The CRM refuses Ann's email; the create sent again without it lands, but its answer is lost (a
+    proxy's 504). The next pass finds that contact as sent (by name when it holds no address), files it
+    as crm-syncd's (card edits reach it) and names the email left out."""
+    cli.env["CRM_SYNCD_REQUEST_TIMEOUT_S"] = "2"
+    pk = library.card(first="Ann", last="Lee", phones=phones, emails=["ann@example.com"])
+    citadel.reject_contact_values = {"ann@example.com"}
+    citadel.faults = Faults(rate=0.5, kinds=("504-after-write",), seed=10, limit=1, routes=("/api/contacts",))
+    cli("sync", "--contacts-only")
+    assert citadel.faults.fired["504-after-write"] == 1 and len(citadel.contacts()) == 1
+    citadel.faults = Faults()
+
+    found = cli("sync", "--contacts-only")
+    library.books[0].update_card(pk, first="Anne")
+    library.books[0].commit()
+    edited = cli("sync", "--contacts-only")
+
+    assert found.code == 0 and "written without its email" in found.stdout, found.output
+    assert edited.code == 0, edited.output
+    assert [(c["firstName"], c["lastName"], c["phone"]) for c in citadel.contacts()] == [
+        ("Anne", "Lee", (phones or [None])[0])], found.output + edited.output
