@@ -391,8 +391,9 @@ class Engine:
             return
         written = known[2]
         card, left_out = self.store.applied_card(contact_id)
-        card = card if card is not None else written
         current = index.by_id[contact_id]
+        if card is None:  # recorded before the two were kept apart
+            card, written = written, self._promoted_before(contact_id, written, current)
         if card == fields or _owner_edited(written, current):
             if card != fields:
                 report.owner_edits.append(name)
@@ -414,6 +415,28 @@ class Engine:
         _report_left_out(report, name, left_out)
         if sent.keys() - refused.keys():  # not when the CRM refused all there was to write
             report.updated.append(name)
+
+    def _promoted_before(self, contact_id: int, written: dict, current: dict) -> dict:
+        """`written` as recorded by a version that kept one record for a card's fields and the CRM's, with
+        what its promotion of a placeholder left beside the card's fields: the owner's notes in front of
+        the card's note, the placeholder's own number or email where the card had none. Recorded once
+        found; any other difference stays an edit of the owner's."""
+        kept = {}
+        for key, value in written.items():
+            now = current.get(key) or None
+            if now == (value or None):
+                continue
+            if key == "notes" and value and now and now.endswith("\n" + value) and now[:-len(value) - 1].strip():
+                kept[key] = now
+            elif (key in ("phone", "email") and value is None and (address := self.normalize.person(now))
+                  and self.store.addresses_of("placeholder").get(address) == contact_id):
+                kept[key] = now
+            else:
+                return written
+        if kept:
+            self.store.remember_contact(contact_id, "card", written={**written, **kept}, card=written)
+            log.info("contacts.promotion_recorded", contact_id=contact_id, fields=sorted(kept))
+        return {**written, **kept}
 
     async def _writing(self, write: Callable[[dict], Any], sent: dict, name: str) -> tuple[dict, dict[str, str]]:
         """`write(sent)`; if the CRM refuses only a phone or an email of it (a 422 naming no other field: an

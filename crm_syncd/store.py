@@ -562,12 +562,12 @@ class Store:
 
     def applied_card(self, contact_id: int) -> tuple[dict | None, dict[str, str]]:
         """(the card's fields crm-syncd last applied to a contact, {field: reason} of those the CRM refused).
-        A contact written before the two were recorded apart has its written fields as its card."""
-        rows = self._all("SELECT card, written, left_out FROM contacts WHERE contact_id = ?", (contact_id,))
+        None for a contact written before the two were recorded apart (its written fields were its card)."""
+        rows = self._all("SELECT card, left_out FROM contacts WHERE contact_id = ?", (contact_id,))
         if not rows:
             return None, {}
-        card, written, left_out = rows[0]
-        return (json.loads(card or written) if card or written else None), (json.loads(left_out) if left_out else {})
+        card, left_out = rows[0]
+        return (json.loads(card) if card else None), (json.loads(left_out) if left_out else {})
 
     def retry_left_out(self) -> int:
         """Have the next contacts pass send again every card field the CRM refused (`retry-failed`): each

@@ -58,6 +58,8 @@ def as_version_9_left_it(state_db: Path) -> None:
     """The state database as crm-syncd 9 kept it: one `written` per contact, the card's fields and the
     fields the CRM refused not recorded apart."""
     conn = sqlite3.connect(state_db)
+    # what it recorded for a contact it wrote was the card's fields (the CRM's for a field it refused)
+    conn.execute("UPDATE contacts SET written = card WHERE card IS NOT NULL AND (left_out IS NULL OR left_out = '{}')")
     conn.execute("ALTER TABLE contacts DROP COLUMN card")
     conn.execute("ALTER TABLE contacts DROP COLUMN left_out")
     conn.execute("PRAGMA user_version = 9")
@@ -86,6 +88,62 @@ def test_contacts_a_version_9_state_database_knows_follow_card_edits_and_a_refus
     assert again.code == 0 and "Ann Lee: written without its email" in again.stdout, again.output
     assert refused() == 2
     assert Store(home / "Library" / "Application Support" / "crm-syncd" / "state.db").schema_version == SCHEMA_VERSION
+
+
+PLUMBER = "+19055551234"
+
+
+def test_a_placeholder_version_9_promoted_with_the_owners_notes_follows_card_edits_after_the_upgrade(
+        library: Library, citadel, cli: CLI, home: Path):
+    library.text(PLUMBER)
+    assert cli("sync").code == 0
+    (placeholder,) = citadel.contacts()
+    citadel.update_contact(placeholder["id"], notes=placeholder["notes"] + "\nFixed the sink")
+    pk = library.card(first="Joe", last="Pipes", phones=[PLUMBER], note="Call before 9")
+    assert cli("sync").code == 0
+    as_version_9_left_it(home / "Library" / "Application Support" / "crm-syncd" / "state.db")
+
+    library.books[0].update_card(pk, first="Joseph", note="Call before 10")
+    library.books[0].commit()
+    upgraded = cli("sync")
+
+    assert upgraded.code == 0 and "owner_edit_kept" not in upgraded.stderr, upgraded.output
+    assert [(c["firstName"], c["notes"]) for c in citadel.contacts()] == [("Joseph", "Fixed the sink\nCall before 10")]
+
+
+def test_a_placeholder_version_9_promoted_by_a_card_without_its_number_follows_a_rename_after_the_upgrade(
+        library: Library, citadel, cli: CLI, home: Path):
+    library.text(PLUMBER, person="person-7", at=ago(days=2))
+    library.text("sam@example.org", person="person-7", at=ago(days=1))
+    assert cli("sync").code == 0
+    pk = library.card(first="Sam", last="Stone", emails=["sam@example.org"])
+    assert cli("sync").code == 0
+    as_version_9_left_it(home / "Library" / "Application Support" / "crm-syncd" / "state.db")
+
+    library.books[0].update_card(pk, first="Samuel")
+    library.books[0].commit()
+    upgraded = cli("sync")
+
+    assert upgraded.code == 0 and "owner_edit_kept" not in upgraded.stderr, upgraded.output
+    assert [(c["firstName"], c["phone"]) for c in citadel.contacts()] == [("Samuel", PLUMBER)]
+
+
+def test_a_contact_version_9_wrote_and_the_owner_edited_stays_the_owners_after_the_upgrade(
+        library: Library, citadel, cli: CLI, home: Path):
+    """Notes the owner wrote in front of the card's, a name changed: not what a promotion leaves."""
+    pk = library.card(first="Ann", last="Lee", phones=[JANE], note="Card note")
+    assert cli("sync").code == 0
+    (ann,) = citadel.contacts()
+    citadel.update_contact(ann["id"], lastName="Lee (neighbour)", notes="Owner's words\nCard note")
+    as_version_9_left_it(home / "Library" / "Application Support" / "crm-syncd" / "state.db")
+
+    library.books[0].update_card(pk, first="Anne", note="New card note")
+    library.books[0].commit()
+    upgraded = cli("sync")
+
+    assert upgraded.code == 0 and "owner_edit_kept" in upgraded.stderr, upgraded.output
+    assert [(c["firstName"], c["lastName"], c["notes"]) for c in citadel.contacts()] == [
+        ("Ann", "Lee (neighbour)", "Owner's words\nCard note")]
 
 
 def test_a_state_database_with_a_damaged_page_is_refused_with_the_fix(tmp_path):
