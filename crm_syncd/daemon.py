@@ -9,6 +9,7 @@ folder replaced, wake from sleep), the AddressBook rescan, and the heartbeat `st
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
 import signal
@@ -58,7 +59,10 @@ class Lock:
 
     def acquire(self, command: str = "run") -> None:
         secure_dir(self.path.parent)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:  # no room even for a new file
+            raise self._unwritable(exc) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -71,10 +75,15 @@ class Lock:
             os.write(fd, f"{os.getpid()} {command}".encode())
         except OSError as exc:  # a full disk (or over a size limit): say so, as the state database would
             os.close(fd)
-            raise StoreError(f"cannot write the lock file {self.path}: {exc.strerror}; free space on the disk "
-                             f"holding {self.path.parent}. Nothing is lost: crm-syncd goes on from where it "
-                             "stopped") from exc
+            raise self._unwritable(exc) from exc
         self._fd = fd
+
+    def _unwritable(self, exc: OSError) -> StoreError:
+        message = f"cannot write the lock file {self.path}: {exc.strerror}"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+            message += (f"; free space on the disk holding {self.path.parent}. Nothing is lost: crm-syncd goes on "
+                        "from where it stopped")
+        return StoreError(message)
 
     def release(self) -> None:
         if self._fd is not None:
