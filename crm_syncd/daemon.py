@@ -92,9 +92,13 @@ class Lock:
 
     def held_by_other(self) -> tuple[str, str] | None:
         """(pid, command) of another process holding the lock, or None (used by `status`)."""
-        if not self.path.exists():
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
             return None
-        fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:  # another user's (a `sudo crm-syncd sync` made it), or a folder it may not enter
+            raise StoreError(f"cannot read the lock file {self.path}: {exc.strerror}; if a `sudo crm-syncd` made "
+                             f"it, remove it (`sudo rm '{self.path}'`) while crm-syncd is stopped") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -315,9 +319,11 @@ class Daemon:
         self._retries[source] = asyncio.get_running_loop().call_later(delay, self._debouncers[source].poke)
 
     async def _contacts(self, force: bool = False) -> None:
-        if self.engine.backoff_left() or not (force or self.engine.contacts_changed()):
+        if self.engine.backoff_left():
             return  # no sync knocks on a CRM we are backing off from
         try:
+            if not (force or self.engine.contacts_changed()):
+                return
             report = await self.engine.sync_contacts()
         except crmlib.CRMError as exc:
             self._error(f"contacts not synced: {exc.message}", event="contacts.deferred")

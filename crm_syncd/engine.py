@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
 import random
 import threading
 import time
@@ -113,7 +112,8 @@ def occurred_iso(ms: int) -> str:
 
 def file_id(path: Path) -> str:
     """Identity of a database file: a restored or recreated file gets a new inode."""
-    st = os.stat(path)
+    if (st := sqlite.stat(Path(path))) is None:
+        raise FileNotFoundError(path)
     return f"{st.st_dev}:{st.st_ino}"
 
 

@@ -191,11 +191,15 @@ def doctor(settings: Settings) -> list[Check]:
                "Call history": CallsReader(settings.calls_db)}
     for label, reader in readers.items():
         checks.append(_probe(label, reader.path, reader.newest_rowid))
-    stores = contacts_source.store_paths(Path(settings.addressbook_dir))
-    if not stores:
+    try:
+        stores: list[Path] | None = contacts_source.store_paths(Path(settings.addressbook_dir))
+    except NeedsFullDiskAccess as exc:
+        stores = None
+        checks.append(_denied("Contacts", exc))
+    if stores == []:
         checks.append(Check("Contacts", False, f"no AddressBook under {settings.addressbook_dir}",
                             "open Contacts once, or set addressbook_dir"))
-    for db in stores:
+    for db in stores or []:
         checks.append(_probe(f"Contacts ({db.parent.name})", db,
                              lambda db=db: contacts_source.read_store(db, db.name)))
     try:
@@ -240,7 +244,11 @@ def _probe(label: str, path: Path, query) -> Check:
         return Check(label, True, f"{path} does not exist: nothing to read yet (feature unused on this Mac)",
                      note=True)
     except NeedsFullDiskAccess as exc:
-        return Check(label, False, exc.detail, str(exc).split(". ", 1)[-1], owner_fix=True)
+        return _denied(label, exc)
     except SourceError as exc:
         return Check(label, False, str(exc), "retry later; if it persists, restart the Mac")
     return Check(label, True, f"{path} readable")
+
+
+def _denied(label: str, exc: NeedsFullDiskAccess) -> Check:
+    return Check(label, False, exc.detail, str(exc).split(". ", 1)[-1], owner_fix=True)

@@ -391,6 +391,20 @@ def test_a_second_run_is_refused_at_once(library: Library, daemon, daemon_env: C
     assert "already running" in second.stderr and str(first.proc.pid) in second.stderr
 
 
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root without setpriv")
+def test_status_with_a_lock_file_it_may_not_read_names_it_in_one_line(library: Library, citadel, cli: CLI, home):
+    """A `sudo crm-syncd sync` once left the lock file root's (0600): `status` says which file and what to
+    do, exit 2, as `sync` does, instead of a traceback."""
+    assert cli("sync").code == 0
+    lock = home / STATE_DIR / "crm-syncd.lock"
+    os.chmod(lock, 0)
+
+    result = cli.run_with_prefix(unprivileged(), "status")
+
+    assert result.code == 2 and "Traceback" not in result.output, result.output
+    assert f"cannot read the lock file {lock}" in result.stderr, result.output
+
+
 def test_a_sync_meeting_the_daemon_is_told_to_stop_it_and_one_meeting_another_sync_to_wait_for_it(
         library: Library, citadel, daemon, daemon_env: CLI, home):
     library.card(first="Jane", last="Doe", phones=[JANE])
@@ -512,6 +526,26 @@ def test_status_names_the_full_disk_access_fix_while_the_daemon_cannot_read_chat
     os.chmod(library.messages_db, 0o644)  # granted: the daemon's next attempt reads it
     eventually(lambda: len(citadel.interactions_of(JANE)) == 1, what="the message")
     eventually(lambda: status(daemon_env)["health"] == "healthy", what="a healthy status")
+    assert d.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root without setpriv")
+def test_the_daemon_refused_a_look_into_the_messages_folder_names_full_disk_access_and_keeps_running(
+        library: Library, citadel, daemon, daemon_env: CLI):
+    """macOS may refuse the binary without Full Disk Access even a stat of chat.db: the daemon says so
+    in `status`, as for a refused open, instead of failing at start-up and being restarted forever."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=1))
+    folder = library.messages_db.parent
+    os.chmod(folder, 0)
+    try:
+        d = daemon(prefix=unprivileged())
+        doc = eventually(lambda: (lambda s: s if s["sources"]["messages"]["problem"] else None)(status(daemon_env)),
+                         what="the daemon's refusal in status")
+        assert "Full Disk Access" in doc["sources"]["messages"]["problem"] and doc["running"]
+    finally:
+        os.chmod(folder, 0o755)
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 1, what="the message once granted")
     assert d.stop() == 0
 
 

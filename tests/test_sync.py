@@ -1455,6 +1455,26 @@ def test_a_database_macos_refuses_to_open_names_the_full_disk_access_fix(
 
 
 @pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root without setpriv")
+@pytest.mark.parametrize("command", [["sync", "--interactions-only"], ["sync", "--contacts-only"], ["doctor"],
+                                     ["status"]], ids=" ".join)
+def test_a_folder_macos_refuses_a_look_into_names_the_full_disk_access_fix(library: Library, cli: CLI, command):
+    """Without Full Disk Access, macOS may refuse even a stat of a protected folder's files: the
+    Messages and AddressBook folders here. One clear fix, never a traceback."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(days=1))
+    folders = (library.messages_db.parent, library.books[0].path.parent)
+    for folder in folders:
+        os.chmod(folder, 0)
+    try:
+        result = cli.run_with_prefix(unprivileged(), *command)
+    finally:
+        for folder in folders:
+            os.chmod(folder, 0o755)
+
+    assert "Traceback" not in result.output and "Full Disk Access" in result.output, result.output[-600:]
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root without setpriv")
 def test_doctor_without_full_disk_access_exits_2_as_sync_does(library: Library, cli: CLI):
     os.chmod(library.messages_db, 0)  # macOS refuses to open it
 

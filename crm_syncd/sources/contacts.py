@@ -52,7 +52,8 @@ def store_paths(addressbook_dir: Path) -> list[Path]:
     """The top-level store (if present), then every `Sources/*/` store, sorted."""
     addressbook_dir = Path(addressbook_dir)
     root = addressbook_dir / DB_NAME
-    return ([root] if root.is_file() else []) + sorted(addressbook_dir.glob(f"Sources/*/{DB_NAME}"))
+    sqlite.stat(addressbook_dir)  # a refused folder names Full Disk Access, not "no address book"
+    return ([root] if sqlite.stat(root) else []) + sorted(addressbook_dir.glob(f"Sources/*/{DB_NAME}"))
 
 
 def read_contacts(addressbook_dir: Path, *, trace: Trace | None = None) -> ContactsSnapshot:

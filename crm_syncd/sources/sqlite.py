@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import errno
 import gc
+import os
 import sqlite3
 import threading
 import time
@@ -65,11 +66,23 @@ def signature(path: Path) -> str:
     parts = []
     for f in (path, path.with_name(path.name + "-wal")):
         try:
-            st = f.stat()
-        except FileNotFoundError:
-            st = None
+            st = stat(f)
+        except NeedsFullDiskAccess:  # a change too: the read it sets off names the fix
+            parts.append("denied")
+            continue
         parts.append(f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}" if st and st.st_size else "-")
     return "|".join(parts)
+
+
+def stat(path: Path) -> os.stat_result | None:
+    """`path`'s stat, None when it does not exist. macOS refuses even a look at a protected folder's
+    files to a binary without Full Disk Access: that raises NeedsFullDiskAccess, as a refused open does."""
+    try:
+        return path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except PermissionError as exc:
+        raise NeedsFullDiskAccess(path, exc.strerror or "permission denied") from exc
 
 
 def readonly_uri(path: Path) -> str:
@@ -89,7 +102,10 @@ def _is_denied(exc: BaseException, path: Path) -> bool:
     if "authorization denied" in message or "not authorized" in message:
         return True
     # "unable to open database file" on a file that exists is how TCC refusals often look.
-    return "unable to open database file" in message and path.exists()
+    try:
+        return "unable to open database file" in message and path.exists()
+    except PermissionError:
+        return True
 
 
 class Database:
@@ -114,7 +130,7 @@ class Database:
 
         Locked/busy errors raised inside the block are retried by `retrying`, not here.
         """
-        if not self.path.exists():  # also when kept: a deleted file must not be read on
+        if stat(self.path) is None:  # also when kept: a deleted file must not be read on
             self.close()
             raise SourceMissing(f"{self.path} does not exist")
         conn = self._conn or self._connect()
