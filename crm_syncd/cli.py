@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from crm_syncd import __version__, crm as crmlib, logs
 from crm_syncd.engine import SOURCES, ContactsReport, Engine, PushReport, SourceReport
 from crm_syncd.settings import (API_KEY_PLACES, ConfigError, Settings, config_warnings, load_settings,
-                                ready_folder)
+                                ready_folder, where_set)
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError
 from crm_syncd.store import Store, StoreError
 
@@ -250,7 +250,7 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
             out.print(f"  {logs.mask_key(key)}: {reason}")
     if refused:
         out.print(f"[red]✗ the CRM refused crm-syncd's API key[/] ({refused}): "
-                  f"set api_key in {API_KEY_PLACES}{queued}")
+                  f"set api_key in {where_set('api_key', API_KEY_PLACES)}{queued}")
     elif push and push.throttled:
         waiting = counts.get("pending", 0) + counts.get("sending", 0)
         out.print(f"[red]✗ CRM busy:[/] the CRM asked to wait {push.throttled:.0f} s; "

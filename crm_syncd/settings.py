@@ -261,6 +261,14 @@ def _source_of(field: str, overrides: dict[str, Any], file: Path | None,
     return "default"
 
 
+def where_set(field: str, otherwise: str) -> str:
+    """Where the owner changes `field`: the environment variable or config file that set it (naming
+    config.toml when the legacy JSON or a variable is what counts would send them the wrong way),
+    else `otherwise`."""
+    source = _source_of(field, {}, *read_config_file())
+    return source.removeprefix("from ") if source != "default" else otherwise
+
+
 def _describe(error: dict[str, Any], overrides: dict[str, Any], file: Path | None,
               file_data: dict[str, Any]) -> str:
     field = str(error["loc"][0]) if error.get("loc") else "?"

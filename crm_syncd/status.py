@@ -15,7 +15,7 @@ from crm_syncd import crm as crmlib, launchd
 from crm_syncd.daemon import HEARTBEAT_S, Lock
 from crm_syncd.engine import CONTACTS_PROBLEMS, CONTACTS_SYNCED
 from crm_syncd.logs import mask_key
-from crm_syncd.settings import API_KEY_PLACES, Settings, folder_problem, space_problem
+from crm_syncd.settings import API_KEY_PLACES, Settings, folder_problem, space_problem, where_set
 from crm_syncd.sources import AHEAD, contacts as contacts_source
 from crm_syncd.sources.calls import CallsReader
 from crm_syncd.sources.messages import MessagesReader
@@ -208,10 +208,11 @@ def doctor(settings: Settings) -> list[Check]:
         reachable, refusal = False, crmlib.CRMError(str(exc))
     if isinstance(refusal, crmlib.Unauthorized):
         checks.append(Check("CRM", False, f"{settings.api_url} refused crm-syncd's API key ({refusal.message})",
-                            f"set api_key in {API_KEY_PLACES}", owner_fix=True))
+                            f"set api_key in {where_set('api_key', API_KEY_PLACES)}", owner_fix=True))
     elif not reachable:
         checks.append(Check("CRM", False, f"{settings.api_url}/api/health does not answer",
-                            "start Citadel or fix api_url in ~/.config/crm-syncd/config.toml"))
+                            "start Citadel or fix api_url in "
+                            f"{where_set('api_url', '~/.config/crm-syncd/config.toml')}"))
     elif refusal is not None:
         checks.append(Check("CRM", False, f"{settings.api_url} answers, but not a listing of contacts "
                             f"({refusal.message})", "see the CRM's own log"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sqlite3
 from collections import Counter
 from pathlib import Path
@@ -1415,6 +1416,43 @@ def test_a_folder_setting_that_cannot_be_made_is_one_line_naming_setting_folder_
     line = result.stderr.strip()
     assert "\n" not in line and setting in line and folder in line
     assert "Permission denied" in line or "is not a folder" in line, line
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("where", ["env", "legacy json"])
+def test_doctor_names_where_a_dead_api_url_was_set_not_config_toml(library: Library, cli: CLI, home, where):
+    """Following 'fix api_url in config.toml' would change nothing against the variable, and against the
+    legacy file would make crm-syncd drop it whole, the API key too."""
+    if where == "env":
+        cli.env["CRM_SYNCD_API_URL"] = closed_port_url()
+        expected = "CRM_SYNCD_API_URL"
+    else:
+        del cli.env["CRM_SYNCD_API_URL"]
+        (home / ".crm-sync-config.json").write_text(json.dumps({"api_url": closed_port_url(), "api_key": "k"}))
+        expected = str(home / ".crm-sync-config.json")
+
+    result = cli("doctor")
+
+    (line,) = [line for line in result.stdout.splitlines() if "fix:" in line and "api_url" in line]
+    assert expected in line and "config.toml" not in line, line
+
+
+def test_a_refused_api_key_from_the_legacy_json_is_named_there(library: Library, citadel, cli: CLI, home):
+    citadel.require_key("the-right-key")
+    del cli.env["CRM_SYNCD_API_URL"]
+    (home / ".crm-sync-config.json").write_text(json.dumps({"api_url": citadel.url, "api_key": "an-old-key"}))
+    library.text(JANE, at=ago(days=1))
+
+    result = cli("sync")
+
+    assert result.code == 2, result.output
+    (line,) = [line for line in result.output.splitlines() if "refused crm-syncd's API key" in line]
+    assert f"set api_key in {home / '.crm-sync-config.json'}" in line, line
 
 
 def test_doctor_names_a_state_folder_that_cannot_be_made_and_its_setting(library: Library, cli: CLI, tmp_path):
