@@ -151,15 +151,15 @@ class Settings(BaseSettings):
 
     debounce_ms: int = Field(250, ge=0)
     max_wait_ms: int = Field(2000, ge=0)
-    safety_probe_s: float = Field(60, gt=0)
-    contacts_rescan_s: float = Field(60, gt=0)
+    safety_probe_s: float = Field(60, gt=0, allow_inf_nan=False)
+    contacts_rescan_s: float = Field(60, gt=0, allow_inf_nan=False)
     push_concurrency: int = Field(8, ge=1, le=64)
     batch_size: int = Field(2000, ge=1)
-    request_timeout_s: float = Field(10, gt=0)
-    shutdown_deadline_s: float = Field(10, gt=0)
+    request_timeout_s: float = Field(10, gt=0, allow_inf_nan=False)
+    shutdown_deadline_s: float = Field(10, gt=0, allow_inf_nan=False)
     max_ambiguous_retries: int = Field(3, ge=0)
     heartbeat_url: str | None = None
-    heartbeat_interval_s: float = Field(300, gt=0)
+    heartbeat_interval_s: float = Field(300, gt=0, allow_inf_nan=False)
 
     _config_file: Path | None = PrivateAttr(default=None)
 

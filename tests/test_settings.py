@@ -224,6 +224,8 @@ def test_invalid_override_is_attributed_to_the_command_line(home):
     ("heartbeat_url", "http://127.0.0.1:99999/ping"),  # a port no request can reach
     ("api_url", "http://localhost:0"),
     ("api_url", "not a url"),
+    ("request_timeout_s", "inf"),  # a wait that never ends
+    ("shutdown_deadline_s", "inf"),
 ])
 def test_each_invalid_setting_is_named_with_its_env_source(home, monkeypatch, setting, value):
     monkeypatch.setenv(f"CRM_SYNCD_{setting.upper()}", value)
