@@ -80,6 +80,41 @@ def test_group_chats_count_for_the_sender_inbound_and_for_every_participant_outb
     assert kinds(citadel, "Bob Roe") == {"TEXT_OUTBOUND": 1}
 
 
+def group_event(library: Library, chat: int, *, item_type: int, action: int, handle: int, other: int, at) -> None:
+    """A group's membership event (item_type 1: `other` added (0) or removed (1); 3 with action 0:
+    `handle` left), as Messages writes it beside the change to chat_handle_join."""
+    rowid = library.chat.message(chat=chat, handle=handle, from_me=handle == 0, at=at, item_type=item_type, text=None)
+    library.chat.conn.execute("UPDATE message SET group_action_type = ?, other_handle = ? WHERE ROWID = ?",
+                              (action, other, rowid))
+    library.chat.commit()
+
+
+def test_an_old_group_message_goes_to_the_members_it_was_sent_to_not_todays(library: Library, citadel, cli: CLI):
+    """A first sync reads a group message of three days ago. Since then the owner added Carol and
+    removed Bob, and Dan left: Bob and Dan got it, Carol did not."""
+    dan = "+16135550199"
+    for first, last, phone in (("Jane", "Doe", JANE), ("Bob", "Roe", BOB), ("Carol", "Poe", CAROL), ("Dan", "Fox", dan)):
+        library.card(first=first, last=last, phones=[phone])
+    library.group_text([JANE, BOB, dan], at=ago(days=3))
+    chat = library._chats[tuple(sorted([JANE, BOB, dan]))]
+    bob, carol, dan_handle = (library.chat.handle(a) for a in (BOB, CAROL, dan))
+    conn = library.chat.conn
+    conn.execute("INSERT INTO chat_handle_join (chat_id, handle_id) VALUES (?, ?)", (chat, carol))
+    group_event(library, chat, item_type=1, action=0, handle=0, other=carol, at=ago(days=2))
+    conn.execute("DELETE FROM chat_handle_join WHERE chat_id = ? AND handle_id IN (?, ?)", (chat, bob, dan_handle))
+    group_event(library, chat, item_type=1, action=1, handle=0, other=bob, at=ago(days=1))
+    group_event(library, chat, item_type=3, action=0, handle=dan_handle, other=0, at=ago(days=1))
+    library.chat.message(chat=chat, from_me=True, at=ago(hours=1))  # today's members get today's message
+    library.chat.commit()
+
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert {name: kinds(citadel, name) for name in ("Jane Doe", "Bob Roe", "Carol Poe", "Dan Fox")} == {
+        "Jane Doe": {"TEXT_OUTBOUND": 2}, "Bob Roe": {"TEXT_OUTBOUND": 1}, "Carol Poe": {"TEXT_OUTBOUND": 1},
+        "Dan Fox": {"TEXT_OUTBOUND": 1}}
+
+
 def test_group_messages_skip_setting_drops_outbound_group_messages(library: Library, citadel, cli: CLI):
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.group_text([JANE, BOB], sender=JANE)

@@ -101,7 +101,8 @@ class MessagesReader(sqlite.SourceReader):
             elif not fan_out:
                 skipped[GROUP_OUTGOING] += 1
                 continue
-            else:  # group, outgoing: one Activity per participant
+            else:  # group, outgoing: one Activity per participant (as the group was when it was sent)
+                parties = maps.events.members_at(chat_id, rowid, parties)
                 for address, person, country in parties:
                     add(new(Activity, (f"msg:{guid}:{address}", address, TEXT_OUTBOUND, occurred, None, person, country)))
                 if parties:
@@ -126,17 +127,59 @@ class _Maps(NamedTuple):
     newest_handle: int
     newest_chat: int
     own: frozenset[str]  # the owner's addresses the chats were last addressed from
+    events: _MembershipEvents  # who joined and left each group since
 
     @classmethod
     def load(cls, conn: sqlite3.Connection) -> _Maps:
         handles = _handles(conn)
         singles, groups, newest_chat, own = _chats(conn, handles)
-        return cls(handles, singles, groups, max(handles, default=0), newest_chat, own)
+        return cls(handles, singles, groups, max(handles, default=0), newest_chat, own, _MembershipEvents(conn, handles))
 
     def behind(self, rows: list[tuple]) -> bool:
         """Whether some row names a handle or chat newer than these maps (Apple added it since)."""
         return (max(filter(None, map(_HANDLE, rows)), default=0) > self.newest_handle
                 or max(filter(None, map(_CHAT, rows)), default=0) > self.newest_chat)
+
+
+class _MembershipEvents:
+    """A group's members when one of its messages was sent: `chat_handle_join` holds today's only, so
+    the events since (someone added or removed, item_type 1; someone left, item_type 3) are undone,
+    newest first. Each chat's events are read once per session, when it first needs them."""
+
+    def __init__(self, conn: sqlite3.Connection, handles: dict[int, Party]) -> None:
+        self._conn, self._handles = conn, handles
+        self._able = {"item_type", "group_action_type", "other_handle"} <= sqlite.columns(conn, "message")
+        self._chats: dict[int, list[tuple[int, bool, Party]]] = {}  # chat -> (ROWID, added?, who), oldest first
+
+    def members_at(self, chat: int, rowid: int, parties: tuple[Party, ...]) -> tuple[Party, ...]:
+        later = [event for event in self._of(chat) if event[0] > rowid]
+        if not later:
+            return parties
+        members = {party[0]: party for party in parties}
+        for _rowid, added, party in reversed(later):
+            if added:
+                members.pop(party[0], None)
+            else:
+                members.setdefault(party[0], party)
+        return tuple(members.values())
+
+    def _of(self, chat: int) -> list[tuple[int, bool, Party]]:
+        if (events := self._chats.get(chat)) is not None or not self._able:
+            return events or []
+        events = self._chats[chat] = []
+        for rowid, item_type, action, handle, other in self._conn.execute(
+                "SELECT m.ROWID, m.item_type, m.group_action_type, m.handle_id, m.other_handle "
+                "FROM chat_message_join j JOIN message m ON m.ROWID = j.message_id "
+                "WHERE j.chat_id = ? AND m.item_type IN (1, 3) ORDER BY m.ROWID", (chat,)):
+            if item_type == 1 and action in (0, 1) and other != handle:  # the same: a member changed number
+                who, added = other, action == 0
+            elif item_type == 3 and action == 0 and handle:  # a member left (handle 0: the owner did)
+                who, added = handle, False
+            else:
+                continue
+            if (party := self._handles.get(who)) is not None:
+                events.append((rowid, added, party))
+        return events
 
 
 def _maps(db: sqlite.Database, conn: sqlite3.Connection, rows: list[tuple]) -> _Maps:
