@@ -257,7 +257,8 @@ class Engine:
         if not candidates and not person.addresses:
             candidates = self._unclaimed(index.named(fields["firstName"], fields["lastName"]), person, fields, live,
                                          index)
-        if not candidates and (lost := next((e for e in unanswered if e["person"] == person.key), None)):
+        lost = next((e for e in unanswered if e["person"] == person.key), None)  # a create of theirs unanswered
+        if not candidates and lost is not None:
             # their create whose answer was lost went without the addresses the CRM refused: by name, as sent
             candidates = {c for c in self._unclaimed(index.named(fields["firstName"], fields["lastName"]), person,
                                                      fields, live, index)
@@ -280,8 +281,8 @@ class Engine:
             report.created.append(name)
         elif real:
             survivor = remembered if remembered in real else self._preferred(real)
-            if unanswered:
-                self._own_unanswered_create(survivor, person, index, unanswered)
+            if lost is not None:
+                self._own_unanswered_create(survivor, person, index, lost)
             report.existing += 1
             await self._follow_edits(survivor, fields, index, report, name)
             filed = (self.store.known_contact(survivor) or ("", None))[1]
@@ -669,19 +670,17 @@ class Engine:
                                                     {"person": person_key, "fields": written}])
             raise
 
-    def _own_unanswered_create(self, contact_id: int, person: Person, index: _CRMIndex,
-                               unanswered: list[dict]) -> None:
+    def _own_unanswered_create(self, contact_id: int, person: Person, index: _CRMIndex, lost: dict) -> None:
         """File a contact found for a person as crm-syncd's, with what it sent, when it is exactly what
-        their create whose answer was lost would have made: its card edits are then followed. (The
-        pass drops the notes it was given when it ends.)"""
-        entry = next((e for e in unanswered if e["person"] == person.key), None)
-        if entry is None or _owner_edited(entry["fields"], current := index.by_id[contact_id]):
+        their create whose answer was lost (`lost`: its note) would have made: its card edits are then
+        followed. (The pass drops the notes it was given when it ends.)"""
+        if _owner_edited(lost["fields"], current := index.by_id[contact_id]):
             return
         known = self.store.known_contact(contact_id)
         if known is None or (known[0] == "crm" and known[2] is None):
-            self.store.remember_contact(contact_id, "card", person.key, written=entry["fields"],
+            self.store.remember_contact(contact_id, "card", person.key, written=lost["fields"],
                                         cards=person.unique_ids, created_at=current.get("createdAt"),
-                                        card=entry["fields"])
+                                        card=lost["fields"])
             log.info("contacts.create_found", contact_id=contact_id)
 
     def _creates_answered(self) -> None:

@@ -192,16 +192,15 @@ def doctor(settings: Settings) -> list[Check]:
     for label, reader in readers.items():
         checks.append(_probe(label, reader.path, reader.newest_rowid))
     try:
-        stores: list[Path] | None = contacts_source.store_paths(Path(settings.addressbook_dir))
+        stores = contacts_source.store_paths(Path(settings.addressbook_dir))
     except NeedsFullDiskAccess as exc:
-        stores = None
         checks.append(_denied("Contacts", exc))
-    if stores == []:
-        checks.append(Check("Contacts", False, f"no AddressBook under {settings.addressbook_dir}",
-                            "open Contacts once, or set addressbook_dir"))
-    for db in stores or []:
-        checks.append(_probe(f"Contacts ({db.parent.name})", db,
-                             lambda db=db: contacts_source.read_store(db, db.name)))
+    else:
+        if not stores:
+            checks.append(Check("Contacts", False, f"no AddressBook under {settings.addressbook_dir}",
+                                "open Contacts once, or set addressbook_dir"))
+        checks += [_probe(f"Contacts ({db.parent.name})", db, lambda db=db: contacts_source.read_store(db, db.name))
+                   for db in stores]
     try:
         reachable, refusal = asyncio.run(_crm_answers(settings))
     except Exception as exc:  # noqa: BLE001 - whatever it is, the CRM check fails below with it

@@ -10,6 +10,7 @@ handle or chat newer than them.
 
 from __future__ import annotations
 
+import bisect
 import sqlite3
 import threading
 import time
@@ -148,11 +149,12 @@ class _MembershipEvents:
 
     def __init__(self, conn: sqlite3.Connection, handles: dict[int, Party]) -> None:
         self._conn, self._handles = conn, handles
-        self._able = {"item_type", "group_action_type", "other_handle"} <= sqlite.columns(conn, "message")
+        self._able: bool | None = None  # whether message has the event columns: probed when first needed
         self._chats: dict[int, list[tuple[int, bool, Party]]] = {}  # chat -> (ROWID, added?, who), oldest first
 
     def members_at(self, chat: int, rowid: int, parties: tuple[Party, ...]) -> tuple[Party, ...]:
-        later = [event for event in self._of(chat) if event[0] > rowid]
+        events = self._of(chat)
+        later = events[bisect.bisect_right(events, rowid, key=_ROWID):]
         if not later:
             return parties
         members = {party[0]: party for party in parties}
@@ -164,9 +166,13 @@ class _MembershipEvents:
         return tuple(members.values())
 
     def _of(self, chat: int) -> list[tuple[int, bool, Party]]:
-        if (events := self._chats.get(chat)) is not None or not self._able:
-            return events or []
+        if (events := self._chats.get(chat)) is not None:
+            return events
         events = self._chats[chat] = []
+        if self._able is None:
+            self._able = {"item_type", "group_action_type", "other_handle"} <= sqlite.columns(self._conn, "message")
+        if not self._able:
+            return events
         for rowid, item_type, action, handle, other in self._conn.execute(
                 "SELECT m.ROWID, m.item_type, m.group_action_type, m.handle_id, m.other_handle "
                 "FROM chat_message_join j JOIN message m ON m.ROWID = j.message_id "
