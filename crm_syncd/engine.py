@@ -522,7 +522,7 @@ class Engine:
                                     kept.window_ms)
                 elif batch.last_rowid >= floor:  # --full behind the mark keeps it (floor is 0 without one)
                     kept = Mark(batch.last_rowid, current_file, batch.anchor, window)
-                result = self.store.enqueue(source, items, kept, hints)
+                result = self.store.enqueue(source, items, kept, hints, batch.screened)
                 report.rows += batch.rows
                 report.added += result.added
                 report.duplicates += result.duplicates

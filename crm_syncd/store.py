@@ -193,6 +193,7 @@ MIGRATIONS: dict[int, str] = {
 }
 UNRESOLVED = "(state = 'pending' OR state = 'held') AND contact_id IS NULL"  # as outbox_unresolved's WHERE
 UNKNOWN_OUTCOME = "cannot tell whether it reached the CRM"  # a failed item's reason when it may be there
+SCREENED = "screened call (blocked or silenced) from a number without a contact"  # held; makes no placeholder
 ATTACH_ROWS = 20_000  # items given their contact per transaction
 CACHE_KIB = 16_384  # page cache: a backfill's index pages stay in memory between its batches
 WAL_PAGES = 8_192  # checkpoint every ~32 MiB of WAL, not every 4: a backfill rewrites the same index pages
@@ -419,8 +420,9 @@ class Store:
         return {"rowid": row[0], "file_id": row[1], "updated_ms": row[2]} if row else None
 
     def enqueue(self, source: str, items: Sequence[NewItem], mark: Mark,
-                hints: dict[str, str] | None = None) -> Enqueued:
-        """Add extracted items (ignoring any whose key or fingerprint is known) and move the mark.
+                hints: dict[str, str] | None = None, screened: Sequence[tuple[str, int]] = ()) -> Enqueued:
+        """Add extracted items (ignoring any whose key or fingerprint is known) and move the mark. Items
+        of `screened` (key, occurred_ms) that no contact claims are held (SCREENED) instead of pending.
 
         Not fsynced: a power cut may undo both, and the rows are then extracted again.
         """
@@ -431,6 +433,10 @@ class Store:
                 chunk = items[start:start + ENQUEUE_ROWS]
                 tx.execute(_enqueue_sql(len(chunk)), (stamp, *chain.from_iterable(chunk)))
             added = tx.conn.total_changes - before
+            if screened:
+                tx.conn.executemany("UPDATE outbox SET state = 'held', reason = ? WHERE occurred_ms = ? AND key = ? "
+                                    "AND state = 'pending' AND contact_id IS NULL",
+                                    [(SCREENED, at, key) for key, at in screened])
             if hints:
                 tx.conn.executemany("INSERT OR REPLACE INTO hints (address, person) VALUES (?, ?)", hints.items())
             tx.execute(
@@ -680,10 +686,12 @@ class Store:
     # -- the outbox ------------------------------------------------------------------------
 
     def unresolved_addresses(self, *, held: bool = False) -> list[str]:
-        """Addresses of pending (and, with `held`, held) items that no contact claims yet, sorted."""
+        """Addresses of pending (and, with `held`, held but not SCREENED) items that no contact claims
+        yet, sorted."""
         self.attach()
-        waiting = UNRESOLVED if held else "state = 'pending' AND contact_id IS NULL"
-        return sorted(r[0] for r in self._all(f"SELECT DISTINCT address FROM outbox WHERE {waiting}"))
+        waiting = f"{UNRESOLVED} AND reason IS NOT ?" if held else "state = 'pending' AND contact_id IS NULL"
+        params = (SCREENED,) if held else ()
+        return sorted(r[0] for r in self._all(f"SELECT DISTINCT address FROM outbox WHERE {waiting}", params))
 
     def fail_open(self, addresses: Iterable[str], reason: str) -> None:
         """Park the waiting items of addresses that cannot get a contact (kept for `retry-failed`)."""

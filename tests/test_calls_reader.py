@@ -52,6 +52,35 @@ def test_incoming_declined_call_is_missed(store):
     assert act.type == CALL_MISSED
 
 
+@pytest.mark.parametrize("reason", [1, 2])
+def test_a_call_the_phone_screened_out_is_missed_and_marked_screened(store, reason):
+    pk = store.call(ALICE, AT, unique_id="BLOCKED", filtered_out_reason=reason)
+    store.call(BOB, AT, unique_id="RANG")
+    store.commit()
+    batch = CallsReader(store.path).read(after_rowid=pk - 1)
+    assert [(a.key, a.type) for a in batch.activities] == [("call:BLOCKED", CALL_MISSED), ("call:RANG", CALL_MISSED)]
+    assert batch.screened == [("call:BLOCKED", AT_MS)]
+
+
+@pytest.mark.parametrize("reason", [0, None, "text"])
+def test_a_call_with_no_filter_reason_is_not_screened(store, reason):
+    store.call(ALICE, AT, filtered_out_reason=reason)
+    store.commit()
+    assert CallsReader(store.path).read().screened == []
+
+
+def test_an_outgoing_call_is_never_screened(store):
+    store.call(ALICE, AT, originated=True, filtered_out_reason=1)
+    store.commit()
+    assert CallsReader(store.path).read().screened == []
+
+
+def test_a_screened_group_call_screens_every_party(store):
+    store.call(None, AT, unique_id="G", handles=[ALICE, BOB], filtered_out_reason=1)
+    store.commit()
+    assert sorted(CallsReader(store.path).read().screened) == [(f"call:G:{ALICE}", AT_MS), (f"call:G:{BOB}", AT_MS)]
+
+
 @pytest.mark.parametrize("answered", [False, True])
 def test_outgoing_call_that_lasted_is_outbound_and_connected_whatever_zanswered_says(store, answered):
     act = only(store, originated=True, answered=answered, duration=125.0)

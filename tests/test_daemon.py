@@ -96,6 +96,21 @@ def test_a_new_address_book_card_is_picked_up_by_the_rescan_timer(library: Libra
     assert d.stop() == 0
 
 
+def test_a_screened_call_waits_without_a_placeholder_until_its_number_is_on_a_card(library: Library, citadel, daemon):
+    spam, stranger = "+19055551234", "+19055556789"
+    d = daemon()
+    library.call(spam, filtered_out_reason=1)  # blocked, or silenced as unknown
+    library.call(stranger)
+    eventually(lambda: len(citadel.interactions()) == 1, what="the stranger's call")  # read after the screened one
+    assert [c["phone"] for c in citadel.contacts()] == [stranger]
+
+    library.card(first="Jane", last="Doe", phones=[spam])
+    eventually(lambda: len(citadel.interactions_of(spam)) == 1, what="the screened call, once her card is there")
+    assert d.stop() == 0
+    assert [i["type"] for i in citadel.interactions_of(spam)] == ["CALL_MISSED"]
+    assert sorted(c["firstName"] for c in citadel.contacts()) == ["Jane", "Unknown"]
+
+
 def test_a_card_added_during_a_backfill_reaches_the_crm_before_the_backfill_ends(
         library: Library, citadel, daemon):
     """The rescan's listing of the CRM's contacts takes its turn for a connection behind the push

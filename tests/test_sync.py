@@ -800,6 +800,38 @@ def test_unknown_numbers_get_one_placeholder_and_known_only_holds_them(library: 
     assert len(citadel.interactions(placeholder["id"])) == 2
 
 
+def test_a_call_the_phone_screened_out_makes_no_placeholder_and_waits_for_its_number_on_a_card(
+        library: Library, citadel, cli: CLI):
+    spam, blocked_friend = "+19055551234", "+19055556789"
+    library.call(spam, filtered_out_reason=1)
+    library.call(blocked_friend, filtered_out_reason=2, unique_id="SILENCED")
+
+    held = cli("sync")
+    assert held.code == 0, held.output
+    assert citadel.contacts() == [] and citadel.interactions() == []
+    assert "held 2 (screened call (blocked or silenced) from a number without a contact 2)" in held.stdout
+
+    library.card(first="Jane", last="Doe", phones=[blocked_friend])
+    assert cli("sync").code == 0
+    assert [c["firstName"] for c in citadel.contacts()] == ["Jane"]
+    assert kinds(citadel, "Jane Doe") == {"CALL_MISSED": 1}
+    assert cli("sync", "--full").code == 0
+    assert [c["firstName"] for c in citadel.contacts()] == ["Jane"] and len(citadel.interactions()) == 1
+
+
+def test_a_screened_call_from_someone_on_a_card_or_with_a_placeholder_is_delivered_as_missed(
+        library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.call(JANE, filtered_out_reason=1)
+    library.text(BOB, at=ago(minutes=5))  # Bob wrote first: his number gets a placeholder
+    library.call(BOB, filtered_out_reason=1)
+
+    assert cli("sync").code == 0
+    assert kinds(citadel, "Jane Doe") == {"CALL_MISSED": 1}
+    (placeholder,) = [c for c in citadel.contacts() if c["firstName"] == "Unknown"]
+    assert Counter(i["type"] for i in citadel.interactions(placeholder["id"])) == {"TEXT_INBOUND": 1, "CALL_MISSED": 1}
+
+
 def test_a_number_the_owner_typed_into_the_crm_in_another_format_gets_that_contact_not_a_placeholder(
         library: Library, citadel, cli: CLI):
     library.card(first="Jane", last="Doe", phones=[JANE])

@@ -43,6 +43,9 @@ class Batch:
     # rows with several parties (a message sent to a group, a group call), one Activity each, keyed
     # `<shared>:<address>`: (shared, occurred_ms) per row
     fanned_out: list[tuple[str, int]] = field(default_factory=list)
+    # (key, occurred_ms) of calls the phone screened out (blocked, or silenced as unknown): never a
+    # reason to make a placeholder; delivered once their number has a contact
+    screened: list[tuple[str, int]] = field(default_factory=list)
 
 
 class Phone(NamedTuple):

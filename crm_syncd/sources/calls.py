@@ -51,7 +51,8 @@ class CallsReader(sqlite.SourceReader):
 
 
 def _select(cols: frozenset[str], windowed: bool) -> str:
-    """One SELECT: Z_PK, key, occurred_ms, skip reason, CRM type, duration_s, raw ZADDRESS, its country."""
+    """One SELECT: Z_PK, key, occurred_ms, skip reason, CRM type, duration_s, raw ZADDRESS, its country,
+    and whether the phone screened the call out."""
     def col(name: str) -> str:
         return name if name in cols else "NULL"
 
@@ -70,9 +71,12 @@ def _select(cols: frozenset[str], windowed: bool) -> str:
     duration = (f"CASE WHEN ({originated} OR {answered}) AND typeof({d}) IN ('integer', 'real') "
                 f"AND {d} >= 0.5 AND {d} <= {MAX_DURATION_S} THEN CAST(ROUND({d}) AS INTEGER) END")
     key = f"'call:' || COALESCE(NULLIF({col('ZUNIQUE_ID')}, ''), 'pk:' || Z_PK)"
+    # blocked, or silenced (Silence Unknown Callers, a call-blocking app): the phone kept it from the owner
+    f = col("ZFILTERED_OUT_REASON")
+    screened = f"(NOT {originated} AND typeof({f}) = 'integer' AND {f} != 0)"
     window = f"AND ({occurred} IS NULL OR {occurred} >= :since)" if windowed else ""
     return (f"SELECT Z_PK, {key}, {occurred}, {skip}, {kind}, {duration}, {col('ZADDRESS')}, "
-            f"UPPER({col('ZISO_COUNTRY_CODE')}) "
+            f"UPPER({col('ZISO_COUNTRY_CODE')}), {screened} "
             f"FROM ZCALLRECORD WHERE Z_PK > :after {window} ORDER BY Z_PK LIMIT :limit")
 
 
@@ -96,34 +100,38 @@ def _activities(db: sqlite.Database, conn: sqlite3.Connection, rows: list[tuple]
     skipped: Counter[str] = Counter()
     out: list[Activity] = []
     fanned_out: list[tuple[str, int]] = []
+    screened: list[tuple[str, int]] = []
     add = out.append
     new = tuple.__new__
     decoded = [(row, _address(row[6])) if row[3] is None else (row, None) for row in rows]
     needy = [row[0] for row, address in decoded if row[3] is None and (address is None or address is _ENCRYPTED)]
     parties = _participants(db, conn, rows[0][0], rows[-1][0], needy) if rows else {}
     unsettled = None
-    for (pk, key, occurred, skip, kind, duration, _raw, country), address in decoded:
+    for (pk, key, occurred, skip, kind, duration, _raw, country, filtered), address in decoded:
         if skip is not None:
             skipped[skip] += 1
             if skip == AHEAD and unsettled is None:
                 unsettled = pk
             continue
+        first = len(out)
         readable = address is not None and address is not _ENCRYPTED
         if readable and pk not in parties:  # the common case: one party, named by ZADDRESS
             add(new(Activity, (key, address, kind, occurred, duration, None, country)))
-            continue
-        found, unreadable, forms = parties.get(pk, _NO_PARTIES)
-        if readable and len(found) > 1 and address not in forms:  # a group call that names one party
-            found = (address, *found)
-        if len(found) > 1:  # a group call: one Activity per party
-            for party in found:
-                add(new(Activity, (f"{key}:{party}", party, kind, occurred, duration, None, country)))
-            fanned_out.append((key, occurred))
-        elif readable or found:
-            add(new(Activity, (key, address if readable else found[0], kind, occurred, duration, None, country)))
         else:
-            skipped[ENCRYPTED_ADDRESS if address is _ENCRYPTED or unreadable else NO_ADDRESS] += 1
-    return Batch(activities=out, skipped=skipped, unsettled=unsettled, fanned_out=fanned_out)
+            found, unreadable, forms = parties.get(pk, _NO_PARTIES)
+            if readable and len(found) > 1 and address not in forms:  # a group call that names one party
+                found = (address, *found)
+            if len(found) > 1:  # a group call: one Activity per party
+                for party in found:
+                    add(new(Activity, (f"{key}:{party}", party, kind, occurred, duration, None, country)))
+                fanned_out.append((key, occurred))
+            elif readable or found:
+                add(new(Activity, (key, address if readable else found[0], kind, occurred, duration, None, country)))
+            else:
+                skipped[ENCRYPTED_ADDRESS if address is _ENCRYPTED or unreadable else NO_ADDRESS] += 1
+        if filtered:
+            screened.extend((a.key, occurred) for a in out[first:])
+    return Batch(activities=out, skipped=skipped, unsettled=unsettled, fanned_out=fanned_out, screened=screened)
 
 
 _NO_PARTIES: tuple[tuple[str, ...], bool, frozenset[str]] = ((), False, frozenset())

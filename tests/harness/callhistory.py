@@ -181,6 +181,7 @@ class CallHistoryDB:
         name: str | None = None,
         iso_country: str | None = "us",
         disconnected_cause: int | None = 0,
+        filtered_out_reason: int | None = 0,
     ) -> int:
         """Insert one ZCALLRECORD row (plus handles and join rows); returns its Z_PK.
 
@@ -193,7 +194,7 @@ class CallHistoryDB:
             "Z_PK": pk, "Z_ENT": self.entities["CallRecord"], "Z_OPT": 1,
             "ZANSWERED": int(answered), "ZCALL_CATEGORY": 2 if call_type == 8 else 1,
             "ZCALLTYPE": call_type, "ZDISCONNECTED_CAUSE": disconnected_cause, "ZFACE_TIME_DATA": None,
-            "ZFILTERED_OUT_REASON": 0, "ZHANDLE_TYPE": 3 if "@" in text else 2, "ZJUNKCONFIDENCE": 0,
+            "ZFILTERED_OUT_REASON": filtered_out_reason, "ZHANDLE_TYPE": 3 if "@" in text else 2, "ZJUNKCONFIDENCE": 0,
             "ZNUMBER_AVAILABILITY": 0, "ZORIGINATED": int(originated), "ZREAD": 1,
             "ZVERIFICATIONSTATUS": 0, "ZDATE": apple_seconds(at), "ZDURATION": duration,
             "ZISO_COUNTRY_CODE": iso_country, "ZLOCATION": None, "ZNAME": name,
