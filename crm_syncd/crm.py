@@ -138,24 +138,32 @@ class BadResponse(CRMError):
         return self.accepted or (self.method not in (None, "GET") and status >= 500 and status not in UNHANDLED)
 
 
-def _retry_after(value: str | None) -> float | None:
+def _retry_after(headers: httpx.Headers) -> float | None:
     """Retry-After as seconds (delta-seconds or an HTTP date), between 0 and RETRY_AFTER_MAX_S; None when
-    absent or not a finite number (`inf`, `nan`, garbage): then the caller's own back-off applies."""
+    absent or not a finite number (`inf`, `nan`, garbage): then the caller's own back-off applies. A date
+    is measured from the answer's own `Date` (the server's clock: the Mac's may be off), else from now."""
+    value = headers.get("retry-after")
     if not value:
         return None
     try:
         seconds = float(value)
     except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
+        when = _http_date(value)
+        if when is None:
             return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=dt.timezone.utc)
-        seconds = (when - dt.datetime.now(dt.timezone.utc)).total_seconds()
+        seconds = (when - (_http_date(headers.get("date")) or dt.datetime.now(dt.timezone.utc))).total_seconds()
     if not math.isfinite(seconds):
         return None
     return min(max(0.0, seconds), RETRY_AFTER_MAX_S)
+
+
+def _http_date(value: str | None) -> dt.datetime | None:
+    """An HTTP date as an aware datetime (UTC when it names no zone); None when absent or unreadable."""
+    try:
+        when = email.utils.parsedate_to_datetime(value) if value else None
+    except (TypeError, ValueError):
+        return None
+    return when.replace(tzinfo=dt.timezone.utc) if when is not None and when.tzinfo is None else when
 
 
 @functools.lru_cache(maxsize=4096)
@@ -446,9 +454,9 @@ class CitadelClient:
                 return BadResponse("404: not a Citadel API route (non-JSON answer)", **where)
             return NotFound(message, **where)
         if status == 429:
-            return Throttled(message, retry_after=_retry_after(response.headers.get("retry-after")), **where)
+            return Throttled(message, retry_after=_retry_after(response.headers), **where)
         if status in BUSY_STATUSES:
-            return ServerBusy(message, retry_after=_retry_after(response.headers.get("retry-after")), **where)
+            return ServerBusy(message, retry_after=_retry_after(response.headers), **where)
         if status >= 500:
             return Ambiguous(message, **where)
         if 400 <= status < 500:

@@ -389,6 +389,8 @@ class Daemon:
             if woke or now >= next_rescan + self.settings.contacts_rescan_s:
                 next_rescan = now
                 await self._contacts()
+            if now_ms() < next_sweep_ms - SWEEP_MS:  # the clock was set back past the last sweep: a day from now
+                next_sweep_ms = self._last_sweep_ms() + SWEEP_MS
             if now_ms() >= next_sweep_ms:
                 for source in SOURCES:
                     await self._extract(source, sweep=True)

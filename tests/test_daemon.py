@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import json
 import os
 import shutil
@@ -41,6 +42,7 @@ from tests.test_wake import until
 
 JANE = "+16135550111"
 STATE_DIR = "Library/Application Support/crm-syncd"  # the default, under HOME
+CLOCK_HARNESS = Path(__file__).parent / "harness" / "clock"  # a sitecustomize that sets the wall clock wrong
 
 
 def iso(at) -> str:
@@ -194,6 +196,61 @@ def test_the_daily_sweep_is_due_by_the_wall_clock_across_restarts_and_reads_a_ro
     (swept,) = state.execute("SELECT value FROM kv WHERE key = 'last_sweep_ms'").fetchone()
     state.close()
     assert time.time() - int(swept) / 1000 < 60  # its day noted: the next is due in 24 hours
+
+
+def test_the_daily_sweep_still_comes_a_day_on_after_a_clock_set_ahead_is_put_right_under_the_daemon(
+        library: Library, citadel, daemon, daemon_env, home, tmp_path):
+    """A clock set a month ahead by mistake, then put right by network time while the daemon runs: the
+    sweep it ran meanwhile does not put the next one a month away."""
+    offset = tmp_path / "clock-offset"
+    offset.write_text("0")
+    daemon_env.env.update(CRM_TEST_CLOCK_OFFSET_FILE=str(offset),
+                          PYTHONPATH=os.pathsep.join([str(CLOCK_HARNESS), daemon_env.env.get("PYTHONPATH", "")]))
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=3))
+    gap = library.text(JANE, at=ago(hours=2))
+    library.chat.delete_message(gap)
+    library.text(JANE, at=ago(hours=1))
+    d = daemon()
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 2, what="the catch-up")
+
+    offset.write_text(str(30 * 86_400))
+    eventually(lambda: last_sweep_ms(home) > (time.time() + 86_400) * 1000, what="the sweep the clock ahead made due")
+    offset.write_text("0")
+    eventually(lambda: last_sweep_ms(home) <= time.time() * 1000, what="the day counted again from now")
+    late = library.text(JANE, at=ago(minutes=90))  # a row below the mark (a restore renumbered it)
+    library.chat.conn.execute("UPDATE message SET ROWID = ? WHERE ROWID = ?", (gap, late))
+    library.chat.conn.execute("UPDATE chat_message_join SET message_id = ? WHERE message_id = ?", (gap, late))
+    library.chat.commit()
+    offset.write_text(str(25 * 3600))  # a day and an hour on
+
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 3, what="the row below the mark, read by the sweep")
+    assert d.stop() == 0
+
+
+def last_sweep_ms(home: Path) -> int:
+    with contextlib.closing(sqlite3.connect(home / STATE_DIR / "state.db", timeout=10)) as state:
+        row = state.execute("SELECT value FROM kv WHERE key = 'last_sweep_ms'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_429_dated_by_the_crms_clock_is_waited_out_as_asked_when_the_macs_clock_is_an_hour_behind(
+        library: Library, citadel, daemon, daemon_env, tmp_path):
+    """Retry-After as an HTTP date is measured from the answer's own Date, not from the Mac's clock."""
+    offset = tmp_path / "clock-offset"
+    offset.write_text(str(-3600))
+    daemon_env.env.update(CRM_TEST_CLOCK_OFFSET_FILE=str(offset),
+                          PYTHONPATH=os.pathsep.join([str(CLOCK_HARNESS), daemon_env.env.get("PYTHONPATH", "")]))
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=3))
+    d = daemon()
+    eventually(lambda: citadel.interactions_of(JANE), what="the first message")
+    citadel.faults = Faults(rate=1.0, kinds=("429",), limit=1,
+                            retry_after=email.utils.formatdate(time.time() + 2, usegmt=True))
+    library.text(JANE)
+
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 2, timeout=30, what="the message, 2 s after the 429")
+    assert d.stop() == 0
 
 
 def test_an_interaction_another_mac_sent_later_the_same_day_is_adopted_not_created_twice(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import calendar
+import email.utils
 import json
 import random
 import re
@@ -499,8 +500,9 @@ class _Handler(socketserver.StreamRequestHandler):
         return body if len(body) == n else None
 
     def _send(self, status: int, body: bytes, ctype: bytes, extra: bytes, keep: bool) -> None:
-        head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n" % (
-            status, _REASONS.get(status, "Unknown").encode(), ctype, len(body), extra,
+        head = b"HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n" % (
+            status, _REASONS.get(status, "Unknown").encode(), email.utils.formatdate(usegmt=True).encode(),
+            ctype, len(body), extra,
             b"Connection: keep-alive\r\n" if keep else b"Connection: close\r\n",
         )
         self.connection.sendall(head + body)
