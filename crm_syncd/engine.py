@@ -658,17 +658,29 @@ class Engine:
     async def _create_contact(self, fields: dict, made_for: tuple[str, dict] | None = None) -> dict:
         """POST a contact, noting the moment first: if its pass ends before the answer (a stop, a crash,
         a lost answer), the next pass knows the contact may still appear (`_creates_landed`). A card's
-        create whose answer was lost is noted with its person and fields (`made_for`): the contact the
-        next pass finds for them is the one crm-syncd made (`_own_unanswered_create`)."""
+        create is noted first with its person and fields (`made_for`), the note kept unless a definite
+        answer comes: the contact the next pass finds for them is the one crm-syncd made
+        (`_own_unanswered_create`)."""
         self.store.put(CREATE_SENT, now_ms(), durable=False)  # a power cut outlasts any request anyway
+        note = {"person": made_for[0], "fields": made_for[1]} if made_for is not None else None
+        if note is not None:
+            self.store.put(UNANSWERED_CREATES, [*self.store.get(UNANSWERED_CREATES, []), note], durable=False)
         try:
-            return await self.crm.create_contact(fields)
+            contact = await self.crm.create_contact(fields)
         except crmlib.CRMError as exc:
-            if made_for is not None and exc.maybe_written:
-                person_key, written = made_for
-                self.store.put(UNANSWERED_CREATES, [*self.store.get(UNANSWERED_CREATES, []),
-                                                    {"person": person_key, "fields": written}])
+            if note is not None and not exc.maybe_written:
+                self._answered(note)
             raise
+        if note is not None:
+            self._answered(note)
+        return contact
+
+    def _answered(self, note: dict) -> None:
+        """Drop the note of a create whose outcome is known (made, or certainly not)."""
+        notes = self.store.get(UNANSWERED_CREATES, [])
+        if note in notes:
+            notes.remove(note)
+            self.store.put(UNANSWERED_CREATES, notes, durable=False)
 
     def _own_unanswered_create(self, contact_id: int, person: Person, index: _CRMIndex, lost: dict) -> None:
         """File a contact found for a person as crm-syncd's, with what it sent, when it is exactly what

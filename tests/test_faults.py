@@ -569,6 +569,29 @@ def test_ctrl_c_stops_a_sync_at_once_and_the_next_sync_delivers_the_rest_once(
     assert compare(Counter(iso(at) for at in moments), got) == (0, 0)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_contact_whose_create_a_stop_cut_short_is_crm_syncds_and_follows_its_card(
+        library: Library, citadel: CitadelServer, cli: CLI, sig):
+    """Stopped while Jane's contact is on its way into a slow CRM: the next sync finds it (no second one)
+    and files it as the one crm-syncd made, so her card's later rename reaches it."""
+    card = library.card(first="Jane", last="Doe", phones=[JANE])
+    citadel.faults = Faults(rate=1.0, kinds=("slow",), slow_s=2.0, routes=("/api/contacts",))
+    sync = cli.popen("sync")
+    eventually(lambda: citadel.faults.fired["slow"], what="the create on its way")
+    sync.send_signal(sig)
+    sync.communicate(timeout=30)
+    eventually(lambda: citadel.contacts(), what="the create landed")
+    citadel.faults = Faults()
+    assert cli("sync").code == 0
+
+    library.books[0].update_card(card, last="Smith")
+    library.books[0].commit()
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert [(c["firstName"], c["lastName"]) for c in citadel.contacts()] == [("Jane", "Smith")]
+
+
 def test_ctrl_c_stops_a_sync_waiting_out_a_locked_chat_db_at_once(library: Library, citadel: CitadelServer, cli: CLI):
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.chat.conn.execute("PRAGMA locking_mode=EXCLUSIVE")
