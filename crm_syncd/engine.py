@@ -477,8 +477,8 @@ class Engine:
             self.own_addresses.update(a for a in map(self.normalize.person, session.own_addresses()) if a)
             if mark is None and since is None and not full:
                 since = now - self.settings.initial_lookback_days * DAY_MS
-            elif mark is not None and full:
-                floor = mark.rowid  # --full re-reads from the start but never moves the mark back
+            elif mark is not None and (full or days is not None):
+                floor = mark.rowid  # --full and --days N re-read from the start but never move the mark back
             elif mark is not None:
                 after = mark.rowid
                 if self._replaced(session, mark, current_file):

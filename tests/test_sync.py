@@ -1196,6 +1196,26 @@ def test_days_limits_the_window_of_a_first_sync(library: Library, citadel, cli: 
     assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1}
 
 
+def test_a_wider_days_run_after_a_narrow_one_sends_the_older_history_once(library: Library, citadel, cli: CLI):
+    """`--days N` reads the last N days whatever an earlier run read: a first `--days 30`, then
+    `--days 365`, sends the months between; a daemon or plain sync afterwards sends nothing again."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(days=400))
+    library.text(JANE, at=ago(days=200))
+    library.call(JANE, answered=True, duration=40, at=ago(days=100))
+    library.text(JANE, at=ago(days=5))
+    assert cli("sync", "--days", "30").code == 0
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1}
+
+    result = cli("sync", "--days", "365")
+
+    assert result.code == 0, result.output
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 2, "CALL_INBOUND": 1}, result.stdout
+    library.text(JANE, at=ago(hours=1))
+    assert cli("sync").code == 0 and cli("sync", "--days", "365").code == 0
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 3, "CALL_INBOUND": 1}
+
+
 @pytest.mark.parametrize("first_sync", [True, False])
 def test_an_outgoing_message_is_delivered_once_sent_and_never_if_its_send_fails(
         library: Library, citadel, cli: CLI, first_sync: bool):
