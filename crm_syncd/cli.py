@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import signal
 import sys
 from collections import Counter
 from contextlib import contextmanager
@@ -129,6 +130,9 @@ def _sync(*, contacts_only: bool, interactions_only: bool, dry_run: bool, known_
         return asyncio.run(_sync_async(settings, store, contacts_only=contacts_only,
                                        interactions_only=interactions_only, dry_run=dry_run,
                                        known_only=known_only, days=days, full=full))
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, or a stop (SIGTERM, SIGHUP)
+        err.print("[yellow]stopped:[/] what was not delivered stays queued for the next sync or the daemon")
+        return EXIT_FAILED
     finally:
         store.close()
         lock.release()
@@ -142,6 +146,9 @@ def _open_store(settings: Settings, dry_run: bool) -> Store:
 
 async def _sync_async(settings: Settings, store: Store, *, contacts_only: bool, interactions_only: bool,
                       dry_run: bool, known_only: bool, days: int | None, full: bool) -> int:
+    loop, this = asyncio.get_running_loop(), asyncio.current_task()
+    for stop in (signal.SIGTERM, signal.SIGHUP):  # ends the run as Ctrl-C does: what was claimed is given back
+        loop.add_signal_handler(stop, this.cancel)
     async with crmlib.CitadelClient(settings.api_url, settings.api_key_value, timeout=settings.request_timeout_s,
                                     max_connections=settings.push_concurrency) as client:
         crm = crmlib.DryRun(client) if dry_run else client

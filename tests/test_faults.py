@@ -545,8 +545,9 @@ def test_the_back_off_a_crm_asks_for_is_capped_at_a_quarter_of_an_hour(
     assert 14 * 60 < asyncio.run(wait_asked()) <= 15 * 60
 
 
-def test_ctrl_c_stops_a_sync_at_once_and_the_next_sync_delivers_the_rest_once(
-        library: Library, citadel: CitadelServer, cli: CLI):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_ctrl_c_or_a_stop_ends_a_sync_at_once_saying_so_and_the_next_sync_delivers_the_rest_once(
+        library: Library, citadel: CitadelServer, cli: CLI, stop: signal.Signals):
     library.card(first="Jane", last="Doe", phones=[JANE])
     assert cli("sync").code == 0
     moments = [ago(minutes=1500 - n) for n in range(1500)]  # several seconds of delivery
@@ -558,9 +559,10 @@ def test_ctrl_c_stops_a_sync_at_once_and_the_next_sync_delivers_the_rest_once(
     citadel.faults = Faults(rate=1.0, kinds=("slow",), slow_s=0.05)
     sync = cli.popen("sync")
     first = eventually(lambda: count_interactions(citadel), what="the first delivery")
-    sync.send_signal(signal.SIGINT)
-    sync.communicate(timeout=30)
+    sync.send_signal(stop)
+    _out, words = sync.communicate(timeout=30)
 
+    assert sync.returncode == 1 and "stopped: what was not delivered stays queued" in words, (sync.returncode, words)
     stopped_at = count_interactions(citadel)
     assert 0 < stopped_at < len(moments), f"{first} delivered when interrupted"  # it stopped, not carried on
     citadel.faults = Faults()
