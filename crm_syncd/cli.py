@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from crm_syncd import __version__, crm as crmlib, logs
-from crm_syncd.engine import SOURCES, ContactsReport, Engine, PushReport, SourceReport
+from crm_syncd.engine import SOURCES, ContactsReport, Engine, PlaceholdersReport, PushReport, SourceReport
 from crm_syncd.settings import (API_KEY_PLACES, ConfigError, Settings, config_warnings, load_settings,
                                 ready_folder, where_set)
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError
@@ -156,7 +156,7 @@ async def _sync_async(settings: Settings, store: Store, *, contacts_only: bool, 
         contacts: ContactsReport | None = None
         sources: list[SourceReport] = []
         push: PushReport | None = None
-        placeholders: list[str] = []
+        placeholders = PlaceholdersReport()
         crm_error: crmlib.CRMError | None = None
         with owner_errors():
             if not interactions_only:
@@ -188,7 +188,7 @@ async def _sync_async(settings: Settings, store: Store, *, contacts_only: bool, 
         crm_down = crm_error.message if crm_error else None
         refused = crm_down if isinstance(crm_error, crmlib.Unauthorized) else push and push.refused
         failed = bool(push and (push.failed or push.unreachable or push.throttled) or contacts and contacts.failed
-                      or crm_down or any(report.error for report in sources))
+                      or placeholders.refused or crm_down or any(report.error for report in sources))
         _summary(store, contacts, sources, placeholders, push, crm_down, refused, failed, dry_run, crm)
     return EXIT_FIX if refused else EXIT_FAILED if failed else EXIT_OK
 
@@ -207,9 +207,9 @@ def _reasons(counter: Counter[str]) -> str:
     return " (" + ", ".join(f"{reason} {n}" for reason, n in counter.most_common()) + ")"
 
 
-def _summary(store: Store, contacts: ContactsReport | None, sources: list[SourceReport], placeholders: list[str],
-             push: PushReport | None, crm_down: str | None, refused: str | None, failed: bool, dry_run: bool,
-             crm) -> None:
+def _summary(store: Store, contacts: ContactsReport | None, sources: list[SourceReport],
+             placeholders: PlaceholdersReport, push: PushReport | None, crm_down: str | None, refused: str | None,
+             failed: bool, dry_run: bool, crm) -> None:
     verb, synced_verb = ("would create", "would sync") if dry_run else ("created", "synced")
     queued = "" if dry_run else "; everything stays queued for the next run"
     if dry_run:
@@ -230,10 +230,13 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
             out.print(f"  [yellow]possible duplicate:[/] CRM contact {other} looks like {kept} (left alone)")
         for store_name, problem in contacts.store_errors.items():
             out.print(f"  [yellow]skipped {store_name}: {problem}[/]")
-    if placeholders:
-        out.print(f"[bold]Placeholders[/]  {verb} {len(placeholders)}")
-        for name in placeholders[:20]:
+    if placeholders.created or placeholders.refused:
+        out.print(f"[bold]Placeholders[/]  {verb} {len(placeholders.created)}"
+                  + (f" · [red]refused {len(placeholders.refused)}[/]" if placeholders.refused else ""))
+        for name in placeholders.created[:20]:
             out.print(f"  ? {logs.mask_text(name)}")
+        for name, reason in placeholders.refused[:5]:
+            out.print(f"  [red]✗[/] {logs.mask_text(name)}: {reason} (its interactions are kept as failed)")
     delivered = push.delivered_by_type if push else Counter()
     for report in sources:
         label = report.source.capitalize()

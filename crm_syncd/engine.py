@@ -32,6 +32,7 @@ from crm_syncd.identity import (
     Normalizer,
     Person,
     crm_addresses,
+    crm_takes_email,
     is_placeholder,
     merge_cards,
     owner_notes,
@@ -90,6 +91,12 @@ class ContactsReport:
     skipped: Counter[str] = field(default_factory=Counter)
     store_errors: dict[str, str] = field(default_factory=dict)
     missing: bool = False
+
+
+@dataclass
+class PlaceholdersReport:
+    created: list[str] = field(default_factory=list)  # names
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (name, why): their interactions failed
 
 
 @dataclass
@@ -602,21 +609,20 @@ class Engine:
 
     # -- 3. resolution --------------------------------------------------------------------
 
-    async def resolve(self) -> list[str]:
-        """Give open items a contact; returns the placeholder names created."""
+    async def resolve(self) -> PlaceholdersReport:
+        """Give open items a contact: the one their address (or a handle Messages groups with it) has,
+        else a placeholder made for them, unless placeholders are off (--known-only,
+        create_unknown_contacts = false): then they are held."""
         async with self._contacts_lock:
             return await self._resolve()
 
-    async def _resolve(self) -> list[str]:
-        created: list[str] = []
+    async def _resolve(self) -> PlaceholdersReport:
+        report = PlaceholdersReport()
         await asyncio.to_thread(self.store.attach)  # off the loop; the store's own calls below then find none due
-        if self.known_only or not self.settings.create_unknown_contacts:
-            self.store.hold_unresolved("unknown contact")
-            return created
-        unresolved = self.store.unresolved_addresses(held=True)
+        placeholders = not self.known_only and self.settings.create_unknown_contacts
         done: set[str] = set()
         listed: _CRMIndex | None = None  # the CRM's contacts, listed once a placeholder may be needed
-        for address in unresolved:
+        for address in self.store.unresolved_addresses(held=True):
             if address in done:
                 continue
             person = self.store.hint(address)
@@ -626,6 +632,8 @@ class Engine:
             if known is not None:  # a placeholder's stays known as such: a card holding the new handle promotes it
                 origin = "placeholder" if (self.store.known_contact(known) or ("",))[0] == "placeholder" else "person"
                 self.store.map_addresses(group, known, origin)
+                continue
+            if not placeholders:
                 continue
             primary = next((a for a in group if a.startswith("+")), group[0])
             # A contact may hold it since the last contacts sync: made by the owner or another Mac, or by
@@ -641,19 +649,29 @@ class Engine:
                 self.store.map_addresses(group, existing["id"], "crm")
                 continue
             fields = placeholder_fields(primary)
-            try:
-                contact = await self._create_contact(fields)
-            except crmlib.Rejected as exc:
-                self.store.fail_open(group, f"placeholder rejected by the CRM: {exc.reason}")
+            name = f"{fields['firstName']} {fields['lastName']}"
+            # an email the CRM is known to refuse is not sent (nor promised by a dry run): its 422's words
+            refusal = None if "@" not in primary or crm_takes_email(primary) else "email: Invalid email"
+            if refusal is None:
+                try:
+                    contact = await self._create_contact(fields)
+                except crmlib.Rejected as exc:
+                    refusal = exc.reason
+            if refusal is not None:
+                self.store.fail_open(group, f"placeholder rejected by the CRM: {refusal}")
+                report.refused.append((name, refusal))
+                log.warning("contacts.placeholder_refused", address=primary, reason=refusal)
                 continue
             self.store.remember_contact(contact["id"], "placeholder", f"placeholder:{primary}", written=fields,
                                         created_at=contact.get("createdAt"))
             self.store.map_addresses(group, contact["id"], "placeholder")
-            created.append(f"{fields['firstName']} {fields['lastName']}")
+            report.created.append(name)
             log.info("contacts.placeholder", contact_id=contact["id"], address=primary)
         self._creates_answered()
+        if not placeholders:
+            self.store.hold_unresolved("unknown contact")  # attaches what was mapped above first
         await asyncio.to_thread(self.store.attach)
-        return created
+        return report
 
     async def _create_contact(self, fields: dict, made_for: tuple[str, dict] | None = None) -> dict:
         """POST a contact, noting the moment first: if its pass ends before the answer (a stop, a crash,

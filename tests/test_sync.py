@@ -832,6 +832,42 @@ def test_a_screened_call_from_someone_on_a_card_or_with_a_placeholder_is_deliver
     assert Counter(i["type"] for i in citadel.interactions(placeholder["id"])) == {"TEXT_INBOUND": 1, "CALL_MISSED": 1}
 
 
+@pytest.mark.parametrize("no_placeholders", [["--known-only"], ["CRM_SYNCD_CREATE_UNKNOWN_CONTACTS=false"]])
+def test_without_placeholders_a_handle_messages_groups_with_a_card_s_number_still_reaches_that_contact(
+        library: Library, citadel, cli: CLI, no_placeholders):
+    """Only unknown people's interactions are held: Jane's Apple ID email, which Messages groups with the
+    number on her card, is Jane's."""
+    flags = [a for a in no_placeholders if a.startswith("--")]
+    cli.env.update(a.split("=") for a in no_placeholders if "=" in a)
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=3), person="p-jane")
+    library.text("jane.doe@icloud.com", at=ago(hours=2), person="p-jane")
+    library.text("+19055551234", at=ago(hours=1))
+
+    result = cli("sync", *flags)
+
+    assert result.code == 0, result.output
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 2}, result.stdout
+    assert list(names(citadel)) == ["Jane Doe"] and "held 1 (unknown contact 1)" in result.stdout
+
+
+def test_an_unknown_email_the_crm_refuses_gets_no_placeholder_its_texts_fail_and_sync_says_so(
+        library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=2))
+    library.text("josé@example.com", at=ago(hours=1))  # Citadel (Zod) refuses a non-ASCII address
+
+    dry = cli("sync", "--dry-run")
+    real = cli("sync")
+
+    assert real.code == dry.code == 1, (real.output, dry.output)
+    assert "refused 1" in real.stdout and "email: Invalid email" in real.stdout and "✓ done" not in real.stdout
+    assert "Placeholders  would create 0 · refused 1" in dry.stdout
+    assert "held 0 · failed 1" in real.stdout and "held 0 · failed 1" in dry.stdout
+    assert list(names(citadel)) == ["Jane Doe"] and kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1}
+    assert "josé" not in real.output  # masked
+
+
 def test_a_number_the_owner_typed_into_the_crm_in_another_format_gets_that_contact_not_a_placeholder(
         library: Library, citadel, cli: CLI):
     library.card(first="Jane", last="Doe", phones=[JANE])
