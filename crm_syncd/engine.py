@@ -53,6 +53,7 @@ SOURCES = ("messages", "calls")
 DAY_MS = 86_400_000
 CREATE_SENT = "contact_create_sent_ms"  # kv: when a contact pass that has not finished last sent a create
 CONTACTS_SYNCED = "contacts_synced_ms"  # kv: when the last contacts pass ended (`status` shows it)
+OWN_ADDRESSES = "own_addresses"  # kv: the Me cards' addresses, normalised (for runs that read no address book)
 UNANSWERED_CREATES = "contact_creates_unanswered"  # kv: [{person, fields}] of creates that may have landed
 CONTACTS_PROBLEMS = "contacts_problems"  # kv: the last contacts pass's people not written and fields left out
 DROPPABLE = frozenset({"phone", "email"})  # a contact is still worth writing without them
@@ -138,7 +139,7 @@ class Engine:
                                        stop=self.stopping),
             "calls": CallsReader(settings.calls_db, stop=self.stopping),
         }
-        self.own_addresses: set[str] = set()
+        self.own_addresses: set[str] = set(store.get(OWN_ADDRESSES, []))  # notes to self are no one's
         self.contacts_stale = False  # set when a contact vanished from the CRM
         self._cards: dict[str, list[Card]] = {}  # AddressBook store → its cards, as last read
         self._store_errors: dict[str, str] = {}  # AddressBook store → why it was last unreadable
@@ -205,7 +206,7 @@ class Engine:
                 continue
             self._store_errors.pop(name, None)
             self._cards[name] = cards
-            self.own_addresses.update(a for a in map(self.normalize.person, own) if a)
+            self._own(own)
             report.skipped.update(skipped)
         if previous and changed and not removed and set(changed) <= report.store_errors.keys():
             return report  # only stores that failed again: nothing new for the CRM, so no listing of it
@@ -247,6 +248,13 @@ class Engine:
         log.info("contacts.synced", cards=report.cards, people=len(people), created=len(report.created),
                  existing=report.existing, promoted=len(report.promoted), updated=len(report.updated))
         return report
+
+    def _own(self, raw: set[str]) -> None:
+        """Add Me-card addresses to the owner's own, kept for the runs that read no address book."""
+        new = {a for a in map(self.normalize.person, raw) if a} - self.own_addresses
+        if new:
+            self.own_addresses |= new
+            self.store.put(OWN_ADDRESSES, sorted(self.own_addresses), durable=False)
 
     async def _apply_person(self, person: Person, fields: dict, index: _CRMIndex, report: ContactsReport,
                             live: set[str], unanswered: list[dict]) -> None:

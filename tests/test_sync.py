@@ -169,6 +169,23 @@ def test_notes_to_self_are_not_interactions_even_without_a_me_card(library: Libr
     assert "own-address" in result.output
 
 
+def test_a_call_to_the_owners_own_number_is_nobodys_when_contacts_and_interactions_sync_apart(
+        library: Library, citadel, cli: CLI):
+    """The Me card names the owner's own numbers; an --interactions-only run after --contacts-only knows
+    them as a plain sync does (calling one's own voicemail line makes no placeholder)."""
+    own = "+16135550100"
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.card(first="Owner", last="Self", phones=["+1 613 555 0100"], me=True)
+    library.text(JANE, at=ago(hours=2))
+    library.call(own, originated=True, duration=20, at=ago(hours=1))
+
+    assert cli("sync", "--contacts-only").code == 0
+    result = cli("sync", "--interactions-only")
+
+    assert result.code == 0, result.output
+    assert list(names(citadel)) == ["Jane Doe"] and "own-address 1" in result.stdout
+
+
 def test_short_codes_and_sender_names_are_skipped_and_counted_not_contacts(library: Library, citadel, cli: CLI):
     library.text("88202", service="SMS")
     library.text("AMAZON", service="SMS")
