@@ -155,6 +155,7 @@ class Daemon:
         self.crm_reachable: bool | None = None
         self.contacts_synced = False
         self.started_ms = now_ms()
+        self._started = time.monotonic()  # uptime: a clock set back or ahead meanwhile does not change it
         self._probes: dict[str, Probe] = {}
         self._debouncers: dict[str, Debouncer] = {}
         self._retries: dict[str, asyncio.TimerHandle] = {}
@@ -439,6 +440,7 @@ class Daemon:
         crm_reachable, crm_failure = self._crm_view()
         store.put("daemon", {
             "running": running, "pid": os.getpid(), "started_ms": self.started_ms, "beat_ms": now_ms(),
+            "uptime_ms": round((time.monotonic() - self._started) * 1000),
             "version": __version__, "crm_reachable": crm_reachable, "crm_failure": crm_failure,
             "last_error": self.last_error, "last_error_ms": self.last_error_ms,
             "sources": {s: {"last_sync_ms": st.last_sync_ms, "error": st.error} for s, st in self.sources.items()},

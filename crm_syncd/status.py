@@ -75,6 +75,16 @@ def _client(settings: Settings) -> crmlib.CitadelClient:
     return crmlib.CitadelClient(settings.api_url, settings.api_key_value, timeout=3)
 
 
+def _uptime_s(beat: dict, now: int) -> int | None:
+    """The daemon's uptime: its own count at its last beat, plus that beat's age (a clock set back since
+    the start does not make it negative; a daemon from before this count, by the wall clock)."""
+    age = max(0, now - beat.get("beat_ms", now))
+    if isinstance(uptime := beat.get("uptime_ms"), int):
+        return round((uptime + age) / 1000)
+    started = beat.get("started_ms")
+    return round(max(0, now - started) / 1000) if isinstance(started, int) else None
+
+
 async def _crm_reachable(settings: Settings) -> bool:
     async with _client(settings) as client:
         return await client.health()
@@ -143,7 +153,7 @@ def gather(settings: Settings) -> dict[str, Any]:
         "pid": beat.get("pid") if running else None,
         "sync_pid": holder[0] if holder and not running else None,  # a one-shot `sync` holds the lock
         "started_at": _iso(started),
-        "uptime_s": round((now - started) / 1000) if started else None,
+        "uptime_s": _uptime_s(beat, now) if running else None,
         "last_beat_at": _iso(beat.get("beat_ms")),
         "last_beat_age_s": round(beat_age / 1000) if beat_age is not None else None,
         "responding": beat_age <= STALE_BEAT_MS if beat_age is not None else None,

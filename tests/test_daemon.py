@@ -253,6 +253,26 @@ def test_a_429_dated_by_the_crms_clock_is_waited_out_as_asked_when_the_macs_cloc
     assert d.stop() == 0
 
 
+def test_status_counts_the_daemons_uptime_on_its_own_clock_not_the_macs_set_back_one(
+        library: Library, citadel, daemon, daemon_env, tmp_path):
+    offset = tmp_path / "clock-offset"
+    offset.write_text(str(3600))  # an hour fast when the daemon starts
+    daemon_env.env.update(CRM_TEST_CLOCK_OFFSET_FILE=str(offset),
+                          PYTHONPATH=os.pathsep.join([str(CLOCK_HARNESS), daemon_env.env.get("PYTHONPATH", "")]))
+    began = time.monotonic()
+    d = daemon()
+    offset.write_text("0")  # network time puts it right
+
+    def beat_by_the_right_clock() -> dict | None:
+        doc = status(daemon_env)
+        return doc if doc["last_beat_at"] < doc["started_at"] else None
+
+    doc = eventually(beat_by_the_right_clock, what="a beat by the corrected clock")
+
+    assert 0 <= doc["uptime_s"] <= time.monotonic() - began + 1, doc
+    assert d.stop() == 0
+
+
 def test_an_interaction_another_mac_sent_later_the_same_day_is_adopted_not_created_twice(
         library: Library, citadel, daemon):
     """The pre-check's listing of a contact's day is read afresh by every push pass, not kept for the daemon's life."""
