@@ -166,34 +166,43 @@ class Person:
 
     @property
     def card(self) -> Card:
-        """The card that supplies name and organisation: the one Contacts takes a linked person's name
-        from, else the most recently modified one among those with the fullest name (first and last,
-        then either, then a nickname or organisation)."""
+        """The card that supplies the name, and first of all the organisation, title and note: the one
+        Contacts takes a linked person's name from, else the most recently modified one among those with
+        the fullest name (first and last, then either, then a nickname or organisation)."""
         return max(self.cards, key=lambda c: (bool(c.link_id and c.preferred_name), bool(_text(c.first)) + bool(_text(c.last)),
                                               bool(_name(c)), c.modified or 0.0, c.store, c.unique_id))
+
+    @property
+    def preferred(self) -> list[Card]:
+        """The cards in the order their phones, emails and other fields are taken: the naming card, then
+        the most recently modified."""
+        named_by = self.card
+        return sorted(self.cards, key=lambda c: (c is not named_by, -(c.modified or 0.0), c.store, c.unique_id))
 
     def crm_fields(self) -> dict[str, str | None]:
         """The CRM contact this person should be, by a deterministic naming rule.
 
         The CRM demands non-empty first and last names. A company card is named
         "<Organisation> (company)"; a card with only one name part gets "-" for the other;
-        a card with no name at all is named after its nickname or first address.
+        a card with no name at all is named after its nickname or first address. Organisation, title
+        and note are the naming card's, or, where it has none, the first other card's that has one
+        (a sparse copy of a card in another account hides nothing).
         """
-        card = self.card
+        card, preferred = self.card, self.preferred
         first, last = _text(card.first), _text(card.last)
-        organization = _text(card.organization) or None
+        organization = _first_text(preferred, "organization") or None
         if (card.company or not (first or last)) and organization:
             first, last = organization, COMPANY_LAST
         elif not (first or last):
             first = _text(card.nickname) or (self.addresses[0] if self.addresses else "Unnamed")
-        notes = _text(card.note)
+        notes = _first_text(preferred, "note")
         return {
             "firstName": first or MISSING_NAME,
             "lastName": last or MISSING_NAME,
             "phone": self.phones[0] if self.phones else None,
             "email": next((e for e in self.emails if crm_takes_email(e)), None),
             "organization": organization,
-            "title": _text(card.job_title) or None,
+            "title": _first_text(preferred, "job_title") or None,
             "notes": (notes[:NOTES_MAX_CHARS - 1] + "…" if len(notes) > NOTES_MAX_CHARS else notes) or None,
         }
 
@@ -201,6 +210,11 @@ class Person:
 def _text(value: str | None) -> str:
     """A card's text as the CRM can store it: trimmed, without NUL characters (PostgreSQL refuses them)."""
     return (value or "").replace("\x00", "").strip()
+
+
+def _first_text(cards: list[Card], attribute: str) -> str:
+    """A card field, from the first of the cards that has it ("" if none does)."""
+    return next((text for card in cards if (text := _text(getattr(card, attribute)))), "")
 
 
 def merge_cards(cards: Iterable[Card], normalize: Normalizer) -> list[Person]:
@@ -407,8 +421,7 @@ def _rank(person: Person, address: str) -> int:
 
 def _person(cards: list[Card], normalize: Normalizer) -> Person:
     person = Person(key=min(c.unique_id for c in cards), cards=cards)
-    named_by = person.card  # its numbers first: the contact gets the name and the number of one card
-    preferred = sorted(cards, key=lambda c: (c is not named_by, -(c.modified or 0.0), c.store, c.unique_id))
+    preferred = person.preferred  # the naming card's numbers first: the contact gets the name and number of one card
     phones = [p for c in preferred for p in sorted(c.phones, key=_phone_rank)]
     for phone in phones:
         value = normalize(phone.value, phone.country)

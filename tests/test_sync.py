@@ -403,6 +403,22 @@ def test_deleting_the_card_that_named_a_linked_person_renames_their_contact(libr
     assert [(c["id"], c["firstName"]) for c in citadel.contacts()] == [(before["id"], "Robert")]
 
 
+def test_a_sparser_copy_of_a_card_in_an_account_added_later_hides_none_of_its_note_company_or_title(
+        library: Library, citadel, cli: CLI):
+    library.card(source=1, first="Jane", last="Doe", phones=[(JANE, "Mobile")], emails=["jane@acme.example"],
+                 organization="Acme", job_title="CTO", note="Met at the 2024 conference", modified=ago(days=400))
+    assert cli("sync").code == 0
+    (jane,) = citadel.contacts()
+
+    # a Google account holding a bare copy of her (name and number), edited today: it names her now
+    library.card(source=2, first="Jane", last="Doe", phones=[("(613) 555-0111", "Mobile")], modified=ago(minutes=5))
+    assert cli("sync").code == 0
+
+    (after,) = citadel.contacts()
+    assert after["id"] == jane["id"]
+    assert (after["email"], after["organization"], after["title"], after["notes"]) == (
+        "jane@acme.example", "Acme", "CTO", "Met at the 2024 conference")
+
 def test_renaming_one_of_two_namesakes_keeps_their_contact_and_history(library: Library, citadel, cli: CLI):
     citadel.add_contact(firstName="John", lastName="Smith", phone="(902) 555-0122")  # the owner's, for the other
     library.card(first="John", last="Smith", phones=[(BOB, "Mobile")], unique_id="A:ABPerson")
