@@ -220,6 +220,7 @@ class Engine:
         self.store.prune_contacts({c: contact.get("createdAt") for c, contact in index.by_id.items()})
         index.placeholder_of = {a: c for a, c in self.store.addresses_of("placeholder").items()
                                 if c in index.by_id and is_placeholder(index.by_id[c])}
+        index.kept_for, index.card_made = self.store.contacts_by_card(), self.store.card_made_addresses()
         self.store.map_each(index.single_owner(), "crm", replace=False)
         live = {person.key for person in people}
         fields = {person.key: person.crm_fields() for person in people}
@@ -267,7 +268,11 @@ class Engine:
         name = f"{fields['firstName']} {fields['lastName']}"
         candidates = self._unclaimed(index.for_person(person, fields), person, fields, live, index)
         remembered = self.store.contact_for_person(person.key)
-        if remembered in index.by_id:
+        if remembered not in index.by_id:  # their key changed: a card added, linked, deleted or moved
+            known = self._kept_under_another_key(person, fields, live, index)
+            remembered = known[0] if known else None
+            candidates.update(known)
+        if remembered is not None:
             candidates.add(remembered)
         if not candidates and not person.addresses:
             candidates = self._unclaimed(index.named(fields["firstName"], fields["lastName"]), person, fields, live,
@@ -344,6 +349,16 @@ class Engine:
                     and self.store.contact_for_person(other.key) is None):
                 self.store.remember_contact(contact_id, known[0], other.key, cards=other.unique_ids)
                 log.info("contacts.given_back", contact_id=contact_id)
+
+    def _kept_under_another_key(self, person: Person, fields: dict, live: set[str], index: _CRMIndex) -> list[int]:
+        """The contacts crm-syncd made or kept for this person under another key, best first: those filed
+        under one of their cards, then those it made for a card holding one of their numbers or emails
+        (which the CRM may no longer hold: the owner changed it there), as `_unclaimed` leaves them."""
+        by_card = sorted({c for unique_id in person.unique_ids for c in index.kept_for.get(unique_id, ())})
+        by_address = sorted({c for a in person.owned if (c := index.card_made.get(a)) is not None} - set(by_card))
+        found = [c for c in by_card + by_address if c in index.by_id]
+        free = self._unclaimed(set(found), person, fields, live, index)
+        return [c for c in found if c in free]
 
     def _unclaimed(self, contact_ids: set[int], person: Person, fields: dict, live: set[str],
                    index: _CRMIndex) -> set[int]:
@@ -1073,6 +1088,8 @@ class _CRMIndex:
         self.by_address: dict[str, set[int]] = defaultdict(set)
         self.by_name: dict[tuple[str, str], set[int]] = defaultdict(set)
         self.placeholder_of: dict[str, int] = {}  # address -> the placeholder made for it (crm-syncd's map)
+        self.kept_for: dict[str, set[int]] = {}  # card unique id -> the contacts made or kept for it (crm-syncd's)
+        self.card_made: dict[str, int] = {}  # address -> the contact crm-syncd made for a card holding it
         for contact in contacts:
             self.add(contact)
 

@@ -620,6 +620,20 @@ class Store:
         cards, key = rows[0]
         return set(json.loads(cards)) if cards else {key} if key else set()
 
+    def contacts_by_card(self) -> dict[str, set[int]]:
+        """{card unique id: the contacts made or last kept for it} (see `contact_cards`), merging ones aside."""
+        found: dict[str, set[int]] = {}
+        for contact_id, cards, key in self._all("SELECT contact_id, cards, person_key FROM contacts WHERE origin != "
+                                                "'merging' AND (cards IS NOT NULL OR person_key IS NOT NULL)"):
+            for unique_id in json.loads(cards) if cards else [key]:
+                found.setdefault(unique_id, set()).add(contact_id)
+        return found
+
+    def card_made_addresses(self) -> dict[str, int]:
+        """{address: contact} of the addresses mapped to contacts crm-syncd made for cards."""
+        return dict(self._all("SELECT h.address, h.contact_id FROM handles h JOIN contacts c "
+                              "ON c.contact_id = h.contact_id WHERE h.origin = 'card' AND c.origin = 'card'"))
+
     def contact_for_person(self, person_key: str) -> int | None:
         return self._one("SELECT contact_id FROM contacts WHERE person_key = ? ORDER BY contact_id LIMIT 1",
                          (person_key,))

@@ -419,6 +419,49 @@ def test_a_sparser_copy_of_a_card_in_an_account_added_later_hides_none_of_its_no
     assert (after["email"], after["organization"], after["title"], after["notes"]) == (
         "jane@acme.example", "Acme", "CTO", "Met at the 2024 conference")
 
+def test_a_person_whose_number_the_owner_changed_in_the_crm_keeps_that_contact_when_a_card_joins_them(
+        library: Library, citadel, cli: CLI):
+    library.card(source=1, first="Jane", last="Doe", phones=[(JANE, "Mobile")], unique_id="B:ABPerson")
+    assert cli("sync").code == 0
+    (jane,) = citadel.contacts()
+    citadel.update_contact(jane["id"], phone="+1 613 555 0999")  # the owner: "she has a new number"
+
+    library.card(source=2, first="Jane", last="Doe", phones=[(JANE, "Mobile")], unique_id="A:ABPerson")
+    assert cli("sync").code == 0
+
+    assert [c["id"] for c in citadel.contacts()] == [jane["id"]]
+
+
+def test_a_person_whose_contact_holds_none_of_their_addresses_keeps_it_when_a_card_joins_them(
+        library: Library, citadel, cli: CLI):
+    """Zoë's only address is one the CRM refuses (an internationalised domain): her contact holds none."""
+    library.card(source=1, first="Zoë", last="Müller", emails=["zoe@müller.de"], unique_id="B:ABPerson")
+    assert cli("sync").code == 0
+    (zoe,) = citadel.contacts()
+
+    library.card(source=2, first="Zoë", last="Müller", emails=["zoe@müller.de"], unique_id="A:ABPerson")
+    assert cli("sync").code == 0
+
+    assert [c["id"] for c in citadel.contacts()] == [zoe["id"]]
+
+
+def test_a_card_moved_to_another_account_keeps_the_contact_whose_number_the_owner_changed(
+        library: Library, citadel, cli: CLI):
+    moved = library.card(source=1, first="Jane", last="Doe", phones=[(JANE, "Mobile")])
+    library.text(JANE, at=ago(hours=3))
+    assert cli("sync").code == 0
+    (jane,) = citadel.contacts()
+    citadel.update_contact(jane["id"], phone="+1 613 555 0999")  # the owner's edit in the CRM
+
+    library.books[1].delete_card(moved)  # moved: deleted here, made anew (a new unique id) in the other account
+    library.books[1].commit()
+    library.card(source=2, first="Jane", last="Doe", phones=[(JANE, "Mobile")])
+    library.text(JANE, at=ago(hours=1))
+    assert cli("sync").code == 0
+
+    assert [c["id"] for c in citadel.contacts()] == [jane["id"]]
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 2}
+
 def test_renaming_one_of_two_namesakes_keeps_their_contact_and_history(library: Library, citadel, cli: CLI):
     citadel.add_contact(firstName="John", lastName="Smith", phone="(902) 555-0122")  # the owner's, for the other
     library.card(first="John", last="Smith", phones=[(BOB, "Mobile")], unique_id="A:ABPerson")
