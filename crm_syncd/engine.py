@@ -28,6 +28,7 @@ from typing import Any
 
 from crm_syncd import crm as crmlib
 from crm_syncd.identity import (
+    MISSING_NAME,
     PEOPLE,
     Normalizer,
     Person,
@@ -304,7 +305,7 @@ class Engine:
             if lost is not None:
                 self._own_unanswered_create(survivor, person, index, lost)
             report.existing += 1
-            await self._follow_edits(survivor, fields, index, report, name)
+            await self._follow_edits(survivor, person, fields, index, report, name)
             filed = (self.store.known_contact(survivor) or ("", None))[1]
             if filed in (None, person.key) or filed not in live:  # the owner's own may serve several people
                 self.store.keep_contact_for(survivor, person.key, person.unique_ids)  # theirs under today's key
@@ -409,9 +410,10 @@ class Engine:
         log.info("contacts.merged", survivor=survivor, removed=victim)
         return True
 
-    async def _follow_edits(self, contact_id: int, fields: dict, index: _CRMIndex,
+    async def _follow_edits(self, contact_id: int, person: Person, fields: dict, index: _CRMIndex,
                             report: ContactsReport, name: str) -> None:
-        """Apply card edits to a contact crm-syncd created, unless the owner edited it in the CRM.
+        """Apply card edits to a contact crm-syncd created, unless the owner edited it in the CRM; what
+        a card of the person that is gone gave stays (`_lasting`).
 
         The card's edits are what differs from the card as last applied; the owner's, what differs from
         the CRM's fields as crm-syncd left them (`written`). They are not the same when the contact holds
@@ -434,8 +436,10 @@ class Engine:
                                             and (current.get(k) or None) != fields.get(k)})
             return
         changes = {k: v for k, v in fields.items() if v != card.get(k)}
-        sent = {k: v if v is not None else "" for k, v in changes.items()}
-        if "notes" in changes:  # what the owner wrote in front of the card's note stays in front
+        gone = bool(self.store.contact_cards(contact_id) - person.unique_ids)
+        lasting = _lasting(changes, written, card, gone, person.nameless)
+        sent = {k: v if v is not None else "" for k, v in lasting.items()}
+        if "notes" in sent:  # what the owner wrote in front of the card's note stays in front
             sent["notes"] = _notes_after(written.get("notes"), card.get("notes"), fields.get("notes"))
         updated, refused = await self._writing(
             lambda sent: self.crm.update_contact(contact_id, sent) if sent else _as_is(current), sent, name)
@@ -1149,6 +1153,7 @@ def _owner_edited(written: dict | None, current: dict) -> bool:
     return written is not None and any((current.get(k) or None) != (v or None) for k, v in written.items())
 
 
+NAME_FIELDS = ("firstName", "lastName")
 # a contact's fields crm-syncd may write (`Person.crm_fields`), and those the server sets itself
 WRITTEN = frozenset({"firstName", "lastName", "phone", "email", "organization", "title", "notes"})
 PLACEHOLDER_WRITTEN = frozenset({"firstName", "lastName", "phone", "email", "notes"})  # `placeholder_fields`
@@ -1169,6 +1174,17 @@ def _beyond_card(written: dict | None, card: dict | None) -> bool:
     of the placeholder it promoted, which deleting it as a duplicate would lose."""
     return written is not None and card is not None and any(
         value and value != (card.get(key) or None) for key, value in written.items())
+
+
+def _lasting(changes: dict, written: dict, card: dict, cards_gone: bool, nameless: bool) -> dict:
+    """The card's changes a contact takes. While some of the cards it was last written for are gone
+    (deleted, their account removed, their store unreadable), what they gave stays: no field is emptied
+    and no name part becomes "-"; a field the remaining cards change still follows them. A name made
+    from an address (no card has one) never replaces a card's name the contact holds, then or later."""
+    keep_name = nameless and (cards_gone or any(written.get(k) != card.get(k) for k in NAME_FIELDS))
+    return {k: v for k, v in changes.items()
+            if not (k in NAME_FIELDS and (keep_name or (cards_gone and v == MISSING_NAME)))
+            and not (cards_gone and v is None)}
 
 
 def _left_out_reason(refused: dict[str, str]) -> str:

@@ -179,6 +179,11 @@ class Person:
         named_by = self.card
         return sorted(self.cards, key=lambda c: (c is not named_by, -(c.modified or 0.0), c.store, c.unique_id))
 
+    @property
+    def nameless(self) -> bool:
+        """Whether no card gives a name: the contact is named after an address (or "Unnamed")."""
+        return not _name(self.card)
+
     def crm_fields(self) -> dict[str, str | None]:
         """The CRM contact this person should be, by a deterministic naming rule.
 

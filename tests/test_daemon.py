@@ -98,6 +98,28 @@ def test_a_new_address_book_card_is_picked_up_by_the_rescan_timer(library: Libra
     assert d.stop() == 0
 
 
+
+def test_an_account_removed_while_the_daemon_runs_takes_nothing_from_a_person_also_on_another_account(
+        library: Library, citadel, daemon):
+    library.card(source=1, first="Jane", last="Doe", phones=[(JANE, "Mobile")])
+    library.card(source=2, first="Jane", last="Doe", phones=[(JANE, "Mobile")], emails=["jane@work.example"],
+                 organization="Acme", note="Met at the 2024 conference")
+    d = daemon()
+    jane = eventually(lambda: citadel.contacts(), what="Jane's contact")[0]
+    assert jane["notes"] == "Met at the 2024 conference"
+
+    work = library.books[2]
+    work.close()
+    shutil.rmtree(work.path.parent)  # the owner removes the work account
+    library.text(JANE)
+
+    eventually(lambda: any(e["cards"] == 1 for e in d.events("contacts.synced")), what="a pass without the account")
+    eventually(lambda: citadel.interactions(jane["id"]), what="the text")
+    (after,) = citadel.contacts()
+    assert (after["email"], after["organization"], after["notes"]) == (
+        "jane@work.example", "Acme", "Met at the 2024 conference")
+    assert d.stop() == 0
+
 def test_a_screened_call_waits_without_a_placeholder_until_its_number_is_on_a_card(library: Library, citadel, daemon):
     spam, stranger = "+19055551234", "+19055556789"
     d = daemon()

@@ -403,6 +403,13 @@ def test_deleting_the_card_that_named_a_linked_person_renames_their_contact(libr
     assert [(c["id"], c["firstName"]) for c in citadel.contacts()] == [(before["id"], "Robert")]
 
 
+def remove_account(library: Library, source: int) -> None:
+    """The owner removes an account from the Mac: its AddressBook store goes."""
+    book = library.books[source]
+    book.close()
+    shutil.rmtree(book.path.parent)
+
+
 def test_a_sparser_copy_of_a_card_in_an_account_added_later_hides_none_of_its_note_company_or_title(
         library: Library, citadel, cli: CLI):
     library.card(source=1, first="Jane", last="Doe", phones=[(JANE, "Mobile")], emails=["jane@acme.example"],
@@ -461,6 +468,57 @@ def test_a_card_moved_to_another_account_keeps_the_contact_whose_number_the_owne
 
     assert [c["id"] for c in citadel.contacts()] == [jane["id"]]
     assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 2}
+
+def test_removing_an_account_keeps_what_its_card_gave_a_person_also_on_another_account(
+        library: Library, citadel, cli: CLI):
+    library.card(source=1, first="Jane", last="Doe", phones=[(JANE, "Mobile")])
+    library.card(source=2, first="Jane", last="Doe", phones=[(JANE, "Mobile")], emails=["jane@work.example"],
+                 organization="Acme", note="Met at the 2024 conference")
+    assert cli("sync").code == 0
+    (jane,) = citadel.contacts()
+    assert (jane["email"], jane["notes"]) == ("jane@work.example", "Met at the 2024 conference")
+
+    remove_account(library, 2)  # the work account
+    assert cli("sync").code == 0
+
+    (after,) = citadel.contacts()
+    assert (after["id"], after["email"], after["organization"], after["notes"]) == (
+        jane["id"], "jane@work.example", "Acme", "Met at the 2024 conference")
+
+
+def test_removing_an_account_does_not_rename_a_person_after_their_email_even_when_that_card_changes(
+        library: Library, citadel, cli: CLI):
+    """Ann: a nameless card holding her email (saved from Mail), her full card on the work account."""
+    nameless = library.card(source=1, emails=["ann@example.com"])
+    library.card(source=2, first="Ann", last="Lee", phones=[(CAROL, "Mobile")], emails=["ann@example.com"],
+                 organization="Acme")
+    assert cli("sync").code == 0
+    (ann,) = citadel.contacts()
+
+    remove_account(library, 2)  # she left the job: the owner removes the work account
+    assert cli("sync").code == 0
+    library.books[1].update_card(nameless, emails=["ann@example.org"])
+    library.books[1].commit()
+    assert cli("sync").code == 0
+
+    (after,) = citadel.contacts()
+    assert (after["id"], after["firstName"], after["lastName"], after["phone"], after["organization"]) == (
+        ann["id"], "Ann", "Lee", CAROL, "Acme")
+    assert after["email"] == "ann@example.org"  # the remaining card's edits still follow it
+
+
+def test_a_field_emptied_on_a_persons_card_is_emptied_on_their_contact_while_their_other_cards_stay(
+        library: Library, citadel, cli: CLI):
+    home = library.card(source=1, first="Jane", last="Doe", phones=[(JANE, "Mobile")], note="Her dog: Rex")
+    library.card(source=2, first="Jane", last="Doe", phones=[(JANE, "Mobile")], emails=["jane@work.example"])
+    assert cli("sync").code == 0
+
+    library.books[1].update_card(home, note=None)
+    library.books[1].commit()
+    assert cli("sync").code == 0
+
+    (after,) = citadel.contacts()
+    assert (after["notes"] or None, after["email"]) == (None, "jane@work.example")
 
 def test_renaming_one_of_two_namesakes_keeps_their_contact_and_history(library: Library, citadel, cli: CLI):
     citadel.add_contact(firstName="John", lastName="Smith", phone="(902) 555-0122")  # the owner's, for the other
