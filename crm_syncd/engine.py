@@ -511,8 +511,8 @@ class Engine:
             self.own_addresses.update(a for a in map(self.normalize.person, session.own_addresses()) if a)
             if mark is None and since is None and not full:
                 since = now - self.settings.initial_lookback_days * DAY_MS
-            elif mark is not None and (full or days is not None):
-                floor = mark.rowid  # --full and --days N re-read from the start but never move the mark back
+            elif mark is not None and full:
+                floor = mark.rowid  # --full re-reads from the start but never moves the mark back
             elif mark is not None:
                 after = mark.rowid
                 if self._replaced(session, mark, current_file):
@@ -520,6 +520,8 @@ class Engine:
                     log.warning("extract.rebuilt", source=source, mark=after)
                     after = 0
                     since = since or now - self.settings.initial_lookback_days * DAY_MS
+                elif days is not None:  # --days N reads its days behind the mark too, never moving it back
+                    after, floor = 0, mark.rowid
             resumed = mark is not None and not report.rebuilt  # else a lookback pass
             # rows already in the outbox may come again: all of them (--full, a rebuild), or those above a
             # mark an earlier pass held (a send under way, a --days run) while it went on queueing

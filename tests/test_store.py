@@ -182,6 +182,22 @@ def test_call_history_started_over_in_the_same_file_is_read_again_and_delivers_o
     assert (report.added, report.duplicates) == (3, 1)  # OLD-0 came back: it is in the outbox
 
 
+def test_a_days_run_reads_behind_the_mark_but_still_tells_a_call_history_started_over(library: Library, tmp_path):
+    engine = extraction(library, tmp_path / "state")
+    for n in range(3):
+        library.call(JANE, at=ago(days=40 - n), unique_id=f"OLD-{n}")
+    assert engine.extract("calls", days=30).added == 0
+    assert engine.extract("calls", days=60).added == 3  # behind the mark: the older history
+
+    library.calls.start_over()
+    library.call(JANE, at=ago(days=1), unique_id="NEW-0")
+    report = engine.extract("calls", days=60)
+
+    assert report.rebuilt and report.added == 1
+    library.call(JANE, at=ago(hours=1), unique_id="NEW-1")
+    assert engine.extract("calls").added == 1  # the mark is the new store's
+
+
 def test_a_chat_db_started_over_while_a_send_is_under_way_is_read_again(library: Library, tmp_path):
     """The mark waiting before the unsent row keeps that row's neighbour as its anchor, so a rebuild
     in the same file is still told apart from more rows."""
