@@ -140,7 +140,9 @@ class Engine:
                                        stop=self.stopping),
             "calls": CallsReader(settings.calls_db, stop=self.stopping),
         }
-        self.own_addresses: set[str] = set(store.get(OWN_ADDRESSES, []))  # notes to self are no one's
+        self.own_addresses: set[str] = set()  # the owner's own (notes to self are no one's): see `_own_changed`
+        self._me: dict[str, set[str]] = {}  # AddressBook store → its Me cards' addresses, as last read
+        self._own_named: dict[str, set[str]] = {}  # messages, calls → the owner's addresses they name
         self.contacts_stale = False  # set when a contact vanished from the CRM
         self._cards: dict[str, list[Card]] = {}  # AddressBook store → its cards, as last read
         self._store_errors: dict[str, str] = {}  # AddressBook store → why it was last unreadable
@@ -189,12 +191,14 @@ class Engine:
         removed = set(self._cards) - set(signatures)
         for store_name in removed:
             del self._cards[store_name]
+            self._me.pop(store_name, None)
         changed = [name for name, sig in signatures.items() if previous.get(name) != sig or name not in self._cards]
         for name in changed:
             try:
                 cards, own, skipped = await asyncio.to_thread(contacts_source.read_store, base / name, name)
             except SourceMissing:
                 self._cards.pop(name, None)
+                self._me.pop(name, None)
                 continue
             except NeedsFullDiskAccess:
                 raise
@@ -207,8 +211,9 @@ class Engine:
                 continue
             self._store_errors.pop(name, None)
             self._cards[name] = cards
-            self._own(own)
+            self._me[name] = {a for a in map(self.normalize.person, own) if a}
             report.skipped.update(skipped)
+        self._own_changed()
         if previous and changed and not removed and set(changed) <= report.store_errors.keys():
             return report  # only stores that failed again: nothing new for the CRM, so no listing of it
 
@@ -251,12 +256,15 @@ class Engine:
                  existing=report.existing, promoted=len(report.promoted), updated=len(report.updated))
         return report
 
-    def _own(self, raw: set[str]) -> None:
-        """Add Me-card addresses to the owner's own, kept for the runs that read no address book."""
-        new = {a for a in map(self.normalize.person, raw) if a} - self.own_addresses
-        if new:
-            self.own_addresses |= new
-            self.store.put(OWN_ADDRESSES, sorted(self.own_addresses), durable=False)
+    def _own_changed(self) -> None:
+        """The owner's own addresses: the Me cards' (kept in the state for runs that read no address
+        book, as each contacts pass last found them: a number taken off the Me card is someone's again)
+        and those Messages names (`chat.last_addressed_handle`)."""
+        kept = self.store.get(OWN_ADDRESSES, [])
+        me = set().union(*self._me.values()) if self._me else set(kept)
+        if self._me and sorted(me) != kept:
+            self.store.put(OWN_ADDRESSES, sorted(me), durable=False)
+        self.own_addresses = me.union(*self._own_named.values())
 
     async def _apply_person(self, person: Person, fields: dict, index: _CRMIndex, report: ContactsReport,
                             live: set[str], unanswered: list[dict]) -> None:
@@ -508,7 +516,8 @@ class Engine:
         after, floor = 0, 0
         verdicts: dict[str | tuple[str, str], tuple[str, bool]] = {}  # raw address [and country] -> _counterpart
         with reader.session() as session:
-            self.own_addresses.update(a for a in map(self.normalize.person, session.own_addresses()) if a)
+            self._own_named[source] = {a for a in map(self.normalize.person, session.own_addresses()) if a}
+            self._own_changed()
             if mark is None and since is None and not full:
                 since = now - self.settings.initial_lookback_days * DAY_MS
             elif mark is not None and full:

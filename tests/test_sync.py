@@ -186,6 +186,26 @@ def test_a_call_to_the_owners_own_number_is_nobodys_when_contacts_and_interactio
     assert list(names(citadel)) == ["Jane Doe"] and "own-address 1" in result.stdout
 
 
+def test_a_number_taken_off_the_me_card_is_someone_elses_again(library: Library, citadel, cli: CLI):
+    """The owner gives up an old number; it comes off the Me card and is now Sam's, on his card."""
+    old = "+16135550100"
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    me = library.card(first="Owner", last="Self", phones=["+1 613 555 0100", "+1 613 555 0177"], me=True)
+    library.text(JANE, at=ago(hours=5))
+    assert cli("sync").code == 0
+
+    library.books[0].update_card(me, phones=["+1 613 555 0177"])
+    library.books[0].commit()
+    library.card(first="Sam", last="Roe", phones=[old])
+    library.text(old, at=ago(minutes=30))
+    library.call(old, answered=True, duration=30, at=ago(minutes=20))
+    assert cli("sync", "--contacts-only").code == 0
+    result = cli("sync", "--interactions-only")
+
+    assert result.code == 0, result.output
+    assert kinds(citadel, "Sam Roe") == {"TEXT_INBOUND": 1, "CALL_INBOUND": 1}, result.stdout
+
+
 def test_short_codes_and_sender_names_are_skipped_and_counted_not_contacts(library: Library, citadel, cli: CLI):
     library.text("88202", service="SMS")
     library.text("AMAZON", service="SMS")
