@@ -55,7 +55,7 @@ DAY_MS = 86_400_000
 CREATE_SENT = "contact_create_sent_ms"  # kv: when a contact pass that has not finished last sent a create
 CONTACTS_SYNCED = "contacts_synced_ms"  # kv: when the last contacts pass ended (`status` shows it)
 OWN_ADDRESSES = "own_addresses"  # kv: the Me cards' addresses, normalised (for runs that read no address book)
-UNANSWERED_CREATES = "contact_creates_unanswered"  # kv: [{person, fields}] of creates that may have landed
+UNANSWERED_CREATES = "contact_creates_unanswered"  # kv: [{person, fields, sent_ms}] of creates that may have landed
 CONTACTS_PROBLEMS = "contacts_problems"  # kv: the last contacts pass's people not written and fields left out
 DROPPABLE = frozenset({"phone", "email"})  # a contact is still worth writing without them
 BACKOFF_BASE_S = 0.5
@@ -286,7 +286,8 @@ class Engine:
         if not candidates and not person.addresses:
             candidates = self._unclaimed(index.named(fields["firstName"], fields["lastName"]), person, fields, live,
                                          index)
-        lost = next((e for e in unanswered if e["person"] == person.key), None)  # a create of theirs unanswered
+        # their latest create sent without an answer (one an earlier pass sent, then found unmade, was not)
+        lost = next((e for e in reversed(unanswered) if e["person"] == person.key), None)
         if not candidates and lost is not None:
             # their create whose answer was lost went without the addresses the CRM refused: by name, as sent
             candidates = {c for c in self._unclaimed(index.named(fields["firstName"], fields["lastName"]), person,
@@ -718,7 +719,8 @@ class Engine:
         answer comes: the contact the next pass finds for them is the one crm-syncd made
         (`_own_unanswered_create`)."""
         self.store.put(CREATE_SENT, now_ms(), durable=False)  # a power cut outlasts any request anyway
-        note = {"person": made_for[0], "fields": made_for[1]} if made_for is not None else None
+        # each note its own (its moment): a create sent again as an earlier one was is not taken for it
+        note = {"person": made_for[0], "fields": made_for[1], "sent_ms": now_ms()} if made_for is not None else None
         if note is not None:
             self.store.put(UNANSWERED_CREATES, [*self.store.get(UNANSWERED_CREATES, []), note], durable=False)
         try:

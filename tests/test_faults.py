@@ -594,6 +594,35 @@ def test_a_contact_whose_create_a_stop_cut_short_is_crm_syncds_and_follows_its_c
     assert [(c["firstName"], c["lastName"]) for c in citadel.contacts()] == [("Jane", "Smith")]
 
 
+@pytest.mark.parametrize("first", ["500-before-write", "a stop"])
+def test_a_contact_whose_second_create_lands_unanswered_after_a_first_that_never_landed_follows_its_card(
+        library: Library, citadel: CitadelServer, cli: CLI, first):
+    """The first create never lands (a 500 before the write, or a stop while it hangs); the next sync's
+    lands but its answer is lost. The contact is still found as crm-syncd's: card edits reach it."""
+    card = library.card(first="Jane", last="Doe", phones=[JANE])
+    if first == "a stop":
+        citadel.faults = Faults(rate=1.0, kinds=("timeout",), hold_s=5, routes=("/api/contacts",), limit=1)
+        sync = cli.popen("sync")
+        eventually(lambda: citadel.faults.fired["timeout"], what="the create on its way")
+        sync.send_signal(signal.SIGTERM)
+        sync.communicate(timeout=30)
+    else:
+        citadel.faults = Faults(rate=1.0, kinds=(first,), routes=("/api/contacts",), limit=1)
+        cli("sync", "--contacts-only")
+    assert citadel.contacts() == []
+    citadel.faults = Faults(rate=1.0, kinds=("500-after-write",), routes=("/api/contacts",), limit=1)
+    cli("sync", "--contacts-only")
+    citadel.faults = Faults()
+    assert cli("sync").code == 0 and len(citadel.contacts()) == 1
+
+    library.books[0].update_card(card, last="Smith")
+    library.books[0].commit()
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert [(c["firstName"], c["lastName"]) for c in citadel.contacts()] == [("Jane", "Smith")], result.output
+
+
 def test_ctrl_c_stops_a_sync_waiting_out_a_locked_chat_db_at_once(library: Library, citadel: CitadelServer, cli: CLI):
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.chat.conn.execute("PRAGMA locking_mode=EXCLUSIVE")
