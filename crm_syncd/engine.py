@@ -1214,11 +1214,15 @@ def _report_left_out(report: ContactsReport, name: str, left_out: dict[str, str]
 def _notes_after(held: str | None, before: str | None, card_note: str | None) -> str:
     """A contact's notes once its card's note changes from `before` to `card_note`: what the CRM `held`
     in front of the old note (the owner's words a promoted placeholder kept, `_promotion`) stays in front.
-    Notes that do not end with the old note are kept whole: nothing the owner wrote is written over."""
+    Notes that do not end with the old note are kept whole: nothing the owner wrote is written over. Notes
+    that already end with the new one (kept while its card was gone, now back or copied) take it once."""
     held, before = held or "", before or ""
     if before and held.endswith(before):
         held = held[:-len(before)]
-    return "\n".join(n for n in (held.strip(), card_note) if n)
+    held = held.strip()
+    if card_note and (held == card_note or held.endswith("\n" + card_note)):
+        return held
+    return "\n".join(n for n in (held, card_note) if n)
 
 
 def _promotion(fields: dict, placeholder: dict) -> dict:

@@ -489,6 +489,7 @@ def test_a_card_moved_to_another_account_keeps_the_contact_whose_number_the_owne
     assert [c["id"] for c in citadel.contacts()] == [jane["id"]]
     assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 2}
 
+
 def test_removing_an_account_keeps_what_its_card_gave_a_person_also_on_another_account(
         library: Library, citadel, cli: CLI):
     library.card(source=1, first="Jane", last="Doe", phones=[(JANE, "Mobile")])
@@ -504,6 +505,29 @@ def test_removing_an_account_keeps_what_its_card_gave_a_person_also_on_another_a
     (after,) = citadel.contacts()
     assert (after["id"], after["email"], after["organization"], after["notes"]) == (
         jane["id"], "jane@work.example", "Acme", "Met at the 2024 conference")
+
+
+@pytest.mark.parametrize("then", ["its store reads again", "the note is copied to the remaining card"])
+def test_a_note_kept_while_its_card_was_gone_is_not_doubled_when_it_comes_back(library: Library, citadel, cli: CLI,
+                                                                              then):
+    note = "Met at the 2024 conference"
+    home = library.card(source=1, first="Jane", last="Doe", phones=[(JANE, "Mobile")])
+    library.card(source=2, first="Jane", last="Doe", phones=[(JANE, "Mobile")], note=note)
+    assert cli("sync").code == 0
+    book = library.books[2]
+    book.close()
+    saved = book.path.read_bytes()
+    book.path.write_bytes(b"not a database" * 100)  # unreadable for a pass (or, for good, the account removed)
+    assert cli("sync").code == 0 and citadel.contacts()[0]["notes"] == note
+
+    if then == "its store reads again":
+        book.path.write_bytes(saved)
+    else:
+        library.books[1].update_card(home, note=note)
+        library.books[1].commit()
+    assert cli("sync").code == 0
+
+    assert citadel.contacts()[0]["notes"] == note
 
 
 def test_removing_an_account_does_not_rename_a_person_after_their_email_even_when_that_card_changes(
