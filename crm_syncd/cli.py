@@ -354,7 +354,8 @@ def _print_status(doc: dict) -> None:
             line += f" · [yellow]{src['problem']}[/]"
         out.print(line)
     box = doc["outbox"]
-    out.print(f"outbox: pending {box['pending']} · held {box['held']} · delivered {box['delivered']} · "
+    out.print(f"outbox: pending {box['pending']} · held {box['held']}{_reasons(Counter(box['held_by_reason']))} · "
+              f"delivered {box['delivered']} · "
               + (f"[red]failed {box['failed']}[/]" if box["failed"] else "failed 0"))
     for failure in box["failures"]:
         out.print(f"  {failure['key']}: {failure['reason']}")

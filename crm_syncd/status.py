@@ -111,6 +111,7 @@ def gather(settings: Settings) -> dict[str, Any]:
         marks = {s: store.mark_details(s) if store else None for s in ("messages", "calls")}
         counts = store.counts() if store else {}
         failures = store.failures() if store else []
+        held = store.held_by_reason() if store else {}
         duplicates = store.get("duplicates", []) if store else []
         contacts_synced = store.get(CONTACTS_SYNCED) if store else None
         contacts_problems = (store.get(CONTACTS_PROBLEMS) if store else None) or {}
@@ -160,7 +161,7 @@ def gather(settings: Settings) -> dict[str, Any]:
         "agent": _agent(),
         "sources": sources,
         "outbox": {"pending": counts.get("pending", 0) + counts.get("sending", 0), "held": counts.get("held", 0),
-                   "failed": counts.get("failed", 0), "delivered": counts.get("delivered", 0),
+                   "held_by_reason": held, "failed": counts.get("failed", 0), "delivered": counts.get("delivered", 0),
                    "failures": [{"key": mask_key(k), "type": t, "reason": r} for k, t, r in failures]},
         # /api/health answers "ok" whatever its database does; the daemon knows whether its requests got through
         "crm": {"url": settings.api_url, "reachable": reachable,

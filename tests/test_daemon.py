@@ -30,7 +30,7 @@ from crm_syncd.daemon import Lock
 from crm_syncd.engine import Engine, occurred_iso
 from crm_syncd.settings import Settings
 from crm_syncd.sources.messages import MessagesReader
-from crm_syncd.store import Store
+from crm_syncd.store import SCREENED, Store
 from crm_syncd.watch import Probe, Watcher
 from tests.conftest import CLI
 from tests.harness.callhistory import CallHistoryDB
@@ -120,13 +120,16 @@ def test_an_account_removed_while_the_daemon_runs_takes_nothing_from_a_person_al
         "jane@work.example", "Acme", "Met at the 2024 conference")
     assert d.stop() == 0
 
-def test_a_screened_call_waits_without_a_placeholder_until_its_number_is_on_a_card(library: Library, citadel, daemon):
+def test_a_screened_call_waits_without_a_placeholder_until_its_number_is_on_a_card(
+        library: Library, citadel, daemon, daemon_env):
     spam, stranger = "+19055551234", "+19055556789"
     d = daemon()
     library.call(spam, filtered_out_reason=1)  # blocked, or silenced as unknown
     library.call(stranger)
     eventually(lambda: len(citadel.interactions()) == 1, what="the stranger's call")  # read after the screened one
     assert [c["phone"] for c in citadel.contacts()] == [stranger]
+    assert status(daemon_env)["outbox"]["held_by_reason"] == {SCREENED: 1}
+    assert f"held 1 ({SCREENED} 1)" in daemon_env("status").stdout
 
     library.card(first="Jane", last="Doe", phones=[spam])
     eventually(lambda: len(citadel.interactions_of(spam)) == 1, what="the screened call, once her card is there")
