@@ -42,7 +42,6 @@ from tests.test_wake import until
 
 JANE = "+16135550111"
 STATE_DIR = "Library/Application Support/crm-syncd"  # the default, under HOME
-CLOCK_HARNESS = Path(__file__).parent / "harness" / "clock"  # a sitecustomize that sets the wall clock wrong
 
 
 def iso(at) -> str:
@@ -192,23 +191,33 @@ def test_sigterm_drains_and_a_restart_continues_from_the_mark(library: Library, 
     assert len(citadel.interactions_of(JANE)) == 3
 
 
-def test_the_daily_sweep_is_due_by_the_wall_clock_across_restarts_and_reads_a_row_below_the_mark(
-        library: Library, citadel, daemon, home):
-    """A Mac restarted or asleep every night still gets its daily re-read of the last days: the day is
-    counted by the wall clock and kept in the state database, not by the daemon's own uptime."""
+def texts_around_a_gap(library: Library) -> int:
+    """Jane's card and three texts of hers, the middle one deleted: returns its ROWID, a gap below the mark."""
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE, at=ago(hours=3))
     gap = library.text(JANE, at=ago(hours=2))
     library.chat.delete_message(gap)
     library.text(JANE, at=ago(hours=1))
-    first = daemon()
-    eventually(lambda: len(citadel.interactions_of(JANE)) == 2, what="the first catch-up")
-    assert first.stop() == 0
-    # a row turns up below the mark (a restore renumbered it), unseen by any catch-up past the mark
+    return gap
+
+
+def late_row_into(library: Library, gap: int) -> None:
+    """A new text of Jane's that turns up at the gap's ROWID, below the mark (a restore renumbered it)."""
     late = library.text(JANE, at=ago(minutes=90))
     library.chat.conn.execute("UPDATE message SET ROWID = ? WHERE ROWID = ?", (gap, late))
     library.chat.conn.execute("UPDATE chat_message_join SET message_id = ? WHERE message_id = ?", (gap, late))
     library.chat.commit()
+
+
+def test_the_daily_sweep_is_due_by_the_wall_clock_across_restarts_and_reads_a_row_below_the_mark(
+        library: Library, citadel, daemon, home):
+    """A Mac restarted or asleep every night still gets its daily re-read of the last days: the day is
+    counted by the wall clock and kept in the state database, not by the daemon's own uptime."""
+    gap = texts_around_a_gap(library)
+    first = daemon()
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 2, what="the first catch-up")
+    assert first.stop() == 0
+    late_row_into(library, gap)  # unseen by any catch-up past the mark
     state = sqlite3.connect(home / STATE_DIR / "state.db", timeout=10)
     with state:  # the last sweep was 25 hours ago, by the wall clock
         state.execute("INSERT OR REPLACE INTO kv (key, value) VALUES ('last_sweep_ms', ?)",
@@ -228,14 +237,8 @@ def test_the_daily_sweep_still_comes_a_day_on_after_a_clock_set_ahead_is_put_rig
     """A clock set a month ahead by mistake, then put right by network time while the daemon runs: the
     sweep it ran meanwhile does not put the next one a month away."""
     offset = tmp_path / "clock-offset"
-    offset.write_text("0")
-    daemon_env.env.update(CRM_TEST_CLOCK_OFFSET_FILE=str(offset),
-                          PYTHONPATH=os.pathsep.join([str(CLOCK_HARNESS), daemon_env.env.get("PYTHONPATH", "")]))
-    library.card(first="Jane", last="Doe", phones=[JANE])
-    library.text(JANE, at=ago(hours=3))
-    gap = library.text(JANE, at=ago(hours=2))
-    library.chat.delete_message(gap)
-    library.text(JANE, at=ago(hours=1))
+    daemon_env.set_clock(offset, 0)
+    gap = texts_around_a_gap(library)
     d = daemon()
     eventually(lambda: len(citadel.interactions_of(JANE)) == 2, what="the catch-up")
 
@@ -243,10 +246,7 @@ def test_the_daily_sweep_still_comes_a_day_on_after_a_clock_set_ahead_is_put_rig
     eventually(lambda: last_sweep_ms(home) > (time.time() + 86_400) * 1000, what="the sweep the clock ahead made due")
     offset.write_text("0")
     eventually(lambda: last_sweep_ms(home) <= time.time() * 1000, what="the day counted again from now")
-    late = library.text(JANE, at=ago(minutes=90))  # a row below the mark (a restore renumbered it)
-    library.chat.conn.execute("UPDATE message SET ROWID = ? WHERE ROWID = ?", (gap, late))
-    library.chat.conn.execute("UPDATE chat_message_join SET message_id = ? WHERE message_id = ?", (gap, late))
-    library.chat.commit()
+    late_row_into(library, gap)
     offset.write_text(str(25 * 3600))  # a day and an hour on
 
     eventually(lambda: len(citadel.interactions_of(JANE)) == 3, what="the row below the mark, read by the sweep")
@@ -263,9 +263,7 @@ def test_a_429_dated_by_the_crms_clock_is_waited_out_as_asked_when_the_macs_cloc
         library: Library, citadel, daemon, daemon_env, tmp_path):
     """Retry-After as an HTTP date is measured from the answer's own Date, not from the Mac's clock."""
     offset = tmp_path / "clock-offset"
-    offset.write_text(str(-3600))
-    daemon_env.env.update(CRM_TEST_CLOCK_OFFSET_FILE=str(offset),
-                          PYTHONPATH=os.pathsep.join([str(CLOCK_HARNESS), daemon_env.env.get("PYTHONPATH", "")]))
+    daemon_env.set_clock(offset, -3600)
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE, at=ago(hours=3))
     d = daemon()
@@ -281,9 +279,7 @@ def test_a_429_dated_by_the_crms_clock_is_waited_out_as_asked_when_the_macs_cloc
 def test_status_counts_the_daemons_uptime_on_its_own_clock_not_the_macs_set_back_one(
         library: Library, citadel, daemon, daemon_env, tmp_path):
     offset = tmp_path / "clock-offset"
-    offset.write_text(str(3600))  # an hour fast when the daemon starts
-    daemon_env.env.update(CRM_TEST_CLOCK_OFFSET_FILE=str(offset),
-                          PYTHONPATH=os.pathsep.join([str(CLOCK_HARNESS), daemon_env.env.get("PYTHONPATH", "")]))
+    daemon_env.set_clock(offset, 3600)  # an hour fast when the daemon starts
     began = time.monotonic()
     d = daemon()
     offset.write_text("0")  # network time puts it right

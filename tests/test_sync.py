@@ -20,7 +20,6 @@ from tests.harness.library import Library, ago
 from tests.harness.processes import unprivileged
 from tests.harness.statedb import state_db_at
 
-CLOCK_HARNESS = Path(__file__).parent / "harness" / "clock"  # a sitecustomize that sets the wall clock wrong
 JANE = "+16135550111"
 BOB = "+19025550122"
 CAROL = "+14165550133"
@@ -1946,9 +1945,7 @@ def test_a_text_and_a_call_dated_ahead_of_a_clock_set_behind_wait_and_arrive_onc
     iPhone call arrive dated at the real time. They are not dropped as bad dates: the mark waits before
     them, and the sync after the clock is corrected delivers them, once."""
     offset = tmp_path / "clock-offset"
-    offset.write_text(str(-2 * 86_400))
-    cli.env.update(CRM_TEST_CLOCK_OFFSET_FILE=str(offset),
-                   PYTHONPATH=os.pathsep.join([str(CLOCK_HARNESS), cli.env.get("PYTHONPATH", "")]))
+    cli.set_clock(offset, -2 * 86_400)
     library.card(first="Jane", last="Doe", phones=[JANE])
     text_at, call_at = ago(minutes=5), ago(minutes=3)
     library.text(JANE, at=text_at)
@@ -1995,9 +1992,7 @@ def test_a_send_later_text_days_ahead_holds_the_mark_without_status_calling_it_a
     library.text(JANE, from_me=True, at=ago(days=-5))
     assert cli("sync").code == 0 and len(citadel.interactions()) == 1
     offset = tmp_path / "clock-offset"
-    offset.write_text(str(10 * 60))
-    cli.env.update(CRM_TEST_CLOCK_OFFSET_FILE=str(offset),
-                   PYTHONPATH=os.pathsep.join([str(CLOCK_HARNESS), cli.env.get("PYTHONPATH", "")]))
+    cli.set_clock(offset, 10 * 60)
 
     messages = json.loads(cli("status", "--json").stdout)["sources"]["messages"]
 

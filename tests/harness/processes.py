@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]  # the repository root
+CLOCK_HARNESS = Path(__file__).parent / "clock"  # a sitecustomize that sets the wall clock wrong
 
 
 @dataclass
@@ -40,6 +41,13 @@ class CLI:
         done = subprocess.run([*prefix, sys.executable, "-m", "crm_syncd", *args], env=self.env, cwd=REPO,
                               capture_output=True, text=True, timeout=timeout)
         return Result(done.returncode, done.stdout, done.stderr)
+
+    def set_clock(self, offset_file: Path, seconds: float) -> None:
+        """Set the wall clock of the processes this CLI starts `seconds` off (tests/harness/clock), from
+        `offset_file`, which a test writes anew to move it."""
+        offset_file.write_text(str(seconds))
+        self.env.update(CRM_TEST_CLOCK_OFFSET_FILE=str(offset_file),
+                        PYTHONPATH=os.pathsep.join([str(CLOCK_HARNESS), self.env.get("PYTHONPATH", "")]))
 
     def popen(self, *args: str, prefix: Sequence[str] = (), **kwargs) -> subprocess.Popen:
         return subprocess.Popen([*prefix, sys.executable, "-m", "crm_syncd", *args], env=self.env, cwd=REPO,
