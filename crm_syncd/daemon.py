@@ -35,6 +35,7 @@ HEARTBEAT_S = 5.0
 SWEEP_MS = 86_400_000  # once a day, re-read a recent window: catches rows a rebuild renumbered below the mark
 LAST_SWEEP = "last_sweep_ms"  # kv: when it last ran, by the wall clock (a Mac asleep or restarted keeps the day)
 SWEEP_DAYS = 7
+SWEEP_RETRY_MS = 3_600_000  # a sweep a source failed is made again an hour on
 SLEEP_JUMP_S = 5.0  # wall clock ahead of the monotonic clock by this much: the Mac slept
 TICK_S = 5.0  # how often the timers look at the clocks (each look costs a wake-up)
 PING_TIMEOUT_S = 10.0  # a heartbeat_url request, whole
@@ -281,7 +282,9 @@ class Daemon:
 
     # -- work -----------------------------------------------------------------------------
 
-    async def _extract(self, source: str, sweep: bool = False) -> None:
+    async def _extract(self, source: str, sweep: bool = False) -> bool:
+        """Extract one source (the daily sweep: its last SWEEP_DAYS, behind the mark too); False if it
+        could not be read (said, and made again after a back-off)."""
         window = {"full": True, "days": SWEEP_DAYS} if sweep else {}
         try:
             async with self._extracting[source]:
@@ -289,10 +292,10 @@ class Daemon:
                 report = await asyncio.to_thread(self.engine.extract, source, **window)
         except NeedsFullDiskAccess as exc:
             self._failed(source, str(exc), event="extract.denied")
-            return
+            return False
         except SourceError as exc:
             self._failed(source, str(exc), event="extract.failed")
-            return
+            return False
         state = self.sources[source]
         state.last_sync_ms = now_ms()
         state.failures, state.error = 0, None
@@ -303,6 +306,7 @@ class Daemon:
                      duration_ms=round((time.monotonic() - started) * 1000, 1))
         if report.added:
             self.work.set()
+        return True
 
     def _failed(self, source: str, message: str, *, event: str) -> None:
         """An extraction failed: make it again after a back-off, and at the next probe or wake-up.
@@ -393,10 +397,13 @@ class Daemon:
             if now_ms() < next_sweep_ms - SWEEP_MS:  # the clock was set back past the last sweep: a day from now
                 next_sweep_ms = self._last_sweep_ms() + SWEEP_MS
             if now_ms() >= next_sweep_ms:
-                for source in SOURCES:
-                    await self._extract(source, sweep=True)
-                self.store.put(LAST_SWEEP, now_ms())
-                next_sweep_ms = now_ms() + SWEEP_MS
+                if all([await self._extract(source, sweep=True) for source in SOURCES]):
+                    self.store.put(LAST_SWEEP, now_ms())
+                    next_sweep_ms = now_ms() + SWEEP_MS
+                    log.info("daemon.swept", days=SWEEP_DAYS)
+                else:  # its day is not counted: made again within the hour, or at the next start
+                    next_sweep_ms = now_ms() + SWEEP_RETRY_MS
+                    log.warning("daemon.sweep_failed", retry_in_s=SWEEP_RETRY_MS // 1000)
 
     def _last_sweep_ms(self) -> int:
         """When the daily sweep last ran; now if never (the first catch-up reads more) or if that lies ahead

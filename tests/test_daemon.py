@@ -232,6 +232,31 @@ def test_the_daily_sweep_is_due_by_the_wall_clock_across_restarts_and_reads_a_ro
     assert time.time() - int(swept) / 1000 < 60  # its day noted: the next is due in 24 hours
 
 
+def test_a_daily_sweep_that_could_not_read_a_source_is_not_counted_as_done(library: Library, citadel, daemon, home):
+    gap = texts_around_a_gap(library)
+    first = daemon()
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 2, what="the first catch-up")
+    assert first.stop() == 0
+    late_row_into(library, gap)
+    library.chat.checkpoint()
+    library.chat.close()
+    chat_db = library.messages_db
+    readable = chat_db.read_bytes()
+    chat_db.write_bytes(b"not a database " * 1000)  # damaged when the sweep comes
+    with contextlib.closing(sqlite3.connect(home / STATE_DIR / "state.db", timeout=10)) as state, state:
+        state.execute("INSERT OR REPLACE INTO kv (key, value) VALUES ('last_sweep_ms', ?)",
+                      (int((time.time() - 25 * 3600) * 1000),))
+    second = daemon()
+    eventually(lambda: second.events("daemon.sweep_failed"), what="the sweep that could not read chat.db")
+    assert second.stop() == 0
+
+    chat_db.write_bytes(readable)
+    third = daemon()
+
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 3, what="the row below the mark, read by the sweep")
+    assert third.stop() == 0
+
+
 def test_the_daily_sweep_still_comes_a_day_on_after_a_clock_set_ahead_is_put_right_under_the_daemon(
         library: Library, citadel, daemon, daemon_env, home, tmp_path):
     """A clock set a month ahead by mistake, then put right by network time while the daemon runs: the
