@@ -143,6 +143,7 @@ class Engine:
         self.own_addresses: set[str] = set()  # the owner's own (notes to self are no one's): see `_own_changed`
         self._me: dict[str, set[str]] = {}  # AddressBook store → its Me cards' addresses, as last read
         self._own_named: dict[str, set[str]] = {}  # messages, calls → the owner's addresses they name
+        self._people_seen: dict[str, list] = {}  # messages → the `people` it last noted
         self.contacts_stale = False  # set when a contact vanished from the CRM
         self._cards: dict[str, list[Card]] = {}  # AddressBook store → its cards, as last read
         self._store_errors: dict[str, str] = {}  # AddressBook store → why it was last unreadable
@@ -519,6 +520,7 @@ class Engine:
         with reader.session() as session:
             self._own_named[source] = {a for a in map(self.normalize.person, session.own_addresses()) if a}
             self._own_changed()
+            self._people(source, session.people())
             if mark is None and since is None and not full:
                 since = now - self.settings.initial_lookback_days * DAY_MS
             elif mark is not None and full:
@@ -587,6 +589,20 @@ class Engine:
                 self.store.enqueue(source, [], kept._replace(window_ms=None))
         report.held = held
         return report
+
+    def _people(self, source: str, parties: list[tuple[str, str | None, str | None]]) -> None:
+        """Note which addresses Apple takes for one person, every one the database holds, not only those
+        of the rows read: a number whose texts lie outside a `--days` window, and whose call is read,
+        shares the placeholder of the same person's email. Written when they change."""
+        if not parties or self._people_seen.get(source) == parties:
+            return
+        hints = {}
+        for address, person, country in parties:
+            value, is_person = self._counterpart(address, country)
+            if is_person and person:
+                hints[value] = person
+        self.store.remember_hints(hints)
+        self._people_seen[source] = parties
 
     def _keep_first_parties(self, batch: Batch) -> int:
         """A row with several parties that is read again keeps those it was first read with: a group

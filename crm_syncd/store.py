@@ -528,6 +528,11 @@ class Store:
     def handles(self) -> dict[str, int]:
         return dict(self._all("SELECT address, contact_id FROM handles"))
 
+    def remember_hints(self, hints: dict[str, str]) -> None:
+        """{address: Apple's person} for addresses it takes for one person with others."""
+        with self.transaction() as tx:
+            tx.conn.executemany("INSERT OR REPLACE INTO hints (address, person) VALUES (?, ?)", hints.items())
+
     def hint(self, address: str) -> str | None:
         return self._one("SELECT person FROM hints WHERE address = ?", (address,))
 

@@ -1082,6 +1082,21 @@ def test_a_number_moved_off_a_person_whose_contact_the_owner_made_moves_alone(
     assert "duplicate" not in result.output.lower()
 
 
+def test_handles_messages_groups_share_one_placeholder_even_when_one_of_them_has_no_message_read(
+        library: Library, citadel, cli: CLI):
+    """Ann's number texted three weeks ago, her email yesterday; her number called today. A `--days 7`
+    run reads no text of the number: Messages' grouping still gives the call and the email's text one
+    placeholder, which the later `--full` keeps."""
+    library.text("+19055551234", at=ago(days=20), person="p-ann")
+    library.text("ann@example.org", at=ago(days=1), person="p-ann")
+    library.call("+19055551234", answered=True, duration=30, at=ago(hours=2))
+
+    assert cli("sync", "--days", "7").code == 0 and cli("sync", "--full").code == 0
+
+    assert sorted(names(citadel)) == ["Unknown (+1-905-555-1234)"]
+    assert len(citadel.interactions()) == 3
+
+
 def test_handles_messages_grouped_share_one_placeholder_which_a_card_with_either_of_them_promotes(
         library: Library, citadel, cli: CLI):
     library.text("+19055551234", person="person-7", at=ago(days=2))

@@ -58,6 +58,11 @@ class MessagesReader(sqlite.SourceReader):
         """The addresses the owner's chats were last addressed from (chat.last_addressed_handle)."""
         return sqlite.retrying(self._reading, lambda db, conn: set(_maps(db, conn, []).own), stop=self._stop)
 
+    def people(self) -> list[Party]:
+        """Every handle Messages takes for one person with others (`person_centric_id`), read or not."""
+        return sqlite.retrying(self._reading, lambda db, conn: [p for p in _maps(db, conn, []).handles.values() if p[1]],
+                               stop=self._stop)
+
     def _read(self, db: sqlite.Database, conn: sqlite3.Connection, after_rowid: int, limit: int,
               since_ms: int | None) -> tuple[Batch, bool]:
         cols = self._columns(db, conn)

@@ -255,6 +255,11 @@ class SourceReader:
         """The owner's own addresses as this database names them (none unless it keeps them)."""
         return set()
 
+    def people(self) -> list[tuple[str, str | None, str | None]]:
+        """(address, person, country) of the addresses this database takes for one person with others
+        (none unless it keeps that)."""
+        return []
+
     def _read(self, db: Database, conn: sqlite3.Connection, after_rowid: int, limit: int,
               since_ms: int | None) -> tuple[Batch, bool]:
         """The batch of the rows the main SELECT returned, and whether it returned `limit` of them."""
