@@ -54,7 +54,7 @@ SOURCES = ("messages", "calls")
 DAY_MS = 86_400_000
 CREATE_SENT = "contact_create_sent_ms"  # kv: when a contact pass that has not finished last sent a create
 CONTACTS_SYNCED = "contacts_synced_ms"  # kv: when the last contacts pass ended (`status` shows it)
-OWN_ADDRESSES = "own_addresses"  # kv: the Me cards' addresses, normalised (for runs that read no address book)
+OWN_ADDRESSES = "own_addresses_by_store"  # kv: {AddressBook store: its Me cards' addresses, normalised}
 UNANSWERED_CREATES = "contact_creates_unanswered"  # kv: [{person, fields, sent_ms}] of creates that may have landed
 CONTACTS_PROBLEMS = "contacts_problems"  # kv: the last contacts pass's people not written and fields left out
 DROPPABLE = frozenset({"phone", "email"})  # a contact is still worth writing without them
@@ -141,7 +141,11 @@ class Engine:
             "calls": CallsReader(settings.calls_db, stop=self.stopping),
         }
         self.own_addresses: set[str] = set()  # the owner's own (notes to self are no one's): see `_own_changed`
-        self._me: dict[str, set[str]] = {}  # AddressBook store → its Me cards' addresses, as last read
+        # AddressBook store → its Me cards' addresses, as last read (by this process or, for a store it
+        # has not read, an earlier one: a run that reads no address book, a store unreadable just now)
+        kept = store.get(OWN_ADDRESSES)
+        self._me: dict[str, set[str]] = {k: set(v) for k, v in kept.items()} if isinstance(kept, dict) else {}
+        self._me_kept = {name: set(own) for name, own in self._me.items()}
         self._own_named: dict[str, set[str]] = {}  # messages, calls → the owner's addresses they name
         self._people_seen: dict[str, list] = {}  # messages → the `people` it last noted
         self.contacts_stale = False  # set when a contact vanished from the CRM
@@ -192,7 +196,8 @@ class Engine:
         removed = set(self._cards) - set(signatures)
         for store_name in removed:
             del self._cards[store_name]
-            self._me.pop(store_name, None)
+        for store_name in self._me.keys() - signatures.keys():  # an account removed, even before this process
+            del self._me[store_name]
         changed = [name for name, sig in signatures.items() if previous.get(name) != sig or name not in self._cards]
         for name in changed:
             try:
@@ -214,6 +219,9 @@ class Engine:
             self._cards[name] = cards
             self._me[name] = {a for a in map(self.normalize.person, own) if a}
             report.skipped.update(skipped)
+        if self._me != self._me_kept:
+            self.store.put(OWN_ADDRESSES, {name: sorted(own) for name, own in self._me.items()}, durable=False)
+            self._me_kept = {name: set(own) for name, own in self._me.items()}
         self._own_changed()
         if previous and changed and not removed and set(changed) <= report.store_errors.keys():
             return report  # only stores that failed again: nothing new for the CRM, so no listing of it
@@ -258,14 +266,11 @@ class Engine:
         return report
 
     def _own_changed(self) -> None:
-        """The owner's own addresses: the Me cards' (kept in the state for runs that read no address
-        book, as each contacts pass last found them: a number taken off the Me card is someone's again)
-        and those Messages names (`chat.last_addressed_handle`)."""
-        kept = self.store.get(OWN_ADDRESSES, [])
-        me = set().union(*self._me.values()) if self._me else set(kept)
-        if self._me and sorted(me) != kept:
-            self.store.put(OWN_ADDRESSES, sorted(me), durable=False)
-        self.own_addresses = me.union(*self._own_named.values())
+        """The owner's own addresses: the Me cards' (a number taken off the Me card is someone's again),
+        and those chat.db's chats were last addressed from, unless another card holds them (an old
+        number of the owner's, given away)."""
+        named = set().union(*self._own_named.values())
+        self.own_addresses = set().union(*self._me.values()) | (named - self.store.on_cards(named))
 
     async def _apply_person(self, person: Person, fields: dict, index: _CRMIndex, report: ContactsReport,
                             live: set[str], unanswered: list[dict]) -> None:

@@ -528,6 +528,14 @@ class Store:
     def handles(self) -> dict[str, int]:
         return dict(self._all("SELECT address, contact_id FROM handles"))
 
+    def on_cards(self, addresses: Iterable[str]) -> set[str]:
+        """Those of the addresses a card holds (as the last contacts pass mapped them)."""
+        addresses = list(addresses)
+        if not addresses:
+            return set()
+        return {r[0] for r in self._all(f"SELECT address FROM handles WHERE origin = 'card' AND address IN "
+                                        f"({', '.join('?' * len(addresses))})", tuple(addresses))}
+
     def remember_hints(self, hints: dict[str, str]) -> None:
         """{address: Apple's person} for addresses it takes for one person with others."""
         with self.transaction() as tx:

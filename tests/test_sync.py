@@ -205,6 +205,43 @@ def test_a_number_taken_off_the_me_card_is_someone_elses_again(library: Library,
     assert kinds(citadel, "Sam Roe") == {"TEXT_INBOUND": 1, "CALL_INBOUND": 1}, result.stdout
 
 
+def test_the_owners_own_number_stays_theirs_while_the_me_cards_store_cannot_be_read(library: Library, citadel, cli: CLI):
+    own = "+16135550100"
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.card(source=1, first="Owner", last="Self", phones=["+1 613 555 0100"], me=True)
+    assert cli("sync").code == 0
+    store = library.books[1]
+    store.close()
+    store.path.write_bytes(b"not an address book " * 1000)  # locked or being rewritten, for this pass
+    library.call(own, originated=True, duration=20, at=ago(minutes=5))  # the owner calls their voicemail
+
+    result = cli("sync")
+
+    assert list(names(citadel)) == ["Jane Doe"] and "own-address 1" in result.stdout, result.output
+
+
+def test_an_old_number_of_the_owners_chats_were_sent_from_is_someone_elses_once_on_their_card(
+        library: Library, citadel, cli: CLI):
+    """Years of chats name the owner's old number as the one they wrote from (last_addressed_handle);
+    given up, off the Me card, it is now on Sam's card: Sam's texts and calls reach Sam."""
+    old, new = "+16135550100", "+16135550177"
+    me = library.card(first="Owner", last="Self", phones=["+1 613 555 0100"], me=True)
+    jane = library.chat.handle(JANE)
+    library.chat.message(library.chat.chat([jane], last_addressed=old), jane, at=ago(days=40))
+    assert cli("sync").code == 0
+
+    library.books[0].update_card(me, phones=["+1 613 555 0177"])
+    library.books[0].commit()
+    library.card(first="Sam", last="Roe", phones=[old])
+    sam = library.chat.handle(old)
+    library.chat.message(library.chat.chat([sam], last_addressed=new), sam, at=ago(minutes=30))
+    library.call(old, answered=True, duration=30, at=ago(minutes=20))
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert kinds(citadel, "Sam Roe") == {"TEXT_INBOUND": 1, "CALL_INBOUND": 1}, result.stdout
+
+
 def test_short_codes_and_sender_names_are_skipped_and_counted_not_contacts(library: Library, citadel, cli: CLI):
     library.text("88202", service="SMS")
     library.text("AMAZON", service="SMS")
