@@ -535,8 +535,8 @@ class Engine:
                 if self._replaced(session, mark, current_file):
                     report.rebuilt = True
                     log.warning("extract.rebuilt", source=source, mark=after)
-                    after = 0
-                    since = since or now - self.settings.initial_lookback_days * DAY_MS
+                    after = 0  # read over the lookback window (a --days run's, if wider), as a first sync
+                    since = min(since or now, now - self.settings.initial_lookback_days * DAY_MS)
                 elif days is not None:  # --days N reads its days behind the mark too, never moving it back
                     after, floor = 0, mark.rowid
             resumed = mark is not None and not report.rebuilt  # else a lookback pass

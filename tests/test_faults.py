@@ -306,6 +306,25 @@ def swap_in(library: Library, replacement: Path) -> None:
     library._chats.clear()
 
 
+def test_a_days_run_that_finds_chat_db_started_over_still_reads_the_lookback_window(
+        library: Library, citadel: CitadelServer, cli: CLI):
+    """The first run after chat.db was restored happens to be `sync --days 3`: a message of 20 days ago
+    the old file never had (iCloud delivered it late) still arrives, as after a plain sync."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    old = [(JANE, f"OLD-{n}", False, ago(days=30 - n)) for n in range(3)]
+    for address, guid, from_me, at in old:
+        library.text(address, from_me=from_me, at=at, guid=guid)
+    assert cli("sync").code == 0
+    staging = library.messages_db.parent / "rebuild"
+    staging.mkdir()
+    rebuilt_chat_db(staging / "chat.db", old + [(JANE, "LATE", False, ago(days=20)), (JANE, "NEW", False, ago(hours=1))])
+    swap_in(library, staging / "chat.db")
+
+    assert cli("sync", "--days", "3").code == 0 and cli("sync").code == 0
+
+    assert len(citadel.interactions_of(JANE)) == 5
+
+
 def test_chat_db_replaced_by_a_rebuilt_copy_with_lower_rowids(library: Library, citadel: CitadelServer, daemon):
     library.card(first="Jane", last="Doe", phones=[JANE])
     for _ in range(30):  # rows a rebuild drops: they push the real messages' ROWIDs up
