@@ -146,6 +146,7 @@ class Engine:
         kept = store.get(OWN_ADDRESSES)
         self._me: dict[str, set[str]] = {k: set(v) for k, v in kept.items()} if isinstance(kept, dict) else {}
         self._me_kept = {name: set(own) for name, own in self._me.items()}
+        self._own_lock = threading.Lock()
         self._own_named: dict[str, set[str]] = {}  # messages, calls → the owner's addresses they name
         self._people_seen: dict[str, list] = {}  # messages → the `people` it last noted
         self.contacts_stale = False  # set when a contact vanished from the CRM
@@ -269,8 +270,9 @@ class Engine:
         """The owner's own addresses: the Me cards' (a number taken off the Me card is someone's again),
         and those chat.db's chats were last addressed from, unless another card holds them (an old
         number of the owner's, given away)."""
-        named = set().union(*self._own_named.values())
-        self.own_addresses = set().union(*self._me.values()) | (named - self.store.on_cards(named))
+        with self._own_lock:  # extraction's worker thread and the contacts pass on the loop both call it
+            named = set().union(*self._own_named.values())
+            self.own_addresses = set().union(*self._me.values()) | (named - self.store.on_cards(named))
 
     async def _apply_person(self, person: Person, fields: dict, index: _CRMIndex, report: ContactsReport,
                             live: set[str], unanswered: list[dict]) -> None:
