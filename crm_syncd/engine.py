@@ -197,8 +197,8 @@ class Engine:
         removed = set(self._cards) - set(signatures)
         for store_name in removed:
             del self._cards[store_name]
-        for store_name in self._me.keys() - signatures.keys():  # an account removed, even before this process
-            del self._me[store_name]
+        for store_name in self._me.keys() - signatures.keys() if signatures else ():  # an account removed
+            del self._me[store_name]  # (even before this process); no AddressBook at all: kept as they were
         changed = [name for name, sig in signatures.items() if previous.get(name) != sig or name not in self._cards]
         for name in changed:
             try:
