@@ -143,9 +143,7 @@ class Engine:
         self.own_addresses: set[str] = set()  # the owner's own (notes to self are no one's): see `_own_changed`
         # AddressBook store → its Me cards' addresses, as last read (by this process or, for a store it
         # has not read, an earlier one: a run that reads no address book, a store unreadable just now)
-        kept = store.get(OWN_ADDRESSES)
-        self._me: dict[str, set[str]] = {k: set(v) for k, v in kept.items()} if isinstance(kept, dict) else {}
-        self._me_kept = {name: set(own) for name, own in self._me.items()}
+        self._me: dict[str, set[str]] = {name: set(own) for name, own in store.get(OWN_ADDRESSES, {}).items()}
         self._own_lock = threading.Lock()
         self._own_named: dict[str, set[str]] = {}  # messages, calls → the owner's addresses they name
         self._people_seen: dict[str, list] = {}  # messages → the `people` it last noted
@@ -220,9 +218,8 @@ class Engine:
             self._cards[name] = cards
             self._me[name] = {a for a in map(self.normalize.person, own) if a}
             report.skipped.update(skipped)
-        if self._me != self._me_kept:
-            self.store.put(OWN_ADDRESSES, {name: sorted(own) for name, own in self._me.items()}, durable=False)
-            self._me_kept = {name: set(own) for name, own in self._me.items()}
+        if (me := {name: sorted(own) for name, own in self._me.items()}) != self.store.get(OWN_ADDRESSES, {}):
+            self.store.put(OWN_ADDRESSES, me, durable=False)
         self._own_changed()
         if previous and changed and not removed and set(changed) <= report.store_errors.keys():
             return report  # only stores that failed again: nothing new for the CRM, so no listing of it

@@ -215,6 +215,10 @@ def _enqueue_sql(rows: int) -> str:
             f"FROM (VALUES {values}) v")
 
 
+def _put_hints(conn: sqlite3.Connection, hints: dict[str, str]) -> None:
+    conn.executemany("INSERT OR REPLACE INTO hints (address, person) VALUES (?, ?)", hints.items())
+
+
 class StoreError(Exception):
     """The state database cannot be used as it is; the message says why and what to do."""
 
@@ -438,7 +442,7 @@ class Store:
                                     "AND state = 'pending' AND contact_id IS NULL",
                                     [(SCREENED, at, key) for key, at in screened])
             if hints:
-                tx.conn.executemany("INSERT OR REPLACE INTO hints (address, person) VALUES (?, ?)", hints.items())
+                _put_hints(tx.conn, hints)
             tx.execute(
                 "INSERT INTO marks (source, rowid, file_id, anchor, window_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(source) DO UPDATE SET rowid = excluded.rowid, file_id = excluded.file_id, "
@@ -539,7 +543,7 @@ class Store:
     def remember_hints(self, hints: dict[str, str]) -> None:
         """{address: Apple's person} for addresses it takes for one person with others."""
         with self.transaction() as tx:
-            tx.conn.executemany("INSERT OR REPLACE INTO hints (address, person) VALUES (?, ?)", hints.items())
+            _put_hints(tx.conn, hints)
 
     def hint(self, address: str) -> str | None:
         return self._one("SELECT person FROM hints WHERE address = ?", (address,))
