@@ -221,7 +221,8 @@ class Engine:
         if (me := {name: sorted(own) for name, own in self._me.items()}) != self.store.get(OWN_ADDRESSES, {}):
             self.store.put(OWN_ADDRESSES, me, durable=False)
         self._own_changed()
-        if previous and changed and not removed and set(changed) <= report.store_errors.keys():
+        if (previous and changed and not removed and set(changed) <= report.store_errors.keys()
+                and not self.contacts_stale):  # (a contact vanished: the listing finds who must be made again)
             return report  # only stores that failed again: nothing new for the CRM, so no listing of it
 
         people = merge_cards([c for cards in self._cards.values() for c in cards], self.normalize)

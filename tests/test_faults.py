@@ -283,6 +283,41 @@ def test_a_contact_deleted_in_the_crm_is_recreated_and_its_next_interaction_arri
     assert [(r["type"], r["occurredAt"]) for r in citadel.interactions_of(JANE)] == [("TEXT_OUTBOUND", iso(later))]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_contact_deleted_in_the_crm_is_made_again_from_its_card_while_another_account_stays_unreadable(
+        library: Library, citadel: CitadelServer, daemon):
+    """A contacts pass that finds only the unreadable account changed lists nothing: it must still list
+    the CRM when a contact vanished, or delivery asks for passes in a loop and makes a placeholder for
+    someone on a card."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    corrupt = library.books[2]
+    corrupt.close()
+    corrupt.path.write_bytes(b"not an address book " * 1000)
+    library.text(JANE, at=ago(hours=2))
+    d = daemon()
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 1, what="the first message")
+    (old,) = [c["id"] for c in citadel.contacts()]
+
+    citadel.delete_contact(old)
+    later = ago(hours=1)
+    library.text(JANE, from_me=True, at=later)
+
+    rows = eventually(lambda: citadel.interactions_of(JANE), timeout=30, what="the message after the deletion")
+    assert [(r["type"], r["occurredAt"]) for r in rows] == [("TEXT_OUTBOUND", iso(later))]
+    assert [(c["firstName"], c["lastName"]) for c in citadel.contacts()] == [("Jane", "Doe")]  # no placeholder
+    start, used = len(d.events("contacts.rescan")), cpu_seconds(d.proc.pid)
+    eventually(lambda: len(d.events("contacts.rescan")) >= start + 4, what="four more rescans (2 s)")
+    assert cpu_seconds(d.proc.pid) - used < 0.5  # settled, not asking for contacts passes in a loop
+    assert d.stop() == 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time a process has used, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # -- chat.db rebuilt, deleted, checkpointed, locked ------------------------------------------------
 
 def rebuilt_chat_db(path: Path, messages: list[tuple[str, str, bool, object]]) -> None:
