@@ -21,7 +21,8 @@ import httpx
 
 from bench import procs
 from crm_syncd import daemon as daemonlib
-from crm_syncd.engine import Engine, occurred_iso
+from crm_syncd.crm import occurred_iso
+from crm_syncd.engine import Engine
 from crm_syncd.settings import load_settings
 from crm_syncd.sources import contacts as contacts_source
 from crm_syncd.sources.calls import CallsReader

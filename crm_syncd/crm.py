@@ -49,6 +49,12 @@ RETRY_AFTER_MAX_S = 900.0
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
+def occurred_iso(ms: int) -> str:
+    """UTC ISO-8601 with milliseconds and a Z, as Citadel stores it."""
+    seconds, millis = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
 class CRMError(Exception):
     """Anything that went wrong talking to Citadel. `message` is human text without secrets."""
 

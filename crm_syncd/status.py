@@ -29,11 +29,7 @@ MISSING = "database not found"  # the feature is unused on this Mac: a problem f
 
 
 def _iso(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    from crm_syncd.engine import occurred_iso
-
-    return occurred_iso(ms)
+    return None if ms is None else crmlib.occurred_iso(ms)
 
 
 def _latest(*times_ms: int | None) -> str | None:

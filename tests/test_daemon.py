@@ -27,7 +27,8 @@ import httpx
 import pytest
 
 from crm_syncd.daemon import Lock
-from crm_syncd.engine import Engine, occurred_iso
+from crm_syncd.crm import occurred_iso
+from crm_syncd.engine import Engine
 from crm_syncd.settings import Settings
 from crm_syncd.sources.messages import MessagesReader
 from crm_syncd.store import SCREENED, Store

@@ -1,0 +1,118 @@
+"""The pipeline shared by `crm-syncd sync` and `crm-syncd run`.
+
+sources → identity → store → crm, in four steps, a module each:
+
+1. `contacts`: read every AddressBook store, merge cards into people, match them against the CRM by
+   normalised phone/email, create what is missing, and fill the identity map.
+2. `extract`: read a source past its high-water mark in bounded batches and move the rows into the
+   outbox together with the new mark (one transaction per batch).
+3. `placeholders`: give every open item a contact: the identity map, Apple's own person grouping, or
+   a placeholder contact ("Unknown (+1-905-555-1234)"), or hold it.
+4. `push`: deliver the outbox exactly once, with bounded concurrency.
+
+Beside them: `owner` (the owner's own addresses), `creates` (contact creates whose answer may be
+lost), `reports` (what each step reports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+from crm_syncd import crm as crmlib
+from crm_syncd.engine.contacts import CONTACTS_PROBLEMS, CONTACTS_SYNCED, ContactsSync
+from crm_syncd.engine.creates import Creates
+from crm_syncd.engine.extract import SOURCES, Extractor
+from crm_syncd.engine.owner import OwnAddresses
+from crm_syncd.engine.placeholders import Placeholders
+from crm_syncd.engine.push import Pusher
+from crm_syncd.engine.reports import ContactsReport, PlaceholdersReport, PushReport, SourceReport
+from crm_syncd.identity import Normalizer
+from crm_syncd.settings import Settings
+from crm_syncd.store import Store
+
+__all__ = ["CONTACTS_PROBLEMS", "CONTACTS_SYNCED", "SOURCES", "ContactsReport", "Engine", "PlaceholdersReport",
+           "PushReport", "SourceReport"]
+
+
+class Engine:
+    """The four steps over one state store and one CRM client."""
+
+    def __init__(self, settings: Settings, store: Store, crm: crmlib.CitadelClient, *,
+                 known_only: bool = False) -> None:
+        self.settings = settings
+        self.store = store
+        self.crm = crm
+        self.stopping = threading.Event()  # set by a stopping process: extractions end at their next batch
+        normalize = Normalizer(settings.default_region)
+        owner = OwnAddresses(store, normalize)
+        creates = Creates(settings, store, crm)
+        self.contacts = ContactsSync(settings, store, crm, normalize, owner, creates)
+        self.extractor = Extractor(settings, store, normalize, owner, self.stopping)
+        self.placeholders = Placeholders(settings, store, crm, normalize, creates, known_only=known_only)
+        self.pusher = Pusher(settings, store, crm, self._refresh_contacts)
+        self.readers = self.extractor.readers
+        self._contacts_lock = asyncio.Lock()
+
+    # -- 1. contacts ----------------------------------------------------------------------
+
+    def addressbook_signatures(self) -> dict[str, str]:
+        """The `sqlite.signature` of every AddressBook store: two stats per store."""
+        return self.contacts.signatures()
+
+    def contacts_changed(self) -> bool:
+        return self.addressbook_signatures() != self.store.signatures()
+
+    @property
+    def contacts_busy(self) -> bool:
+        """A contacts sync or a resolution is under way (they take turns: see `sync_contacts`)."""
+        return self._contacts_lock.locked()
+
+    async def sync_contacts(self) -> ContactsReport:
+        """Bring the CRM's contacts and the identity map in line with the address book.
+
+        One at a time, and never beside `resolve`: two passes at once would each find a person
+        missing from the CRM and each create a contact for them.
+        """
+        async with self._contacts_lock:
+            stale = self.pusher.contacts_stale
+            report = await self.contacts.run(list_crm=stale)
+            if stale:
+                self.pusher.contacts_stale = False
+            return report
+
+    # -- 2. extraction --------------------------------------------------------------------
+
+    def extract(self, source: str, *, full: bool = False, days: int | None = None,
+                progress: Callable[[int], None] | None = None) -> SourceReport:
+        """Move new rows of one source into the outbox. Blocking; run it off the event loop."""
+        return self.extractor.extract(source, full=full, days=days, progress=progress)
+
+    # -- 3. resolution --------------------------------------------------------------------
+
+    async def resolve(self) -> PlaceholdersReport:
+        """Give open items a contact (see `Placeholders.resolve`); never beside a contacts pass."""
+        async with self._contacts_lock:
+            return await self.placeholders.resolve()
+
+    # -- 4. delivery ----------------------------------------------------------------------
+
+    async def push(self, *, stop: asyncio.Event | None = None) -> PushReport:
+        """Deliver everything deliverable, then return (early when `stop` is set): see `Pusher.push`."""
+        return await self.pusher.push(stop=stop)
+
+    @property
+    def crm_failure(self) -> str | None:
+        """Why the CRM did not answer the last delivery; None once it does."""
+        return self.pusher.crm_failure
+
+    def back_off(self, retry_after: float | None = None) -> None:
+        self.pusher.back_off(retry_after)
+
+    def backoff_left(self) -> float:
+        return self.pusher.backoff_left()
+
+    async def _refresh_contacts(self) -> None:
+        await self.sync_contacts()
+        await self.resolve()

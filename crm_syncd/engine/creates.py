@@ -1,0 +1,66 @@
+"""Contact creates whose answer may never come: noted before they are sent, so a later pass knows a
+contact it finds for them may be crm-syncd's own, or may still be on its way into the CRM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from crm_syncd import crm as crmlib
+from crm_syncd.engine.push import outlast_request
+from crm_syncd.settings import Settings
+from crm_syncd.store import Store, now_ms
+
+CREATE_SENT = "contact_create_sent_ms"  # kv: when a contact pass that has not finished last sent a create
+UNANSWERED_CREATES = "contact_creates_unanswered"  # kv: [{person, fields, sent_ms}] of creates that may have landed
+
+
+@dataclass
+class Creates:
+    """POSTs contacts for the contacts pass and the placeholders, keeping the notes above."""
+
+    settings: Settings
+    store: Store
+    crm: crmlib.CitadelClient
+
+    async def create(self, fields: dict, made_for: tuple[str, dict] | None = None) -> dict:
+        """POST a contact, noting the moment first: if its pass ends before the answer (a stop, a crash,
+        a lost answer), the next pass knows the contact may still appear (`landed`). A card's
+        create is noted first with its person and fields (`made_for`), the note kept unless a definite
+        answer comes: the contact the next pass finds for them is the one crm-syncd made
+        (`ContactsSync._own_unanswered_create`)."""
+        self.store.put(CREATE_SENT, now_ms(), durable=False)  # a power cut outlasts any request anyway
+        # each note its own (its moment): a create sent again as an earlier one was is not taken for it
+        note = {"person": made_for[0], "fields": made_for[1], "sent_ms": now_ms()} if made_for is not None else None
+        if note is not None:
+            self.store.put(UNANSWERED_CREATES, [*self.unanswered(), note], durable=False)
+        try:
+            contact = await self.crm.create_contact(fields)
+        except crmlib.CRMError as exc:
+            if note is not None and not exc.maybe_written:
+                self.drop([note], durable=False)
+            raise
+        if note is not None:
+            self.drop([note], durable=False)
+        return contact
+
+    def unanswered(self) -> list[dict]:
+        """The notes of creates sent without an answer (by earlier passes, or this one so far)."""
+        return self.store.get(UNANSWERED_CREATES, [])
+
+    def drop(self, notes: list[dict], *, durable: bool = True) -> None:
+        """Forget these notes: their creates were answered, or the pass that was given them has ended
+        (its listing found what landed)."""
+        held = self.unanswered()
+        if any(note in notes for note in held):
+            self.store.put(UNANSWERED_CREATES, [note for note in held if note not in notes], durable=durable)
+
+    def pass_ended(self) -> None:
+        """The pass ends: every create it sent was answered (or refused)."""
+        if self.store.get(CREATE_SENT) is not None:
+            self.store.put(CREATE_SENT, None, durable=False)
+
+    async def landed(self) -> None:
+        """Before listing the CRM's contacts: a create an unfinished pass sent less than a request timeout
+        ago may still be on its way in, and a listing taken now would miss it and make the contact twice."""
+        if (sent := self.store.get(CREATE_SENT)) is not None:
+            await outlast_request(self.settings.request_timeout_s, sent, "contacts.create_waits")
