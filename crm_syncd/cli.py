@@ -25,7 +25,7 @@ from crm_syncd.engine import SOURCES, ContactsReport, Engine, PlaceholdersReport
 from crm_syncd.settings import (API_KEY_PLACES, ConfigError, Settings, config_warnings, load_settings,
                                 ready_folder, where_set)
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError
-from crm_syncd.store import Store, StoreError
+from crm_syncd.store import SCHEMA_VERSION, Store, StoreError
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -279,10 +279,18 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
 def retry_failed() -> None:
     """Send failed interactions again on the next sync or daemon pass, and the contact fields the CRM
     refused on the next contacts pass."""
+    from crm_syncd.daemon import Lock
+
     def body() -> int:
         settings = _settings(folders=("state_dir",))
         with owner_errors():
-            store = Store(settings.state_db)
+            holder = Lock(settings.lock_path).held_by_other()
+            store = Store(settings.state_db, migrate=holder is None)  # else the holder migrates its own
+            if holder is not None and store.checked_version() < SCHEMA_VERSION:
+                store.close()
+                raise StoreError(f"an older crm-syncd ({holder[1]}, pid {holder[0]}) is still using "
+                                 f"{settings.state_db}: run `crm-syncd install` to restart the daemon on this "
+                                 "version (or let that sync end), then `crm-syncd retry-failed` again")
         count = store.retry_failed()
         fields = store.retry_left_out()
         store.close()

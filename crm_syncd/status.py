@@ -101,7 +101,7 @@ def gather(settings: Settings) -> dict[str, Any]:
     """The daemon's state as a plain dict (the `status --json` document)."""
     holder = Lock(settings.lock_path).held_by_other()  # the daemon, or a one-shot `sync`
     running = holder is not None and holder[1] == "run"
-    store = Store(settings.state_db) if settings.state_db.exists() else None
+    store = Store.for_reading(settings.state_db) if settings.state_db.exists() else None
     try:
         beat = (store.get("daemon") if store else None) or {}
         marks = {s: store.mark_details(s) if store else None for s in ("messages", "calls")}

@@ -331,6 +331,14 @@ class Store:
             raise
 
     def _migrate(self) -> None:
+        for target in range(self.checked_version() + 1, SCHEMA_VERSION + 1):
+            with self.transaction() as tx:
+                tx.executescript_in_tx(MIGRATIONS[target])
+                tx.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                tx.execute(f"PRAGMA user_version = {target}")
+
+    def checked_version(self) -> int:
+        """The schema version; refuses a file that is not crm-syncd's or comes from a newer crm-syncd."""
         conn = self._conn
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -342,11 +350,7 @@ class Store:
                 f"the state database {self.path} is from a newer crm-syncd (schema {version}, this one knows "
                 f"{SCHEMA_VERSION}); upgrade crm-syncd instead of downgrading."
             )
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            with self.transaction() as tx:
-                tx.executescript_in_tx(MIGRATIONS[target])
-                tx.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                tx.execute(f"PRAGMA user_version = {target}")
+        return version
 
     @property
     def schema_version(self) -> int:
@@ -373,6 +377,22 @@ class Store:
             raise _damaged(path, exc) from exc
         copy._migrate()
         return copy
+
+    @classmethod
+    def for_reading(cls, path: Path) -> Store:
+        """The state database at `path` to read, never migrated in place (the crm-syncd that holds the
+        lock, perhaps an older one still running, migrates it): as it is when current, else a copy
+        migrated in memory."""
+        store = cls(path, migrate=False)
+        try:
+            current = store.checked_version() == SCHEMA_VERSION
+        except BaseException:
+            store.close()
+            raise
+        if current:
+            return store
+        store.close()
+        return cls.copy_in_memory(path)
 
     @classmethod
     def memory(cls) -> Store:

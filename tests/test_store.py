@@ -6,11 +6,13 @@ The real Store and Engine run against fixture stores; extraction never talks to 
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
 import pytest
 
+from crm_syncd.daemon import Lock
 from crm_syncd.engine import Engine
 from crm_syncd.settings import Settings
 from crm_syncd.store import SCHEMA_VERSION, Mark, NewItem, Store, StoreError
@@ -88,6 +90,32 @@ def test_contacts_a_version_9_state_database_knows_follow_card_edits_and_a_refus
     assert again.code == 0 and "Ann Lee: written without its email" in again.stdout, again.output
     assert refused() == 2
     assert Store(home / "Library" / "Application Support" / "crm-syncd" / "state.db").schema_version == SCHEMA_VERSION
+
+
+def test_status_and_retry_failed_leave_the_state_database_of_an_older_crm_syncd_still_running_as_it_is(
+        library: Library, citadel, cli: CLI, home: Path):
+    """Upgraded while its daemon runs: a migration under it would pull its tables from under the old code,
+    which then stops syncing without a word. The crm-syncd that holds the lock migrates, no other."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=1))
+    assert cli("sync").code == 0
+    state = home / "Library" / "Application Support" / "crm-syncd"
+    as_version_9_left_it(state / "state.db")
+    old_daemon = Lock(state / "crm-syncd.lock")
+    old_daemon.acquire("run")
+    try:
+        status = cli("status", "--json")
+        assert json.loads(status.stdout)["outbox"]["delivered"] == 1, status.output
+        assert Store(state / "state.db", migrate=False).schema_version == 9  # read from a copy migrated in memory
+        refused = cli("retry-failed")
+        assert refused.code == 2 and "an older crm-syncd (run, pid" in refused.stderr, refused.output
+        assert "crm-syncd install" in refused.stderr
+        assert Store(state / "state.db", migrate=False).schema_version == 9
+    finally:
+        old_daemon.release()
+
+    assert cli("retry-failed").code == 0  # the old daemon gone: migrated by whoever comes next
+    assert Store(state / "state.db", migrate=False).schema_version == SCHEMA_VERSION
 
 
 PLUMBER = "+19055551234"
