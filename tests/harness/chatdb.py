@@ -193,16 +193,18 @@ class ChatDB:
                 at: datetime | int | None = _NOW, item_type: int = 0, associated_type: int = 0,  # type: ignore[assignment]
                 error: int = 0, guid: str | None = None, service: str = "iMessage",
                 text: str | None = "a private message body", date_unit: Literal["s", "ns"] | None = None,
-                is_sent: int | None = None, is_system: int = 0) -> int:
+                is_sent: int | None = None, is_system: int = 0, rowid: int | None = None) -> int:
         """Insert one message row (and its chat_message_join row when `chat` is given).
 
         `at`: a datetime (encoded in this version's unit or `date_unit`), a raw int, or None (NULL).
+        `rowid`: the row's ROWID (a free one below the newest: a row an earlier read saw), else the next.
         """
         if at is _NOW:
             at = datetime.now(UTC)
         date = to_apple(at, date_unit or self.unit) if isinstance(at, datetime) else at
         rowid = self._insert(
-            "message", commit=False, guid=guid or str(uuid.uuid4()).upper(), text=text,
+            "message", commit=False, **({"ROWID": rowid} if rowid is not None else {}),
+            guid=guid or str(uuid.uuid4()).upper(), text=text,
             attributedBody=b"streamtyped\x81\xe8\x03\x84\x01@\x84NSAttributedString " + (text or "").encode(),
             payload_data=b"bplist00-private", message_summary_info=b"bplist00-summary",
             handle_id=handle, service=service, account="E:me@example.com", error=error, date=date,
