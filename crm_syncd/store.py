@@ -168,12 +168,15 @@ MIGRATIONS: dict[int, str] = {
     """,
     # A message's fingerprint keeps its whole time (Messages dates are exact, and a re-downloaded copy
     # keeps its original one): two texts one person sent within a second (a photo and its caption) are
-    # two interactions. A call's stays to the second.
+    # two interactions. A call's stays to the second. The texts an earlier version took for duplicates of
+    # one in the same second lie behind the mark: the next messages extraction reads once more over the
+    # lookback window (REREAD), where they are new and rows already in the outbox are ignored.
     8: """
     DROP INDEX outbox_fingerprint;
     CREATE UNIQUE INDEX outbox_fingerprint
         ON outbox(occurred_ms / (CASE WHEN type IN ('TEXT_INBOUND', 'TEXT_OUTBOUND') THEN 1 ELSE 1000 END),
                   address, type);
+    INSERT OR REPLACE INTO kv (key, value) VALUES ('reread', '["messages"]');
     """,
     # When the CRM made each contact crm-syncd knows: an id the CRM hands out again (restored from a
     # backup, another CRM at the same address) belongs to another contact, never to the one remembered.
@@ -191,6 +194,7 @@ MIGRATIONS: dict[int, str] = {
     ALTER TABLE contacts ADD COLUMN left_out TEXT;
     """,
 }
+REREAD = "reread"  # kv: sources whose rows behind the mark are read once more over the lookback window
 UNRESOLVED = "(state = 'pending' OR state = 'held') AND contact_id IS NULL"  # as outbox_unresolved's WHERE
 UNKNOWN_OUTCOME = "cannot tell whether it reached the CRM"  # a failed item's reason when it may be there
 SCREENED = "screened call (blocked or silenced) from a number without a contact"  # held; makes no placeholder
@@ -862,6 +866,21 @@ class Store:
     def get(self, key: str, default: Any = None) -> Any:
         raw = self._one("SELECT value FROM kv WHERE key = ?", (key,))
         return json.loads(raw) if raw is not None else default
+
+    def to_reread(self, source: str) -> bool:
+        """Whether `source`'s rows behind its mark are to be read once more over the lookback window (an
+        upgrade that made rows an earlier version dropped new again)."""
+        return source in self.get(REREAD, [])
+
+    def reread_done(self, source: str) -> None:
+        """`source` was read once more (or has no mark: nothing was read, nothing left behind)."""
+        with self.transaction() as tx:
+            raw = tx.execute("SELECT value FROM kv WHERE key = ?", (REREAD,)).fetchone()
+            rest = [s for s in json.loads(raw[0]) if s != source] if raw else []
+            if rest:
+                tx.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (REREAD, json.dumps(rest)))
+            else:
+                tx.execute("DELETE FROM kv WHERE key = ?", (REREAD,))
 
 
 class _Tx:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from crm_syncd.settings import Settings
 from crm_syncd.store import SCHEMA_VERSION, Mark, NewItem, Store, StoreError
 from tests.conftest import CLI
 from tests.harness.library import Library, ago
+from tests.harness.processes import eventually
 from tests.harness.statedb import state_db_at
 
 JANE = "+16135550111"
@@ -172,6 +174,120 @@ def test_a_contact_version_9_wrote_and_the_owner_edited_stays_the_owners_after_t
     assert upgraded.code == 0 and "owner_edit_kept" in upgraded.stderr, upgraded.output
     assert [(c["firstName"], c["lastName"], c["notes"]) for c in citadel.contacts()] == [
         ("Ann", "Lee (neighbour)", "Owner's words\nCard note")]
+
+
+def as_version_7_left_it(state_db: Path) -> None:
+    """The state database as crm-syncd 7 kept it: a text known by its second, as a call is; no contact's
+    creation time; nothing to read again."""
+    as_version_9_left_it(state_db)
+    conn = sqlite3.connect(state_db)
+    conn.execute("ALTER TABLE contacts DROP COLUMN created_at")
+    conn.execute("DROP INDEX outbox_fingerprint")
+    conn.execute("CREATE UNIQUE INDEX outbox_fingerprint ON outbox(occurred_ms / 1000, address, type)")
+    conn.execute("DELETE FROM kv WHERE key = 'reread'")
+    conn.execute("PRAGMA user_version = 7")
+    conn.commit()
+    conn.close()
+
+
+ANN = "+16135550122"
+
+
+def two_texts_in_one_second_version_7_read(library: Library, cli: CLI, home: Path) -> list[str]:
+    """Ann's photo (ROWID 1) and its caption (ROWID 2) in one second a month ago, and a later text (ROWID 3),
+    as crm-syncd 7 left them: it read all three and dropped the caption as a duplicate of the photo.
+    Returns the times the CRM should hold, oldest first."""
+    library.card(first="Ann", last="Lee", phones=[ANN])
+    photo = ago(days=30).replace(microsecond=100_000)
+    caption = photo + timedelta(milliseconds=400)
+    later = ago(days=2)
+    library.text(ANN, at=photo)
+    library.text(ANN, at=later, rowid=3)
+    assert cli("sync").code == 0
+    library.text(ANN, at=caption, rowid=2)  # behind the mark: the row version 7 read and dropped
+    as_version_7_left_it(home / "Library" / "Application Support" / "crm-syncd" / "state.db")
+    return [t.isoformat(timespec="milliseconds").replace("+00:00", "Z") for t in (photo, caption, later)]
+
+
+def test_a_text_version_7_dropped_as_a_same_second_duplicate_arrives_once_at_the_first_sync_after_the_upgrade(
+        library: Library, citadel, cli: CLI, home: Path):
+    """Versions 1-7 knew a text by its second, so the second of two texts one person sent within one second
+    was taken for a duplicate and dropped. The upgrade reads the messages behind the mark once more."""
+    expected = two_texts_in_one_second_version_7_read(library, cli, home)
+    assert len(citadel.interactions()) == 2
+
+    upgraded = cli("sync", "-v")
+
+    assert upgraded.code == 0, upgraded.output
+    assert sorted(i["occurredAt"] for i in citadel.interactions()) == expected  # the caption once; no other twice
+    assert "extract.reread" in upgraded.stderr and "already known 2" in upgraded.stdout, upgraded.output
+    again = cli("sync", "-v")
+    assert again.code == 0, again.output
+    assert "extract.reread" not in again.stderr and "extract.batch" not in again.stderr, again.output
+    assert sorted(i["occurredAt"] for i in citadel.interactions()) == expected
+
+
+def test_a_text_version_7_dropped_as_a_same_second_duplicate_arrives_at_the_daemons_first_catch_up(
+        library: Library, citadel, cli: CLI, home: Path, daemon):
+    expected = two_texts_in_one_second_version_7_read(library, cli, home)
+
+    d = daemon()
+    eventually(lambda: len(citadel.interactions()) >= 3, what="the dropped caption")
+    assert [e["days"] for e in d.events("extract.reread")] == [365]
+    library.text(ANN, at=ago(seconds=1))
+    eventually(lambda: len(citadel.interactions()) >= 4, what="a new text")
+    d.stop()
+
+    got = sorted(i["occurredAt"] for i in citadel.interactions())
+    assert len(got) == 4 and got[:3] == expected, got
+    assert len(d.events("extract.reread")) == 1
+
+
+def test_the_read_again_after_the_upgrade_is_made_again_when_a_stop_cut_it_short(
+        library: Library, citadel, cli: CLI, home: Path):
+    two_texts_in_one_second_version_7_read(library, cli, home)
+    engine = extraction(library, home / "Library" / "Application Support" / "crm-syncd")
+
+    engine.stopping.set()  # the process is stopping before the pass reads its first batch
+    assert engine.extract("messages").added == 0
+    engine.stopping.clear()
+    assert engine.store.to_reread("messages")
+    report = engine.extract("messages")
+
+    assert (report.added, report.duplicates) == (1, 2)
+    assert not engine.store.to_reread("messages")
+    assert engine.extract("messages").rows == 0
+
+
+def test_a_group_message_read_again_after_the_upgrade_from_version_7_reaches_no_one_added_to_the_group_since(
+        library: Library, citadel, cli: CLI, home: Path):
+    bob, carol = "+19025550133", "+14165550144"
+    for first, last, phone in (("Ann", "Lee", ANN), ("Bob", "Roe", bob), ("Carol", "Poe", carol)):
+        library.card(first=first, last=last, phones=[phone])
+    library.group_text([ANN, bob], at=ago(days=10))
+    assert cli("sync").code == 0
+    library.join_group([ANN, bob], carol)
+    as_version_7_left_it(home / "Library" / "Application Support" / "crm-syncd" / "state.db")
+
+    upgraded = cli("sync", "-v")
+
+    assert upgraded.code == 0 and "extract.reread" in upgraded.stderr, upgraded.output
+    got = {c["firstName"]: [i["type"] for i in citadel.interactions(c["id"])] for c in citadel.contacts()}
+    assert got == {"Ann": ["TEXT_OUTBOUND"], "Bob": ["TEXT_OUTBOUND"], "Carol": []}
+
+
+def test_a_fresh_install_reads_no_history_again_at_its_second_sync(library: Library, citadel, cli: CLI):
+    """Every migration runs at a fresh install, 8 too: its first sync reads the lookback window anyway."""
+    library.card(first="Ann", last="Lee", phones=[ANN])
+    library.text(ANN, at=ago(days=30))
+    library.text(ANN, at=ago(days=2))
+
+    first, second = cli("sync", "-v"), cli("sync", "-v")
+
+    assert first.code == 0 and second.code == 0, second.output
+    assert "extract.reread" not in first.stderr + second.stderr, first.output
+    assert "extract.batch" in first.stderr and "extract.batch" not in second.stderr, second.output
+    assert len(citadel.interactions()) == 2
 
 
 def test_a_state_database_with_a_damaged_page_is_refused_with_the_fix(tmp_path):

@@ -59,6 +59,15 @@ class Extractor:
             log.warning("extract.missing", source=source, path=str(reader.path))
             return report
         mark = self.store.mark(source)
+        # an upgrade made rows an earlier version dropped new again (store migration 8): read once more over
+        # the lookback window, behind the mark, as `--days` does (a source without a mark has nothing behind it)
+        reread = not full and days is None and self.store.to_reread(source)
+        if reread and mark is None:
+            self.store.reread_done(source)
+            reread = False
+        elif reread:
+            days = self.settings.initial_lookback_days
+            log.info("extract.reread", source=source, days=days)
         now = now_ms()
         since = now - days * DAY_MS if days is not None else None
         after, floor = 0, 0
@@ -132,6 +141,8 @@ class Extractor:
             # still get a first sync)
             if kept.window_ms is not None and not held and kept.rowid > 0 and not self.stopping.is_set():
                 self.store.enqueue(source, [], kept._replace(window_ms=None))
+            if reread and not self.stopping.is_set():  # once: a pass stopped part-way reads again next time
+                self.store.reread_done(source)
         report.held = held
         return report
 
