@@ -575,6 +575,10 @@ class Store:
     def addresses_with_hint(self, person: str) -> list[str]:
         return [r[0] for r in self._all("SELECT address FROM hints WHERE person = ?", (person,))]
 
+    def hints(self) -> dict[str, str]:
+        """Every {address: Apple's person} `remember_hints` noted."""
+        return dict(self._all("SELECT address, person FROM hints"))
+
     def remember_contact(self, contact_id: int, origin: str, person_key: str | None = None,
                          written: dict | None = None, cards: Iterable[str] | None = None,
                          created_at: str | None = None, card: dict | None = None,

@@ -1153,6 +1153,83 @@ def test_handles_messages_grouped_share_one_placeholder_which_a_card_with_either
     assert kinds(citadel, "Sam Stone") == {"TEXT_INBOUND": 2}
 
 
+SAM_NUMBER, SAM_EMAIL = "+19055551234", "sam@example.org"
+
+
+def _split_as_an_older_version_left_it(library: Library, citadel, cli: CLI, home: Path) -> tuple[dict, int]:
+    """A placeholder made for a number and an email Messages groups, holding both texts; then, as crm-syncd
+    before store v5 did when a card got the email, the card's own contact made and the email moved to it,
+    the number left on the placeholder (with Messages' grouping known). Returns the placeholder and the
+    card's z_pk."""
+    library.text(SAM_NUMBER, person="person-7", at=ago(days=3))
+    library.text(SAM_EMAIL, person="person-7", at=ago(days=2))
+    assert cli("sync").code == 0
+    (placeholder,) = citadel.contacts()
+    pk = library.card(first="Sam", last="Stone", emails=[SAM_EMAIL])
+    with sqlite3.connect(home / "Library" / "Application Support" / "crm-syncd" / "state.db") as state:
+        hints = state.execute("SELECT address, person FROM hints").fetchall()
+        state.execute("DELETE FROM handles WHERE address = ?", (SAM_EMAIL,))
+        state.execute("DELETE FROM hints")  # unknown to this pass: it makes the card's contact apart
+    assert cli("sync", "--contacts-only").code == 0
+    with sqlite3.connect(home / "Library" / "Application Support" / "crm-syncd" / "state.db") as state:
+        state.executemany("INSERT INTO hints (address, person) VALUES (?, ?)", hints)
+        assert dict(state.execute("SELECT address, origin FROM handles")) == {SAM_NUMBER: "placeholder",
+                                                                              SAM_EMAIL: "card"}
+    assert sorted(names(citadel)) == ["Sam Stone", "Unknown (+1-905-555-1234)"]
+    return placeholder, pk
+
+
+def test_a_placeholder_an_older_version_left_beside_the_card_of_a_handle_messages_groups_with_it_is_folded_in(
+        library: Library, citadel, cli: CLI, home: Path):
+    """The placeholder's texts move to the card's contact, once each, and the placeholder goes; later texts
+    from the number reach the card's contact, which follows the card's edits."""
+    placeholder, pk = _split_as_an_older_version_left_it(library, citadel, cli, home)
+    sam = names(citadel)["Sam Stone"]["id"]
+
+    folded = cli("sync")
+
+    assert folded.code == 0, folded.output
+    assert [c["id"] for c in citadel.contacts()] == [sam]
+    assert len(citadel.interactions(sam)) == 2
+    library.text(SAM_NUMBER, at=ago(minutes=5))
+    library.books[0].update_card(pk, first="Samuel")
+    library.books[0].commit()
+    edited = cli("sync")
+    assert edited.code == 0 and "owner_edit_kept" not in edited.stderr, edited.output
+    assert [(c["id"], c["firstName"]) for c in citadel.contacts()] == [(sam, "Samuel")]
+    got = Counter(i["occurredAt"] for i in citadel.interactions())
+    assert sum(got.values()) == 3 and set(got.values()) == {1}, got
+    assert "duplicate" not in edited.output.lower()
+
+
+def test_a_placeholder_the_owner_filled_in_beside_the_card_of_a_handle_messages_groups_with_it_stays_reported(
+        library: Library, citadel, cli: CLI, home: Path):
+    placeholder, _ = _split_as_an_older_version_left_it(library, citadel, cli, home)
+    citadel.update_contact(placeholder["id"], organization="Acme Plumbing")  # the owner's work: never deleted
+
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert sorted(names(citadel)) == ["Sam Stone", "Unknown (+1-905-555-1234)"]
+    assert f"CRM contact {placeholder['id']} looks like {names(citadel)['Sam Stone']['id']}" in result.output
+    assert len(citadel.interactions(placeholder["id"])) == 2 and len(citadel.interactions()) == 2
+
+
+def test_a_placeholder_of_a_handle_messages_groups_with_two_peoples_addresses_is_neither_ones(
+        library: Library, citadel, cli: CLI, home: Path):
+    """Messages' grouping ties the number to Sam's email and to Ann's number alike: the placeholder stays."""
+    placeholder, _ = _split_as_an_older_version_left_it(library, citadel, cli, home)
+    library.card(first="Ann", last="Lee", phones=[BOB])
+    library.text(BOB, person="person-7", at=ago(days=1))
+    with sqlite3.connect(home / "Library" / "Application Support" / "crm-syncd" / "state.db") as state:
+        state.execute("INSERT INTO hints (address, person) VALUES (?, 'person-7')", (BOB,))  # known already
+
+    assert cli("sync").code == 0 and cli("sync").code == 0
+
+    assert sorted(names(citadel)) == ["Ann Lee", "Sam Stone", "Unknown (+1-905-555-1234)"]
+    assert len(citadel.interactions(placeholder["id"])) == 2
+
+
 def test_one_contact_the_owner_made_serves_a_person_on_two_unlinked_cards_holding_its_phone_and_its_email(
         library: Library, citadel, cli: CLI):
     kept = citadel.add_contact(firstName="Jane", lastName="Doe", phone=JANE, email="jane@work.example")

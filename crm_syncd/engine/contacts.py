@@ -105,6 +105,7 @@ class ContactsSync:
         self.store.prune_contacts({c: contact.get("createdAt") for c, contact in index.by_id.items()})
         index.placeholder_of = {a: c for a, c in self.store.addresses_of("placeholder").items()
                                 if c in index.by_id and is_placeholder(index.by_id[c])}
+        index.grouped = self._grouped_placeholders(people, index)
         index.kept_for, index.card_made = self.store.contacts_by_card(), self.store.card_made_addresses()
         self.store.map_each(index.single_owner(), "crm", replace=False)
         live = {person.key for person in people}
@@ -225,6 +226,32 @@ class ContactsSync:
                     and self.store.contact_for_person(other.key) is None):
                 self.store.remember_contact(contact_id, known[0], other.key, cards=other.unique_ids)
                 log.info("contacts.given_back", contact_id=contact_id)
+
+    def _grouped_placeholders(self, people: list[Person], index: CRMIndex) -> dict[str, set[int]]:
+        """{a card's address: the placeholders mapped for addresses no card holds that Messages groups
+        (`Store.hint`) with it}: the same person's, though the placeholder was made for one handle alone
+        (before the grouping was known, or by an older crm-syncd that moved the card's handle to the
+        card's contact). Only where every card address of the group is one person's own: a group that
+        also holds another person's address, or one several cards share, ties the placeholder to no one."""
+        held = {a for person in people for a in person.addresses}
+        owners: dict[str, set[str]] = defaultdict(set)
+        for person in people:
+            for address in person.owned:
+                owners[address].add(person.key)
+        hints = self.store.hints() if index.placeholder_of else {}
+        groups: dict[str, list[str]] = defaultdict(list)
+        for address, person_id in hints.items():
+            groups[person_id].append(address)
+        found: dict[str, set[int]] = defaultdict(set)
+        for address, contact_id in index.placeholder_of.items():
+            if address in held or (person_id := hints.get(address)) is None:
+                continue
+            carded = [a for a in groups[person_id] if a in held]
+            keys = {frozenset(owners.get(a, ())) for a in carded}
+            if len(keys) == 1 and len(next(iter(keys))) == 1:  # all of them owned by one and the same person
+                for a in carded:
+                    found[a].add(contact_id)
+        return found
 
     def _kept_under_another_key(self, person: Person, fields: dict, live: set[str], index: CRMIndex) -> list[int]:
         """The contacts crm-syncd made or kept for this person under another key, best first: those filed
@@ -387,6 +414,7 @@ class CRMIndex:
         self.by_address: dict[str, set[int]] = defaultdict(set)
         self.by_name: dict[tuple[str, str], set[int]] = defaultdict(set)
         self.placeholder_of: dict[str, int] = {}  # address -> the placeholder made for it (crm-syncd's map)
+        self.grouped: dict[str, set[int]] = {}  # a card's address -> placeholders of handles Messages groups with it
         self.kept_for: dict[str, set[int]] = {}  # card unique id -> the contacts made or kept for it (crm-syncd's)
         self.card_made: dict[str, int] = {}  # address -> the contact crm-syncd made for a card holding it
         for contact in contacts:
@@ -418,9 +446,11 @@ class CRMIndex:
     def for_person(self, person: Person, fields: dict) -> set[int]:
         """The contacts that may be this person: any holding an address no one else's card holds; by a
         shared one, only a contact under their name, or the placeholder of an address they own (the CRM's
-        holds one address; one made for handles Messages grouped was made for all of them)."""
+        holds one address; one made for handles Messages grouped was made for all of them) or of one
+        Messages groups with an address they own (`grouped`: made for that handle alone)."""
         found = self.matching([a for a in person.addresses if a not in person.shared])
         found |= {self.placeholder_of[a] for a in person.owned if a in self.placeholder_of}
+        found |= {c for a in person.owned for c in self.grouped.get(a, ())}
         found |= {c for c in self.matching([a for a in person.owned if a in person.shared])
                   if is_placeholder(self.by_id[c])}
         return found | (self.matching(sorted(person.shared)) & self.named(fields["firstName"], fields["lastName"]))
