@@ -219,8 +219,12 @@ def _enqueue_sql(rows: int) -> str:
             f"FROM (VALUES {values}) v")
 
 
-def _put_hints(conn: sqlite3.Connection, hints: dict[str, str]) -> None:
-    conn.executemany("INSERT OR REPLACE INTO hints (address, person) VALUES (?, ?)", hints.items())
+def _put_hints(conn: sqlite3.Connection, hints: dict[str, str]) -> bool:
+    """Note Apple's grouping of addresses; whether it changed (rows already as noted are not written)."""
+    before = conn.total_changes
+    conn.executemany("INSERT INTO hints (address, person) VALUES (?, ?) ON CONFLICT(address) "
+                     "DO UPDATE SET person = excluded.person WHERE person != excluded.person", hints.items())
+    return conn.total_changes != before
 
 
 class StoreError(Exception):
@@ -301,6 +305,7 @@ class Store:
         self._lock = threading.RLock()
         self._conn = self._open(path)
         self._unattached = True  # a mapping may have been made just before the last process stopped
+        self._regrouped = False  # Messages' grouping of addresses changed since `regrouped` was last asked
         if migrate:
             self._migrate()
 
@@ -465,8 +470,8 @@ class Store:
                 tx.conn.executemany("UPDATE outbox SET state = 'held', reason = ? WHERE occurred_ms = ? AND key = ? "
                                     "AND state = 'pending' AND contact_id IS NULL",
                                     [(SCREENED, at, key) for key, at in screened])
-            if hints:
-                _put_hints(tx.conn, hints)
+            if hints and _put_hints(tx.conn, hints):
+                self._regrouped = True
             tx.execute(
                 "INSERT INTO marks (source, rowid, file_id, anchor, window_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(source) DO UPDATE SET rowid = excluded.rowid, file_id = excluded.file_id, "
@@ -567,13 +572,31 @@ class Store:
     def remember_hints(self, hints: dict[str, str]) -> None:
         """{address: Apple's person} for addresses it takes for one person with others."""
         with self.transaction() as tx:
-            _put_hints(tx.conn, hints)
+            if _put_hints(tx.conn, hints):
+                self._regrouped = True
 
     def hint(self, address: str) -> str | None:
         return self._one("SELECT person FROM hints WHERE address = ?", (address,))
 
     def addresses_with_hint(self, person: str) -> list[str]:
         return [r[0] for r in self._all("SELECT address FROM hints WHERE person = ?", (person,))]
+
+    def regrouped(self) -> bool:
+        """Whether Messages' grouping changed since last asked so that a handle mapped to a placeholder is
+        now grouped with one a card holds, mapped to another contact: a contacts pass folds the
+        placeholder into that card's contact (`ContactsSync._grouped_placeholders`). Asking clears it."""
+        if not self._regrouped:
+            return False
+        self._regrouped = False
+        return self._one(
+            "SELECT 1 FROM handles p JOIN hints hp ON hp.address = p.address "
+            "JOIN hints hc ON hc.person = hp.person AND hc.address != hp.address "
+            "JOIN handles c ON c.address = hc.address "
+            "WHERE p.origin = 'placeholder' AND c.origin = 'card' AND c.contact_id != p.contact_id LIMIT 1") is not None
+
+    def regroup_again(self) -> None:
+        """`regrouped` says so again (the contacts pass it called for did not run through)."""
+        self._regrouped = True
 
     def hints(self) -> dict[str, str]:
         """Every {address: Apple's person} `remember_hints` noted."""

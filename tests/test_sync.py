@@ -1230,6 +1230,37 @@ def test_a_placeholder_of_a_handle_messages_groups_with_two_peoples_addresses_is
     assert len(citadel.interactions(placeholder["id"])) == 2
 
 
+def test_a_placeholder_of_a_number_messages_groups_later_with_a_cards_email_is_folded_into_its_contact(
+        library: Library, citadel, cli: CLI):
+    """The number got its placeholder, the email a card, before Messages took them for one person: the
+    sync that learns it folds the placeholder into the card's contact, where the number's texts go on."""
+    library.text(SAM_NUMBER, at=ago(days=3))
+    assert cli("sync").code == 0
+    pk = library.card(first="Sam", last="Stone", emails=[SAM_EMAIL])
+    library.text(SAM_EMAIL, at=ago(days=2))
+    assert cli("sync").code == 0
+    assert sorted(names(citadel)) == ["Sam Stone", "Unknown (+1-905-555-1234)"]
+    sam = names(citadel)["Sam Stone"]["id"]
+
+    library.chat.conn.execute("UPDATE handle SET person_centric_id = 'person-7' WHERE id IN (?, ?)",
+                              (SAM_NUMBER, SAM_EMAIL))  # Messages now takes them for one person
+    library.chat.commit()
+    library.text(SAM_NUMBER, at=ago(hours=1))
+    grouped = cli("sync")
+
+    assert grouped.code == 0, grouped.output
+    assert [c["id"] for c in citadel.contacts()] == [sam]
+    assert len(citadel.interactions(sam)) == 3
+    library.text(SAM_NUMBER, at=ago(minutes=5))
+    library.books[0].update_card(pk, first="Samuel")
+    library.books[0].commit()
+    edited = cli("sync")
+    assert edited.code == 0 and "owner_edit_kept" not in edited.stderr, edited.output
+    assert [(c["id"], c["firstName"]) for c in citadel.contacts()] == [(sam, "Samuel")]
+    got = Counter(i["occurredAt"] for i in citadel.interactions())
+    assert sum(got.values()) == 4 and set(got.values()) == {1}, got
+
+
 def test_one_contact_the_owner_made_serves_a_person_on_two_unlinked_cards_holding_its_phone_and_its_email(
         library: Library, citadel, cli: CLI):
     kept = citadel.add_contact(firstName="Jane", lastName="Doe", phone=JANE, email="jane@work.example")

@@ -29,8 +29,12 @@ from crm_syncd.engine.placeholders import Placeholders
 from crm_syncd.engine.push import Pusher
 from crm_syncd.engine.reports import ContactsReport, PlaceholdersReport, PushReport, SourceReport
 from crm_syncd.identity import Normalizer
+from crm_syncd.logs import get_logger
 from crm_syncd.settings import Settings
+from crm_syncd.sources.sqlite import NeedsFullDiskAccess
 from crm_syncd.store import Store
+
+log = get_logger("crm_syncd.engine")
 
 __all__ = ["CONTACTS_PROBLEMS", "CONTACTS_SYNCED", "SOURCES", "ContactsReport", "Engine", "PlaceholdersReport",
            "PushReport", "SourceReport"]
@@ -92,7 +96,19 @@ class Engine:
     # -- 3. resolution --------------------------------------------------------------------
 
     async def resolve(self) -> PlaceholdersReport:
-        """Give open items a contact (see `Placeholders.resolve`); never beside a contacts pass."""
+        """Give open items a contact (see `Placeholders.resolve`); never beside a contacts pass.
+
+        First a contacts pass when Messages has newly grouped a placeholder's handle with a card's
+        (`Store.regrouped`): it folds the placeholder into the card's contact, so the handle's items go
+        there, not to the placeholder, from now on."""
+        if self.store.regrouped():
+            try:
+                await self.sync_contacts()
+            except NeedsFullDiskAccess as exc:  # the daemon's own contacts pass names it; this one is a bonus
+                log.warning("contacts.regroup_skipped", error=str(exc))
+            except BaseException:
+                self.store.regroup_again()  # a CRM down: asked for again at the next resolution
+                raise
         async with self._contacts_lock:
             return await self.placeholders.resolve()
 
