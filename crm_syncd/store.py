@@ -502,9 +502,11 @@ class Store:
         """Point addresses at a contact; their waiting items get it at the next `attach`."""
         self.map_each(((a, contact_id) for a in addresses), origin, replace=replace)
 
-    def addresses_of(self, origin: str) -> dict[str, int]:
+    def addresses_of(self, origin: str | None = None) -> dict[str, int]:
         """{address: contact} of every address mapped with this origin (`placeholder`: the handles each
-        placeholder was made for, a number and the email Messages grouped with it alike)."""
+        placeholder was made for, a number and the email Messages grouped with it alike), or with any."""
+        if origin is None:
+            return dict(self._all("SELECT address, contact_id FROM handles"))
         return dict(self._all("SELECT address, contact_id FROM handles WHERE origin = ?", (origin,)))
 
     def map_each(self, pairs: Iterable[tuple[str, int]], origin: str, *, replace: bool = True) -> None:

@@ -900,6 +900,26 @@ def test_a_placeholder_whose_create_answer_was_lost_is_found_not_made_twice(
         d.stop(signal.SIGKILL)
 
 
+def test_a_placeholder_whose_create_answer_was_lost_is_promoted_by_a_card_holding_the_persons_other_handle(
+        library: Library, citadel: CitadelServer, cli: CLI):
+    """Found again by the next pass, it is still the placeholder of every handle Messages groups."""
+    stranger = "+14165550199"
+    library.chat.handle(stranger, person_centric_id="p-1")
+    library.chat.handle("sam@example.org", person_centric_id="p-1")  # Messages: one person, two handles
+    library.text(stranger, at=ago(hours=1))
+    citadel.faults = Faults(rate=1.0, kinds=("500-after-write",), routes=("/api/contacts",), limit=1)
+    assert cli("sync").code == 1  # the placeholder is made, its answer lost
+    assert cli("sync").code == 0  # found again, not made twice
+    (placeholder,) = citadel.contacts()
+
+    library.card(first="Sam", last="Day", emails=["sam@example.org"])
+    assert cli("sync").code == 0
+
+    assert [(c["id"], c["firstName"], c["phone"], c["email"]) for c in citadel.contacts()] == [
+        (placeholder["id"], "Sam", stranger, "sam@example.org")]
+    assert len(citadel.interactions_of(stranger)) == 1
+
+
 def test_an_item_left_sending_whose_day_never_lists_in_full_holds_up_no_other_and_fails_with_its_reason(
         library: Library, citadel: CitadelServer, tmp_path: Path):
     """After a crash, an item left `sending` is looked up before it is sent again. If its day's listing

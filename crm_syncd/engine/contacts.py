@@ -103,7 +103,8 @@ class ContactsSync:
         unanswered = self.creates.unanswered()  # creates that may have landed: listed now if they did
         index = CRMIndex(crm_contacts, self.normalize)
         self.store.prune_contacts({c: contact.get("createdAt") for c, contact in index.by_id.items()})
-        index.placeholder_of = {a: c for a, c in self.store.addresses_of("placeholder").items()
+        # every address a placeholder serves: made for it, or found for it after an answer was lost
+        index.placeholder_of = {a: c for a, c in self.store.addresses_of().items()
                                 if c in index.by_id and is_placeholder(index.by_id[c])}
         index.grouped = self._grouped_placeholders(people, index)
         index.kept_for, index.card_made = self.store.contacts_by_card(), self.store.card_made_addresses()

@@ -60,9 +60,11 @@ class Placeholders:
                 listed = CRMIndex(await self.crm.list_contacts(), self.normalize)
             if owners := listed.matching(group):
                 existing = listed.by_id[min(owners)]
+                origin = "crm"
                 if is_placeholder(existing):  # not written by this Mac (written=None): it looks before sending
                     self.store.remember_contact(existing["id"], "placeholder", f"placeholder:{primary}")
-                self.store.map_addresses(group, existing["id"], "crm")
+                    origin = "placeholder"  # of the whole group: a card holding any of them promotes it
+                self.store.map_addresses(group, existing["id"], origin)
                 continue
             fields = placeholder_fields(primary)
             name = f"{fields['firstName']} {fields['lastName']}"
