@@ -1191,15 +1191,22 @@ def test_a_placeholder_an_older_version_left_beside_the_card_of_a_handle_message
     assert folded.code == 0, folded.output
     assert [c["id"] for c in citadel.contacts()] == [sam]
     assert len(citadel.interactions(sam)) == 2
+    edited = _a_text_from_the_number_and_a_card_edit_reach_sams_contact(library, citadel, cli, pk, sam, texts=3)
+    assert "duplicate" not in edited.output.lower()
+
+
+def _a_text_from_the_number_and_a_card_edit_reach_sams_contact(library: Library, citadel, cli: CLI, card: int,
+                                                              sam: int, *, texts: int):
+    """A later text from Sam's number and a rename on his card: one contact, renamed, holding every text once."""
     library.text(SAM_NUMBER, at=ago(minutes=5))
-    library.books[0].update_card(pk, first="Samuel")
+    library.books[0].update_card(card, first="Samuel")
     library.books[0].commit()
     edited = cli("sync")
     assert edited.code == 0 and "owner_edit_kept" not in edited.stderr, edited.output
     assert [(c["id"], c["firstName"]) for c in citadel.contacts()] == [(sam, "Samuel")]
     got = Counter(i["occurredAt"] for i in citadel.interactions())
-    assert sum(got.values()) == 3 and set(got.values()) == {1}, got
-    assert "duplicate" not in edited.output.lower()
+    assert sum(got.values()) == texts and set(got.values()) == {1}, got
+    return edited
 
 
 def test_a_placeholder_the_owner_filled_in_beside_the_card_of_a_handle_messages_groups_with_it_stays_reported(
@@ -1251,14 +1258,7 @@ def test_a_placeholder_of_a_number_messages_groups_later_with_a_cards_email_is_f
     assert grouped.code == 0, grouped.output
     assert [c["id"] for c in citadel.contacts()] == [sam]
     assert len(citadel.interactions(sam)) == 3
-    library.text(SAM_NUMBER, at=ago(minutes=5))
-    library.books[0].update_card(pk, first="Samuel")
-    library.books[0].commit()
-    edited = cli("sync")
-    assert edited.code == 0 and "owner_edit_kept" not in edited.stderr, edited.output
-    assert [(c["id"], c["firstName"]) for c in citadel.contacts()] == [(sam, "Samuel")]
-    got = Counter(i["occurredAt"] for i in citadel.interactions())
-    assert sum(got.values()) == 4 and set(got.values()) == {1}, got
+    _a_text_from_the_number_and_a_card_edit_reach_sams_contact(library, citadel, cli, pk, sam, texts=4)
 
 
 def test_one_contact_the_owner_made_serves_a_person_on_two_unlinked_cards_holding_its_phone_and_its_email(
