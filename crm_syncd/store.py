@@ -584,9 +584,10 @@ class Store:
         return [r[0] for r in self._all("SELECT address FROM hints WHERE person = ?", (person,))]
 
     def regrouped(self) -> bool:
-        """Whether Messages' grouping changed since last asked so that a handle mapped to a placeholder is
-        now grouped with one a card holds, mapped to another contact: a contacts pass folds the
-        placeholder into that card's contact (`ContactsSync._grouped_placeholders`). Asking clears it."""
+        """Whether Messages' grouping changed since last asked so that a handle not mapped for a card (a
+        placeholder's, whether made here or found again by a listing) is now grouped with one a card holds,
+        mapped to another contact: a contacts pass folds such a placeholder into that card's contact
+        (`ContactsSync._grouped_placeholders`). Asking clears it."""
         if not self._regrouped:
             return False
         self._regrouped = False
@@ -594,7 +595,7 @@ class Store:
             "SELECT 1 FROM handles p JOIN hints hp ON hp.address = p.address "
             "JOIN hints hc ON hc.person = hp.person AND hc.address != hp.address "
             "JOIN handles c ON c.address = hc.address "
-            "WHERE p.origin = 'placeholder' AND c.origin = 'card' AND c.contact_id != p.contact_id LIMIT 1") is not None
+            "WHERE p.origin != 'card' AND c.origin = 'card' AND c.contact_id != p.contact_id LIMIT 1") is not None
 
     def regroup_again(self) -> None:
         """`regrouped` says so again (the contacts pass it called for did not run through)."""

@@ -920,6 +920,29 @@ def test_a_placeholder_whose_create_answer_was_lost_is_promoted_by_a_card_holdin
     assert len(citadel.interactions_of(stranger)) == 1
 
 
+def test_a_placeholder_found_again_after_a_lost_answer_is_folded_into_a_card_once_messages_groups_them(
+        library: Library, citadel: CitadelServer, cli: CLI):
+    """The sync that learns the grouping folds it, as it does a placeholder crm-syncd knows it made."""
+    stranger = "+14165550199"
+    library.text(stranger, at=ago(days=3))
+    citadel.faults = Faults(rate=1.0, kinds=("500-after-write",), routes=("/api/contacts",), limit=1)
+    assert cli("sync").code == 1  # the placeholder is made, its answer lost
+    assert cli("sync").code == 0  # found again by the listing
+    library.card(first="Sam", last="Day", emails=["sam@example.org"])
+    library.text("sam@example.org", at=ago(days=2))
+    assert cli("sync").code == 0
+    sam = next(c["id"] for c in citadel.contacts() if c["firstName"] == "Sam")
+
+    library.chat.conn.execute("UPDATE handle SET person_centric_id = 'p-1' WHERE id IN (?, ?)",
+                              (stranger, "sam@example.org"))  # Messages now takes them for one person
+    library.chat.commit()
+    library.text(stranger, at=ago(hours=1))
+    assert cli("sync").code == 0
+
+    assert [c["id"] for c in citadel.contacts()] == [sam]
+    assert len(citadel.interactions(sam)) == 3
+
+
 def test_an_item_left_sending_whose_day_never_lists_in_full_holds_up_no_other_and_fails_with_its_reason(
         library: Library, citadel: CitadelServer, tmp_path: Path):
     """After a crash, an item left `sending` is looked up before it is sent again. If its day's listing

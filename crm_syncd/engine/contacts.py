@@ -104,8 +104,13 @@ class ContactsSync:
         index = CRMIndex(crm_contacts, self.normalize)
         self.store.prune_contacts({c: contact.get("createdAt") for c, contact in index.by_id.items()})
         # every address a placeholder serves: made for it, or found for it after an answer was lost
-        index.placeholder_of = {a: c for a, c in self.store.addresses_of().items()
+        index.placeholder_of = {a: c for a, c in sorted(self.store.addresses_of().items())
                                 if c in index.by_id and is_placeholder(index.by_id[c])}
+        # one a listing found (its create's answer lost, another Mac's) bears crm-syncd's marker: known as a
+        # placeholder from now on, as the resolution knows those it finds
+        for address, contact_id in index.placeholder_of.items():
+            if (self.store.known_contact(contact_id) or ("crm",))[0] == "crm":
+                self.store.remember_contact(contact_id, "placeholder", f"placeholder:{address}")
         index.grouped = self._grouped_placeholders(people, index)
         index.kept_for, index.card_made = self.store.contacts_by_card(), self.store.card_made_addresses()
         self.store.map_each(index.single_owner(), "crm", replace=False)
