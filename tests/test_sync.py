@@ -1197,13 +1197,15 @@ def test_a_placeholder_an_older_version_left_beside_the_card_of_a_handle_message
 
 def _a_text_from_the_number_and_a_card_edit_reach_sams_contact(library: Library, citadel, cli: CLI, card: int,
                                                               sam: int, *, texts: int):
-    """A later text from Sam's number and a rename on his card: one contact, renamed, holding every text once."""
+    """A later text from Sam's number and a rename on his card: one contact, renamed, holding every text once
+    and the number the folded placeholder had (his card has none)."""
     library.text(SAM_NUMBER, at=ago(minutes=5))
     library.books[0].update_card(card, first="Samuel")
     library.books[0].commit()
     edited = cli("sync")
     assert edited.code == 0 and "owner_edit_kept" not in edited.stderr, edited.output
-    assert [(c["id"], c["firstName"]) for c in citadel.contacts()] == [(sam, "Samuel")]
+    assert [(c["id"], c["firstName"], c["phone"], c["email"]) for c in citadel.contacts()] == [
+        (sam, "Samuel", SAM_NUMBER, SAM_EMAIL)]
     got = Counter(i["occurredAt"] for i in citadel.interactions())
     assert sum(got.values()) == texts and set(got.values()) == {1}, got
     return edited

@@ -205,11 +205,37 @@ class ContactsSync:
             report.promoted.append(name)
             log.info("contacts.promoted", contact_id=survivor)
         self.store.map_addresses(person.owned, survivor, "card")
+        folded = []
         for other in sorted(candidates - {survivor}):
+            placeholder = index.by_id[other] if is_placeholder(index.by_id[other]) else None
             if not await self._merge(other, survivor, index):
                 report.duplicates.append((survivor, other))
             else:
                 report.merged.append(name)
+                folded += [placeholder] if placeholder else []
+        if folded:
+            await self._take_addresses(survivor, folded, index, name)
+
+    async def _take_addresses(self, contact_id: int, placeholders: list[dict], index: CRMIndex, name: str) -> None:
+        """Give a contact crm-syncd writes the number or email of the placeholders folded into it, where it
+        has none: the person texts from it, and a promotion keeps it the same way. Recorded as written, not
+        as the card's: the card's next edit of that field still goes through."""
+        known = self.store.known_contact(contact_id)
+        if not known or known[0] != "card" or known[2] is None:
+            return
+        current = index.by_id[contact_id]
+        taken: dict[str, str] = {}
+        for placeholder in placeholders:
+            for key in ("phone", "email"):
+                if not current.get(key) and key not in taken and placeholder.get(key):
+                    taken[key] = placeholder[key]
+        if not taken:
+            return
+        updated, refused = await self._writing(
+            lambda sent: self.crm.update_contact(contact_id, sent) if sent else _as_is(current), taken, name)
+        index.replace(updated)
+        self.store.remember_contact(contact_id, "card", written={**known[2], **{k: updated.get(k) for k in taken}})
+        log.info("contacts.addresses_kept", contact_id=contact_id, fields=sorted(taken.keys() - refused.keys()))
 
     def _give_back_by_name(self, people: list[Person], fields: dict[str, dict], index: CRMIndex) -> None:
         """A contact remembered for one person but written under another's name, holding their number or
