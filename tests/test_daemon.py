@@ -120,6 +120,29 @@ def test_an_account_removed_while_the_daemon_runs_takes_nothing_from_a_person_al
         "jane@work.example", "Acme", "Met at the 2024 conference")
     assert d.stop() == 0
 
+
+def test_texts_from_a_number_messages_links_later_to_a_cards_email_move_from_its_placeholder_to_that_contact(
+        library: Library, citadel, daemon):
+    """No card changes: the daemon learns the grouping from chat.db alone, and folds the placeholder at once."""
+    stranger, email = "+19055551234", "sam@example.org"
+    library.text(stranger, at=ago(minutes=9))
+    library.card(first="Sam", last="Day", emails=[email])
+    library.text(email, at=ago(minutes=8))
+    d = daemon()
+    eventually(lambda: len(citadel.interactions()) == 2, what="both texts")
+    assert sorted(c["firstName"] for c in citadel.contacts()) == ["Sam", "Unknown"]
+    sam = next(c["id"] for c in citadel.contacts() if c["firstName"] == "Sam")
+
+    library.chat.conn.execute("UPDATE handle SET person_centric_id = 'p-1' WHERE id IN (?, ?)", (stranger, email))
+    library.text(stranger, at=ago(minutes=1))  # Messages now takes them for one person, and he texts again
+
+    eventually(lambda: [c["id"] for c in citadel.contacts()] == [sam], what="the placeholder folded into Sam's")
+    eventually(lambda: len(citadel.interactions(sam)) == 3, what="every text on Sam's contact")
+    assert Counter(i["occurredAt"] for i in citadel.interactions()).most_common(1)[0][1] == 1
+    assert [(c["phone"], c["email"]) for c in citadel.contacts()] == [(stranger, email)]
+    assert d.stop() == 0
+
+
 def test_a_screened_call_waits_without_a_placeholder_until_its_number_is_on_a_card(
         library: Library, citadel, daemon, daemon_env):
     spam, stranger = "+19055551234", "+19055556789"
