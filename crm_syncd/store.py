@@ -904,13 +904,7 @@ class Store:
 
     def reread_done(self, source: str) -> None:
         """`source` was read once more (or has no mark: nothing was read, nothing left behind)."""
-        with self.transaction() as tx:
-            raw = tx.execute("SELECT value FROM kv WHERE key = ?", (REREAD,)).fetchone()
-            rest = [s for s in json.loads(raw[0]) if s != source] if raw else []
-            if rest:
-                tx.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (REREAD, json.dumps(rest)))
-            else:
-                tx.execute("DELETE FROM kv WHERE key = ?", (REREAD,))
+        self.put(REREAD, [s for s in self.get(REREAD, []) if s != source])
 
 
 class _Tx:

@@ -212,7 +212,8 @@ class ContactsSync:
                 report.duplicates.append((survivor, other))
             else:
                 report.merged.append(name)
-                folded += [placeholder] if placeholder else []
+                if placeholder:
+                    folded.append(placeholder)
         if folded:
             await self._take_addresses(survivor, folded, index, name)
 
