@@ -793,17 +793,22 @@ class Store:
                               "AND contact_id IS NULL", (reason,)).rowcount
 
     def claim(self, limit: int) -> list[Item]:
-        """Mark up to `limit` deliverable items as sending (durably) and return them."""
+        """Mark up to `limit` deliverable items as sending (durably) and return them, newest first.
+
+        Newest first: what was extracted last (today's text) goes ahead of a backlog (a first run's
+        year of history), which the CRM may take an hour to accept. The order costs nothing else: the
+        CRM recomputes a contact's derived dates over all its interactions at each single POST.
+        """
         self.attach()
         with self.transaction() as tx:
             rows = tx.execute(
                 "UPDATE outbox SET state = 'sending', attempts = attempts + 1, updated_ms = ? "
                 "WHERE id IN (SELECT id FROM outbox WHERE state = 'pending' AND contact_id IS NOT NULL "
-                "ORDER BY id LIMIT ?) "
+                "ORDER BY id DESC LIMIT ?) "
                 "RETURNING id, key, address, type, occurred_ms, duration_s, contact_id, attempts",
                 (now_ms(), limit),
             ).fetchall()
-        return sorted((Item(*r) for r in rows), key=lambda item: item.id)
+        return sorted((Item(*r) for r in rows), key=lambda item: item.id, reverse=True)
 
     def sending(self) -> list[Item]:
         """Items a previous process may or may not have delivered before it stopped."""
