@@ -356,7 +356,9 @@ def _print_status(doc: dict) -> None:
     out.print(f"launchd agent: {'loaded' if agent.get('loaded') else 'installed' if agent.get('installed') else 'not installed'}")
     for name, src in doc["sources"].items():
         line = f"{name:9} last sync {src.get('last_sync_at') or 'never'}"
-        if src.get("lag_rows"):
+        if src.get("first_read_days") is not None and src.get("lag_rows"):
+            line += f" · not read yet: {src['lag_rows']} rows (the first read takes the last {src['first_read_days']} days)"
+        elif src.get("lag_rows"):
             line += f" · [yellow]{src['lag_rows']} rows behind ({src['lag_seconds']}s)[/]"
         if src.get("problem"):
             line += f" · [yellow]{src['problem']}[/]"

@@ -122,11 +122,13 @@ def gather(settings: Settings) -> dict[str, Any]:
         newest, problem = _newest(reader)
         mark = marks[name]
         theirs = daemon_sources.get(name) or {}
-        lag = max(0, newest - mark["rowid"]) if newest is not None and mark else None
+        # never read: every row is past the mark, and none has waited for it yet (the first read comes first)
+        lag = None if newest is None else max(0, newest - mark["rowid"]) if mark else newest
         stalled_ms = max(0, now - _waiting_since(reader, mark)) if mark and lag else 0
         sources[name] = {
             "last_sync_at": _latest(theirs.get("last_sync_ms"), (mark or {}).get("updated_ms")),  # daemon or `sync`
             "mark": mark["rowid"] if mark else None, "newest": newest, "lag_rows": lag,
+            "first_read_days": None if mark else settings.initial_lookback_days,  # not read yet: what it takes
             "lag_seconds": round(stalled_ms / 1000) if lag else 0,
             # the daemon's own failure first: it may lack Full Disk Access that this Terminal has
             "problem": (theirs.get("error") if running else None) or problem,

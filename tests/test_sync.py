@@ -2166,6 +2166,24 @@ def test_a_send_later_text_days_ahead_holds_the_mark_without_status_calling_it_a
     assert (messages["lag_rows"], messages["lag_seconds"]) == (1, 0), messages
 
 
+def test_status_before_the_first_read_counts_every_row_as_not_read_yet(library: Library, citadel, cli: CLI):
+    """Before any mark (a daemon's first contacts pass, a fresh install) the history is all unread:
+    `status` says so, with no alarm, rather than "nothing behind"."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    for days in (3, 2, 1):
+        library.text(JANE, at=ago(days=days))
+
+    before = cli("status")
+    messages = json.loads(cli("status", "--json").stdout)["sources"]["messages"]
+
+    assert (messages["lag_rows"], messages["lag_seconds"], messages["first_read_days"]) == (3, 0, 365), messages
+    assert "not read yet: 3 rows (the first read takes the last 365 days)" in before.stdout
+    assert cli("sync").code == 0
+    messages = json.loads(cli("status", "--json").stdout)["sources"]["messages"]
+    assert (messages["lag_rows"], messages["first_read_days"]) == (0, None), messages
+    assert "not read yet" not in cli("status").stdout
+
+
 def test_a_crm_restored_under_a_sync_of_interactions_alone_never_files_a_persons_text_under_another(
         library: Library, citadel, cli: CLI):
     """Without a contacts pass (`--interactions-only`, or a daemon between changes in Contacts), a send
