@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bench import gen, measure as m
+from crm_syncd.settings import Settings
 from tests.harness.processes import sigint_handled
 
 HERE = Path(__file__).resolve().parent
@@ -42,6 +43,7 @@ class Plan:
     inserts: int  # live latency
     gap_s: tuple[float, float]  # after one insert was delivered, before the next
     burst: int
+    behind_s: float  # after each burst's commit, one message of now: its latency behind the burst
     outage_n: int
     outage_hold_s: float
     outage_wait_s: float  # bound on recovery after the stand-in is back
@@ -59,9 +61,9 @@ FULL = Plan(
     backfill=gen.Spec("backfill", 100_000, 50, 0, 0, 0),
     live=gen.Spec("live", 40, 20, 0, 0, 0),
     reps=3, short_reps=15, load_s=(2.0, 1.5), bf_window_s=(8.0, 6.0), bf_max_s=60.0,
-    inserts=200, gap_s=(0.05, 0.1), burst=10_000,
+    inserts=200, gap_s=(0.05, 0.1), burst=10_000, behind_s=1.0,
     outage_n=2_000, outage_hold_s=5.0, outage_wait_s=120.0,
-    idle_windows=3, idle_window_s=20.0,
+    idle_windows=3, idle_window_s=22.0,  # 66 s: the 60-s timers come every 60-65 s (on the 5-s tick)
     history_max_s=300.0, history_after_s=3.0,
     bulk_bare=m.BulkShape("bare", 20, 5, 120),
     bulk_shapes=(m.BulkShape("dense", 20, 5, 120), m.BulkShape("sparse", 200, 5, 2)),
@@ -72,7 +74,7 @@ QUICK = Plan(
     backfill=gen.Spec("backfill", 5_000, 10, 0, 0, 0),
     live=gen.Spec("live", 40, 20, 0, 0, 0),
     reps=3, short_reps=5, load_s=(0.6, 0.4), bf_window_s=(1.0, 1.0), bf_max_s=15.0,
-    inserts=20, gap_s=(0.05, 0.1), burst=500,
+    inserts=20, gap_s=(0.05, 0.1), burst=500, behind_s=0.1,
     outage_n=500, outage_hold_s=1.5, outage_wait_s=3.0,
     idle_windows=3, idle_window_s=2.0,
     history_max_s=60.0, history_after_s=1.0,
@@ -181,13 +183,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4, 5, 6, 10 (the daemon); 7 and the messages extraction (the history sync) during its idle window
     with phase("daemon: start, catch-up"):
-        daemon = m.Daemon(live_home, work / "daemon", debounce_ms=100)
+        daemon = m.Daemon(live_home, work / "daemon", debounce_ms=Settings.model_fields["debounce_ms"].default)
     recovered = True
     try:
         with phase(f"daemon: live latency ({p.inserts} inserts)"):
             live = daemon.latency(p.inserts, p.gap_s)
         with phase(f"daemon: {p.reps} bursts of {p.burst:,}"):
-            bursts = daemon.bursts(p.burst, p.reps)
+            bursts = daemon.bursts(p.burst, p.reps, p.behind_s)
         time.sleep(1.0)
         with phase(f"history sync ({p.history.messages:,} messages: extraction, peak RSS), "
                    f"daemon idle meanwhile ({p.idle_windows} × {p.idle_window_s:g} s)"):
@@ -236,25 +238,38 @@ def main(argv: list[str] | None = None) -> int:
         row(f"backfill {p.backfill.messages:,}, +{latency} ms/request{what}", o, "interactions/s", c,
             "httpx, 8 in flight", "≥ 80% of capacity", o["median"] >= 0.8 * c["median"], runs=runs,
             samples=cap[latency])
+        r = spread([x["rate"] for x in cap[latency]["raw"]])
+        busy = m.med([x["server_core_share"] for x in cap[latency]["raw"]])
+        row(f"  … vs the stand-in's own capacity, +{latency} ms", o, "interactions/s", r,
+            "lean client, 8 in flight", "report", None,
+            note=f"HTTP/1.1 by hand on 8 keep-alive connections, no httpx: the stand-in process used {busy:.0%} of "
+                 f"a core meanwhile; the httpx load generator above reached {c['median'] / r['median']:.2f} of it")
         extra = {}
-        if c["median"] < 5 * s["median"]:
-            extra["bound"] = (f"capacity/sequential = {c['median'] / s['median']:.2f}×, so 5× is unreachable "
-                              f"at +{latency} ms")
+        if (top := max(c["median"], r["median"])) < 5 * s["median"]:
+            extra["bound"] = (f"the stand-in's capacity / sequential = {top / s['median']:.2f}×, so 5× is "
+                              f"unreachable at +{latency} ms")
         row(f"  … vs sequential, +{latency} ms", o, "interactions/s", s, "httpx, 1 at a time", "≥ 5× sequential",
             o["median"] >= 5 * s["median"], **extra)
 
     lat = sorted(live["latencies_ms"])
-    p50 = lat[len(lat) // 2] if lat else float("nan")
-    p95 = lat[min(len(lat) - 1, int(len(lat) * 0.95))] if lat else float("nan")
-    row(f"live latency p50 ({len(lat)} inserts, lost {live['lost']})",
-        {"median": p50, "min": lat[0] if lat else None, "max": lat[-1] if lat else None, "n": len(lat)}, "ms",
-        {"median": daemon.debounce_ms}, "debounce_ms", "", None, samples=lat)
-    row("live latency p95", one(p95, len(lat)), "ms", {"median": daemon.debounce_ms}, "debounce_ms",
-        "≤ debounce + 150 ms", p95 <= daemon.debounce_ms + 150)
+    lost = live["lost"]
+    ranked = lat + [float("inf")] * lost  # a message lost (not in the CRM within the bound) is the slowest of all
+    p50, p95 = ranked[len(ranked) // 2], ranked[min(len(ranked) - 1, int(len(ranked) * 0.95))]
+    inserts = f"{len(ranked)} inserts, lost {lost} (not in the CRM within {live['bound_s']:g} s)"
+    row(f"live latency p50 ({inserts})",
+        {"median": p50, "min": ranked[0], "max": ranked[-1], "n": len(ranked)}, "ms",
+        {"median": daemon.debounce_ms}, "debounce_ms (the default)", "", None, samples=lat)
+    row(f"live latency p95 ({inserts})", one(p95, len(ranked)), "ms", {"median": daemon.debounce_ms},
+        "debounce_ms (the default)", "≤ debounce + 150 ms", p95 <= daemon.debounce_ms + 150 and not lost)
     bf0 = spread([x["rate"] for x in bf[0]])
     o = spread([b["rate"] for b in bursts])
     row(f"burst of {p.burst:,} in one transaction", o, "interactions/s", bf0, "backfill rate, +0 ms", "within 20%",
         o["median"] >= 0.8 * bf0["median"], bursts=bursts)
+    behind = [b["behind_latency_ms"] for b in bursts if b["behind_latency_ms"] is not None]
+    left = m.med([b["burst_left_ms"] for b in bursts])
+    row(f"  … a message of now, {p.behind_s:g} s into each burst: latency ({len(behind)} of {len(bursts)} seen)",
+        spread(behind), "ms", {"median": daemon.debounce_ms}, "debounce_ms", "report", None,
+        note=f"the burst's last delivery came {left:,.0f} ms after that message's commit (median)")
 
     # 10. recovery after a CRM outage
     plain = [x["first_n_s"] for x in bf[0] if x.get("first_n_s") is not None]
@@ -278,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 6. idle
     total = idle.total or {}
-    scale = 60 / (p.idle_windows * p.idle_window_s)
+    scale = max(1.0, 60 / (p.idle_windows * p.idle_window_s))  # a window over 60 s counts whole: the stricter
     per60 = total.get("cpu_s", float("nan")) * scale
     windows = [w["cpu_s"] for w in idle.samples]
     row(f"idle CPU over {p.idle_windows * p.idle_window_s:g} s" + (", scaled to 60 s" if scale != 1 else ""),

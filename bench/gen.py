@@ -8,6 +8,7 @@ never collide.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import shutil
 import time
@@ -15,11 +16,13 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.harness.chatdb import to_apple
+from tests.harness import library as _library
+from tests.harness.chatdb import ddl_dir, to_apple
 from tests.harness.library import Library, ago
 
 CACHE = Path(__file__).resolve().parent / ".cache"
-VERSION = 3  # bump to invalidate cached builds
+VERSION = 3  # the readable part of a build's name; what it is built from is in its digest
+BUILDERS = ("library", "chatdb", "callhistory", "addressbook")  # the tests.harness modules a build runs
 
 
 @dataclass(frozen=True)
@@ -33,9 +36,19 @@ class Spec:
     group_share: float = 0.05  # of messages
 
     @property
-    def key(self) -> str:
+    def label(self) -> str:
         return (f"v{VERSION}-{self.name}-m{self.messages}-h{self.handles}-g{self.groups}-c{self.calls}"
                 f"-k{self.cards}")
+
+    @property
+    def key(self) -> str:
+        """The label and a digest of everything the build is made from: every field of the spec, this
+        generator, the fixture builders and Apple's DDL they run. A change to any of them builds anew."""
+        digest = hashlib.sha256(repr(self).encode())
+        harness = Path(_library.__file__).parent
+        for path in (Path(__file__), *(harness / f"{name}.py" for name in BUILDERS), *sorted(ddl_dir().rglob("*.sql"))):
+            digest.update(str(path.name).encode() + path.read_bytes())
+        return f"{self.label}-{digest.hexdigest()[:10]}"
 
 
 def phone(i: int) -> str:
@@ -48,10 +61,10 @@ def build(spec: Spec, log=print) -> Path:
     home = CACHE / spec.key
     if (home / ".done").exists():
         return home
-    if home.exists():
-        shutil.rmtree(home)
+    for stale in CACHE.glob(f"{spec.label}*"):  # this spec built from other inputs (or a build cut short)
+        shutil.rmtree(stale)
     started = time.monotonic()
-    rng = random.Random(spec.key)
+    rng = random.Random(spec.label)
     lib = Library.create(home, sources=2)  # root + 2 Sources: three AddressBook stores
     try:
         _chat(lib, spec, rng)

@@ -268,10 +268,50 @@ def load_sequential(url: str, contact_ids: list[int], count: int, seconds: float
         return done / (time.perf_counter() - t)
 
 
+def load_raw(crm: procs.Citadel, contact_ids: list[int], count: int, seconds: float, in_flight: int = 8,
+             start: int = 0) -> dict:
+    """The stand-in's own capacity: the same POSTs from a client too lean to be the limit (HTTP/1.1
+    written and read by hand on `in_flight` keep-alive asyncio connections, no httpx). Requests/s, and
+    the share of one core the stand-in process used meanwhile (near 1: it was the limit)."""
+    host, port = crm.url.removeprefix("http://").rsplit(":", 1)
+    todo = iter(range(start, start + count))
+    done = 0
+
+    async def worker(deadline: float) -> None:
+        nonlocal done
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            for i in todo:
+                if time.monotonic() > deadline:
+                    return
+                body = json.dumps(_payload(i)).encode()
+                writer.write(b"POST /api/contacts/%d/interactions HTTP/1.1\r\nHost: %s\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (contact_ids[i % len(contact_ids)], host.encode(), len(body), body))
+                head = await reader.readuntil(b"\r\n\r\n")
+                if not head.startswith(b"HTTP/1.1 201"):
+                    raise RuntimeError(f"stand-in answered {head[:40]!r}")
+                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                await reader.readexactly(int(length[1]))
+                done += 1
+        finally:
+            writer.close()
+
+    async def main() -> float:
+        t = time.perf_counter()
+        await asyncio.gather(*(worker(time.monotonic() + seconds) for _ in range(in_flight)))
+        return time.perf_counter() - t
+
+    cpu = procs.cpu_s(crm.proc.pid)  # clock ticks: they count its threads per connection, gone by the end
+    secs = asyncio.run(main())
+    return {"rate": done / secs, "server_core_share": (procs.cpu_s(crm.proc.pid) - cpu) / secs}
+
+
 def capacity_and_backfills(lib_home: Path, work: Path, latency_ms: float, reps: int, load_s: tuple[float, float],
                            expected: int, window_s: float, max_s: float, first_n: int = 0) -> dict:
-    """One stand-in process per latency; `reps` rounds of: its capacity (8 in flight), a sequential
-    client's rate, one backfill run. Interleaved, so a slow spell of a shared machine hits both sides.
+    """One stand-in process per latency; `reps` rounds of: its capacity (8 in flight, httpx and a lean
+    client), a sequential client's rate, one backfill run. Interleaved, so a slow spell of a shared
+    machine hits both sides.
 
     Sharing the process does not bias the figures: after each backfill its contacts are deleted (and
     with them its interactions), so every round is a first backfill. Left in place, they would be
@@ -281,15 +321,16 @@ def capacity_and_backfills(lib_home: Path, work: Path, latency_ms: float, reps: 
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    conc, seq, runs = [], [], []
+    conc, raw, seq, runs = [], [], [], []
     with procs.Citadel(work / "citadel.db", latency_ms) as crm:
         ids = seed_contacts(crm.url, 10)
         for r in range(reps):
-            conc.append(load_concurrent(crm.url, ids, 1_000_000, load_s[0], start=2_000_000 * r))
-            seq.append(load_sequential(crm.url, ids, 1_000_000, load_s[1], start=2_000_000 * r + 1_000_000))
+            conc.append(load_concurrent(crm.url, ids, 1_000_000, load_s[0], start=3_000_000 * r))
+            raw.append(load_raw(crm, ids, 1_000_000, load_s[0], start=3_000_000 * r + 1_000_000))
+            seq.append(load_sequential(crm.url, ids, 1_000_000, load_s[1], start=3_000_000 * r + 2_000_000))
             runs.append(backfill(crm, lib_home, work / f"run{r}", expected, window_s, max_s, first_n))
             delete_contacts(crm, keep=ids)
-    return {"concurrent": conc, "sequential": seq, "runs": runs}
+    return {"concurrent": conc, "raw": raw, "sequential": seq, "runs": runs}
 
 
 def delete_contacts(crm: procs.Citadel, keep: list[int]) -> None:
@@ -791,23 +832,37 @@ class Daemon:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def latency(self, inserts: int, gap: tuple[float, float]) -> dict:
-        """Single messages, each committed `gap` seconds after the previous one was delivered."""
-        latencies = []
+    def latency(self, inserts: int, gap: tuple[float, float], bound_s: float = 60.0) -> dict:
+        """Single messages, each committed `gap` seconds after the previous one was delivered. A latency
+        is that message's own `createdAt` − its commit; one not in the stand-in within `bound_s` is lost."""
+        from datetime import UTC, datetime, timedelta
+
+        base = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
+        latencies, lost = [], 0
         for i in range(inserts):
             h = self.handles[i % len(self.handles)]
-            before = self.crm.interactions()
+            at = base - timedelta(seconds=i)  # its own second: found in the stand-in by its time
             self.chat.conn.execute("BEGIN")
-            _insert_message(self.chat, h, h)
+            _insert_message(self.chat, h, h, at=at)
             self.chat.conn.execute("COMMIT")
             committed_ms = time.time() * 1000
-            if procs.wait_until(lambda: self.crm.interactions() > before, 5.0, 0.01):
-                created = self.crm.reader().execute("SELECT max(created_at) FROM interactions").fetchone()[0]
-                latencies.append(created - committed_ms)
+            if procs.wait_until(lambda: self.created_at(at) is not None, bound_s, 0.01):
+                latencies.append(self.created_at(at) - committed_ms)
+            else:
+                lost += 1
             time.sleep(self.rng.uniform(*gap))
-        return {"latencies_ms": latencies, "lost": inserts - len(latencies)}
+        return {"latencies_ms": latencies, "lost": lost, "bound_s": bound_s}
 
-    def bursts(self, size: int, reps: int) -> list[dict]:
+    def created_at(self, at) -> int | None:
+        """When the stand-in stored the interaction of the message dated `at` (whole seconds)."""
+        return self.crm.reader().execute("SELECT min(created_at) FROM interactions WHERE occurred_at = ?",
+                                         (int(at.timestamp()) * 1000,)).fetchone()[0]
+
+    def bursts(self, size: int, reps: int, behind_s: float) -> list[dict]:
+        """Bursts of `size` messages in one commit; `behind_s` after each, one more message of now:
+        its latency (commit → `createdAt`) while the burst is still being delivered."""
+        from datetime import UTC, datetime
+
         rates = []
         for rep in range(reps):
             time.sleep(0.5)
@@ -818,11 +873,20 @@ class Daemon:
                 _insert_message(self.chat, h, h, seconds_ago=4 * 3600 + rep * size + size - j)
             self.chat.conn.execute("COMMIT")
             committed = time.time() * 1000
-            self._settle(before + size, 120)
+            time.sleep(behind_s)
+            at = datetime.now(UTC).replace(microsecond=0)
+            self.chat.conn.execute("BEGIN")
+            _insert_message(self.chat, self.handles[0], self.handles[0], at=at)
+            self.chat.conn.execute("COMMIT")
+            live_committed = time.time() * 1000
+            self._settle(before + size + 1, 120)
             _, _, last = self.crm.created_span()
             got = self.crm.interactions() - before
+            live = self.created_at(at)
             rates.append({"delivered": got, "seconds": (last - committed) / 1000,
-                          "rate": got / ((last - committed) / 1000) if last > committed else 0.0})
+                          "rate": got / ((last - committed) / 1000) if last > committed else 0.0,
+                          "behind_latency_ms": None if live is None else live - live_committed,
+                          "burst_left_ms": last - live_committed})
         return rates
 
     def _settle(self, target: int, timeout: float, quiet_s: float = 5.0) -> bool:
