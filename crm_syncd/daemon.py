@@ -15,14 +15,14 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from crm_syncd import __version__, crm as crmlib
-from crm_syncd.engine import SOURCES, Engine
+from crm_syncd.engine import CONTACTS_PROBLEMS, SOURCES, Engine
 from crm_syncd.logs import get_logger
 from crm_syncd.settings import Settings, secure_dir
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError
@@ -142,6 +142,12 @@ class SourceState:
     last_sync_ms: int | None = None
     failures: int = 0  # extractions failed in a row
     error: str | None = None  # why the last one failed (`status` shows it)
+
+
+def troubled(*, failed: int, refused: list, problems: Iterable[str | None], takes_requests: bool | None) -> bool:
+    """What makes crm-syncd degraded, in `status` and for the heartbeat ping alike: an item failed, the
+    CRM refused a person's contact, a source cannot be read, or the CRM refuses the daemon's requests."""
+    return bool(failed or refused or any(problems) or takes_requests is False)
 
 
 class Daemon:
@@ -428,7 +434,7 @@ class Daemon:
                     self.beat()
                     url = self.settings.heartbeat_url
                     due = url and time.monotonic() - last_ping >= self.settings.heartbeat_interval_s
-                    if due and (ping is None or ping.done()) and self._crm_view()[0] and not self.store.failed_count():
+                    if due and (ping is None or ping.done()) and self._all_well():
                         last_ping = time.monotonic()
                         ping = asyncio.create_task(_ping(client, url), name="heartbeat ping")
                     await self._sleep(HEARTBEAT_S)
@@ -452,6 +458,14 @@ class Daemon:
             "last_error": self.last_error, "last_error_ms": self.last_error_ms,
             "sources": {s: {"last_sync_ms": st.last_sync_ms, "error": st.error} for s, st in self.sources.items()},
         })
+
+    def _all_well(self) -> bool:
+        """Healthy, as far as the daemon can tell without reading Apple's databases (a lag growing
+        with no error is for `status` to see): then, and only then, is heartbeat_url pinged."""
+        takes_requests = self._crm_view()[0]
+        return takes_requests is True and not troubled(
+            failed=self.store.failed_count(), refused=(self.store.get(CONTACTS_PROBLEMS) or {}).get("failed", []),
+            problems=[state.error for state in self.sources.values()], takes_requests=takes_requests)
 
     def _crm_view(self) -> tuple[bool | None, str | None]:
         """Does the CRM take our requests, and if not why. A push retries inside its pass through an

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from crm_syncd import crm as crmlib, launchd
-from crm_syncd.daemon import HEARTBEAT_S, Lock
+from crm_syncd.daemon import HEARTBEAT_S, Lock, troubled
 from crm_syncd.engine import CONTACTS_PROBLEMS, CONTACTS_SYNCED
 from crm_syncd.logs import mask_key
 from crm_syncd.settings import API_KEY_PLACES, Settings, folder_problem, space_problem, where_set
@@ -170,11 +170,11 @@ def gather(settings: Settings) -> dict[str, Any]:
         "last_error_age_s": round((now - beat["last_error_ms"]) / 1000) if beat.get("last_error_ms") else None,
     }
     lag_growing = any(s.get("lag_seconds", 0) * 1000 > STALL_MS for s in sources.values())
-    unreadable = any(s.get("problem") not in (None, MISSING) for s in sources.values())
+    troubles = troubled(failed=doc["outbox"]["failed"], refused=sources["contacts"]["failed"],
+                        problems=[s.get("problem") for s in sources.values() if s.get("problem") != MISSING],
+                        takes_requests=doc["crm"]["daemon_reachable"])
     doc["health"] = ("not running" if not running else
-                     "degraded" if (doc["outbox"]["failed"] or sources["contacts"]["failed"] or not reachable
-                                    or lag_growing or unreadable or doc["responding"] is False
-                                    or doc["crm"]["daemon_reachable"] is False)
+                     "degraded" if troubles or not reachable or lag_growing or doc["responding"] is False
                      else "healthy")
     return doc
 
@@ -206,8 +206,9 @@ def doctor(settings: Settings) -> list[Check]:
         checks.append(_denied("Contacts", exc))
     else:
         if not stores:
-            checks.append(Check("Contacts", False, f"no AddressBook under {settings.addressbook_dir}",
-                                "open Contacts once, or set addressbook_dir"))
+            checks.append(Check("Contacts", True, f"no AddressBook under {settings.addressbook_dir}: nothing to "
+                                "read yet (Contacts never opened on this Mac, or addressbook_dir set elsewhere)",
+                                note=True))
         checks += [_probe(f"Contacts ({db.parent.name})", db, lambda db=db: contacts_source.read_store(db, db.name))
                    for db in stores]
     try:

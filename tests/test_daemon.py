@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import http.server
 import json
 import os
 import shutil
@@ -465,6 +466,50 @@ def test_sigterm_while_an_extraction_waits_out_a_locked_chat_db_stops_within_the
     took = time.monotonic() - sent
 
     assert code == 0 and took < 2 + 1, f"SIGTERM took {took:.1f}s, exit {code}"
+
+
+def test_the_heartbeat_url_is_pinged_only_while_status_would_say_healthy(
+        library: Library, citadel, daemon, daemon_env: CLI):
+    """The dead-man switch is the owner's one alarm: while the daemon cannot read chat.db (no Full Disk
+    Access after an upgrade) nothing reaches the CRM, so it must fall silent, and speak again once
+    the daemon reads it."""
+    pings: list[float] = []
+
+    class Ping(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
+            pings.append(time.monotonic())
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ping)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    daemon_env.env.update(CRM_SYNCD_HEARTBEAT_URL=f"http://127.0.0.1:{server.server_address[1]}/ping",
+                          CRM_SYNCD_HEARTBEAT_INTERVAL_S="1", CRM_SYNCD_ALLOW_INSECURE_HTTP="true")
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=1))
+    os.chmod(library.messages_db, 0)
+    try:
+        d = daemon(prefix=unprivileged())
+        eventually(lambda: status(daemon_env)["health"] == "degraded", what="status: degraded")
+        silent_from = len(pings)
+        beat = status(daemon_env)["last_beat_at"]
+        for _ in range(2):  # two beats, each one due to ping (heartbeat_interval_s = 1, a beat every 5 s)
+            beat = eventually(lambda: (lambda b: b if b != beat else None)(status(daemon_env)["last_beat_at"]),
+                              timeout=15, what="the next beat")
+        assert status(daemon_env)["health"] == "degraded"
+        assert len(pings) == silent_from, f"{len(pings) - silent_from} ping(s) while status said degraded"
+
+        os.chmod(library.messages_db, 0o644)
+        eventually(lambda: citadel.interactions_of(JANE), timeout=90, what="the text, once chat.db is readable")
+        eventually(lambda: len(pings) > silent_from, timeout=15, what="a ping once healthy again")
+        assert status(daemon_env)["health"] == "healthy"
+        assert d.stop() == 0
+    finally:
+        os.chmod(library.messages_db, 0o644)
+        server.shutdown()
 
 
 def test_a_heartbeat_url_slow_to_answer_never_holds_up_the_beat_status_reads(

@@ -2000,6 +2000,16 @@ def test_doctor_shows_a_call_history_this_mac_has_not_made_yet_as_a_note_not_a_f
     assert calls.startswith("! Call history:") and "nothing to read yet" in calls, lines
 
 
+def test_doctor_shows_an_address_book_this_mac_has_not_made_yet_as_a_note_not_a_failure(
+        library: Library, cli: CLI, home):
+    cli.env["CRM_SYNCD_ADDRESSBOOK_DIR"] = str(home / "no-contacts-yet" / "AddressBook")
+
+    result = cli("doctor")
+
+    contacts = next(line for line in result.stdout.splitlines() if line[2:].startswith("Contacts"))
+    assert contacts.startswith("! Contacts:") and "nothing to read yet" in contacts, result.stdout
+
+
 def test_a_damaged_chat_db_is_named_in_one_line_and_calls_are_still_delivered(library: Library, citadel, cli: CLI):
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.call(JANE, at=ago(days=1), originated=True, duration=30)
