@@ -841,6 +841,10 @@ class Store:
             changed = tx.conn.total_changes - before
         return len(delivered) + len(failed) + len(retry) - changed
 
+    def newest_id(self) -> int:
+        """The id of the item extracted last (0 for an empty outbox): items above it came later."""
+        return self._one("SELECT MAX(id) FROM outbox") or 0
+
     def crm_ids(self, contact_id: int) -> set[int]:
         """CRM interaction ids the ledger already holds for a contact."""
         return {r[0] for r in self._all(

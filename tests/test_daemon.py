@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -165,13 +165,15 @@ def test_a_screened_call_waits_without_a_placeholder_until_its_number_is_on_a_ca
 BACKLOG = 6000  # Jane's texts over 200 days: some 15 s of delivery to a CRM 20 ms away
 
 
-def _a_backfill_under_way(library: Library, citadel, daemon):
-    """The daemon's first run, delivering Jane's BACKLOG to a CRM a few ms away (as a hosted one is)."""
+def _a_backfill_under_way(library: Library, citadel, daemon, newest: Callable[[], object] = lambda: None):
+    """The daemon's first run, delivering Jane's BACKLOG (and what `newest` writes after it, first)
+    to a CRM a few ms away (as a hosted one is)."""
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.chat.autocommit = False
     start = ago(days=200).replace(microsecond=0)
     for n in range(BACKLOG):
         library.text(JANE, at=start + timedelta(minutes=n))
+    newest()
     library.chat.commit()
     citadel.latency_s = 0.02
     d = daemon()
@@ -206,6 +208,32 @@ def test_a_text_written_during_a_backfill_reaches_the_crm_before_the_backfill_en
     assert len(citadel.interactions_of(JANE)) < BACKLOG / 2
     d.stop()
     assert len(citadel.interactions_of(JANE)) < BACKLOG  # still under way: the test showed the order, not the pace
+
+
+def test_a_text_another_mac_sends_during_a_backfill_is_adopted_not_created_twice(library: Library, citadel, daemon):
+    """Two Macs: the other one delivers each text within a second. This one, newest first through its
+    first run's backlog, listed Sam's day for his earlier text; the later one must be looked up
+    afresh and adopted, not checked against that listing and created a second time."""
+    sam = citadel.add_contact(firstName="Sam", lastName="Roe", phone="+16135550177")
+    library.card(first="Sam", last="Roe", phones=["+16135550177"])
+
+    def from_another_mac(at) -> None:
+        httpx.post(f"{citadel.url}/api/contacts/{sam}/interactions", json={
+            "type": "TEXT_INBOUND", "occurredAt": iso(at), "source": "IMPORT_IOS"}).raise_for_status()
+
+    earlier = ago(hours=30).replace(hour=6, minute=0, second=0, microsecond=0)  # later: 08:00, the same UTC day
+    from_another_mac(earlier)
+    d = _a_backfill_under_way(library, citadel, daemon, newest=lambda: library.text("+16135550177", at=earlier))
+
+    from_another_mac(earlier + timedelta(hours=2))
+    library.text("+16135550177", at=earlier + timedelta(hours=2))
+    library.chat.commit()
+
+    eventually(lambda: len(citadel.interactions_of(JANE)) == BACKLOG, timeout=120, what="the backfill done")
+    eventually(lambda: d.events("push.done"), timeout=30, what="the end of the push pass")
+    assert d.stop() == 0
+    assert sorted(i["occurredAt"] for i in citadel.interactions(sam)) == [
+        iso(earlier), iso(earlier + timedelta(hours=2))]
 
 
 def test_retry_failed_while_the_daemon_runs_has_its_next_rescan_send_a_refused_email(

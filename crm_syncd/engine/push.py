@@ -45,7 +45,9 @@ class Pusher:
         self._refresh_contacts = refresh_contacts
         self.contacts_stale = False  # set when a contact vanished from the CRM
         self.crm_failure: str | None = None  # why the CRM did not answer the last delivery; None once it does
-        self._day_cache: dict[tuple[int, str], list[dict]] = {}  # (contact, UTC day) -> listing, for one push
+        # (contact, UTC day) -> the newest outbox id when it was listed, and the listing; for one push, and
+        # only for items extracted by then: another Mac may have sent a later item's copy since
+        self._day_cache: dict[tuple[int, str], tuple[int, list[dict]]] = {}
         self._adopted: dict[int, int] = {}  # CRM interaction id -> the outbox item that adopted it, for one push
         self._same_contact: dict[int, asyncio.Future[bool]] = {}  # contact id -> still the one made, for one push
         self._ambiguous: Counter[int] = Counter()  # outbox id -> 500s answered to it (this process), until settled
@@ -308,10 +310,11 @@ class Pusher:
         """The id of an interaction in the CRM that is this item and not yet in the ledger."""
         day = occurred_iso(item.occurred_ms)[:10]
         cache_key = (item.contact_id, day)
-        found = self._day_cache.get(cache_key)
-        if found is None:
+        listed_after, found = self._day_cache.get(cache_key, (0, None))
+        if found is None or item.id > listed_after:
+            listed_after = self.store.newest_id()
             found = await self.crm.list_interactions(item.contact_id, dt.date.fromisoformat(day))
-            self._day_cache[cache_key] = found
+            self._day_cache[cache_key] = listed_after, found
         wanted = occurred_iso(item.occurred_ms)
         ledger = self.store.crm_ids(item.contact_id)
         for interaction in found:
@@ -323,9 +326,8 @@ class Pusher:
 
     def _remember_created(self, item: Item, created: dict) -> None:
         day = occurred_iso(item.occurred_ms)[:10]
-        cached = self._day_cache.get((item.contact_id, day))
-        if cached is not None:
-            cached.append(created)
+        if (cached := self._day_cache.get((item.contact_id, day))) is not None:
+            cached[1].append(created)
 
     # -- back-off ---------------------------------------------------------------------------
 
