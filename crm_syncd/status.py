@@ -46,6 +46,13 @@ def _newest(reader) -> tuple[int | None, str | None]:
         return None, str(exc)
 
 
+def _rows(reader) -> int | None:
+    try:
+        return reader.row_count()
+    except SourceError:
+        return None
+
+
 def _waiting_since(reader, mark: dict) -> int:
     """Since when rows past the mark have waited: the mark's last move, or the first such row's date
     if later (a row that came after a quiet spell has not waited all of it; one dated ahead of the
@@ -123,7 +130,7 @@ def gather(settings: Settings) -> dict[str, Any]:
         mark = marks[name]
         theirs = daemon_sources.get(name) or {}
         # never read: every row is past the mark, and none has waited for it yet (the first read comes first)
-        lag = None if newest is None else max(0, newest - mark["rowid"]) if mark else newest
+        lag = None if newest is None else max(0, newest - mark["rowid"]) if mark else _rows(reader)
         stalled_ms = max(0, now - _waiting_since(reader, mark)) if mark and lag else 0
         sources[name] = {
             "last_sync_at": _latest(theirs.get("last_sync_ms"), (mark or {}).get("updated_ms")),  # daemon or `sync`

@@ -2178,8 +2178,11 @@ def test_a_send_later_text_days_ahead_holds_the_mark_without_status_calling_it_a
 
 def test_status_before_the_first_read_counts_every_row_as_not_read_yet(library: Library, citadel, cli: CLI):
     """Before any mark (a daemon's first contacts pass, a fresh install) the history is all unread:
-    `status` says so, with no alarm, rather than "nothing behind"."""
+    `status` says so, with no alarm, rather than "nothing behind". It counts the rows that are there:
+    the 300 Messages deleted (keep messages: 1 year) left their ROWIDs unused."""
     library.card(first="Jane", last="Doe", phones=[JANE])
+    for rowid in [library.text(JANE, at=ago(days=700, minutes=n)) for n in range(300)]:
+        library.chat.delete_message(rowid)
     for days in (3, 2, 1):
         library.text(JANE, at=ago(days=days))
 

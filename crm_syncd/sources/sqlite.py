@@ -239,6 +239,10 @@ class SourceReader:
         """The highest ROWID (0 for an empty database)."""
         return retrying(self._reading, self._newest, stop=self._stop)
 
+    def row_count(self) -> int:
+        """How many rows the database holds (ROWIDs skip those deleted: none is handed out twice)."""
+        return retrying(self._reading, self._count, stop=self._stop)
+
     def high_water(self) -> int:
         """The highest ROWID the database has handed out, to a row that is there or one since deleted.
 
@@ -288,6 +292,9 @@ class SourceReader:
 
     def _newest(self, db: Database, conn: sqlite3.Connection) -> int:
         return conn.execute(f"SELECT MAX({self.ROWID}) FROM {self.TABLE}").fetchone()[0] or 0
+
+    def _count(self, db: Database, conn: sqlite3.Connection) -> int:
+        return conn.execute(f"SELECT COUNT(*) FROM {self.TABLE}").fetchone()[0]
 
     def _high_water(self, db: Database, conn: sqlite3.Connection) -> int:
         table, sql = self.SEQUENCE
