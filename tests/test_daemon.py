@@ -210,6 +210,21 @@ def test_a_text_written_during_a_backfill_reaches_the_crm_before_the_backfill_en
     assert len(citadel.interactions_of(JANE)) < BACKLOG  # still under way: the test showed the order, not the pace
 
 
+def test_a_strangers_first_text_during_a_backfill_gets_its_placeholder_and_reaches_the_crm_before_it_ends(
+        library: Library, citadel, daemon):
+    """Items extracted while a push pass works through a backlog are resolved in that pass: a number
+    with no contact yet gets its placeholder then, not once the backlog is delivered."""
+    d = _a_backfill_under_way(library, citadel, daemon)
+
+    library.text("+16135550199")
+    library.chat.commit()
+
+    eventually(lambda: citadel.interactions_of("+16135550199"), timeout=60, what="the stranger's text")
+    assert len(citadel.interactions_of(JANE)) < BACKLOG / 2
+    assert [c["firstName"] for c in citadel.contacts() if c["phone"] == "+16135550199"] == ["Unknown"]
+    d.stop()
+
+
 def test_a_text_another_mac_sends_during_a_backfill_is_adopted_not_created_twice(library: Library, citadel, daemon):
     """Two Macs: the other one delivers each text within a second. This one, newest first through its
     first run's backlog, listed Sam's day for his earlier text; the later one must be looked up

@@ -55,7 +55,7 @@ class Engine:
         self.contacts = ContactsSync(settings, store, crm, normalize, owner, creates)
         self.extractor = Extractor(settings, store, normalize, owner, self.stopping)
         self.placeholders = Placeholders(settings, store, crm, normalize, creates, known_only=known_only)
-        self.pusher = Pusher(settings, store, crm, self._refresh_contacts)
+        self.pusher = Pusher(settings, store, crm, self._refresh_contacts, self._resolve_fresh)
         self.readers = self.extractor.readers
         self._contacts_lock = asyncio.Lock()
 
@@ -91,7 +91,10 @@ class Engine:
     def extract(self, source: str, *, full: bool = False, days: int | None = None,
                 progress: Callable[[int], None] | None = None) -> SourceReport:
         """Move new rows of one source into the outbox. Blocking; run it off the event loop."""
-        return self.extractor.extract(source, full=full, days=days, progress=progress)
+        report = self.extractor.extract(source, full=full, days=days, progress=progress)
+        if report.added:
+            self.pusher.fresh_items = True  # a push pass under way gives them a contact, if they need one
+        return report
 
     # -- 3. resolution --------------------------------------------------------------------
 
@@ -110,6 +113,7 @@ class Engine:
                 self.store.regroup_again()  # a CRM down: asked for again at the next resolution
                 raise
         async with self._contacts_lock:
+            self.pusher.fresh_items = False  # all extracted so far are resolved here
             return await self.placeholders.resolve()
 
     # -- 4. delivery ----------------------------------------------------------------------
@@ -132,3 +136,10 @@ class Engine:
     async def _refresh_contacts(self) -> None:
         await self.sync_contacts()
         await self.resolve()
+
+    async def _resolve_fresh(self) -> bool:
+        """Resolve what was extracted during a push pass, unless a contacts pass is under way (False)."""
+        if self.contacts_busy:
+            return False
+        await self.resolve()
+        return True

@@ -34,16 +34,21 @@ class Pusher:
     """Delivers the outbox with bounded concurrency, backing off while the CRM is unwell.
 
     `refresh_contacts` runs a contacts pass and a resolution: delivery asks for them when a contact
-    vanished from the CRM (`contacts_stale`).
+    vanished from the CRM (`contacts_stale`). `resolve_fresh` runs a resolution unless a contacts pass
+    is under way (then it says False): delivery asks for it when items were extracted during its pass
+    (`fresh_items`), so a stranger's first text does not wait for a backlog to be delivered.
     """
 
     def __init__(self, settings: Settings, store: Store, crm: crmlib.CitadelClient,
-                 refresh_contacts: Callable[[], Awaitable[Any]]) -> None:
+                 refresh_contacts: Callable[[], Awaitable[Any]],
+                 resolve_fresh: Callable[[], Awaitable[bool]]) -> None:
         self.settings = settings
         self.store = store
         self.crm = crm
         self._refresh_contacts = refresh_contacts
+        self._resolve_fresh = resolve_fresh
         self.contacts_stale = False  # set when a contact vanished from the CRM
+        self.fresh_items = False  # set when an extraction added items: some may need a contact
         self.crm_failure: str | None = None  # why the CRM did not answer the last delivery; None once it does
         # (contact, UTC day) -> the newest outbox id when it was listed, and the listing; for one push, and
         # only for items extracted by then: another Mac may have sent a later item's copy since
@@ -117,6 +122,8 @@ class Pusher:
                     dead.result()  # a worker fell to a bug: raise it (its item stays `sending`, looked up later)
                 if halted():
                     break
+                if self.fresh_items:  # a contacts pass under way leaves it set: asked again next round
+                    await self._resolve_fresh()
                 if queue.qsize() < limit:  # at most 3 × limit `sending` at once, as many as a crash leaves to look up
                     for item in self.store.claim(2 * limit - queue.qsize()):
                         queue.put_nowait(item)
