@@ -144,6 +144,35 @@ def test_texts_from_a_number_messages_links_later_to_a_cards_email_move_from_its
     assert d.stop() == 0
 
 
+def test_a_placeholder_whose_backlog_is_on_its_way_is_folded_when_messages_links_its_number_to_a_cards_email(
+        library: Library, citadel, daemon, daemon_env: CLI):
+    """As above, while the stranger's 400 texts are still being delivered to his placeholder: the fold
+    waits for the push pass to end, rather than take its texts in flight for ones the owner added."""
+    stranger, email = "+19055551234", "sam@example.org"
+    library.chat.autocommit = False
+    start = ago(days=3).replace(microsecond=0)
+    for n in range(400):
+        library.text(stranger, at=start + timedelta(minutes=n))
+    library.chat.commit()
+    library.chat.autocommit = True
+    library.card(first="Sam", last="Day", emails=[email])
+    library.text(email, at=ago(minutes=8))
+    citadel.latency_s = 0.03  # a hosted CRM: the backlog takes a few seconds
+    d = daemon()
+    placeholder = eventually(lambda: next((c["id"] for c in citadel.contacts() if c["firstName"] == "Unknown"), None),
+                             what="the placeholder")
+    eventually(lambda: len(citadel.interactions(placeholder)) >= 30, what="part of the backlog")
+    sam = next(c["id"] for c in citadel.contacts() if c["firstName"] == "Sam")
+
+    library.chat.conn.execute("UPDATE handle SET person_centric_id = 'p-1' WHERE id IN (?, ?)", (stranger, email))
+    library.text(stranger, at=ago(minutes=1))
+
+    eventually(lambda: [c["id"] for c in citadel.contacts()] == [sam], timeout=30, what="the placeholder folded")
+    eventually(lambda: len(citadel.interactions(sam)) == 402, timeout=60, what="every text on Sam's contact")
+    assert status(daemon_env)["duplicates"] == []
+    assert d.stop() == 0
+
+
 def test_a_screened_call_waits_without_a_placeholder_until_its_number_is_on_a_card(
         library: Library, citadel, daemon, daemon_env):
     spam, stranger = "+19055551234", "+19055556789"

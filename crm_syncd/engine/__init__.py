@@ -98,13 +98,13 @@ class Engine:
 
     # -- 3. resolution --------------------------------------------------------------------
 
-    async def resolve(self) -> PlaceholdersReport:
+    async def resolve(self, *, fold: bool = True) -> PlaceholdersReport:
         """Give open items a contact (see `Placeholders.resolve`); never beside a contacts pass.
 
-        First a contacts pass when Messages has newly grouped a placeholder's handle with a card's
-        (`Store.regrouped`): it folds the placeholder into the card's contact, so the handle's items go
-        there, not to the placeholder, from now on."""
-        if self.store.regrouped():
+        First, unless `fold` is False, a contacts pass when Messages has newly grouped a placeholder's
+        handle with a card's (`Store.regrouped`): it folds the placeholder into the card's contact, so
+        the handle's items go there, not to the placeholder, from now on."""
+        if fold and self.store.regrouped():
             try:
                 await self.sync_contacts()
             except NeedsFullDiskAccess as exc:  # the daemon's own contacts pass names it; this one is a bonus
@@ -138,8 +138,11 @@ class Engine:
         await self.resolve()
 
     async def _resolve_fresh(self) -> bool:
-        """Resolve what was extracted during a push pass, unless a contacts pass is under way (False)."""
+        """Resolve what was extracted during a push pass, unless a contacts pass is under way (False).
+
+        No fold: its contacts pass would list a placeholder's interactions while the pass still has
+        some of them in flight, unsettled, and take those for the owner's. It waits for the pass's end."""
         if self.contacts_busy:
             return False
-        await self.resolve()
+        await self.resolve(fold=False)
         return True
