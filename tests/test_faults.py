@@ -677,6 +677,30 @@ def test_a_contact_whose_second_create_lands_unanswered_after_a_first_that_never
     assert [(c["firstName"], c["lastName"]) for c in citadel.contacts()] == [("Jane", "Smith")], result.output
 
 
+def test_a_placeholder_whose_promotion_landed_unanswered_is_crm_syncds_and_follows_its_card(
+        library: Library, citadel: CitadelServer, cli: CLI):
+    """A stranger texted (a placeholder); the owner adds him to Contacts, and the promotion's PUT lands but
+    its answer is lost (a 500 after the write). The contact now bears the card's name, not the
+    placeholder's: the next sync must still know it as crm-syncd's, so the card's rename reaches it."""
+    library.text(JANE, at=ago(hours=2))
+    assert cli("sync").code == 0
+    (placeholder,) = citadel.contacts()
+    card = library.card(first="Jane", last="Doe", phones=[JANE])
+    citadel.faults = Faults(rate=1.0, kinds=("500-after-write",), routes=("/api/contacts/:id",), limit=1)
+    cli("sync", "--contacts-only")
+    citadel.faults = Faults()
+    assert [(c["id"], c["firstName"]) for c in citadel.contacts()] == [(placeholder["id"], "Jane")]
+    assert cli("sync").code == 0
+
+    library.books[0].update_card(card, first="Janet")
+    library.books[0].commit()
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert [(c["id"], c["firstName"], c["lastName"]) for c in citadel.contacts()] == [
+        (placeholder["id"], "Janet", "Doe")], result.output
+
+
 def test_ctrl_c_stops_a_sync_waiting_out_a_locked_chat_db_at_once(library: Library, citadel: CitadelServer, cli: CLI):
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.chat.conn.execute("PRAGMA locking_mode=EXCLUSIVE")

@@ -145,7 +145,7 @@ class ContactsSync:
 
         A contact remembered for another person of this address book (`live` keys) is theirs: a number
         moved from their card to this one moves alone, whichever person comes first. `unanswered`: the
-        creates earlier passes sent without an answer (`_own_unanswered_create`).
+        creates earlier passes sent without an answer (`_own_unanswered_write`).
         """
         name = f"{fields['firstName']} {fields['lastName']}"
         candidates = self._unclaimed(index.for_person(person, fields), person, fields, live, index)
@@ -185,7 +185,7 @@ class ContactsSync:
         elif real:
             survivor = remembered if remembered in real else self._preferred(real)
             if lost is not None:
-                self._own_unanswered_create(survivor, person, index, lost)
+                self._own_unanswered_write(survivor, person, index, lost)
             report.existing += 1
             await self._follow_edits(survivor, person, fields, index, report, name)
             filed = (self.store.known_contact(survivor) or ("", None))[1]
@@ -194,8 +194,9 @@ class ContactsSync:
         else:
             survivor = placeholders[0]
             await dedupe_wanted(self.settings.dedupe_against_crm, self.store, self.crm, survivor)  # settled while it is known as found, not made, if another Mac made it
-            updated, refused = await self._writing(lambda sent: self.crm.update_contact(survivor, sent),
-                                                   _present(_promotion(fields, index.by_id[survivor])), name)
+            updated, refused = await self._writing(
+                lambda sent: self.creates.promote(survivor, sent, (person.key, {k: sent.get(k) for k in fields}), fields),
+                _present(_promotion(fields, index.by_id[survivor])), name)
             index.replace(updated)
             # written: what the CRM now holds (a number a card without one leaves, the owner's notes before
             # the card's), which an edit of the owner's would differ from; card: what the card's edits will
@@ -424,18 +425,18 @@ class ContactsSync:
                     reason=_left_out_reason(refused))
         return contact, {k: refused[k] for k in sorted(refused) if k in sent}
 
-    def _own_unanswered_create(self, contact_id: int, person: Person, index: CRMIndex, lost: dict) -> None:
+    def _own_unanswered_write(self, contact_id: int, person: Person, index: CRMIndex, lost: dict) -> None:
         """File a contact found for a person as crm-syncd's, with what it sent, when it is exactly what
-        their create whose answer was lost (`lost`: its note) would have made: its card edits are then
-        followed. (The pass drops the notes it was given when it ends.)"""
+        their create or their placeholder's promotion whose answer was lost (`lost`: its note) would
+        have made: its card edits are then followed. (The pass drops the notes it was given when it ends.)"""
         if _owner_edited(lost["fields"], current := index.by_id[contact_id]):
             return
         known = self.store.known_contact(contact_id)
-        if known is None or (known[0] == "crm" and known[2] is None):
+        if known is None or (known[0] == "crm" and known[2] is None) or known[0] == "placeholder":
             self.store.remember_contact(contact_id, "card", person.key, written=lost["fields"],
                                         cards=person.unique_ids, created_at=current.get("createdAt"),
-                                        card=lost["fields"])
-            log.info("contacts.create_found", contact_id=contact_id)
+                                        card=lost.get("card", lost["fields"]))
+            log.info("contacts.write_found", contact_id=contact_id)
 
 
 class CRMIndex:

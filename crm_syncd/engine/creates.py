@@ -3,6 +3,7 @@ contact it finds for them may be crm-syncd's own, or may still be on its way int
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from crm_syncd import crm as crmlib
@@ -11,7 +12,7 @@ from crm_syncd.settings import Settings
 from crm_syncd.store import Store, now_ms
 
 CREATE_SENT = "contact_create_sent_ms"  # kv: when a contact pass that has not finished last sent a create
-UNANSWERED_CREATES = "contact_creates_unanswered"  # kv: [{person, fields, sent_ms}] of creates that may have landed
+UNANSWERED_CREATES = "contact_creates_unanswered"  # kv: [{person, fields, sent_ms}] of card writes that may have landed
 
 
 @dataclass
@@ -27,14 +28,27 @@ class Creates:
         a lost answer), the next pass knows the contact may still appear (`landed`). A card's
         create is noted first with its person and fields (`made_for`), the note kept unless a definite
         answer comes: the contact the next pass finds for them is the one crm-syncd made
-        (`ContactsSync._own_unanswered_create`)."""
+        (`ContactsSync._own_unanswered_write`)."""
         self.store.put(CREATE_SENT, now_ms(), durable=False)  # a power cut outlasts any request anyway
-        # each note its own (its moment): a create sent again as an earlier one was is not taken for it
+        return await self._noted(lambda: self.crm.create_contact(fields), made_for)
+
+    async def promote(self, contact_id: int, fields: dict, made_for: tuple[str, dict], card: dict) -> dict:
+        """PUT a card's fields on a placeholder, noted like a card's create (with the `card` they came
+        from: the placeholder's notes and number may have been kept): if it lands unanswered, the
+        contact the next pass finds bears the card's name, no longer a placeholder's, and is still
+        crm-syncd's."""
+        return await self._noted(lambda: self.crm.update_contact(contact_id, fields), made_for, card)
+
+    async def _noted(self, write: Callable[[], Awaitable[dict]], made_for: tuple[str, dict] | None,
+                     card: dict | None = None) -> dict:
+        # each note its own (its moment): a write sent again as an earlier one was is not taken for it
         note = {"person": made_for[0], "fields": made_for[1], "sent_ms": now_ms()} if made_for is not None else None
+        if note is not None and card is not None:
+            note["card"] = card
         if note is not None:
             self.store.put(UNANSWERED_CREATES, [*self.unanswered(), note], durable=False)
         try:
-            contact = await self.crm.create_contact(fields)
+            contact = await write()
         except crmlib.CRMError as exc:
             if note is not None and not exc.maybe_written:
                 self.drop([note], durable=False)
