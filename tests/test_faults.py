@@ -751,6 +751,7 @@ def test_a_full_disk_under_the_state_database_stops_the_daemon_in_clear_words_an
     eventually(lambda: d.proc.poll() is not None, timeout=30, what="the daemon to stop on the full disk")
     _out, err = d.proc.communicate()
     assert d.proc.returncode == 2 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err  # one line, whatever else went wrong
     (line,) = err.strip().splitlines()
     assert f"cannot write the state database {state_db(home)}: the disk is full or failing" in line, line
     assert f"free space on the disk holding {state_db(home).parent}" in line, line
