@@ -1,5 +1,6 @@
-"""Contact creates whose answer may never come: noted before they are sent, so a later pass knows a
-contact it finds for them may be crm-syncd's own, or may still be on its way into the CRM."""
+"""Contact creates (and placeholders' promotions) whose answer may never come: noted before they are
+sent, so a later pass knows a contact it finds for them may be crm-syncd's own, or may still be on its
+way into the CRM."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ UNANSWERED_CREATES = "contact_creates_unanswered"  # kv: [{person, fields, sent_
 
 @dataclass
 class Creates:
-    """POSTs contacts for the contacts pass and the placeholders, keeping the notes above."""
+    """POSTs contacts for the contacts pass and the placeholders, and PUTs placeholders' promotions,
+    keeping the notes above."""
 
     settings: Settings
     store: Store
