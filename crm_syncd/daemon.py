@@ -462,10 +462,9 @@ class Daemon:
     def _all_well(self) -> bool:
         """Healthy, as far as the daemon can tell without reading Apple's databases (a lag growing
         with no error is for `status` to see): then, and only then, is heartbeat_url pinged."""
-        takes_requests = self._crm_view()[0]
-        return takes_requests is True and not troubled(
+        return self._crm_view()[0] is True and not troubled(  # True: not merely unknown, as at start-up
             failed=self.store.failed_count(), refused=(self.store.get(CONTACTS_PROBLEMS) or {}).get("failed", []),
-            problems=[state.error for state in self.sources.values()], takes_requests=takes_requests)
+            problems=[state.error for state in self.sources.values()], takes_requests=True)
 
     def _crm_view(self) -> tuple[bool | None, str | None]:
         """Does the CRM take our requests, and if not why. A push retries inside its pass through an

@@ -44,10 +44,9 @@ class Creates:
     async def _noted(self, write: Callable[[], Awaitable[dict]], made_for: tuple[str, dict] | None,
                      card: dict | None = None) -> dict:
         # each note its own (its moment): a write sent again as an earlier one was is not taken for it
-        note = {"person": made_for[0], "fields": made_for[1], "sent_ms": now_ms()} if made_for is not None else None
-        if note is not None and card is not None:
-            note["card"] = card
-        if note is not None:
+        note = None
+        if made_for is not None:
+            note = {"person": made_for[0], "fields": made_for[1], "sent_ms": now_ms(), **({"card": card} if card else {})}
             self.store.put(UNANSWERED_CREATES, [*self.unanswered(), note], durable=False)
         try:
             contact = await write()
