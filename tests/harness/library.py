@@ -112,10 +112,12 @@ class Library:
 
     def join_group(self, members: list[str], newcomer: str) -> None:
         """`newcomer` is added to the group chat of `members` now (chat_handle_join holds today's members)."""
-        chat = self._chats[tuple(sorted(members))]
-        self.chat.conn.execute("INSERT INTO chat_handle_join (chat_id, handle_id) VALUES (?, ?)",
-                               (chat, self.chat.handle(newcomer)))
-        self.chat.message(chat=chat, from_me=True, item_type=1)  # "You added …", which commits
+        chat, handle = self._chats[tuple(sorted(members))], self.chat.handle(newcomer)
+        self.chat.conn.execute("INSERT INTO chat_handle_join (chat_id, handle_id) VALUES (?, ?)", (chat, handle))
+        event = self.chat.message(chat=chat, from_me=True, item_type=1, text=None)  # "You added …"
+        self.chat.conn.execute("UPDATE message SET group_action_type = 0, other_handle = ? WHERE ROWID = ?",
+                               (handle, event))
+        self.chat.commit()
 
     def call(self, address: str | bytes | None, *, at: datetime | float | None = RECENT, **row) -> int:
         pk = self.calls.call(address, _recent(at), **row)
