@@ -79,6 +79,78 @@ def test_group_chats_count_for_the_sender_inbound_and_for_every_participant_outb
     assert kinds(citadel, "Bob Roe") == {"TEXT_OUTBOUND": 1}
 
 
+def test_a_group_text_listing_one_person_by_phone_and_email_reaches_them_once(library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE], emails=["jane@example.com"])
+    library.card(first="Bob", last="Roe", phones=[BOB])
+    library.group_text([JANE, "jane@example.com", BOB], at=ago(days=1))
+
+    assert cli("sync").code == 0
+    assert kinds(citadel, "Jane Doe") == {"TEXT_OUTBOUND": 1}
+    assert kinds(citadel, "Bob Roe") == {"TEXT_OUTBOUND": 1}
+
+
+def test_a_group_facetime_listing_one_person_by_phone_and_email_reaches_them_once(library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE], emails=["jane@example.com"])
+    library.card(first="Bob", last="Roe", phones=[BOB])
+    library.call(None, answered=True, duration=61, call_type=8, service_provider="com.apple.FaceTime",
+                 handles=[JANE, "jane@example.com", BOB], at=ago(days=1))
+
+    assert cli("sync").code == 0
+    assert kinds(citadel, "Jane Doe") == {"CALL_INBOUND": 1}
+    assert kinds(citadel, "Bob Roe") == {"CALL_INBOUND": 1}
+
+
+def test_a_group_text_listing_a_stranger_by_two_handles_messages_ties_reaches_their_one_placeholder_once(
+        library: Library, citadel, cli: CLI):
+    library.card(first="Bob", last="Roe", phones=[BOB])
+    for address in (JANE, "jane@example.com"):
+        library.chat.handle(address, person_centric_id="PCID-JANE")
+    library.group_text([JANE, "jane@example.com", BOB], at=ago(days=1))
+
+    assert cli("sync").code == 0
+    (stranger,) = [c for c in citadel.contacts() if c["firstName"] != "Bob"]
+    assert Counter(i["type"] for i in citadel.interactions(stranger["id"])) == {"TEXT_OUTBOUND": 1}
+
+
+def test_a_group_text_that_reached_a_persons_number_and_email_placeholders_is_one_once_a_card_joins_them(
+        library: Library, citadel, cli: CLI):
+    library.card(first="Bob", last="Roe", phones=[BOB])
+    library.group_text([JANE, "jane@example.com", BOB], at=ago(days=1))
+    assert cli("sync").code == 0
+    assert len(citadel.contacts()) == 3 and len(citadel.interactions()) == 3
+
+    library.card(first="Jane", last="Doe", phones=[JANE], emails=["jane@example.com"])
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert sorted(names(citadel)) == ["Bob Roe", "Jane Doe"]
+    assert kinds(citadel, "Jane Doe") == {"TEXT_OUTBOUND": 1}
+
+
+def test_an_old_outgoing_one_to_one_row_without_a_handle_goes_to_the_chats_party(library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(days=2))
+    chat = library._chats[(JANE, "iMessage")]
+    library.chat.message(chat=chat, handle=0, from_me=True, at=ago(days=1))
+
+    assert cli("sync").code == 0
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1, "TEXT_OUTBOUND": 1}
+
+
+def test_a_one_to_one_any_chat_with_imessage_and_sms_handles_and_a_seconds_dated_row_is_one_persons(
+        library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    im, sms = library.chat.handle(JANE), library.chat.handle(JANE, service="SMS")
+    chat = library.chat.chat([im], guid=f"any;-;{JANE}")
+    library.chat.conn.execute("INSERT INTO chat_handle_join (chat_id, handle_id) VALUES (?, ?)", (chat, sms))
+    library.chat.commit()
+    library.chat.message(chat=chat, handle=0, from_me=True, at=ago(days=2))
+    library.chat.message(chat=chat, handle=sms, at=ago(days=1).replace(microsecond=0), date_unit="s", service="SMS")
+
+    assert cli("sync").code == 0
+    assert kinds(citadel, "Jane Doe") == {"TEXT_OUTBOUND": 1, "TEXT_INBOUND": 1}
+
+
 def group_event(library: Library, chat: int, *, item_type: int, action: int, handle: int, other: int, at) -> None:
     """A group's membership event (item_type 1: `other` added (0) or removed (1); 3 with action 0:
     `handle` left), as Messages writes it beside the change to chat_handle_join."""
@@ -112,6 +184,25 @@ def test_an_old_group_message_goes_to_the_members_it_was_sent_to_not_todays(libr
     assert {name: kinds(citadel, name) for name in ("Jane Doe", "Bob Roe", "Carol Poe", "Dan Fox")} == {
         "Jane Doe": {"TEXT_OUTBOUND": 2}, "Bob Roe": {"TEXT_OUTBOUND": 1}, "Carol Poe": {"TEXT_OUTBOUND": 1},
         "Dan Fox": {"TEXT_OUTBOUND": 1}}
+
+
+def test_an_el_capitan_group_message_reaches_a_member_removed_since(home, citadel):
+    lib = Library.create(home, chat_version="el-capitan")
+    try:
+        lib.card(first="Jane", last="Doe", phones=[JANE])
+        lib.card(first="Bob", last="Roe", phones=[BOB])
+        lib.group_text([JANE, BOB], at=ago(days=3))
+        chat = lib._chats[tuple(sorted([JANE, BOB]))]
+        bob = lib.chat.handle(BOB)
+        lib.chat.conn.execute("DELETE FROM chat_handle_join WHERE chat_id = ? AND handle_id = ?", (chat, bob))
+        group_event(lib, chat, item_type=1, action=1, handle=0, other=bob, at=ago(days=1))
+        result = CLI(clean_env(home, CRM_SYNCD_API_URL=citadel.url))("sync")
+    finally:
+        lib.close()
+
+    assert result.code == 0, result.output
+    assert kinds(citadel, "Bob Roe") == {"TEXT_OUTBOUND": 1}
+    assert kinds(citadel, "Jane Doe") == {"TEXT_OUTBOUND": 1}
 
 
 def test_group_messages_skip_setting_drops_outbound_group_messages(library: Library, citadel, cli: CLI):
@@ -971,6 +1062,36 @@ def test_a_group_facetime_whose_address_names_one_party_reaches_every_participan
     assert kinds(citadel, "Jane Doe") == {"CALL_INBOUND": 1}
     assert kinds(citadel, "Unknown (+1-902-555-0122)") == {"CALL_INBOUND": 1}
     assert kinds(citadel, "Unknown (+1-416-555-0133)") == {"CALL_INBOUND": 1}
+
+
+def test_a_group_facetime_whose_address_is_typed_otherwise_than_its_handles_reaches_each_party_once(
+        library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.card(first="Bob", last="Roe", phones=[BOB])
+    library.call("(613) 555-0111", answered=True, duration=120, call_type=16, service_provider="com.apple.FaceTime",
+                 handles=[JANE, BOB], at=ago(hours=2))
+
+    assert cli("sync").code == 0
+    assert kinds(citadel, "Jane Doe") == {"CALL_INBOUND": 1}
+    assert kinds(citadel, "Bob Roe") == {"CALL_INBOUND": 1}
+
+
+def test_calls_of_the_newer_call_history_model_group_and_single_arrive(home, citadel):
+    lib = Library.create(home, calls_version="sequoia")
+    try:
+        lib.card(first="Jane", last="Doe", phones=[JANE])
+        lib.card(first="Bob", last="Roe", phones=[BOB])
+        lib.call(JANE, originated=True, duration=0, at=ago(days=2))
+        lib.call(None, answered=True, duration=61, call_type=8, service_provider="com.apple.FaceTime",
+                 handles=[JANE, BOB], at=ago(days=1))
+        lib.call(BOB, at=ago(hours=1))
+        result = CLI(clean_env(home, CRM_SYNCD_API_URL=citadel.url))("sync")
+    finally:
+        lib.close()
+
+    assert result.code == 0, result.output
+    assert kinds(citadel, "Jane Doe") == {"CALL_OUTBOUND": 1, "CALL_INBOUND": 1}
+    assert kinds(citadel, "Bob Roe") == {"CALL_INBOUND": 1, "CALL_MISSED": 1}
 
 
 def test_old_seconds_format_dates_are_converted(home, citadel):

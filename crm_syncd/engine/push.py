@@ -56,6 +56,10 @@ class Pusher:
         self._adopted: dict[int, int] = {}  # CRM interaction id -> the outbox item that adopted it, for one push
         self._same_contact: dict[int, asyncio.Future[bool]] = {}  # contact id -> still the one made, for one push
         self._ambiguous: Counter[int] = Counter()  # outbox id -> 500s answered to it (this process), until settled
+        # (contact, type, occurred_ms): one interaction, whatever address its items came by. Whose delivery
+        # is under way (its twins wait for it), and which reached the CRM as what id until settled
+        self._moments_busy: dict[Moment, asyncio.Event] = {}
+        self._moments_landed: dict[Moment, int] = {}
         self._backoff_until = 0.0
         self._backoff_since = 0.0  # when the current round of failures began
         self._failures_in_row = 0
@@ -151,6 +155,27 @@ class Pusher:
         return report
 
     async def _deliver(self, item: Item, halt: asyncio.Event) -> tuple[str, Item, Any]:
+        """Deliver one item, or take its twin's interaction: items of one contact with the same type and
+        millisecond are one interaction (a group text or call that lists the person under two addresses,
+        a phone and an email on one card or tied by Messages), which the CRM could not tell apart anyway."""
+        moment = _moment(item)
+        while (busy := self._moments_busy.get(moment)) is not None:
+            await busy.wait()
+        self._moments_busy[moment] = done = asyncio.Event()
+        try:
+            twin = self._moments_landed.get(moment) or self.store.delivered_twin(item)
+            if twin is not None:
+                log.debug("push.twin", item=item.id, crm_id=twin)
+                return "adopted", item, twin
+            outcome = await self._send(item, halt)
+            if outcome[0] in ("delivered", "adopted"):
+                self._moments_landed[moment] = outcome[2]
+            return outcome
+        finally:
+            del self._moments_busy[moment]
+            done.set()
+
+    async def _send(self, item: Item, halt: asyncio.Event) -> tuple[str, Item, Any]:
         if not await self._wait_backoff(halt):
             return "unsent", item, None
         payload = {"type": item.type, "occurredAt": occurred_iso(item.occurred_ms), "source": "IMPORT_IOS"}
@@ -263,6 +288,8 @@ class Pusher:
             self._ambiguous.pop(item.id, None)
         if stale := self.store.settle(delivered, failed, retry):
             log.debug("push.stale_outcomes", items=stale)  # their items were moved by a merge or a 404
+        for item, _ in delivered:  # in the store now (or moved by a merge, the contact gone)
+            self._moments_landed.pop(_moment(item), None)
         for contact_id in {item.contact_id for outcome, item, _ in batch if outcome == "vanished"}:
             self.store.forget_contact(contact_id)
             log.warning("push.contact_vanished", contact_id=contact_id)
@@ -364,6 +391,13 @@ class Pusher:
         while (wait := self.backoff_left()) > 0 and not halt.is_set():
             await wait_event(halt, wait)
         return not halt.is_set()
+
+
+Moment = tuple[int | None, str, int]
+
+
+def _moment(item: Item) -> Moment:
+    return item.contact_id, item.type, item.occurred_ms
 
 
 async def outlast_request(timeout: float, sent_ms: int, event: str, **fields: Any) -> None:
