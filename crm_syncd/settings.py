@@ -187,14 +187,7 @@ class Settings(BaseSettings):
     @field_validator("api_key")
     @classmethod
     def _api_key(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is None:
-            return None
-        key = value.get_secret_value().strip()
-        if not key:
-            return None
-        if any(c.isspace() or not c.isprintable() for c in key):
-            raise ValueError("must not contain whitespace or control characters")
-        return SecretStr(key)
+        return None if value is None else _checked_api_key(value.get_secret_value())
 
     @field_validator("default_region", mode="before")
     @classmethod
@@ -282,6 +275,17 @@ def _describe(error: dict[str, Any], overrides: dict[str, Any], file: Path | Non
     return f"invalid setting {field} = {error.get('input')!r} ({source}): {message}"
 
 
+def _checked_api_key(key: str) -> SecretStr | None:
+    """The key as sent in an HTTP header (visible ASCII), surrounding whitespace trimmed; None if empty."""
+    key = key.strip()
+    if not key:
+        return None
+    if not all("!" <= c <= "~" for c in key):  # the message never shows the key, nor which character it is
+        raise ValueError("must be visible ASCII characters only, without whitespace or line breaks "
+                         "(a curly quote or a line break pasted with it?)")
+    return SecretStr(key)
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Load settings; `overrides` (e.g. CLI flags) win. None-valued overrides count as not given.
 
@@ -301,10 +305,12 @@ def load_settings(**overrides: Any) -> Settings:
             line += f" (and {len(errors) - 1} more)"
         raise ConfigError(line) from None
     settings._config_file = config_file_path()[0]
-    if settings.api_key is None:
-        key = macos.keychain_api_key()
-        if key and key.strip():
-            settings.api_key = SecretStr(key.strip())
+    if settings.api_key is None and (key := macos.keychain_api_key()):
+        try:
+            settings.api_key = _checked_api_key(key)
+        except ValueError as exc:
+            raise ConfigError(f"invalid setting api_key (the Keychain, service {macos.KEYCHAIN_SERVICE}, "
+                              f"account {macos.KEYCHAIN_USER}): {exc}") from None
     return settings
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from datetime import timedelta
 from pathlib import Path
@@ -60,6 +61,45 @@ def test_a_wrong_api_key_is_the_owners_fix_exit_2_and_nothing_is_lost(library: L
         assert len(server.interactions()) == 1
     finally:
         server.stop()
+
+
+def test_an_api_key_that_is_not_visible_ascii_is_a_one_line_setting_error_not_a_traceback(
+        library: Library, citadel: CitadelServer, home: Path):
+    """Pasted from a web page with a curly quote: an HTTP header cannot carry it."""
+    config = home / ".config" / "crm-syncd" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(f'api_key = "{SECRET}\u2019"\n', encoding="utf-8")
+    config.chmod(0o600)
+    library.text(JANE)
+    cli = CLI(clean_env(home, CRM_SYNCD_API_URL=citadel.url))
+
+    for result in (cli("sync"), cli("doctor"), cli("run")):
+        assert result.code == 2, result.output
+        assert "invalid setting api_key" in result.output and "visible ASCII" in result.output, result.output
+        assert "Traceback" not in result.output and SECRET not in result.output
+    assert citadel.interactions() == []
+
+
+def test_a_keychain_api_key_is_checked_like_any_other_and_never_shown(
+        library: Library, citadel: CitadelServer, home: Path, tmp_path: Path):
+    """A key stored in the Keychain over two lines (`security add-generic-password -w` keeps it so)."""
+    stored = tmp_path / "keychain-item"
+    stored.write_text("sk-live-7Qx9Rt2Lm4\nZp8Wv3Kd6Hs1", encoding="utf-8")
+    library.text(JANE)
+    env = clean_env(home, CRM_SYNCD_API_URL=citadel.url, CRM_SYNCD_TEST_KEYCHAIN=str(stored))
+    env["PYTHONPATH"] += os.pathsep + str(Path(__file__).parent / "harness" / "keychain")
+    cli = CLI(env)
+
+    outputs = [cli("sync"), cli("status"), cli("status", "--json"), cli("doctor")]
+
+    assert outputs[0].code == 2, outputs[0].output
+    assert "invalid setting api_key (the Keychain, service crm-syncd, account api_key)" in outputs[0].stderr
+    assert outputs[3].code == 2 and "api_key" in outputs[3].output
+    for text in [o.output for o in outputs] + [everything_written(home)]:
+        assert "7Qx9Rt2Lm4" not in text and "Zp8Wv3Kd6Hs1" not in text
+    stored.write_text(" sk-live-7Qx9Rt2Lm4Zp8Wv3Kd6Hs1\n", encoding="utf-8")  # surrounding whitespace is trimmed
+    assert cli("sync").code == 0
+    assert len(citadel.interactions()) == 1
 
 
 def test_state_is_private_0700_folders_and_0600_files(library: Library, cli: CLI, home):
