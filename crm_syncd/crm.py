@@ -46,6 +46,7 @@ UNHANDLED = (408, 503)  # of those, the ones that say the request was not handle
 # The longest wait a server may ask for: a proxy's `Retry-After: 86400` (or a date a skewed clock puts a
 # day ahead) must not stop delivery for a day; a quarter of an hour outlasts any sane rate limit.
 RETRY_AFTER_MAX_S = 900.0
+KEEPALIVE_S = 4.0  # an idle connection is dropped before Node's 5 s: no request on one the server is closing
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
@@ -230,7 +231,8 @@ class CitadelClient:
         tls = httpx.create_ssl_context()  # loaded once (the CA bundle), not per client
         self._clients = [
             httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout), verify=tls, follow_redirects=False,
-                              limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+                              limits=httpx.Limits(max_connections=1, max_keepalive_connections=1,
+                                                  keepalive_expiry=KEEPALIVE_S))
             for _ in range(max_connections)
         ]
         self._idle = list(self._clients)  # the warmest connection last

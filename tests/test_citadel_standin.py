@@ -78,6 +78,17 @@ def test_requests_share_one_keep_alive_connection(crm: CitadelServer, http: http
     assert crm.connections_accepted == 1
 
 
+def test_an_idle_connection_is_closed_after_the_keep_alive_timeout_as_node_does(tmp_path: Path) -> None:
+    with CitadelServer(tmp_path / "idle.db", keepalive_timeout_s=0.2) as server:
+        with socket.create_connection((server.host, server.port), timeout=10) as sock:
+            sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):  # the answer, then the end of the stream once idle
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200") and b"Connection: keep-alive" in answer
+        assert server.connections_accepted == 1
+
+
 # -- validation ---------------------------------------------------------------------------------
 
 

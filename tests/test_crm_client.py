@@ -155,6 +155,23 @@ def test_connections_are_kept_alive(crm: CitadelServer) -> None:
     assert crm.connections_accepted == 1
 
 
+def test_a_request_after_the_server_closed_the_idle_connection_goes_out_once_on_a_new_one(tmp_path: Path) -> None:
+    with CitadelServer(tmp_path / "idle.db", keepalive_timeout_s=0.2) as server:
+        cid = server.add_contact(firstName="Ann", lastName="Lee")
+
+        async def use(c: CitadelClient) -> None:
+            await c.create_interaction(cid, TEXT)
+            deadline = time.monotonic() + 10
+            while server.open_connections and time.monotonic() < deadline:  # the server closes it, idle
+                await asyncio.sleep(0.02)
+            assert server.open_connections == 0
+            await c.create_interaction(cid, {**TEXT, "occurredAt": "2024-03-01T10:00:01.000Z"})
+
+        run(server.url, use)
+        assert server.connections_accepted == 2
+        assert server.stats[("POST", "/api/contacts/:id/interactions", 201)] == 2 and len(server.interactions()) == 2
+
+
 def test_concurrent_requests_share_at_most_max_connections_each_with_the_key(crm: CitadelServer) -> None:
     cid = crm.add_contact(firstName="Ann", lastName="Lee")
 

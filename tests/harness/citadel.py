@@ -445,9 +445,11 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def _one(self) -> bool:
         rfile, owner = self.rfile, self.owner
+        self.connection.settimeout(owner.keepalive_timeout_s)  # Node closes a connection idle this long
         line = rfile.readline(65537)
         while line in (b"\r\n", b"\n"):
             line = rfile.readline(65537)
+        self.connection.settimeout(None)
         if not line:
             return False
         try:
@@ -539,12 +541,14 @@ class CitadelServer:
         *,
         unstable_ties: bool = False,
         latency_s: float = 0.0,
+        keepalive_timeout_s: float = 5.0,
     ):
         self.db_path = Path(db_path)
         self.host, self.port, self.api_key = host, port, api_key
         self.unstable_ties = unstable_ties  # order ties anew for each LIMIT/OFFSET, like PostgreSQL (`_order`)
         self.tie_salt = 0  # which orders those are
         self.latency_s = latency_s  # added to every request (a hosted CRM)
+        self.keepalive_timeout_s = keepalive_timeout_s  # an idle connection is closed (Node's default: 5 s)
         self.faults = Faults()
         self.reject_interactions_at: set[str] = set()  # UTC days whose interaction POSTs get a 422
         self.reject_contact_values: set[str] = set()  # field values a contact POST or PUT gets a 422 for
@@ -626,6 +630,11 @@ class CitadelServer:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    @property
+    def open_connections(self) -> int:
+        with self._stats_lock:
+            return len(self._sockets)
 
     def _track(self, sock: socket.socket, opened: bool) -> None:
         with self._stats_lock:
