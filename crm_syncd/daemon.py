@@ -368,7 +368,7 @@ class Daemon:
                 report = await self.engine.push(stop=self.stop)
                 if report.delivered:
                     self.crm_reachable = True
-                    log.info("push.done", delivered=report.delivered, adopted=report.adopted)
+                    log.info("push.done", delivered=report.delivered, adopted=report.adopted, twins=report.twins)
                 if report.unreachable:
                     self.crm_reachable = False
                     self._error(f"CRM unreachable: {report.unreachable}", event="push.deferred")

@@ -845,12 +845,12 @@ class Store:
         """The id of the item extracted last (0 for an empty outbox): items above it came later."""
         return self._one("SELECT MAX(id) FROM outbox") or 0
 
-    def delivered_twin(self, item: Item) -> int | None:
-        """The CRM id of another item delivered to the same contact as the same type at the same
-        millisecond: one interaction (a group text or call that lists the person under two addresses)."""
-        return self._one("SELECT crm_id FROM outbox WHERE occurred_ms = ? AND +contact_id = ? AND type = ? "
-                         "AND state = 'delivered' AND id != ? LIMIT 1",
-                         (item.occurred_ms, item.contact_id, item.type, item.id))
+    def delivered_twin(self, item: Item, row_key: str) -> int | None:
+        """The CRM id of another party's item of the same fanned-out row (`<row_key>:...`) delivered to
+        the same contact: one interaction (a group text or call listing the person under two addresses)."""
+        return self._one("SELECT crm_id FROM outbox WHERE occurred_ms = ? AND key > ? || ':' AND key < ? || ';' "
+                         "AND +contact_id = ? AND state = 'delivered' AND id != ? LIMIT 1",
+                         (item.occurred_ms, row_key, row_key, item.contact_id, item.id))
 
     def crm_ids(self, contact_id: int) -> set[int]:
         """CRM interaction ids the ledger already holds for a contact."""

@@ -908,6 +908,22 @@ def test_a_500_to_one_contacts_create_holds_up_no_one_else_and_a_later_sync_name
     assert (len(citadel.interactions_of(JANE)), len(citadel.interactions_of(bob))) == (1, 1)
 
 
+def test_a_group_text_to_both_of_a_persons_addresses_whose_first_write_went_unanswered_is_still_one(
+        library: Library, citadel: CitadelServer, cli: CLI):
+    """The first copy is written but answered 500, and so is its look-up: the other copy waits for it."""
+    library.card(first="Jane", last="Doe", phones=[JANE], emails=["jane@example.com"])
+    library.group_text([JANE, "jane@example.com"], at=ago(days=1))
+    citadel.faults = Faults(rate=1.0, kinds=("500-after-write",), reads=True, limit=2,
+                            routes=("/api/contacts/:id/interactions",))
+    cli.env["CRM_SYNCD_REQUEST_TIMEOUT_S"] = "2"
+
+    result = cli("sync")
+
+    assert citadel.faults.fired["500-after-write"] == 2, result.output
+    assert result.code == 0 and "Messages  synced 1 · new 2" in result.stdout, result.output
+    assert len(citadel.interactions_of(JANE)) == 1
+
+
 def test_a_placeholder_whose_create_answer_was_lost_is_found_not_made_twice(
         library: Library, citadel: CitadelServer, daemon_env: CLI, home: Path):
     stranger = "+14165550199"

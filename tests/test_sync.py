@@ -112,6 +112,23 @@ def test_a_group_text_listing_a_stranger_by_two_handles_messages_ties_reaches_th
     assert Counter(i["type"] for i in citadel.interactions(stranger["id"])) == {"TEXT_OUTBOUND": 1}
 
 
+def test_two_texts_one_person_sent_in_one_second_from_two_addresses_are_two_on_a_seconds_dated_chat_db(
+        home, citadel):
+    lib = Library.create(home, chat_version="el-capitan")  # dates to the second
+    try:
+        lib.card(first="Jane", last="Doe", phones=[JANE], emails=["jane@example.com"])
+        at = ago(days=1).replace(microsecond=0)
+        lib.text(JANE, service="SMS", at=at)
+        lib.text("jane@example.com", at=at)
+        lib.group_text([JANE, BOB], at=at)  # and the owner's group text in that second: a third
+        result = CLI(clean_env(home, CRM_SYNCD_API_URL=citadel.url))("sync")
+    finally:
+        lib.close()
+
+    assert result.code == 0, result.output
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 2, "TEXT_OUTBOUND": 1}
+
+
 def test_a_group_text_that_reached_a_persons_number_and_email_placeholders_is_one_once_a_card_joins_them(
         library: Library, citadel, cli: CLI):
     library.card(first="Bob", last="Roe", phones=[BOB])

@@ -19,6 +19,7 @@ from crm_syncd.crm import occurred_iso
 from crm_syncd.engine.reports import PushReport
 from crm_syncd.logs import get_logger
 from crm_syncd.settings import Settings
+from crm_syncd.sources import row_key
 from crm_syncd.store import UNKNOWN_OUTCOME, Item, Store, now_ms
 from crm_syncd.watch import wait_event
 
@@ -56,10 +57,12 @@ class Pusher:
         self._adopted: dict[int, int] = {}  # CRM interaction id -> the outbox item that adopted it, for one push
         self._same_contact: dict[int, asyncio.Future[bool]] = {}  # contact id -> still the one made, for one push
         self._ambiguous: Counter[int] = Counter()  # outbox id -> 500s answered to it (this process), until settled
-        # (contact, type, occurred_ms): one interaction, whatever address its items came by. Whose delivery
-        # is under way (its twins wait for it), and which reached the CRM as what id until settled
-        self._moments_busy: dict[Moment, asyncio.Event] = {}
-        self._moments_landed: dict[Moment, int] = {}
+        # Twins: one fanned-out row's items for one contact (`_twins_of`), one interaction. Whose delivery is
+        # under way (the others wait for it), which reached the CRM as what id (until settled), and which
+        # may have reached it (a write left unsure: the others stay `sending`, looked up with it)
+        self._twins_busy: dict[Twins, asyncio.Event] = {}
+        self._twins_landed: dict[Twins, int] = {}
+        self._twins_unsure: set[Twins] = set()
         self._backoff_until = 0.0
         self._backoff_since = 0.0  # when the current round of failures began
         self._failures_in_row = 0
@@ -155,24 +158,29 @@ class Pusher:
         return report
 
     async def _deliver(self, item: Item, halt: asyncio.Event) -> tuple[str, Item, Any]:
-        """Deliver one item, or take its twin's interaction: items of one contact with the same type and
-        millisecond are one interaction (a group text or call that lists the person under two addresses,
-        a phone and an email on one card or tied by Messages), which the CRM could not tell apart anyway."""
-        moment = _moment(item)
-        while (busy := self._moments_busy.get(moment)) is not None:
+        """Deliver one item, or take its twin's interaction: a group text or call that lists a person
+        under two addresses (a phone and an email on one card, or handles Messages ties) gives their
+        contact two items of one row, which are one interaction."""
+        if (twins := _twins_of(item)) is None:
+            return await self._send(item, halt)
+        while (busy := self._twins_busy.get(twins)) is not None:
             await busy.wait()
-        self._moments_busy[moment] = done = asyncio.Event()
+        self._twins_busy[twins] = done = asyncio.Event()
         try:
-            twin = self._moments_landed.get(moment) or self.store.delivered_twin(item)
+            if twins in self._twins_unsure:
+                return "waits", item, None
+            twin = self._twins_landed.get(twins) or self.store.delivered_twin(item, twins[1])
             if twin is not None:
                 log.debug("push.twin", item=item.id, crm_id=twin)
-                return "adopted", item, twin
+                return "twin", item, twin
             outcome = await self._send(item, halt)
             if outcome[0] in ("delivered", "adopted"):
-                self._moments_landed[moment] = outcome[2]
+                self._twins_landed[twins] = outcome[2]
+            elif outcome[0] == "unsure" or (outcome[0] == "failed" and self._ambiguous[item.id]):
+                self._twins_unsure.add(twins)  # its write may have landed: its twins wait for a look-up
             return outcome
         finally:
-            del self._moments_busy[moment]
+            del self._twins_busy[twins]
             done.set()
 
     async def _send(self, item: Item, halt: asyncio.Event) -> tuple[str, Item, Any]:
@@ -265,6 +273,9 @@ class Pusher:
                 report.adopted += outcome == "adopted"
                 self._failures_in_row = 0
                 report.unreachable = self.crm_failure = None
+            elif outcome == "twin":  # its interaction is its twin's: in the ledger under that id
+                delivered.append((item, value))
+                report.twins += 1
             elif outcome == "failed":  # the CRM answered: this item is wrong, not the CRM
                 failed.append((item, value))
                 self.crm_failure = None
@@ -276,6 +287,8 @@ class Pusher:
                 self.contacts_stale = True
             elif outcome == "unsure":
                 report.unreachable = self.crm_failure = value
+            elif outcome == "waits":  # stays `sending`: looked up with its twin, whose write may have landed
+                pass
             elif outcome == "unsent":  # delivery ended while it waited to be sent: nothing was tried
                 retry.append((item, None))
             else:  # retry, or refused
@@ -289,7 +302,7 @@ class Pusher:
         if stale := self.store.settle(delivered, failed, retry):
             log.debug("push.stale_outcomes", items=stale)  # their items were moved by a merge or a 404
         for item, _ in delivered:  # in the store now (or moved by a merge, the contact gone)
-            self._moments_landed.pop(_moment(item), None)
+            self._twins_landed.pop(_twins_of(item), None)
         for contact_id in {item.contact_id for outcome, item, _ in batch if outcome == "vanished"}:
             self.store.forget_contact(contact_id)
             log.warning("push.contact_vanished", contact_id=contact_id)
@@ -298,6 +311,7 @@ class Pusher:
 
     async def _recover(self, report: PushReport) -> bool:
         """Settle items a previous process left `sending`: adopt what reached the CRM, requeue the rest."""
+        self._twins_unsure.clear()  # each `sending` item is looked up now
         leftovers = self.store.sending()
         if not leftovers:
             return True
@@ -324,6 +338,8 @@ class Pusher:
                 self._ambiguous[item.id] += 1
                 if self._ambiguous[item.id] >= self.settings.max_ambiguous_retries:
                     failed.append((item, f"{UNKNOWN_OUTCOME}: {exc.message}"))
+                if twins := _twins_of(item):  # its write may have landed: its twins wait for a look-up
+                    self._twins_unsure.add(twins)
                 log.warning("push.recover_unclear", item=item.id, reason=exc.message)
                 continue
             log.debug("push.recover_lookup", item=item.id, found=existing)
@@ -335,6 +351,7 @@ class Pusher:
         self._settle([("failed", item, reason) for item, reason in failed], report)
         report.adopted += len(adopted)
         report.delivered += len(adopted)
+        report.delivered_by_type.update(item.type for item, _ in adopted)
         if complete:  # the CRM answered every look-up: whatever failed before is over
             report.unreachable = self.crm_failure = None
         log.info("push.recovered", adopted=len(adopted), requeued=len(requeue))
@@ -393,11 +410,13 @@ class Pusher:
         return not halt.is_set()
 
 
-Moment = tuple[int | None, str, int]
+Twins = tuple[int | None, str]
 
 
-def _moment(item: Item) -> Moment:
-    return item.contact_id, item.type, item.occurred_ms
+def _twins_of(item: Item) -> Twins | None:
+    """(contact, row key) of an item of a fanned-out row; None for a row with one party."""
+    shared = row_key(item.key)
+    return None if shared is None else (item.contact_id, shared)
 
 
 async def outlast_request(timeout: float, sent_ms: int, event: str, **fields: Any) -> None:

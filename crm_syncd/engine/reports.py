@@ -47,6 +47,7 @@ class PlaceholdersReport:
 class PushReport:
     delivered: int = 0
     adopted: int = 0
+    twins: int = 0  # items whose interaction is another's: one group row, one contact, two of their addresses
     retried: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     delivered_by_type: Counter[str] = field(default_factory=Counter)

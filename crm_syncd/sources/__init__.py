@@ -30,6 +30,15 @@ class Activity(NamedTuple):
     country: str | None = None  # ISO country (upper case) a number without its country code is from, if recorded
 
 
+def row_key(key: str) -> str | None:
+    """The key of the row an Activity's key continues when that row was fanned out to several parties
+    (`<row key>:<party>`: a group message of the owner's, a group call), else None."""
+    kind, _, rest = key.partition(":")
+    own = 2 if kind == "call" and rest.startswith("pk:") else 1  # call:pk:<Z_PK> when it has no unique id
+    parts = rest.split(":", own)
+    return f"{kind}:{':'.join(parts[:own])}" if len(parts) > own else None
+
+
 @dataclass
 class Batch:
     """What one bounded read past a high-water mark produced."""
