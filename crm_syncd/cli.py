@@ -159,6 +159,7 @@ async def _sync_async(settings: Settings, store: Store, *, contacts_only: bool, 
         placeholders = PlaceholdersReport()
         crm_error: crmlib.CRMError | None = None
         with owner_errors():
+            engine.check_continuity()
             if not interactions_only:
                 try:
                     contacts = await engine.sync_contacts()

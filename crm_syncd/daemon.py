@@ -183,6 +183,7 @@ class Daemon:
                                             max_connections=self.settings.push_concurrency) as crm:
                 self.engine = Engine(self.settings, store, crm)
                 self.store = store
+                self.engine.check_continuity()
                 code = await self._serve(loop)
             if self._owner_error is not None:  # `run` ends with its one line and exit 2
                 raise self._owner_error

@@ -228,6 +228,12 @@ class Settings(BaseSettings):
         return self.state_dir / "crm-syncd.lock"
 
     @property
+    def stamp_path(self) -> Path:
+        """How far each state database got (`Store.discontinuity`), kept apart from the state folder, so that
+        a backup restored over that folder does not bring back an older stamp with it."""
+        return Path.home() / "Library" / "Caches" / "crm-syncd" / "stamps.json"
+
+    @property
     def log_file(self) -> Path:
         return self.log_dir / "crm-syncd.log"
 

@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -195,6 +197,7 @@ MIGRATIONS: dict[int, str] = {
     """,
 }
 REREAD = "reread"  # kv: sources whose rows behind the mark are read once more over the lookback window
+INSTANCE, GENERATION = "instance", "generation"  # kv: this state's id, and how many delivery passes it saw
 UNRESOLVED = "(state = 'pending' OR state = 'held') AND contact_id IS NULL"  # as outbox_unresolved's WHERE
 UNKNOWN_OUTCOME = "cannot tell whether it reached the CRM"  # a failed item's reason when it may be there
 SCREENED = "screened call (blocked or silenced) from a number without a contact"  # held; makes no placeholder
@@ -921,6 +924,63 @@ class Store:
     def reread_done(self, source: str) -> None:
         """`source` was read once more (or has no mark: nothing was read, nothing left behind)."""
         self.put(REREAD, [s for s in self.get(REREAD, []) if s != source])
+
+    # -- continuity --------------------------------------------------------------------------
+    # The state counts its delivery passes (its generation), in itself and in a stamp file kept apart
+    # from it. A state behind its stamp is an older copy of itself: a backup restored over it.
+
+    def discontinuity(self, stamp: Path) -> str | None:
+        """None when this state is the one crm-syncd left last time, as `stamp` recorded it; "behind" when
+        it is an older copy (a backup restored over it), "unstamped" when it has delivered items and the
+        stamp does not know it (an upgrade from before stamps, another Mac, a cleaned cache): either way the
+        CRM may hold interactions its ledger lacks. The stamp then records the state as it is."""
+        instance = self.get(INSTANCE)
+        if instance is None:
+            self.put(INSTANCE, instance := uuid.uuid4().hex)
+        generation, recorded = self.get(GENERATION, 0), _read_stamps(stamp).get(instance)
+        if recorded is not None:
+            found = "behind" if generation < recorded else None
+        else:
+            delivered = self._one("SELECT 1 FROM outbox WHERE crm_id IS NOT NULL LIMIT 1") is not None
+            found = "unstamped" if delivered else None
+        if found:
+            self.put(GENERATION, generation := max(generation, recorded or 0) + 1)
+        _write_stamp(stamp, instance, generation)
+        return found
+
+    def advance(self, stamp: Path) -> None:
+        """Count a delivery pass, here and in `stamp` (not fsynced: a count lost to a power cut only makes
+        the next start look the CRM over once more)."""
+        generation = self.get(GENERATION, 0) + 1
+        self.put(GENERATION, generation, durable=False)
+        _write_stamp(stamp, self.get(INSTANCE), generation)
+
+    def doubt_dedupe(self) -> int:
+        """Have every contact not already checked before sends asked again whether the CRM holds
+        IMPORT_IOS interactions the ledger lacks (`dedupe_wanted`); returns how many."""
+        with self.transaction() as tx:
+            return tx.execute("UPDATE contacts SET dedupe = 0, dedupe_ms = 0 WHERE dedupe IS NULL OR dedupe = 0").rowcount
+
+
+def _read_stamps(stamp: Path) -> dict[str, int]:
+    try:
+        stamps = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamps if isinstance(stamps, dict) else {}
+
+
+def _write_stamp(stamp: Path, instance: str, generation: int) -> None:
+    """Record a state's generation in the stamp file (one per state database it has seen), whole or not
+    at all. A stamp that cannot be written is left as it was: a later start may then doubt needlessly."""
+    try:
+        secure_dir(stamp.parent)
+        stamps = {**_read_stamps(stamp), instance: generation}
+        fresh = stamp.with_name(stamp.name + ".new")
+        secure_file(fresh).write_text(json.dumps(stamps))
+        os.replace(fresh, stamp)
+    except OSError:
+        pass
 
 
 class _Tx:

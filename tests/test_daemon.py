@@ -1286,6 +1286,35 @@ def test_state_files_removed_or_replaced_under_a_running_daemon_stop_it_and_a_re
     assert sum(got.values()) == 2 and max(got.values()) == 1, got
 
 
+def test_a_backup_restored_over_state_db_under_the_daemon_and_the_restart_send_nothing_twice(
+        library: Library, citadel, daemon, home: Path, tmp_path: Path):
+    """The backup is of this morning; Jane texted since, and that text reached the CRM."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=3))
+    d = daemon()
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 1, what="the first message")
+    state = home / STATE_DIR / "state.db"
+    backup = tmp_path / "state-backup.db"
+    source, target = sqlite3.connect(state), sqlite3.connect(backup)
+    source.backup(target)
+    source.close()
+    target.close()
+    library.text(JANE, at=ago(minutes=2))
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 2, what="the second message")
+
+    for extra in ("-wal", "-shm"):
+        Path(f"{state}{extra}").unlink(missing_ok=True)
+    os.replace(shutil.copyfile(backup, state.with_name("state.db.restored")), state)
+    eventually(lambda: d.proc.poll() is not None, timeout=20, what="the daemon to notice and stop")
+    again = daemon()
+
+    eventually(lambda: again.events("state.restored"), what="the restored state recognised")
+    eventually(lambda: any(e.get("adopted") for e in again.events("push.done")), what="the text found in the CRM")
+    assert again.stop() == 0
+    got = Counter(r["occurredAt"] for r in citadel.interactions_of(JANE))
+    assert sum(got.values()) == 2 and max(got.values()) == 1, got
+
+
 def test_an_idle_daemon_holds_no_read_transaction_so_apple_can_truncate_its_wal(library: Library, citadel, daemon):
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE)

@@ -2228,6 +2228,65 @@ def test_api_url_pointed_at_another_crm_never_takes_its_contacts_for_the_ones_cr
         assert [i["type"] for i in other.interactions(jane["id"])] == ["TEXT_INBOUND"]
 
 
+def a_backup_of(state: Path, to: Path) -> Path:
+    """A consistent copy of the state database, as a Time Machine snapshot holds it."""
+    source, target = sqlite3.connect(state), sqlite3.connect(to)
+    source.backup(target)
+    source.close()
+    target.close()
+    return to
+
+
+def restore(backup: Path, state: Path) -> None:
+    for extra in ("-wal", "-shm"):
+        Path(f"{state}{extra}").unlink(missing_ok=True)
+    shutil.copyfile(backup, state)
+
+
+@pytest.mark.parametrize(("first_since_backup", "stamp_lost"), [(True, False), (False, False), (False, True)],
+                         ids=["a-contacts-first-texts", "more-texts", "and-the-stamp-lost"])
+def test_a_state_restored_from_a_backup_sends_nothing_delivered_since_again(
+        library: Library, citadel, cli: CLI, home: Path, tmp_path: Path, first_since_backup: bool, stamp_lost: bool):
+    """Time Machine puts back an older state.db (minutes old: the contacts' decisions not to check the
+    CRM before sends are still fresh in it). What was delivered after the backup is above its mark and
+    not in its ledger: found in the CRM and adopted, not sent again."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.card(first="Ann", last="Lee", phones=[CAROL])
+    library.text(JANE, at=ago(days=2))
+    if not first_since_backup:
+        library.text(CAROL, at=ago(days=2))
+    assert cli("sync").code == 0
+    state = home / "Library" / "Application Support" / "crm-syncd" / "state.db"
+    backup = a_backup_of(state, tmp_path / "state-backup.db")
+    library.text(CAROL, at=ago(hours=3))
+    library.call(CAROL, answered=True, duration=40, at=ago(hours=2))
+    library.text(JANE, from_me=True, at=ago(minutes=9))
+    assert cli("sync").code == 0
+    before = Counter((i["contactId"], i["type"], i["occurredAt"]) for i in citadel.interactions())
+
+    restore(backup, state)
+    if stamp_lost:
+        (home / "Library" / "Caches" / "crm-syncd" / "stamps.json").unlink()
+    result = cli("sync", "-v")
+
+    assert result.code == 0, result.output
+    assert ("state.unstamped" if stamp_lost else "state.restored") in result.stderr, result.output
+    assert Counter((i["contactId"], i["type"], i["occurredAt"]) for i in citadel.interactions()) == before
+    assert "Messages  synced 2" in result.stdout, result.output  # adopted: in the ledger again
+
+
+def test_a_state_that_was_not_restored_is_not_taken_for_one(library: Library, citadel, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(days=2))
+    first = cli("sync", "-v")
+    library.text(JANE, at=ago(hours=1))
+    second = cli("sync", "-v")
+
+    assert first.code == 0 and second.code == 0, second.output
+    assert "state.restored" not in first.stderr + second.stderr
+    assert len(citadel.interactions()) == 2
+
+
 def test_after_a_crm_restore_the_state_moved_aside_and_sync_reconcile_sends_back_what_the_backup_lacks(
         library: Library, citadel, cli: CLI, home):
     """The README's way back after a restore: texts delivered after the backup are sent again, once,

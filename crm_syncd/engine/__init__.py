@@ -59,6 +59,16 @@ class Engine:
         self.readers = self.extractor.readers
         self._contacts_lock = asyncio.Lock()
 
+    def check_continuity(self) -> None:
+        """Before anything is sent: when the state is not the one crm-syncd left (a backup restored over it,
+        or a stamp lost), every contact is asked whether the CRM holds interactions the ledger lacks
+        (what was delivered after the backup), which are then looked up before any send, not sent again."""
+        if self.store.path is None:  # a dry run's copy
+            return
+        if found := self.store.discontinuity(self.settings.stamp_path):
+            event = "state.restored" if found == "behind" else "state.unstamped"
+            log.warning(event, contacts_to_check=self.store.doubt_dedupe())
+
     # -- 1. contacts ----------------------------------------------------------------------
 
     def addressbook_signatures(self) -> dict[str, str]:
