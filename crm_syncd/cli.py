@@ -105,12 +105,12 @@ def sync(contacts_only: bool, interactions_only: bool, dry_run: bool, known_only
     if contacts_only and interactions_only:
         raise click.UsageError("--contacts-only and --interactions-only exclude each other")
     _run(_sync, contacts_only=contacts_only, interactions_only=interactions_only, dry_run=dry_run,
-         known_only=known_only, days=days, full=full or reconcile, verbose=verbose,
+         known_only=known_only, days=days, full=full or reconcile, reconcile=reconcile, verbose=verbose,
          overrides={"dedupe_against_crm": "on"} if reconcile else {})
 
 
 def _sync(*, contacts_only: bool, interactions_only: bool, dry_run: bool, known_only: bool,
-          days: int | None, full: bool, verbose: bool, overrides: dict) -> int:
+          days: int | None, full: bool, reconcile: bool, verbose: bool, overrides: dict) -> int:
     settings = _settings(folders=() if dry_run else ("state_dir",), **overrides)
     from crm_syncd.daemon import AlreadyRunning, Lock
 
@@ -129,7 +129,7 @@ def _sync(*, contacts_only: bool, interactions_only: bool, dry_run: bool, known_
     try:
         return asyncio.run(_sync_async(settings, store, contacts_only=contacts_only,
                                        interactions_only=interactions_only, dry_run=dry_run,
-                                       known_only=known_only, days=days, full=full))
+                                       known_only=known_only, days=days, full=full, rebuild=reconcile))
     except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, or a stop (SIGTERM, SIGHUP)
         err.print("[yellow]stopped:[/] what was not delivered stays queued for the next sync or the daemon")
         return EXIT_FAILED
@@ -145,14 +145,14 @@ def _open_store(settings: Settings, dry_run: bool) -> Store:
 
 
 async def _sync_async(settings: Settings, store: Store, *, contacts_only: bool, interactions_only: bool,
-                      dry_run: bool, known_only: bool, days: int | None, full: bool) -> int:
+                      dry_run: bool, known_only: bool, days: int | None, full: bool, rebuild: bool) -> int:
     loop, this = asyncio.get_running_loop(), asyncio.current_task()
     for stop in (signal.SIGTERM, signal.SIGHUP):  # ends the run as Ctrl-C does: what was claimed is given back
         loop.add_signal_handler(stop, this.cancel)
     async with crmlib.CitadelClient(settings.api_url, settings.api_key_value, timeout=settings.request_timeout_s,
                                     max_connections=settings.push_concurrency) as client:
         crm = crmlib.DryRun(client) if dry_run else client
-        engine = Engine(settings, store, crm, known_only=known_only)
+        engine = Engine(settings, store, crm, known_only=known_only, rebuild=rebuild)
         contacts: ContactsReport | None = None
         sources: list[SourceReport] = []
         push: PushReport | None = None

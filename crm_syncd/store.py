@@ -197,7 +197,7 @@ MIGRATIONS: dict[int, str] = {
     """,
 }
 REREAD = "reread"  # kv: sources whose rows behind the mark are read once more over the lookback window
-INSTANCE, GENERATION = "instance", "generation"  # kv: this state's id, and how many delivery passes it saw
+INSTANCE, GENERATION = "instance", "generation"  # kv: this state's id, and how many passes wrote to the CRM
 UNRESOLVED = "(state = 'pending' OR state = 'held') AND contact_id IS NULL"  # as outbox_unresolved's WHERE
 UNKNOWN_OUTCOME = "cannot tell whether it reached the CRM"  # a failed item's reason when it may be there
 SCREENED = "screened call (blocked or silenced) from a number without a contact"  # held; makes no placeholder
@@ -926,8 +926,8 @@ class Store:
         self.put(REREAD, [s for s in self.get(REREAD, []) if s != source])
 
     # -- continuity --------------------------------------------------------------------------
-    # The state counts its delivery passes (its generation), in itself and in a stamp file kept apart
-    # from it. A state behind its stamp is an older copy of itself: a backup restored over it.
+    # The state counts its passes that wrote to the CRM (its generation), in itself and in a stamp file
+    # kept apart from it. A state behind its stamp is an older copy of itself: a backup restored over it.
 
     def discontinuity(self, stamp: Path) -> str | None:
         """None when this state is the one crm-syncd left last time, as `stamp` recorded it; "behind" when
@@ -949,8 +949,8 @@ class Store:
         return found
 
     def advance(self, stamp: Path) -> None:
-        """Count a delivery pass, here and in `stamp` (not fsynced: a count lost to a power cut only makes
-        the next start look the CRM over once more)."""
+        """Count a pass that wrote to the CRM, here and in `stamp` (not fsynced: a count lost to a power cut
+        only makes the next start look the CRM over once more)."""
         generation = self.get(GENERATION, 0) + 1
         self.put(GENERATION, generation, durable=False)
         _write_stamp(stamp, self.get(INSTANCE), generation)

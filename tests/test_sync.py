@@ -2275,6 +2275,66 @@ def test_a_state_restored_from_a_backup_sends_nothing_delivered_since_again(
     assert "Messages  synced 2" in result.stdout, result.output  # adopted: in the ledger again
 
 
+def a_card_edit(library: Library, card: int) -> None:
+    library.books[0].update_card(card, organization="Acme", job_title="CTO", modified=ago(seconds=1))
+    library.books[0].commit()
+
+
+def test_after_sync_reconcile_on_a_new_mac_card_edits_reach_the_contacts_crm_syncd_made(
+        library: Library, citadel, cli: CLI, home: Path):
+    """Only the Apple data moved to the new Mac: crm-syncd starts without its state, the CRM holds the
+    contacts it made on the old one."""
+    card = library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(days=2))
+    assert cli("sync").code == 0
+    shutil.rmtree(home / "Library" / "Application Support" / "crm-syncd")
+    assert cli("sync", "--reconcile").code == 0
+
+    a_card_edit(library, card)
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    (jane,) = citadel.contacts()
+    assert (jane["organization"], jane["title"]) == ("Acme", "CTO"), result.output
+    assert len(citadel.interactions()) == 1
+
+
+@pytest.mark.parametrize("since_backup", ["made", "promoted"])
+def test_after_a_state_restore_card_edits_reach_a_contact_crm_syncd_made_or_promoted_since_the_backup(
+        library: Library, citadel, cli: CLI, home: Path, tmp_path: Path, since_backup: str):
+    library.text(BOB, at=ago(days=2))  # a placeholder, before the backup
+    assert cli("sync").code == 0
+    state = home / "Library" / "Application Support" / "crm-syncd" / "state.db"
+    backup = a_backup_of(state, tmp_path / "state-backup.db")
+    card = (library.card(first="Bob", last="Roe", phones=[BOB]) if since_backup == "promoted"
+            else library.card(first="Ann", last="Lee", phones=[CAROL]))
+    assert cli("sync").code == 0
+    restore(backup, state)
+    assert cli("sync").code == 0
+
+    a_card_edit(library, card)
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    edited = names(citadel)["Bob Roe" if since_backup == "promoted" else "Ann Lee"]
+    assert (edited["organization"], edited["title"]) == ("Acme", "CTO"), result.output
+
+
+def test_a_contact_the_owner_made_like_a_card_stays_the_owners_when_no_state_was_lost(
+        library: Library, citadel, cli: CLI):
+    """Outside a rebuild an identical contact may be the owner's or another Mac's: card edits go to it no more."""
+    citadel.add_contact(firstName="Jane", lastName="Doe", phone=JANE)
+    card = library.card(first="Jane", last="Doe", phones=[JANE])
+    assert cli("sync").code == 0
+
+    a_card_edit(library, card)
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    (jane,) = citadel.contacts()
+    assert (jane["organization"], jane["title"]) == (None, None)
+
+
 def test_a_state_that_was_not_restored_is_not_taken_for_one(library: Library, citadel, cli: CLI):
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE, at=ago(days=2))

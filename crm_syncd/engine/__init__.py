@@ -44,7 +44,7 @@ class Engine:
     """The four steps over one state store and one CRM client."""
 
     def __init__(self, settings: Settings, store: Store, crm: crmlib.CitadelClient, *,
-                 known_only: bool = False) -> None:
+                 known_only: bool = False, rebuild: bool = False) -> None:
         self.settings = settings
         self.store = store
         self.crm = crm
@@ -53,6 +53,7 @@ class Engine:
         owner = OwnAddresses(store, normalize)
         creates = Creates(settings, store, crm)
         self.contacts = ContactsSync(settings, store, crm, normalize, owner, creates)
+        self.contacts.rebuilding = rebuild
         self.extractor = Extractor(settings, store, normalize, owner, self.stopping)
         self.placeholders = Placeholders(settings, store, crm, normalize, creates, known_only=known_only)
         self.pusher = Pusher(settings, store, crm, self._refresh_contacts, self._resolve_fresh)
@@ -68,6 +69,12 @@ class Engine:
         if found := self.store.discontinuity(self.settings.stamp_path):
             event = "state.restored" if found == "behind" else "state.unstamped"
             log.warning(event, contacts_to_check=self.store.doubt_dedupe())
+            self.contacts.rebuilding = True  # contacts made since the backup are found, not known
+
+    def _advanced(self, wrote: bool) -> None:
+        """After a pass that wrote to the CRM: a backup of the state from before it is now behind."""
+        if wrote and self.store.path is not None:
+            self.store.advance(self.settings.stamp_path)
 
     # -- 1. contacts ----------------------------------------------------------------------
 
@@ -94,6 +101,7 @@ class Engine:
             report = await self.contacts.run(list_crm=stale)
             if stale:
                 self.pusher.contacts_stale = False
+            self._advanced(bool(report.created or report.promoted or report.updated or report.merged))
             return report
 
     # -- 2. extraction --------------------------------------------------------------------
@@ -124,13 +132,17 @@ class Engine:
                 raise
         async with self._contacts_lock:
             self.pusher.fresh_items = False  # all extracted so far are resolved here
-            return await self.placeholders.resolve()
+            report = await self.placeholders.resolve()
+            self._advanced(bool(report.created))
+            return report
 
     # -- 4. delivery ----------------------------------------------------------------------
 
     async def push(self, *, stop: asyncio.Event | None = None) -> PushReport:
         """Deliver everything deliverable, then return (early when `stop` is set): see `Pusher.push`."""
-        return await self.pusher.push(stop=stop)
+        report = await self.pusher.push(stop=stop)
+        self._advanced(bool(report.delivered or report.twins))
+        return report
 
     @property
     def crm_failure(self) -> str | None:

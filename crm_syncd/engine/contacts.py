@@ -48,6 +48,7 @@ class ContactsSync:
         self.owner = owner
         self.creates = creates
         self._cards: dict[str, list[Card]] = {}  # AddressBook store → its cards, as last read
+        self.rebuilding = False  # the state is rebuilt (`--reconcile`, a restored state): until a pass ends
         self._store_errors: dict[str, str] = {}  # AddressBook store → why it was last unreadable
 
     def signatures(self) -> dict[str, str]:
@@ -128,6 +129,7 @@ class ContactsSync:
                 log.warning("contacts.failed", person=person.key, reason=reason)
         self.creates.pass_ended()
         self.creates.drop(unanswered)  # found by now, or never made: only this pass's own stay noted
+        self.rebuilding = False
         await asyncio.to_thread(self.store.attach)  # off the loop: a big backlog may wait for these mappings
         self.store.save_signatures(signatures)
         self.store.put("duplicates", [{"kept": kept, "duplicate": other} for kept, other in report.duplicates])
@@ -186,6 +188,8 @@ class ContactsSync:
             survivor = remembered if remembered in real else self._preferred(real)
             if lost is not None:
                 self._own_unanswered_write(survivor, person, index, lost)
+            elif self.rebuilding:
+                self._own_as_written(survivor, person, fields, index)
             report.existing += 1
             await self._follow_edits(survivor, person, fields, index, report, name)
             filed = (self.store.known_contact(survivor) or ("", None))[1]
@@ -424,6 +428,18 @@ class ContactsSync:
         log.warning("contacts.field_left_out", contact_id=contact.get("id"), fields=sorted(refused),
                     reason=_left_out_reason(refused))
         return contact, {k: refused[k] for k in sorted(refused) if k in sent}
+
+    def _own_as_written(self, contact_id: int, person: Person, fields: dict, index: CRMIndex) -> None:
+        """While the state is rebuilt: a contact found for a person that the state does not know (or knows
+        as the placeholder it no longer is) and that holds exactly what crm-syncd writes for their card
+        was crm-syncd's before the state was lost (a new Mac, a backup restored): it is again, so card
+        edits reach it. Only then: a contact another Mac's crm-syncd made looks the same."""
+        current, known = index.by_id[contact_id], self.store.known_contact(contact_id)
+        if (known is None or (known[0] == "placeholder" and not is_placeholder(current))) and not _owner_edited(
+                _present(fields), current) and not _owner_filled(current, _present(fields), "card"):
+            self.store.remember_contact(contact_id, "card", person.key, written=fields, cards=person.unique_ids,
+                                        created_at=current.get("createdAt"), card=fields)
+            log.info("contacts.write_found", contact_id=contact_id)
 
     def _own_unanswered_write(self, contact_id: int, person: Person, index: CRMIndex, lost: dict) -> None:
         """File a contact found for a person as crm-syncd's, with what it sent, when it is exactly what

@@ -155,8 +155,6 @@ class Pusher:
             self._settle(outcomes, report)
             if unsent:
                 self.store.settle(retry=[(item, None) for item in unsent])
-            if (report.delivered or report.twins) and self.store.path is not None:
-                self.store.advance(self.settings.stamp_path)  # a backup from before this pass is now behind
         return report
 
     async def _deliver(self, item: Item, halt: asyncio.Event) -> tuple[str, Item, Any]:
