@@ -198,6 +198,7 @@ MIGRATIONS: dict[int, str] = {
 }
 REREAD = "reread"  # kv: sources whose rows behind the mark are read once more over the lookback window
 INSTANCE, GENERATION = "instance", "generation"  # kv: this state's id, and how many passes wrote to the CRM
+LOOK_FIRST = "look_before_sending"  # kv: after a discontinuity, every item is looked for in the CRM first
 UNRESOLVED = "(state = 'pending' OR state = 'held') AND contact_id IS NULL"  # as outbox_unresolved's WHERE
 UNKNOWN_OUTCOME = "cannot tell whether it reached the CRM"  # a failed item's reason when it may be there
 SCREENED = "screened call (blocked or silenced) from a number without a contact"  # held; makes no placeholder
@@ -933,7 +934,8 @@ class Store:
         """None when this state is the one crm-syncd left last time, as `stamp` recorded it; "behind" when
         it is an older copy (a backup restored over it), "unstamped" when it has delivered items and the
         stamp does not know it (an upgrade from before stamps, another Mac, a cleaned cache): either way the
-        CRM may hold interactions its ledger lacks. The stamp then records the state as it is."""
+        CRM may hold interactions its ledger lacks. The stamp then records the state as it is; "unwritable"
+        when it cannot (then only a state behind a stamp that can still be read is told)."""
         instance = self.get(INSTANCE)
         if instance is None:
             self.put(INSTANCE, instance := uuid.uuid4().hex)
@@ -945,7 +947,8 @@ class Store:
             found = "unstamped" if delivered else None
         if found:
             self.put(GENERATION, generation := max(generation, recorded or 0) + 1)
-        _write_stamp(stamp, instance, generation)
+        if not _write_stamp(stamp, instance, generation) and found != "behind":
+            return "unwritable"
         return found
 
     def advance(self, stamp: Path) -> None:
@@ -955,11 +958,10 @@ class Store:
         self.put(GENERATION, generation, durable=False)
         _write_stamp(stamp, self.get(INSTANCE), generation)
 
-    def doubt_dedupe(self) -> int:
-        """Have every contact not already checked before sends asked again whether the CRM holds
-        IMPORT_IOS interactions the ledger lacks (`dedupe_wanted`); returns how many."""
-        with self.transaction() as tx:
-            return tx.execute("UPDATE contacts SET dedupe = 0, dedupe_ms = 0 WHERE dedupe IS NULL OR dedupe = 0").rowcount
+    def deliverable_left(self) -> bool:
+        """Whether any item waits to be sent with its contact, or is `sending` (one index seek each)."""
+        return self._one("SELECT 1 FROM outbox WHERE state = 'pending' AND contact_id IS NOT NULL LIMIT 1") is not None \
+            or self._one("SELECT 1 FROM outbox WHERE state = 'sending' LIMIT 1") is not None
 
 
 def _read_stamps(stamp: Path) -> dict[str, int]:
@@ -970,9 +972,9 @@ def _read_stamps(stamp: Path) -> dict[str, int]:
     return stamps if isinstance(stamps, dict) else {}
 
 
-def _write_stamp(stamp: Path, instance: str, generation: int) -> None:
+def _write_stamp(stamp: Path, instance: str, generation: int) -> bool:
     """Record a state's generation in the stamp file (one per state database it has seen), whole or not
-    at all. A stamp that cannot be written is left as it was: a later start may then doubt needlessly."""
+    at all; False if it cannot be written."""
     try:
         secure_dir(stamp.parent)
         stamps = {**_read_stamps(stamp), instance: generation}
@@ -980,7 +982,8 @@ def _write_stamp(stamp: Path, instance: str, generation: int) -> None:
         secure_file(fresh).write_text(json.dumps(stamps))
         os.replace(fresh, stamp)
     except OSError:
-        pass
+        return False
+    return True
 
 
 class _Tx:

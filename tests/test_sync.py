@@ -15,7 +15,7 @@ import pytest
 
 from crm_syncd.identity import placeholder_fields
 from tests.conftest import CLI, clean_env
-from tests.harness.citadel import CitadelServer
+from tests.harness.citadel import CitadelServer, Faults
 from tests.harness.library import Library, ago
 from tests.harness.processes import unprivileged
 from tests.harness.statedb import state_db_at
@@ -2273,6 +2273,55 @@ def test_a_state_restored_from_a_backup_sends_nothing_delivered_since_again(
     assert ("state.unstamped" if stamp_lost else "state.restored") in result.stderr, result.output
     assert Counter((i["contactId"], i["type"], i["occurredAt"]) for i in citadel.interactions()) == before
     assert "Messages  synced 2" in result.stdout, result.output  # adopted: in the ledger again
+
+
+def test_a_state_restored_mid_backlog_has_the_older_texts_delivered_since_found_not_sent_again(
+        library: Library, citadel, cli: CLI, home: Path, tmp_path: Path):
+    """A first sync delivers newest first; a CRM outage stops it with the newest 130 of Jane's 150
+    texts in, and Time Machine backs the state up then. The next sync sends the 20 older ones; then
+    the backup is put back. The CRM's 100 newest of Jane's are all in its ledger: the 20 are found anyway."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    for i in range(150):
+        library.text(JANE, at=ago(hours=300 - 2 * i))
+    cli.env["CRM_SYNCD_PUSH_CONCURRENCY"] = "1"
+    citadel.faults = Faults(rate=1.0, kinds=("503",), retry_after=None, after=130,
+                            routes=("/api/contacts/:id/interactions",))
+    assert cli("sync").code == 1
+    citadel.faults = Faults()
+    state = home / "Library" / "Application Support" / "crm-syncd" / "state.db"
+    backup = a_backup_of(state, tmp_path / "state-backup.db")
+    assert len(citadel.interactions_of(JANE)) == 130
+    assert cli("sync").code == 0
+    assert len(citadel.interactions_of(JANE)) == 150
+
+    restore(backup, state)
+    result = cli("sync", "-v")
+
+    assert result.code == 0 and "state.restored" in result.stderr and "push.caught_up" in result.stderr, result.output
+    got = Counter(i["occurredAt"] for i in citadel.interactions_of(JANE))
+    assert sum(got.values()) == 150 and max(got.values()) == 1, result.output
+    again = cli("sync", "-v")
+    assert again.code == 0 and "state.restored" not in again.stderr, again.output
+
+
+def test_a_stamp_that_cannot_be_written_is_named_with_its_fix_and_raises_no_false_alarm(
+        library: Library, citadel, cli: CLI, home: Path):
+    """~/Library/Caches/crm-syncd left as something this user cannot write into."""
+    caches = home / "Library" / "Caches"
+    caches.mkdir(parents=True)
+    (caches / "crm-syncd").write_text("")
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(days=2))
+    outputs = []
+    for hours in (3, 2, 1):
+        library.text(JANE, at=ago(hours=hours))
+        result = cli("sync", "-v")
+        assert result.code == 0, result.output
+        outputs.append(result.stderr)
+
+    assert all("state.stamp_unwritable" in err and str(caches / "crm-syncd") in err for err in outputs)
+    assert not any("state.unstamped" in err or "state.restored" in err for err in outputs)
+    assert len(citadel.interactions_of(JANE)) == 4
 
 
 def a_card_edit(library: Library, card: int) -> None:

@@ -32,7 +32,7 @@ from crm_syncd.identity import Normalizer
 from crm_syncd.logs import get_logger
 from crm_syncd.settings import Settings
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess
-from crm_syncd.store import Store
+from crm_syncd.store import LOOK_FIRST, Store
 
 log = get_logger("crm_syncd.engine")
 
@@ -62,13 +62,19 @@ class Engine:
 
     def check_continuity(self) -> None:
         """Before anything is sent: when the state is not the one crm-syncd left (a backup restored over it,
-        or a stamp lost), every contact is asked whether the CRM holds interactions the ledger lacks
-        (what was delivered after the backup), which are then looked up before any send, not sent again."""
+        or a stamp lost), what the CRM got after the backup is above the state's marks and missing from its
+        ledger. Every item is then looked for in the CRM before it is sent, until a delivery pass leaves
+        nothing deliverable, and the next contacts pass rebuilds what it knows of crm-syncd's contacts."""
         if self.store.path is None:  # a dry run's copy
             return
-        if found := self.store.discontinuity(self.settings.stamp_path):
-            event = "state.restored" if found == "behind" else "state.unstamped"
-            log.warning(event, contacts_to_check=self.store.doubt_dedupe())
+        stamp = self.settings.stamp_path
+        found = self.store.discontinuity(stamp)
+        if found == "unwritable":
+            log.warning("state.stamp_unwritable", path=str(stamp),
+                        fix=f"make {stamp.parent} a folder you can write to, or remove what is in its place")
+        elif found:
+            log.warning("state.restored" if found == "behind" else "state.unstamped")
+            self.store.put(LOOK_FIRST, True)  # until everything then deliverable is in the CRM (`Pusher.push`)
             self.contacts.rebuilding = True  # contacts made since the backup are found, not known
 
     def _advanced(self, wrote: bool) -> None:

@@ -20,7 +20,7 @@ from crm_syncd.engine.reports import PushReport
 from crm_syncd.logs import get_logger
 from crm_syncd.settings import Settings
 from crm_syncd.sources import row_key
-from crm_syncd.store import UNKNOWN_OUTCOME, Item, Store, now_ms
+from crm_syncd.store import LOOK_FIRST, UNKNOWN_OUTCOME, Item, Store, now_ms
 from crm_syncd.watch import wait_event
 
 log = get_logger("crm_syncd.engine")
@@ -63,6 +63,7 @@ class Pusher:
         self._twins_busy: dict[Twins, asyncio.Event] = {}
         self._twins_landed: dict[Twins, int] = {}
         self._twins_unsure: set[Twins] = set()
+        self._look_first = False  # every item is looked for in the CRM before it is sent (a restored state)
         self._backoff_until = 0.0
         self._backoff_since = 0.0  # when the current round of failures began
         self._failures_in_row = 0
@@ -116,6 +117,7 @@ class Pusher:
         self._day_cache.clear()  # another Mac may have written since the last pass: list each day afresh
         self._adopted.clear()  # the last pass's adoptions are in the ledger now, or still `sending` and looked up anew
         self._same_contact.clear()  # a CRM restored from a backup may have given a contact's id to another since
+        self._look_first = self.store.get(LOOK_FIRST, False)
         if not await self._recover(report):
             return report
         workers = [asyncio.create_task(worker()) for _ in range(limit)]
@@ -155,6 +157,9 @@ class Pusher:
             self._settle(outcomes, report)
             if unsent:
                 self.store.settle(retry=[(item, None) for item in unsent])
+        if self._look_first and not self.store.deliverable_left():  # what the state lacked is in its ledger now
+            self.store.put(LOOK_FIRST, False)
+            log.info("push.caught_up", after="a discontinuity of the state")
         return report
 
     async def _deliver(self, item: Item, halt: asyncio.Event) -> tuple[str, Item, Any]:
@@ -192,7 +197,8 @@ class Pusher:
         try:
             if not await self._still_the_contact(item.contact_id):
                 return "vanished", item, None  # its id is another contact's now: forgotten, matched afresh
-            if await dedupe_wanted(self.settings.dedupe_against_crm, self.store, self.crm, item.contact_id):
+            if self._look_first or await dedupe_wanted(self.settings.dedupe_against_crm, self.store, self.crm,
+                                                       item.contact_id):
                 existing = await self._find_in_crm(item)
                 if existing is not None:
                     return "adopted", item, existing

@@ -161,8 +161,8 @@ class Faults:
     (both: the write happens, then half of a 500's body).
 
     Only mutating requests are affected unless `reads`, and only those of `routes` if given (route
-    patterns such as "/api/contacts/:id/interactions"); `limit` caps how many faults fire in total.
-    `retry_after` is the 429's Retry-After header as sent (None: no header).
+    patterns such as "/api/contacts/:id/interactions"); the first `after` of those pass unharmed; `limit`
+    caps how many faults fire in total. `retry_after` is the 429's Retry-After header as sent (None: no header).
     """
 
     rate: float = 0.0
@@ -172,6 +172,7 @@ class Faults:
     reads: bool = False
     hold_s: float = 30.0
     limit: int | None = None
+    after: int = 0
     retry_after: str | None = "1"
     routes: tuple[str, ...] | None = None
     fired: Counter[str] = field(default_factory=Counter)
@@ -182,12 +183,16 @@ class Faults:
             raise ValueError(f"unknown fault kinds: {sorted(unknown)}")
         self._rng = random.Random(self.seed)
         self._lock = threading.Lock()
+        self._passed = 0  # requests let through unharmed before faults begin (`after`)
 
     def pick(self, method: str, route: str = "*") -> str | None:
         if (self.rate <= 0.0 or (not self.reads and method not in _MUTATING)
                 or (self.routes is not None and route not in self.routes)):
             return None
         with self._lock:
+            if self._passed < self.after:
+                self._passed += 1
+                return None
             if self.limit is not None and self.fired.total() >= self.limit:
                 return None
             if self._rng.random() >= self.rate:
