@@ -199,6 +199,7 @@ MIGRATIONS: dict[int, str] = {
 REREAD = "reread"  # kv: sources whose rows behind the mark are read once more over the lookback window
 INSTANCE, GENERATION = "instance", "generation"  # kv: this state's id, and how many passes wrote to the CRM
 LOOK_FIRST = "look_before_sending"  # kv: after a discontinuity, every item is looked for in the CRM first
+# (the sources still to be read to their end; [] once all were, until nothing waits; None: off)
 UNRESOLVED = "(state = 'pending' OR state = 'held') AND contact_id IS NULL"  # as outbox_unresolved's WHERE
 UNKNOWN_OUTCOME = "cannot tell whether it reached the CRM"  # a failed item's reason when it may be there
 SCREENED = "screened call (blocked or silenced) from a number without a contact"  # held; makes no placeholder
@@ -958,10 +959,12 @@ class Store:
         self.put(GENERATION, generation, durable=False)
         _write_stamp(stamp, self.get(INSTANCE), generation)
 
-    def deliverable_left(self) -> bool:
-        """Whether any item waits to be sent with its contact, or is `sending` (one index seek each)."""
-        return self._one("SELECT 1 FROM outbox WHERE state = 'pending' AND contact_id IS NOT NULL LIMIT 1") is not None \
-            or self._one("SELECT 1 FROM outbox WHERE state = 'sending' LIMIT 1") is not None
+    def waiting_left(self) -> bool:
+        """Whether any item waits to be sent, with its contact or for one, or is `sending` (held items, such
+        as screened calls, aside: they may wait for ever). One index seek each."""
+        return any(self._one(f"SELECT 1 FROM outbox WHERE {where} LIMIT 1") is not None for where in (
+            "state = 'pending' AND contact_id IS NOT NULL", f"{UNRESOLVED} AND state = 'pending'",
+            "state = 'sending'"))
 
 
 def _read_stamps(stamp: Path) -> dict[str, int]:
@@ -978,7 +981,7 @@ def _write_stamp(stamp: Path, instance: str, generation: int) -> bool:
     try:
         secure_dir(stamp.parent)
         stamps = {**_read_stamps(stamp), instance: generation}
-        fresh = stamp.with_name(stamp.name + ".new")
+        fresh = stamp.with_name(f"{stamp.name}.{os.getpid()}.new")  # another state's process may write too
         secure_file(fresh).write_text(json.dumps(stamps))
         os.replace(fresh, stamp)
     except OSError:

@@ -1315,6 +1315,42 @@ def test_a_backup_restored_over_state_db_under_the_daemon_and_the_restart_send_n
     assert sum(got.values()) == 2 and max(got.values()) == 1, got
 
 
+def test_a_daemon_that_cannot_read_chat_db_yet_on_a_restored_state_still_looks_up_what_it_lacks(
+        library: Library, citadel, cli: CLI, daemon, home: Path, tmp_path: Path):
+    """Its first start after the restore cannot read chat.db (Full Disk Access being granted again):
+    its first delivery pass, on the calls alone, is not the end of the look-ups."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(days=2))
+    assert cli("sync").code == 0
+    state = home / STATE_DIR / "state.db"
+    backup = tmp_path / "state-backup.db"
+    source, target = sqlite3.connect(state), sqlite3.connect(backup)
+    source.backup(target)
+    source.close()
+    target.close()
+    library.text(JANE, at=ago(hours=5))
+    library.text(JANE, from_me=True, at=ago(hours=4))
+    assert cli("sync").code == 0
+    for extra in ("-wal", "-shm"):
+        Path(f"{state}{extra}").unlink(missing_ok=True)
+    shutil.copyfile(backup, state)
+    os.chmod(library.messages_db, 0)
+
+    d = daemon(prefix=unprivileged())
+    eventually(lambda: d.events("state.restored") and d.events("extract.denied"), what="the start")
+    os.chmod(library.messages_db, 0o644)
+
+    def delivered_after_the_texts_were_read() -> bool:
+        names = [e.get("event") for e in d.events()]
+        read = [i for i, e in enumerate(d.events()) if e.get("event") == "extract.done" and e.get("source") == "messages"]
+        return bool(read) and any(n in ("push.done", "push.caught_up") for n in names[read[0]:])
+    eventually(delivered_after_the_texts_were_read, timeout=60, what="a delivery pass once chat.db is read")
+
+    assert d.stop() == 0
+    got = Counter(i["occurredAt"] for i in citadel.interactions_of(JANE))
+    assert sum(got.values()) == 3 and max(got.values()) == 1, got
+
+
 def test_an_idle_daemon_holds_no_read_transaction_so_apple_can_truncate_its_wal(library: Library, citadel, daemon):
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE)

@@ -2304,6 +2304,49 @@ def test_a_state_restored_mid_backlog_has_the_older_texts_delivered_since_found_
     assert again.code == 0 and "state.restored" not in again.stderr, again.output
 
 
+def test_a_restored_state_read_first_by_sync_days_looks_up_what_it_lacks_at_the_next_whole_read(
+        library: Library, citadel, cli: CLI, home: Path, tmp_path: Path):
+    """A week-old backup is put back, and the first run is `sync --days 1`: Jane's texts of 4 and 3 days
+    ago, delivered after the backup, are above the restored mark but outside that window."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(days=10))
+    assert cli("sync").code == 0
+    state = home / "Library" / "Application Support" / "crm-syncd" / "state.db"
+    backup = a_backup_of(state, tmp_path / "state-backup.db")
+    library.text(JANE, at=ago(days=4))
+    library.text(JANE, from_me=True, at=ago(days=3))
+    assert cli("sync").code == 0
+
+    restore(backup, state)
+    library.text(JANE, at=ago(hours=2))
+    first = cli("sync", "--days", "1", "-v")
+    second = cli("sync", "-v")
+
+    assert first.code == 0 and "state.restored" in first.stderr and "push.caught_up" not in first.stderr, first.output
+    assert second.code == 0 and "push.caught_up" in second.stderr, second.output
+    got = Counter(i["occurredAt"] for i in citadel.interactions_of(JANE))
+    assert sum(got.values()) == 4 and max(got.values()) == 1, second.output
+
+
+def test_after_an_upgrade_a_placeholder_the_owner_renamed_stays_theirs(library: Library, citadel, cli: CLI, home: Path):
+    """A stamp merely missing (the upgrade that brings stamps) lost no state: no contact is taken back."""
+    library.text(BOB, at=ago(days=2))
+    assert cli("sync").code == 0
+    (placeholder,) = citadel.contacts()
+    citadel.update_contact(placeholder["id"], firstName="Bob", lastName="Roe", notes="")  # the owner renames it
+    card = library.card(first="Bob", last="Roe", phones=[BOB])
+    assert cli("sync").code == 0
+    (home / "Library" / "Caches" / "crm-syncd" / "stamps.json").unlink()
+
+    upgraded = cli("sync", "-v")
+    a_card_edit(library, card)
+    result = cli("sync")
+
+    assert upgraded.code == 0 and "state.unstamped" in upgraded.stderr, upgraded.output
+    assert result.code == 0, result.output
+    assert names(citadel)["Bob Roe"]["organization"] is None
+
+
 def test_a_stamp_that_cannot_be_written_is_named_with_its_fix_and_raises_no_false_alarm(
         library: Library, citadel, cli: CLI, home: Path):
     """~/Library/Caches/crm-syncd left as something this user cannot write into."""

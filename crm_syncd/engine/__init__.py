@@ -63,8 +63,9 @@ class Engine:
     def check_continuity(self) -> None:
         """Before anything is sent: when the state is not the one crm-syncd left (a backup restored over it,
         or a stamp lost), what the CRM got after the backup is above the state's marks and missing from its
-        ledger. Every item is then looked for in the CRM before it is sent, until a delivery pass leaves
-        nothing deliverable, and the next contacts pass rebuilds what it knows of crm-syncd's contacts."""
+        ledger. Every item is then looked for in the CRM before it is sent, until every source was read to
+        its end and a delivery pass leaves nothing waiting; after a restore, the next contacts pass also
+        rebuilds what the state knows of crm-syncd's contacts."""
         if self.store.path is None:  # a dry run's copy
             return
         stamp = self.settings.stamp_path
@@ -74,8 +75,9 @@ class Engine:
                         fix=f"make {stamp.parent} a folder you can write to, or remove what is in its place")
         elif found:
             log.warning("state.restored" if found == "behind" else "state.unstamped")
-            self.store.put(LOOK_FIRST, True)  # until everything then deliverable is in the CRM (`Pusher.push`)
-            self.contacts.rebuilding = True  # contacts made since the backup are found, not known
+            self.store.put(LOOK_FIRST, list(SOURCES))  # the sources still to be read to their end (`extract`)
+            # contacts made since the backup are found, not known; a stamp merely missing (an upgrade) lost none
+            self.contacts.rebuilding = found == "behind"
 
     def _advanced(self, wrote: bool) -> None:
         """After a pass that wrote to the CRM: a backup of the state from before it is now behind."""
@@ -116,6 +118,9 @@ class Engine:
                 progress: Callable[[int], None] | None = None) -> SourceReport:
         """Move new rows of one source into the outbox. Blocking; run it off the event loop."""
         report = self.extractor.extract(source, full=full, days=days, progress=progress)
+        if (days is None and not report.error and not self.stopping.is_set()
+                and source in (behind := self.store.get(LOOK_FIRST) or [])):  # read to its end since a discontinuity
+            self.store.put(LOOK_FIRST, [s for s in behind if s != source])
         if report.added:
             self.pusher.fresh_items = True  # a push pass under way gives them a contact, if they need one
         return report

@@ -117,7 +117,7 @@ class Pusher:
         self._day_cache.clear()  # another Mac may have written since the last pass: list each day afresh
         self._adopted.clear()  # the last pass's adoptions are in the ledger now, or still `sending` and looked up anew
         self._same_contact.clear()  # a CRM restored from a backup may have given a contact's id to another since
-        self._look_first = self.store.get(LOOK_FIRST, False)
+        self._look_first = self.store.get(LOOK_FIRST) is not None
         if not await self._recover(report):
             return report
         workers = [asyncio.create_task(worker()) for _ in range(limit)]
@@ -157,8 +157,9 @@ class Pusher:
             self._settle(outcomes, report)
             if unsent:
                 self.store.settle(retry=[(item, None) for item in unsent])
-        if self._look_first and not self.store.deliverable_left():  # what the state lacked is in its ledger now
-            self.store.put(LOOK_FIRST, False)
+        # every source read to its end since, and nothing waits: what the state lacked is in its ledger now
+        if self._look_first and self.store.get(LOOK_FIRST) == [] and not self.store.waiting_left():
+            self.store.put(LOOK_FIRST, None)
             log.info("push.caught_up", after="a discontinuity of the state")
         return report
 
