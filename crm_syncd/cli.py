@@ -385,6 +385,10 @@ def _print_status(doc: dict) -> None:
         out.print(f"  [yellow]! contact[/] {note['name']}: {note['reason']}")
     for pair in doc["duplicates"][:5]:
         out.print(f"[yellow]possible duplicate:[/] CRM contact {pair['duplicate']} looks like {pair['kept']}")
+    if (looking := doc["looking_up_before_sending"]) is not None:
+        still = f"; still to be read to their end: {', '.join(looking)}" if looking else ""
+        out.print("[yellow]after a restored state:[/] each item is looked for in the CRM before it is sent, "
+                  f"until what the state lacked is delivered{still}")
     if doc["last_error"] and doc["health"] != "healthy":  # once healthy, whatever it was is overcome
         age = doc["last_error_age_s"]
         out.print(f"last error{'' if age is None else f' {age}s ago'}: {doc['last_error']}")

@@ -20,7 +20,7 @@ from crm_syncd.sources import AHEAD, contacts as contacts_source
 from crm_syncd.sources.calls import CallsReader
 from crm_syncd.sources.messages import MessagesReader
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError, SourceMissing
-from crm_syncd.store import Store, now_ms
+from crm_syncd.store import LOOK_FIRST, Store, now_ms
 
 HEALTHY, DEGRADED, NOT_RUNNING = 0, 1, 3
 STALL_MS = 180_000  # rows waiting and the mark unmoved this long: the lag is growing
@@ -118,6 +118,7 @@ def gather(settings: Settings) -> dict[str, Any]:
         duplicates = store.get("duplicates", []) if store else []
         contacts_synced = store.get(CONTACTS_SYNCED) if store else None
         contacts_problems = (store.get(CONTACTS_PROBLEMS) if store else None) or {}
+        looking = store.get(LOOK_FIRST) if store else None
     finally:
         if store:
             store.close()
@@ -173,6 +174,9 @@ def gather(settings: Settings) -> dict[str, Any]:
                 "daemon_reachable": beat.get("crm_reachable") if running else None,
                 "daemon_failure": beat.get("crm_failure") if running else None},
         "duplicates": duplicates,  # CRM contacts that look like one person but were left alone
+        # after a restored (or unstamped) state: the sources still to be read to their end, [] once all
+        # were; None when every item goes out without a look in the CRM first (the usual)
+        "looking_up_before_sending": looking,
         "last_error": beat.get("last_error"),  # the latest, even if since overcome: see its age
         "last_error_age_s": round((now - beat["last_error_ms"]) / 1000) if beat.get("last_error_ms") else None,
     }

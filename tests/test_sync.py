@@ -2320,10 +2320,14 @@ def test_a_restored_state_read_first_by_sync_days_looks_up_what_it_lacks_at_the_
     restore(backup, state)
     library.text(JANE, at=ago(hours=2))
     first = cli("sync", "--days", "1", "-v")
+    between = cli("status", "--json"), cli("status")
     second = cli("sync", "-v")
 
     assert first.code == 0 and "state.restored" in first.stderr and "push.caught_up" not in first.stderr, first.output
+    assert json.loads(between[0].stdout)["looking_up_before_sending"] == ["messages", "calls"], between[0].output
+    assert "after a restored state: each item is looked for in the CRM" in between[1].stdout, between[1].output
     assert second.code == 0 and "push.caught_up" in second.stderr, second.output
+    assert json.loads(cli("status", "--json").stdout)["looking_up_before_sending"] is None
     got = Counter(i["occurredAt"] for i in citadel.interactions_of(JANE))
     assert sum(got.values()) == 4 and max(got.values()) == 1, second.output
 
