@@ -200,6 +200,7 @@ REREAD = "reread"  # kv: sources whose rows behind the mark are read once more o
 INSTANCE, GENERATION = "instance", "generation"  # kv: this state's id, and how many passes wrote to the CRM
 LOOK_FIRST = "look_before_sending"  # kv: after a discontinuity, every item is looked for in the CRM first
 # (the sources still to be read to their end; [] once all were, until nothing waits; None: off)
+REBUILD = "rebuild_contacts"  # kv: the next contacts pass finds crm-syncd's own contacts again (a lost state)
 UNRESOLVED = "(state = 'pending' OR state = 'held') AND contact_id IS NULL"  # as outbox_unresolved's WHERE
 UNKNOWN_OUTCOME = "cannot tell whether it reached the CRM"  # a failed item's reason when it may be there
 SCREENED = "screened call (blocked or silenced) from a number without a contact"  # held; makes no placeholder
@@ -958,6 +959,14 @@ class Store:
         generation = self.get(GENERATION, 0) + 1
         self.put(GENERATION, generation, durable=False)
         _write_stamp(stamp, self.get(INSTANCE), generation)
+
+    def doubt_failed(self) -> int:
+        """Failed items may have been retried and delivered since (a restored state): `retry-failed` looks
+        each up before it is sent again, as it does those whose outcome is unknown. Returns how many."""
+        with self.transaction() as tx:
+            return tx.execute("UPDATE outbox SET reason = ? || ' (before the state was restored): ' || "
+                              "COALESCE(reason, '') WHERE state = 'failed' AND COALESCE(reason, '') NOT LIKE ? || '%'",
+                              (UNKNOWN_OUTCOME, UNKNOWN_OUTCOME)).rowcount
 
     def waiting_left(self) -> bool:
         """Whether any item waits to be sent, with its contact or for one, or is `sending` (held items, such

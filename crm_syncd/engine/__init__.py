@@ -32,7 +32,7 @@ from crm_syncd.identity import Normalizer
 from crm_syncd.logs import get_logger
 from crm_syncd.settings import Settings
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess
-from crm_syncd.store import LOOK_FIRST, Store
+from crm_syncd.store import LOOK_FIRST, REBUILD, Store
 
 log = get_logger("crm_syncd.engine")
 
@@ -53,7 +53,8 @@ class Engine:
         owner = OwnAddresses(store, normalize)
         creates = Creates(settings, store, crm)
         self.contacts = ContactsSync(settings, store, crm, normalize, owner, creates)
-        self.contacts.rebuilding = rebuild
+        if rebuild:
+            store.put(REBUILD, True)
         self.extractor = Extractor(settings, store, normalize, owner, self.stopping)
         self.placeholders = Placeholders(settings, store, crm, normalize, creates, known_only=known_only)
         self.pusher = Pusher(settings, store, crm, self._refresh_contacts, self._resolve_fresh)
@@ -76,8 +77,9 @@ class Engine:
         elif found:
             log.warning("state.restored" if found == "behind" else "state.unstamped")
             self.store.put(LOOK_FIRST, list(SOURCES))  # the sources still to be read to their end (`extract`)
-            # contacts made since the backup are found, not known; a stamp merely missing (an upgrade) lost none
-            self.contacts.rebuilding = found == "behind"
+            if found == "behind":  # a stamp merely missing (as at an upgrade) lost nothing of the state
+                self.store.doubt_failed()  # one may have been retried and delivered since: looked up first
+                self.store.put(REBUILD, True)  # contacts made since the backup are found, not known
 
     def _advanced(self, wrote: bool) -> None:
         """After a pass that wrote to the CRM: a backup of the state from before it is now behind."""
@@ -119,6 +121,7 @@ class Engine:
         """Move new rows of one source into the outbox. Blocking; run it off the event loop."""
         report = self.extractor.extract(source, full=full, days=days, progress=progress)
         if (days is None and not report.error and not self.stopping.is_set()
+                and not (report.missing and self.store.mark(source))  # gone for now: back later, unread
                 and source in (behind := self.store.get(LOOK_FIRST) or [])):  # read to its end since a discontinuity
             self.store.put(LOOK_FIRST, [s for s in behind if s != source])
         if report.added:

@@ -26,7 +26,7 @@ from crm_syncd.logs import get_logger, mask_text
 from crm_syncd.settings import Settings
 from crm_syncd.sources import Card, contacts as contacts_source, sqlite
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError, SourceMissing
-from crm_syncd.store import Store, now_ms
+from crm_syncd.store import REBUILD, Store, now_ms
 
 log = get_logger("crm_syncd.engine")
 
@@ -48,7 +48,6 @@ class ContactsSync:
         self.owner = owner
         self.creates = creates
         self._cards: dict[str, list[Card]] = {}  # AddressBook store → its cards, as last read
-        self.rebuilding = False  # the state is rebuilt (`--reconcile`, a restored state): until a pass ends
         self._store_errors: dict[str, str] = {}  # AddressBook store → why it was last unreadable
 
     def signatures(self) -> dict[str, str]:
@@ -98,6 +97,7 @@ class ContactsSync:
             return report  # only stores that failed again: nothing new for the CRM, so no listing of it
 
         people = merge_cards([c for cards in self._cards.values() for c in cards], self.normalize)
+        rebuilding = self.store.get(REBUILD, False)  # the state is rebuilt: `--reconcile`, a restored state
         report.cards = sum(len(c) for c in self._cards.values())
         await self.creates.landed()
         crm_contacts = await self.crm.list_contacts()
@@ -120,7 +120,7 @@ class ContactsSync:
         self._give_back_by_name(people, fields, index)
         for person in sorted(people, key=lambda p: p.key):
             try:
-                await self._apply_person(person, fields[person.key], index, report, live, unanswered)
+                await self._apply_person(person, fields[person.key], index, report, live, unanswered, rebuilding)
             except (crmlib.Rejected, crmlib.Ambiguous, crmlib.NotFound, crmlib.BadResponse) as exc:
                 # about this person (a 422, a 500 that Citadel gives many bad requests, a contact deleted
                 # meanwhile): the others go on. A write that did land is found by the next pass's listing.
@@ -129,7 +129,8 @@ class ContactsSync:
                 log.warning("contacts.failed", person=person.key, reason=reason)
         self.creates.pass_ended()
         self.creates.drop(unanswered)  # found by now, or never made: only this pass's own stay noted
-        self.rebuilding = False
+        if rebuilding:
+            self.store.put(REBUILD, False)
         await asyncio.to_thread(self.store.attach)  # off the loop: a big backlog may wait for these mappings
         self.store.save_signatures(signatures)
         self.store.put("duplicates", [{"kept": kept, "duplicate": other} for kept, other in report.duplicates])
@@ -142,12 +143,13 @@ class ContactsSync:
         return report
 
     async def _apply_person(self, person: Person, fields: dict, index: CRMIndex, report: ContactsReport,
-                            live: set[str], unanswered: list[dict]) -> None:
+                            live: set[str], unanswered: list[dict], rebuilding: bool) -> None:
         """Match, create or promote the person's contact, follow card edits, fold in duplicates.
 
         A contact remembered for another person of this address book (`live` keys) is theirs: a number
         moved from their card to this one moves alone, whichever person comes first. `unanswered`: the
-        creates earlier passes sent without an answer (`_own_unanswered_write`).
+        creates earlier passes sent without an answer (`_own_unanswered_write`). `rebuilding`: the state is
+        rebuilt, and finds again the contacts crm-syncd made before it was lost (`_own_as_written`).
         """
         name = f"{fields['firstName']} {fields['lastName']}"
         candidates = self._unclaimed(index.for_person(person, fields), person, fields, live, index)
@@ -188,7 +190,7 @@ class ContactsSync:
             survivor = remembered if remembered in real else self._preferred(real)
             if lost is not None:
                 self._own_unanswered_write(survivor, person, index, lost)
-            elif self.rebuilding:
+            elif rebuilding:
                 self._own_as_written(survivor, person, fields, index)
             report.existing += 1
             await self._follow_edits(survivor, person, fields, index, report, name)
