@@ -40,6 +40,7 @@ from tests.harness.chatdb import ChatDB
 from tests.harness.citadel import Faults
 from tests.harness.library import Library, ago
 from tests.harness.processes import eventually, unprivileged
+from tests.harness.statedb import a_backup_of, restore
 from tests.test_wake import until
 
 JANE = "+16135550111"
@@ -1294,17 +1295,13 @@ def test_a_backup_restored_over_state_db_under_the_daemon_and_the_restart_send_n
     d = daemon()
     eventually(lambda: len(citadel.interactions_of(JANE)) == 1, what="the first message")
     state = home / STATE_DIR / "state.db"
-    backup = tmp_path / "state-backup.db"
-    source, target = sqlite3.connect(state), sqlite3.connect(backup)
-    source.backup(target)
-    source.close()
-    target.close()
+    backup = a_backup_of(state, tmp_path / "state-backup.db")
     library.text(JANE, at=ago(minutes=2))
     eventually(lambda: len(citadel.interactions_of(JANE)) == 2, what="the second message")
 
     for extra in ("-wal", "-shm"):
         Path(f"{state}{extra}").unlink(missing_ok=True)
-    os.replace(shutil.copyfile(backup, state.with_name("state.db.restored")), state)
+    os.replace(shutil.copyfile(backup, state.with_name("state.db.restored")), state)  # as one file, at once
     eventually(lambda: d.proc.poll() is not None, timeout=20, what="the daemon to notice and stop")
     again = daemon()
 
@@ -1323,17 +1320,11 @@ def test_a_daemon_that_cannot_read_chat_db_yet_on_a_restored_state_still_looks_u
     library.text(JANE, at=ago(days=2))
     assert cli("sync").code == 0
     state = home / STATE_DIR / "state.db"
-    backup = tmp_path / "state-backup.db"
-    source, target = sqlite3.connect(state), sqlite3.connect(backup)
-    source.backup(target)
-    source.close()
-    target.close()
+    backup = a_backup_of(state, tmp_path / "state-backup.db")
     library.text(JANE, at=ago(hours=5))
     library.text(JANE, from_me=True, at=ago(hours=4))
     assert cli("sync").code == 0
-    for extra in ("-wal", "-shm"):
-        Path(f"{state}{extra}").unlink(missing_ok=True)
-    shutil.copyfile(backup, state)
+    restore(backup, state)
     os.chmod(library.messages_db, 0)
 
     d = daemon(prefix=unprivileged())

@@ -13,7 +13,8 @@ import pytest
 from tests.conftest import CLI
 from tests.harness.citadel import Faults
 from tests.harness.library import Library, ago
-from tests.test_sync import BOB, CAROL, JANE, a_backup_of, a_card_edit, names, restore
+from tests.harness.statedb import a_backup_of, restore
+from tests.test_sync import BOB, CAROL, JANE, a_card_edit, names
 
 
 def _state(home: Path) -> Path:

@@ -18,7 +18,7 @@ from tests.conftest import CLI, clean_env
 from tests.harness.citadel import CitadelServer, Faults
 from tests.harness.library import Library, ago
 from tests.harness.processes import unprivileged
-from tests.harness.statedb import state_db_at
+from tests.harness.statedb import a_backup_of, restore, state_db_at
 
 JANE = "+16135550111"
 BOB = "+19025550122"
@@ -2226,21 +2226,6 @@ def test_api_url_pointed_at_another_crm_never_takes_its_contacts_for_the_ones_cr
         assert other.interactions(jane_before) == []
         jane = {f"{c['firstName']} {c['lastName']}": c for c in other.contacts()}["Jane Doe"]
         assert [i["type"] for i in other.interactions(jane["id"])] == ["TEXT_INBOUND"]
-
-
-def a_backup_of(state: Path, to: Path) -> Path:
-    """A consistent copy of the state database, as a Time Machine snapshot holds it."""
-    source, target = sqlite3.connect(state), sqlite3.connect(to)
-    source.backup(target)
-    source.close()
-    target.close()
-    return to
-
-
-def restore(backup: Path, state: Path) -> None:
-    for extra in ("-wal", "-shm"):
-        Path(f"{state}{extra}").unlink(missing_ok=True)
-    shutil.copyfile(backup, state)
 
 
 @pytest.mark.parametrize(("first_since_backup", "stamp_lost"), [(True, False), (False, False), (False, True)],

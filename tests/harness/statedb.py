@@ -1,7 +1,8 @@
-"""crm-syncd state databases as older versions left them, for migration tests."""
+"""crm-syncd state databases as older versions left them (migration tests), and as a backup holds them."""
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -16,3 +17,19 @@ def state_db_at(path: Path, version: int) -> sqlite3.Connection:
     conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
     conn.execute(f"PRAGMA user_version = {version}")
     return conn
+
+
+def a_backup_of(state: Path, to: Path) -> Path:
+    """A consistent copy of the state database, as a Time Machine snapshot holds it."""
+    source, target = sqlite3.connect(state), sqlite3.connect(to)
+    source.backup(target)
+    source.close()
+    target.close()
+    return to
+
+
+def restore(backup: Path, state: Path) -> None:
+    """Put a backup back in the state database's place (without the -wal and -shm beside it)."""
+    for extra in ("-wal", "-shm"):
+        Path(f"{state}{extra}").unlink(missing_ok=True)
+    shutil.copyfile(backup, state)
