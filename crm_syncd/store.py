@@ -954,10 +954,11 @@ class Store:
         return found
 
     def advance(self, stamp: Path) -> None:
-        """Count a pass that wrote to the CRM, here and in `stamp` (not fsynced: a count lost to a power cut
-        only makes the next start look the CRM over once more)."""
+        """Count a pass that wrote to the CRM, here (durably: one fsync a pass) and then in `stamp`. In that
+        order a crash or a power cut between the two leaves the state ahead of its stamp, never behind it
+        (which would be taken for a restore)."""
         generation = self.get(GENERATION, 0) + 1
-        self.put(GENERATION, generation, durable=False)
+        self.put(GENERATION, generation)
         _write_stamp(stamp, self.get(INSTANCE), generation)
 
     def doubt_failed(self) -> int:
