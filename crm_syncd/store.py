@@ -308,6 +308,7 @@ class Store:
 
     def __init__(self, path: Path | str, *, migrate: bool = True) -> None:
         self.path = Path(path) if path != ":memory:" else None
+        self.in_memory = path == ":memory:"  # a dry run's copy too (which names its file): leaves no trace
         self._lock = threading.RLock()
         self._conn = self._open(path)
         self._unattached = True  # a mapping may have been made just before the last process stopped
@@ -937,7 +938,10 @@ class Store:
         it is an older copy (a backup restored over it), "unstamped" when it has delivered items and the
         stamp does not know it (an upgrade from before stamps, another Mac, a cleaned cache): either way the
         CRM may hold interactions its ledger lacks. The stamp then records the state as it is; "unwritable"
-        when it cannot (then only a state behind a stamp that can still be read is told)."""
+        when it cannot (then only a state behind a stamp that can still be read is told). An in-memory
+        state (a dry run's copy) neither reads nor writes the stamp."""
+        if self.in_memory:
+            return None
         instance = self.get(INSTANCE)
         if instance is None:
             self.put(INSTANCE, instance := uuid.uuid4().hex)
@@ -957,6 +961,8 @@ class Store:
         """Count a pass that wrote to the CRM, here (durably: one fsync a pass) and then in `stamp`. In that
         order a crash or a power cut between the two leaves the state ahead of its stamp, never behind it
         (which would be taken for a restore)."""
+        if self.in_memory:
+            return
         generation = self.get(GENERATION, 0) + 1
         self.put(GENERATION, generation)
         _write_stamp(stamp, self.get(INSTANCE), generation)

@@ -3,6 +3,7 @@ a contacts pass, failed items retried after the backup (the first cases are in t
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 from datetime import timezone
@@ -111,3 +112,42 @@ def test_a_failed_text_retried_after_the_backup_is_not_sent_again_by_retry_faile
 
     got = Counter(i["occurredAt"] for i in citadel.interactions_of(JANE))
     assert sum(got.values()) == 2 and max(got.values()) == 1, (got, after.output, result.output)
+
+
+# -- no restore at all: a preview leaves no trace --------------------------------------------------
+
+
+def _stamps(home: Path) -> str:
+    return (home / "Library" / "Caches" / "crm-syncd" / "stamps.json").read_text()
+
+
+def test_a_dry_run_neither_reads_nor_writes_the_stamp_so_the_next_sync_sees_no_restore(
+        library: Library, citadel, cli: CLI, home: Path):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    at = ago(days=3)
+    library.text(JANE, at=at)
+    citadel.reject_interactions_at = {at.astimezone(timezone.utc).date().isoformat()}  # kept as failed, 422
+    assert cli("sync").code == 1
+    stamps = _stamps(home)
+    library.text(JANE, at=ago(hours=1))  # something new to preview
+
+    preview = cli("sync", "--dry-run")
+    real = cli("sync", "-v")
+
+    assert preview.code == 0 and _stamps(home) != stamps, preview.output  # moved by the real sync only
+    assert real.code == 0 and "state.restored" not in real.stderr and "state.unstamped" not in real.stderr
+    (failure,) = json.loads(cli("status", "--json").stdout)["outbox"]["failures"]
+    assert failure["reason"].startswith("422") or "Rejected" in failure["reason"], failure
+
+
+def test_a_dry_run_after_the_upgrade_that_brings_stamps_leaves_the_state_unstamped_not_restored(
+        library: Library, citadel, cli: CLI, home: Path):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(days=2))
+    assert cli("sync").code == 0
+    (home / "Library" / "Caches" / "crm-syncd" / "stamps.json").unlink()  # as before stamps existed
+
+    assert cli("sync", "--dry-run").code == 0
+    real = cli("sync", "-v")
+
+    assert "state.unstamped" in real.stderr and "state.restored" not in real.stderr, real.stderr[-1500:]

@@ -67,8 +67,6 @@ class Engine:
         ledger. Every item is then looked for in the CRM before it is sent, until every source was read to
         its end and a delivery pass leaves nothing waiting; after a restore, the next contacts pass also
         rebuilds what the state knows of crm-syncd's contacts."""
-        if self.store.path is None:  # a dry run's copy
-            return
         stamp = self.settings.stamp_path
         found = self.store.discontinuity(stamp)
         if found == "unwritable":
@@ -83,7 +81,7 @@ class Engine:
 
     def _advanced(self, wrote: bool) -> None:
         """After a pass that wrote to the CRM: a backup of the state from before it is now behind."""
-        if wrote and self.store.path is not None:
+        if wrote:
             self.store.advance(self.settings.stamp_path)
 
     # -- 1. contacts ----------------------------------------------------------------------
