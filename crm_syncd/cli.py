@@ -152,14 +152,14 @@ async def _sync_async(settings: Settings, store: Store, *, contacts_only: bool, 
     async with crmlib.CitadelClient(settings.api_url, settings.api_key_value, timeout=settings.request_timeout_s,
                                     max_connections=settings.push_concurrency) as client:
         crm = crmlib.DryRun(client) if dry_run else client
-        engine = Engine(settings, store, crm, known_only=known_only, rebuild=rebuild)
+        engine = Engine(settings, store, crm, known_only=known_only)
         contacts: ContactsReport | None = None
         sources: list[SourceReport] = []
         push: PushReport | None = None
         placeholders = PlaceholdersReport()
         crm_error: crmlib.CRMError | None = None
         with owner_errors():
-            engine.check_continuity()
+            engine.check_continuity(rebuild=rebuild)
             if not interactions_only:
                 try:
                     contacts = await engine.sync_contacts()

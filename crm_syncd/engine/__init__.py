@@ -44,7 +44,7 @@ class Engine:
     """The four steps over one state store and one CRM client."""
 
     def __init__(self, settings: Settings, store: Store, crm: crmlib.CitadelClient, *,
-                 known_only: bool = False, rebuild: bool = False) -> None:
+                 known_only: bool = False) -> None:
         self.settings = settings
         self.store = store
         self.crm = crm
@@ -53,20 +53,20 @@ class Engine:
         owner = OwnAddresses(store, normalize)
         creates = Creates(settings, store, crm)
         self.contacts = ContactsSync(settings, store, crm, normalize, owner, creates)
-        if rebuild:
-            store.put(REBUILD, True)
         self.extractor = Extractor(settings, store, normalize, owner, self.stopping)
         self.placeholders = Placeholders(settings, store, crm, normalize, creates, known_only=known_only)
         self.pusher = Pusher(settings, store, crm, self._refresh_contacts, self._resolve_fresh)
         self.readers = self.extractor.readers
         self._contacts_lock = asyncio.Lock()
 
-    def check_continuity(self) -> None:
+    def check_continuity(self, *, rebuild: bool = False) -> None:
         """Before anything is sent: when the state is not the one crm-syncd left (a backup restored over it,
         or a stamp lost), what the CRM got after the backup is above the state's marks and missing from its
         ledger. Every item is then looked for in the CRM before it is sent, until every source was read to
         its end and a delivery pass leaves nothing waiting; after a restore, the next contacts pass also
-        rebuilds what the state knows of crm-syncd's contacts."""
+        rebuilds what the state knows of crm-syncd's contacts, as it does when `rebuild` (`--reconcile`)."""
+        if rebuild:
+            self.store.put(REBUILD, True)
         stamp = self.settings.stamp_path
         found = self.store.discontinuity(stamp)
         if found == "unwritable":

@@ -439,9 +439,7 @@ class ContactsSync:
         current, known = index.by_id[contact_id], self.store.known_contact(contact_id)
         if (known is None or (known[0] == "placeholder" and not is_placeholder(current))) and not _owner_edited(
                 _present(fields), current) and not _owner_filled(current, _present(fields), "card"):
-            self.store.remember_contact(contact_id, "card", person.key, written=fields, cards=person.unique_ids,
-                                        created_at=current.get("createdAt"), card=fields)
-            log.info("contacts.write_found", contact_id=contact_id)
+            self._file_as_written(contact_id, person, current, fields, fields)
 
     def _own_unanswered_write(self, contact_id: int, person: Person, index: CRMIndex, lost: dict) -> None:
         """File a contact found for a person as crm-syncd's, with what it sent, when it is exactly what
@@ -451,10 +449,13 @@ class ContactsSync:
             return
         known = self.store.known_contact(contact_id)
         if known is None or (known[0] == "crm" and known[2] is None) or known[0] == "placeholder":
-            self.store.remember_contact(contact_id, "card", person.key, written=lost["fields"],
-                                        cards=person.unique_ids, created_at=current.get("createdAt"),
-                                        card=lost.get("card", lost["fields"]))
-            log.info("contacts.write_found", contact_id=contact_id)
+            self._file_as_written(contact_id, person, current, lost["fields"], lost.get("card", lost["fields"]))
+
+    def _file_as_written(self, contact_id: int, person: Person, current: dict, written: dict, card: dict) -> None:
+        """Know a contact found in the CRM as crm-syncd's for `person`, holding `written` from `card`."""
+        self.store.remember_contact(contact_id, "card", person.key, written=written, cards=person.unique_ids,
+                                    created_at=current.get("createdAt"), card=card)
+        log.info("contacts.write_found", contact_id=contact_id)
 
 
 class CRMIndex:
