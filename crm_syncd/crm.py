@@ -498,9 +498,11 @@ class DryRun:
     async def create_contact(self, fields: dict[str, Any]) -> dict[str, Any]:
         return self._fake(fields)
 
+    async def get_contact(self, contact_id: int) -> dict[str, Any]:
+        return await self.real.get_contact(contact_id) if contact_id > 0 else {"id": contact_id}  # a pretend one
+
     async def update_contact(self, contact_id: int, fields: dict[str, Any]) -> dict[str, Any]:
-        current = await self.real.get_contact(contact_id) if contact_id > 0 else {}
-        return {**current, **fields, "id": contact_id}
+        return {**await self.get_contact(contact_id), **fields, "id": contact_id}
 
     async def delete_contact(self, contact_id: int) -> None:
         return None

@@ -746,12 +746,20 @@ class Store:
                 if c not in listed or (created is not None and listed[c] is not None and created != listed[c])]
         for contact_id in gone:
             self.forget_contact(contact_id)
-        if unrecorded := [(c, listed[c], now_ms()) for c, created in known.items()
-                          if created is None and c not in gone and listed[c] is not None]:
+        self.note_created(listed)
+        return gone
+
+    def note_created(self, listed: Mapping[int, str | None]) -> None:
+        """Record when the CRM made each contact crm-syncd knows (mapped or remembered) and has no time for,
+        from the listing its addresses were just mapped by: a contact found in the CRM is then told from
+        another given its id later (a CRM reset on the same address) as one crm-syncd made is."""
+        unrecorded = [(c, listed[c], now_ms()) for (c,) in self._all(
+            "SELECT contact_id FROM handles UNION SELECT contact_id FROM contacts "
+            "EXCEPT SELECT contact_id FROM contacts WHERE created_at IS NOT NULL") if listed.get(c) is not None]
+        if unrecorded:
             with self.transaction() as tx:
                 tx.conn.executemany("INSERT INTO contacts (contact_id, origin, created_at, updated_ms) VALUES (?, 'crm', ?, ?) "
                                     "ON CONFLICT(contact_id) DO UPDATE SET created_at = excluded.created_at", unrecorded)
-        return gone
 
     def dedupe_flag(self, contact_id: int) -> tuple[bool, int] | None:
         """Whether this contact's interactions must be checked in the CRM before creating, and when that

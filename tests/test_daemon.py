@@ -1375,3 +1375,24 @@ def test_a_crm_restored_under_the_running_daemon_never_gets_a_persons_text_filed
                what="her second text on a contact of hers")
     assert d.stop() == 0
     assert citadel.interactions(jane_before) == []
+
+
+def test_a_crm_installed_afresh_under_the_running_daemon_never_gets_a_persons_text_filed_on_the_owners_new_contact(
+        library: Library, citadel, daemon):
+    """Jane's card found the contact the owner typed for her; Citadel is installed afresh on the same
+    address and the owner's first contact there, Bob, gets her id. Her next text reaches a contact of hers."""
+    empty = citadel.backup()
+    hers = citadel.add_contact(firstName="Jane", lastName="Doe", phone="(613) 555-0111")
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=2))
+    d = daemon()
+    eventually(lambda: len(citadel.interactions(hers)) == 1, what="her first text")
+    citadel.restore(empty)
+    assert citadel.add_contact(firstName="Bob", lastName="Smith", phone="+19025550122") == hers
+
+    library.text(JANE, at=ago(minutes=1))
+
+    eventually(lambda: any(c["firstName"] == "Jane" and citadel.interactions(c["id"]) for c in citadel.contacts()),
+               what="her second text on a contact of hers")
+    assert d.stop() == 0
+    assert citadel.interactions(hers) == []

@@ -103,7 +103,8 @@ class ContactsSync:
         crm_contacts = await self.crm.list_contacts()
         unanswered = self.creates.unanswered()  # creates that may have landed: listed now if they did
         index = CRMIndex(crm_contacts, self.normalize)
-        self.store.prune_contacts({c: contact.get("createdAt") for c, contact in index.by_id.items()})
+        created = {c: contact.get("createdAt") for c, contact in index.by_id.items()}
+        self.store.prune_contacts(created)
         # every address a placeholder serves: made for it, or found for it after an answer was lost
         index.placeholder_of = {a: c for a, c in sorted(self.store.addresses_of().items())
                                 if c in index.by_id and is_placeholder(index.by_id[c])}
@@ -127,6 +128,7 @@ class ContactsSync:
                 reason = exc.reason if isinstance(exc, crmlib.Rejected) else exc.message
                 report.failed.append((fields[person.key]["firstName"] or person.key, reason))
                 log.warning("contacts.failed", person=person.key, reason=reason)
+        self.store.note_created(created)  # of the contacts this pass found for a card or an address
         self.creates.pass_ended()
         self.creates.drop(unanswered)  # found by now, or never made: only this pass's own stay noted
         if rebuilding:

@@ -65,6 +65,7 @@ class Placeholders:
                     self.store.remember_contact(existing["id"], "placeholder", f"placeholder:{primary}")
                     origin = "placeholder"  # of the whole group: a card holding any of them promotes it
                 self.store.map_addresses(group, existing["id"], origin)
+                self.store.note_created({existing["id"]: existing.get("createdAt")})
                 continue
             fields = placeholder_fields(primary)
             name = f"{fields['firstName']} {fields['lastName']}"

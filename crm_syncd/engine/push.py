@@ -239,10 +239,10 @@ class Pusher:
 
     async def _made_when_known(self, contact_id: int) -> bool:
         recorded = self.store.created_at(contact_id)
-        if recorded is None:
-            return True
         made = (await self.crm.get_contact(contact_id)).get("createdAt")
-        if made not in (None, recorded):
+        if recorded is None:  # mapped by a version that did not record it: from now on
+            self.store.note_created({contact_id: made})
+        elif made not in (None, recorded):
             log.warning("push.contact_replaced", contact_id=contact_id)
             return False
         return True
