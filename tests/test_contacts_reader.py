@@ -204,7 +204,7 @@ def test_me_card_is_not_a_card_but_its_addresses_are_the_users_own(folder, legac
     db.commit()
     snapshot = read_contacts(folder)
     assert [c.first for c in snapshot.cards] == ["Friend"]
-    assert snapshot.own_addresses == {"+1 (555) 010-0100", "me@example.com"}
+    assert snapshot.own_addresses == {("+1 (555) 010-0100", None), ("me@example.com", None)}
     db.close()
 
 

@@ -875,6 +875,22 @@ def test_a_card_number_typed_without_its_country_code_is_read_in_the_country_con
     assert kinds(citadel, "Alice Hill") == {"TEXT_INBOUND": 1}
 
 
+def test_the_me_cards_number_typed_without_its_country_code_is_the_owners_own_in_the_country_contacts_recorded(
+        library: Library, citadel, cli: CLI):
+    """A UK owner on a Mac left in the US region: notes to self and voicemail calls are nobody's."""
+    library.card(first="Owner", last="Self", phones=[("07700 900123", "Mobile", True, "gb")], me=True)
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text("+447700900123", from_me=True, at=ago(hours=2))
+    library.call("+447700900123", iso_country="gb", originated=True, duration=3, at=ago(hours=1))
+    library.text(JANE)
+
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert [f"{c['firstName']} {c['lastName']}" for c in citadel.contacts()] == ["Jane Doe"]
+    assert result.stdout.count("own-address 1") == 2  # the note to self, and the call
+
+
 def test_a_call_number_without_its_country_code_is_read_in_the_country_the_call_history_recorded(
         library: Library, citadel, cli: CLI):
     """The Mac's region is the US; calls made in the UK synced from the iPhone keep UK numbers as dialled."""

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterable
 
 from crm_syncd.identity import Normalizer
+from crm_syncd.sources.contacts import OwnAddress
 from crm_syncd.store import Store
 
 OWN_ADDRESSES = "own_addresses_by_store"  # kv: {AddressBook store: its Me cards' addresses, normalised}
@@ -37,12 +38,12 @@ class OwnAddresses:
             for name in self._me.keys() - stores:
                 del self._me[name]
 
-    def read_me(self, store: str, raw: Iterable[str] | None) -> None:
-        """A store's Me cards' addresses as just read (None: the store is gone)."""
+    def read_me(self, store: str, raw: Iterable[OwnAddress] | None) -> None:
+        """A store's Me cards' addresses as just read, each with its number's country (None: the store is gone)."""
         if raw is None:
             self._me.pop(store, None)
         else:
-            self._me[store] = {a for a in map(self._normalize.person, raw) if a}
+            self._me[store] = {a for value, country in raw if (a := self._normalize.person(value, country))}
 
     def me_read(self) -> None:
         """The contacts pass has read the stores: keep what changed, and recompute."""

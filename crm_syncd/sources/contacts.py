@@ -35,6 +35,7 @@ _FIELDS = (("unique_id", "ZUNIQUEID"), ("first", "ZFIRSTNAME"), ("last", "ZLASTN
 assert Card._fields[1:1 + len(_FIELDS)] == tuple(name for name, _ in _FIELDS)
 
 Trace = Callable[[str], None]
+OwnAddress = tuple[str, str | None]  # a Me card's phone or email as typed, and the country of a phone's number
 Entry = TypeVar("Entry", Phone, Email)
 
 
@@ -43,7 +44,7 @@ class ContactsSnapshot:
     """Every readable card of one AddressBook folder, and what could not be read."""
 
     cards: list[Card] = field(default_factory=list)
-    own_addresses: set[str] = field(default_factory=set)  # raw phones/emails of the Me cards
+    own_addresses: set[OwnAddress] = field(default_factory=set)  # the Me cards' phones and emails, as typed
     skipped: Counter[str] = field(default_factory=Counter)  # reason -> cards
     errors: dict[str, str] = field(default_factory=dict)  # store -> problem (locked, corrupt, ...)
 
@@ -80,8 +81,9 @@ def read_contacts(addressbook_dir: Path, *, trace: Trace | None = None) -> Conta
     return snapshot
 
 
-def read_store(path: Path, store: str, *, trace: Trace | None = None) -> tuple[list[Card], set[str], Counter[str]]:
-    """The cards of one store (Me card excluded), the Me card's raw addresses, and skip counts."""
+def read_store(path: Path, store: str, *, trace: Trace | None = None
+               ) -> tuple[list[Card], set[OwnAddress], Counter[str]]:
+    """The cards of one store (Me card excluded), the Me card's addresses as typed, and skip counts."""
     with sqlite.read(path, trace=trace) as conn:
         cols = _columns(conn)
         if "Z_PK" not in cols["ZABCDRECORD"]:
@@ -171,9 +173,9 @@ def _notes(conn: sqlite3.Connection, cols: dict[str, frozenset[str]], entity: in
 
 
 def _cards(records: list[tuple], phones: dict[int, tuple[Phone, ...]], emails: dict[int, tuple[Email, ...]],
-           notes: dict[int, str], store: str) -> tuple[list[Card], set[str], Counter[str]]:
+           notes: dict[int, str], store: str) -> tuple[list[Card], set[OwnAddress], Counter[str]]:
     cards: list[Card] = []
-    own: set[str] = set()
+    own: set[OwnAddress] = set()
     skipped: Counter[str] = Counter()
     add, new = cards.append, tuple.__new__
     for pk, unique_id, first, last, middle, nickname, organization, job_title, link_id, company, modified, \
@@ -181,8 +183,8 @@ def _cards(records: list[tuple], phones: dict[int, tuple[Phone, ...]], emails: d
         card_phones = phones.get(pk, ())
         card_emails = emails.get(pk, ())
         if is_me:
-            own.update(p.value for p in card_phones)
-            own.update(e.value for e in card_emails)
+            own.update((p.value, p.country) for p in card_phones)
+            own.update((e.value, None) for e in card_emails)
             continue
         # most fields are empty (None): `_text` only for the others
         first = None if first is None else _text(first)
