@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from email.utils import parseaddr
 from itertools import combinations
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -27,6 +28,10 @@ _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
 # what the CRM takes as an email (Citadel validates with Zod 3's z.string().email(), in ASCII)
 _CRM_EMAIL = re.compile(r"(?!\.)(?!.*\.\.)[A-Za-z0-9_'+\-.]*[A-Za-z0-9_+\-]@([A-Za-z0-9][A-Za-z0-9\-]*\.)+[A-Za-z]{2,}")
 _DIGITS = re.compile(r"^[\d\s().\-]+$")
+_INTERNATIONAL = re.compile(r"^\+\d{8,15}$")  # a number as Apple stores handles: E.164's shape
+# Mexico's mobile prefixes dropped in 2019 (`+52 1 55 …`, `044 55 …`, `045 55 …`, `01 55 …`); address books and
+# chat.db still hold them, phonenumbers' metadata no longer strips them
+_MX_PREFIXES = frozenset({"1", "044", "045", "01"})
 _MOBILE_LABELS = frozenset({"mobile", "iphone", "cell"})
 _REGIONS = phonenumbers.SUPPORTED_REGIONS
 NOTES_MAX_CHARS = 100_000  # a note pasted with a book in it still fits the CRM's 5 MiB body (≤ 6 bytes a char)
@@ -72,7 +77,7 @@ class Normalizer:
         if lowered.startswith("mailto:"):
             lowered = lowered[7:]
         if "@" in lowered:
-            return Address("email", lowered) if _EMAIL.match(lowered) else Address("invalid", lowered)
+            return _email(lowered)
         number = self._parse_phone(text, region)
         if number is not None:
             e164 = phonenumbers.format_number(number, PhoneNumberFormat.E164)
@@ -81,6 +86,8 @@ class Normalizer:
             if len(e164) <= 16 and (e164 == text or self._round_trips(e164)):
                 return Address("phone", e164)
             return Address("invalid", text)
+        if _INTERNATIONAL.match(text):  # a number phonenumbers does not know the length of: someone Apple reached
+            return Address("phone", text)
         digits = re.sub(r"\D", "", text)
         if _DIGITS.match(text) and not text.startswith("+") and 3 <= len(digits) <= 8:
             return Address("short-code", digits)
@@ -100,8 +107,25 @@ class Normalizer:
         except phonenumbers.NumberParseException:
             return None
         if phonenumbers.is_possible_number_with_reason(number) != ValidationResult.IS_POSSIBLE:
-            return None
+            return _mexican_today(number)
         return number
+
+
+def _mexican_today(number: phonenumbers.PhoneNumber) -> phonenumbers.PhoneNumber | None:
+    """A Mexican number written with a prefix dropped in 2019, as it is dialled today (else None)."""
+    significant = phonenumbers.national_significant_number(number)
+    if number.country_code != 52 or significant[:-10] not in _MX_PREFIXES:
+        return None
+    today = phonenumbers.parse(f"+52{significant[-10:]}")
+    return today if phonenumbers.is_possible_number_with_reason(today) == ValidationResult.IS_POSSIBLE else None
+
+
+def _email(lowered: str) -> Address:
+    """An email as typed or pasted: `ann@example.com`, `Ann Lee <ann@example.com>`, `ann@example.com,`."""
+    found = parseaddr(lowered)[1].rstrip(".")
+    if found != lowered and found in lowered and _EMAIL.match(found):  # the address inside what was pasted
+        return Address("email", found)
+    return Address("email", lowered) if _EMAIL.match(lowered) else Address("invalid", lowered)
 
 
 def crm_takes_email(value: str) -> bool:

@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 
 from crm_syncd.settings import secure_dir, secure_file
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 APPLICATION_ID = 0x43524D53  # "CRMS": tells our database from any other SQLite file
 
 MIGRATIONS: dict[int, str] = {
@@ -194,6 +194,12 @@ MIGRATIONS: dict[int, str] = {
     10: """
     ALTER TABLE contacts ADD COLUMN card TEXT;
     ALTER TABLE contacts ADD COLUMN left_out TEXT;
+    """,
+    # Numbers earlier versions skipped as invalid are people now: a Mexican mobile written with the `1`
+    # dropped in 2019, a number in international form whose length phonenumbers does not know. Their texts
+    # and calls lie behind the marks: both sources are read once more over the lookback window (REREAD).
+    11: """
+    INSERT OR REPLACE INTO kv (key, value) VALUES ('reread', '["messages", "calls"]');
     """,
 }
 REREAD = "reread"  # kv: sources whose rows behind the mark are read once more over the lookback window

@@ -276,6 +276,29 @@ def test_a_group_message_read_again_after_the_upgrade_from_version_7_reaches_no_
     assert got == {"Ann": ["TEXT_OUTBOUND"], "Bob": ["TEXT_OUTBOUND"], "Carol": []}
 
 
+def test_a_text_from_a_number_version_10_took_for_invalid_arrives_at_the_first_sync_after_the_upgrade(
+        library: Library, citadel, cli: CLI, home: Path):
+    """Versions 1-10 skipped a Mexican mobile written with the `1` dropped in 2019 (`+52 1 55 …`) as an
+    invalid number: the upgrade reads both sources behind their marks once more."""
+    library.card(first="Juan", last="Perez", phones=["+52 55 1234 5678"])
+    library.text("+525512345678", at=ago(days=30))
+    library.text("+525512345678", at=ago(days=2), rowid=3)
+    library.call("+525512345678", answered=True, duration=30, at=ago(days=1))
+    assert cli("sync").code == 0
+    library.text("+5215512345678", at=ago(days=20), rowid=2)  # behind the mark: the row version 10 skipped
+    state = home / "Library" / "Application Support" / "crm-syncd" / "state.db"
+    conn = sqlite3.connect(state)
+    conn.execute("PRAGMA user_version = 10")
+    conn.close()
+
+    upgraded = cli("sync", "-v")
+
+    assert upgraded.code == 0, upgraded.output
+    assert sorted(e.split("source=")[1].split()[0] for e in upgraded.stderr.splitlines() if "extract.reread" in e) == [
+        "calls", "messages"]
+    assert len(citadel.interactions()) == 4 and "already known 2" in upgraded.stdout, upgraded.output
+
+
 def test_a_fresh_install_reads_no_history_again_at_its_second_sync(library: Library, citadel, cli: CLI):
     """Every migration runs at a fresh install, 8 too: its first sync reads the lookback window anyway."""
     library.card(first="Ann", last="Lee", phones=[ANN])
