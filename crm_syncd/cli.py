@@ -212,7 +212,7 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
              placeholders: PlaceholdersReport, push: PushReport | None, crm_down: str | None, refused: str | None,
              failed: bool, dry_run: bool, crm) -> None:
     verb, synced_verb = ("would create", "would sync") if dry_run else ("created", "synced")
-    queued = "" if dry_run else "; everything stays queued for the next run"
+    queued = "" if dry_run else f"; {'the rest' if push and push.failed else 'everything'} stays queued for the next run"
     if dry_run:
         out.print("[bold yellow]dry run:[/] nothing was written to the CRM or to crm-syncd's state")
     if contacts:

@@ -219,6 +219,19 @@ def test_a_500_that_keeps_coming_back_fails_the_item_after_bounded_retries_sprea
     assert d.proc.poll() is None and d.stop() == 0
     assert citadel.interactions_of(JANE) == []
 
+def test_sync_says_the_item_a_500_kept_failing_is_kept_as_failed_and_the_rest_stays_queued(
+        library: Library, citadel: CitadelServer, cli: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    assert cli("sync").code == 0
+    citadel.faults = Faults(rate=1.0, kinds=("500-before-write",))
+    library.text(JANE, at=ago(hours=2))
+
+    result = cli("sync")
+
+    assert result.code == 1
+    assert "1 interaction(s) failed" in result.stdout, result.output
+    assert "the rest stays queued" in result.stdout and "everything stays queued" not in result.stdout, result.output
+
 
 def test_the_back_off_grows_round_by_round_only_while_the_crm_accepts_no_write(tmp_path: Path, citadel: CitadelServer):
     """A down CRM is waited on longer each round; a flaky one that accepted a write since the last round
