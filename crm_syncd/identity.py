@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from email.utils import parseaddr
+from email.utils import getaddresses
 from itertools import combinations
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -29,9 +29,13 @@ _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
 _CRM_EMAIL = re.compile(r"(?!\.)(?!.*\.\.)[A-Za-z0-9_'+\-.]*[A-Za-z0-9_+\-]@([A-Za-z0-9][A-Za-z0-9\-]*\.)+[A-Za-z]{2,}")
 _DIGITS = re.compile(r"^[\d\s().\-]+$")
 _INTERNATIONAL = re.compile(r"^\+\d{8,15}$")  # a number as Apple stores handles: E.164's shape
-# Mexico's mobile prefixes dropped in 2019 (`+52 1 55 …`, `044 55 …`, `045 55 …`, `01 55 …`); address books and
-# chat.db still hold them, phonenumbers' metadata no longer strips them
-_MX_PREFIXES = frozenset({"1", "044", "045", "01"})
+# Mexico's prefixes dropped in 2019, which address books and chat.db still hold and phonenumbers' metadata no
+# longer strips: a mobile's `1` after the country code (`+52 1 55 …`), and at home `044`/`045` (mobiles), `01`
+_MX_INTERNATIONAL, _MX_NATIONAL = frozenset({"1"}), frozenset({"044", "045", "01"})
+_WITH_COUNTRY_CODE = frozenset({phonenumbers.CountryCodeSource.FROM_NUMBER_WITH_PLUS_SIGN,
+                                phonenumbers.CountryCodeSource.FROM_NUMBER_WITH_IDD,
+                                phonenumbers.CountryCodeSource.FROM_NUMBER_WITHOUT_PLUS_SIGN})
+_BEFORE_PASTED_EMAIL = frozenset(' \t<"\'[(:')  # what may stand just before an address pasted with more around it
 _MOBILE_LABELS = frozenset({"mobile", "iphone", "cell"})
 _REGIONS = phonenumbers.SUPPORTED_REGIONS
 NOTES_MAX_CHARS = 100_000  # a note pasted with a book in it still fits the CRM's 5 MiB body (≤ 6 bytes a char)
@@ -103,7 +107,7 @@ class Normalizer:
         if sum(ch.isdigit() for ch in text) < 7:
             return None
         try:
-            number = phonenumbers.parse(text, region)
+            number = phonenumbers.parse(text, region, keep_raw_input=True)  # keeps where its country code came from
         except phonenumbers.NumberParseException:
             return None
         if phonenumbers.is_possible_number_with_reason(number) != ValidationResult.IS_POSSIBLE:
@@ -112,19 +116,24 @@ class Normalizer:
 
 
 def _mexican_today(number: phonenumbers.PhoneNumber) -> phonenumbers.PhoneNumber | None:
-    """A Mexican number written with a prefix dropped in 2019, as it is dialled today (else None)."""
+    """A Mexican number written with a prefix dropped in 2019, as it is dialled today (else None): `1 415 …`
+    at home in Mexico is someone in the US, not `+52 1 415 …`."""
     significant = phonenumbers.national_significant_number(number)
-    if number.country_code != 52 or significant[:-10] not in _MX_PREFIXES:
+    dropped = _MX_INTERNATIONAL if number.country_code_source in _WITH_COUNTRY_CODE else _MX_NATIONAL
+    if number.country_code != 52 or significant[:-10] not in dropped:
         return None
     today = phonenumbers.parse(f"+52{significant[-10:]}")
     return today if phonenumbers.is_possible_number_with_reason(today) == ValidationResult.IS_POSSIBLE else None
 
 
 def _email(lowered: str) -> Address:
-    """An email as typed or pasted: `ann@example.com`, `Ann Lee <ann@example.com>`, `ann@example.com,`."""
-    found = parseaddr(lowered)[1].rstrip(".")
-    if found != lowered and found in lowered and _EMAIL.match(found):  # the address inside what was pasted
-        return Address("email", found)
+    """An email as typed, or pasted with more around it: `Ann Lee <ann@example.com>`, `Lee, Ann <ann@…>`,
+    `ann@example.com,`. A list of several addresses is none of them (a household's card may hold one)."""
+    inside = [a.removeprefix("mailto:").rstrip(".") for _name, a in getaddresses([lowered]) if "@" in a]
+    if len(inside) == 1 and inside[0] != lowered and _EMAIL.match(found := inside[0]):
+        at = lowered.find(found)  # as written there, not put together from pieces around it
+        if at == 0 or (at > 0 and lowered[at - 1] in _BEFORE_PASTED_EMAIL):
+            return Address("email", found)
     return Address("email", lowered) if _EMAIL.match(lowered) else Address("invalid", lowered)
 
 

@@ -901,7 +901,8 @@ def test_a_number_in_international_form_that_phonenumbers_does_not_know_is_kept_
     assert kinds(citadel, "Unknown (+999123456789)") == {"TEXT_INBOUND": 1}
 
 
-@pytest.mark.parametrize("pasted", ["Ann Lee <Ann.Lee@Example.com>", "<ann.lee@example.com>", "ann.lee@example.com,"])
+@pytest.mark.parametrize("pasted", ["Ann Lee <Ann.Lee@Example.com>", "Lee, Ann <ann.lee@example.com>", "<ann.lee@example.com>",
+                                    "ann.lee@example.com,", "Ann Lee <mailto:ann.lee@example.com>"])
 def test_a_card_email_pasted_with_its_name_or_punctuation_is_the_persons_address(
         library: Library, citadel, cli: CLI, pasted: str):
     library.card(first="Ann", last="Lee", phones=[], emails=[pasted])
@@ -912,6 +913,31 @@ def test_a_card_email_pasted_with_its_name_or_punctuation_is_the_persons_address
     assert [f"{c['firstName']} {c['lastName']}" for c in citadel.contacts()] == ["Ann Lee"]
     assert names(citadel)["Ann Lee"]["email"] == "ann.lee@example.com"
     assert kinds(citadel, "Ann Lee") == {"TEXT_INBOUND": 1}
+
+
+def test_a_card_email_field_listing_two_peoples_addresses_is_neither_of_theirs(library: Library, citadel, cli: CLI):
+    """A household card holds both spouses' addresses in one field, as pasted from a To: line."""
+    library.card(first="Lee", last="Family", emails=["ann@example.com, bob@example.com"], unique_id="A:ABPerson")
+    library.card(first="Ann", last="Lee", emails=["ann@example.com"], unique_id="B:ABPerson")
+    library.text("ann@example.com", at=ago(hours=1))
+
+    assert cli("sync").code == 0
+
+    assert (kinds(citadel, "Lee Family"), kinds(citadel, "Ann Lee")) == ({}, {"TEXT_INBOUND": 1})
+
+
+def test_a_us_number_written_with_its_1_on_a_mac_in_mexico_is_not_taken_for_a_mexican_mobile(
+        library: Library, citadel, cli: CLI):
+    """`1 (415) 555-0123` is San Francisco written the US way; without a `+` the `1` is no Mexican mobile's
+    (that `1` only ever came after +52), so the stranger texting from San Miguel de Allende's 415 is not Bob."""
+    cli.env["CRM_SYNCD_DEFAULT_REGION"] = "MX"
+    library.card(first="Bob", last="Friend", phones=[("1 (415) 555-0123", "Mobile", True, "mx")])
+    library.text("+524155550123", at=ago(hours=1))
+
+    assert cli("sync").code == 0
+
+    assert (names(citadel)["Bob Friend"]["phone"], kinds(citadel, "Bob Friend")) == (None, {})
+    assert kinds(citadel, "Unknown (+52-415-555-0123)") == {"TEXT_INBOUND": 1}
 
 
 def test_the_me_cards_number_typed_without_its_country_code_is_the_owners_own_in_the_country_contacts_recorded(
