@@ -24,6 +24,7 @@ import pytest
 
 from crm_syncd.crm import CitadelClient
 from crm_syncd.engine import Engine
+from crm_syncd.engine.creates import UNANSWERED_CREATES, Creates
 from crm_syncd.settings import Settings
 from crm_syncd.store import Item, Store
 from tests.conftest import CLI
@@ -33,6 +34,7 @@ from tests.harness.library import Library, ago
 from tests.harness.processes import REPO, RunningDaemon, eventually
 
 JANE = "+16135550111"
+BOB = "+19025550122"
 
 
 def iso(at) -> str:
@@ -688,6 +690,42 @@ def test_a_contact_whose_second_create_lands_unanswered_after_a_first_that_never
 
     assert result.code == 0, result.output
     assert [(c["firstName"], c["lastName"]) for c in citadel.contacts()] == [("Jane", "Smith")], result.output
+
+
+def test_a_cards_create_stays_noted_after_its_answer_until_its_contact_is_recorded(
+        library: Library, citadel: CitadelServer, home: Path):
+    """kill -9 may land between a create's answer and the moment its contact is recorded as crm-syncd's.
+    The note of the create must outlive the answer: without it the next pass takes the contact for one
+    the owner made, and no edit of the card ever reaches it."""
+    settings = state_settings(library, citadel, home)
+    store = Store(settings.state_db)
+    fields = {"firstName": "Jane", "lastName": "Doe", "phone": JANE}
+
+    async def answered_then_recorded() -> tuple[list[dict], list[dict]]:
+        async with CitadelClient(citadel.url) as crm:
+            creates = Creates(settings, store, crm)
+            await creates.create(fields, made_for=("A:ABPerson", fields))
+            answered = store.get(UNANSWERED_CREATES, [])
+            creates.recorded("A:ABPerson")
+            return answered, store.get(UNANSWERED_CREATES, [])
+
+    answered, recorded = asyncio.run(answered_then_recorded())
+
+    assert [(n["person"], n["fields"]) for n in answered] == [("A:ABPerson", fields)]
+    assert recorded == [] and len(citadel.contacts()) == 1
+
+
+def test_a_sync_that_creates_and_promotes_contacts_leaves_no_create_noted(
+        library: Library, citadel: CitadelServer, cli: CLI, home: Path):
+    library.text(BOB, at=ago(hours=2))
+    assert cli("sync").code == 0  # Bob's placeholder
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.card(first="Bob", last="Roe", phones=[BOB])
+
+    assert cli("sync").code == 0
+
+    assert sorted(c["firstName"] for c in citadel.contacts()) == ["Bob", "Jane"]
+    assert Store(state_settings(library, citadel, home).state_db).get(UNANSWERED_CREATES, []) == []
 
 
 def test_a_placeholder_whose_promotion_landed_unanswered_is_crm_syncds_and_follows_its_card(

@@ -186,6 +186,7 @@ class ContactsSync:
             written = {**fields, **{k: created.get(k) for k in refused}}
             self.store.remember_contact(survivor, "card", person.key, written=written, cards=person.unique_ids,
                                         created_at=created.get("createdAt"), card=fields, left_out=refused)
+            self.creates.recorded(person.key)
             _report_left_out(report, name, refused)
             report.created.append(name)
         elif real:
@@ -210,6 +211,7 @@ class ContactsSync:
             # the card's), which an edit of the owner's would differ from; card: what the card's edits will
             self.store.remember_contact(survivor, "card", person.key, written={k: updated.get(k) for k in fields},
                                         cards=person.unique_ids, card=fields, left_out=refused)
+            self.creates.recorded(person.key)
             _report_left_out(report, name, refused)
             report.promoted.append(name)
             log.info("contacts.promoted", contact_id=survivor)

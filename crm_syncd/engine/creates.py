@@ -5,7 +5,7 @@ way into the CRM."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from crm_syncd import crm as crmlib
 from crm_syncd.engine.push import outlast_request
@@ -24,13 +24,14 @@ class Creates:
     settings: Settings
     store: Store
     crm: crmlib.CitadelClient
+    _answered: dict[str, dict] = field(default_factory=dict, init=False, repr=False)  # person -> note, until recorded
 
     async def create(self, fields: dict, made_for: tuple[str, dict] | None = None) -> dict:
         """POST a contact, noting the moment first: if its pass ends before the answer (a stop, a crash,
         a lost answer), the next pass knows the contact may still appear (`landed`). A card's
-        create is noted first with its person and fields (`made_for`), the note kept unless a definite
-        answer comes: the contact the next pass finds for them is the one crm-syncd made
-        (`ContactsSync._own_unanswered_write`)."""
+        create is noted first with its person and fields (`made_for`), the note kept until a definite
+        refusal, or until the contact is recorded (`recorded`): the contact the next pass finds for them
+        is the one crm-syncd made (`ContactsSync._own_unanswered_write`)."""
         self.store.put(CREATE_SENT, now_ms(), durable=False)  # a power cut outlasts any request anyway
         return await self._noted(lambda: self.crm.create_contact(fields), made_for)
 
@@ -54,9 +55,14 @@ class Creates:
             if note is not None and not exc.maybe_written:
                 self.drop([note], durable=False)
             raise
-        if note is not None:
-            self.drop([note], durable=False)
+        if note is not None:  # kept until the contact is recorded: a crash before then leaves it for the next pass
+            self._answered[note["person"]] = note
         return contact
+
+    def recorded(self, person: str) -> None:
+        """The contact written for `person` is recorded as crm-syncd's: the note of its answered write goes."""
+        if (note := self._answered.pop(person, None)) is not None:
+            self.drop([note], durable=False)
 
     def unanswered(self) -> list[dict]:
         """The notes of creates sent without an answer (by earlier passes, or this one so far)."""
