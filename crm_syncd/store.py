@@ -939,11 +939,6 @@ class Store:
         upgrade that made rows an earlier version dropped new again)."""
         return source in self.get(REREAD, [])
 
-    def oldest_with_keys(self, prefix: str) -> int | None:
-        """The time of the oldest item whose key begins with `prefix` (a source's), if any."""
-        return self._one("SELECT MIN(occurred_ms) FROM outbox WHERE key >= ? AND key < ?",
-                         (prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)))
-
     def reread_done(self, source: str) -> None:
         """`source` was read once more (or has no mark: nothing was read, nothing left behind)."""
         self.put(REREAD, [s for s in self.get(REREAD, []) if s != source])

@@ -70,8 +70,6 @@ class Extractor:
             log.info("extract.reread", source=source, days=days)
         now = now_ms()
         since = now - days * DAY_MS if days is not None else None
-        if reread and (oldest := self.store.oldest_with_keys(reader.KEYS)) is not None:
-            since = max(since, oldest)  # no further back than the first sync read (a window since widened)
         after, floor = 0, 0
         verdicts: dict[str | tuple[str, str], tuple[str, bool]] = {}  # raw address [and country] -> _counterpart
         with reader.session() as session:

@@ -33,7 +33,6 @@ class CallsReader(sqlite.SourceReader):
     """Reads Activities from one CallHistory.storedata past a Z_PK high-water mark."""
 
     TABLE, ROWID, ANCHOR = "ZCALLRECORD", "Z_PK", "ZUNIQUE_ID"
-    KEYS = "call:"
     SEQUENCE = ("Z_PRIMARYKEY", "SELECT Z_MAX FROM Z_PRIMARYKEY WHERE Z_NAME = 'CallRecord'")  # Core Data's
 
     def _read(self, db: sqlite.Database, conn: sqlite3.Connection, after_rowid: int, limit: int,

@@ -45,7 +45,6 @@ class MessagesReader(sqlite.SourceReader):
     """Reads Activities from one chat.db past a ROWID high-water mark."""
 
     TABLE, ROWID, ANCHOR = "message", "ROWID", "guid"
-    KEYS = "msg:"
     SEQUENCE = ("sqlite_sequence", "SELECT seq FROM sqlite_sequence WHERE name = 'message'")  # AUTOINCREMENT's
 
     def __init__(self, path: Path, *, group_messages: Literal["each-participant", "skip"] = "each-participant",

@@ -204,7 +204,6 @@ class SourceReader:
     ROWID: ClassVar[str]
     ANCHOR: ClassVar[str]
     SEQUENCE: ClassVar[tuple[str, str]]  # (table, SELECT of the highest ROWID it has handed out)
-    KEYS: ClassVar[str]  # what the keys of its Activities begin with
 
     def __init__(self, path: Path, *, trace: Trace | None = None, stop: threading.Event | None = None) -> None:
         self.path = Path(path)
