@@ -138,7 +138,7 @@ def _email(lowered: str) -> Address:
 
 
 def crm_takes_email(value: str) -> bool:
-    """Whether the CRM stores this email: an address it refuses ("ann@example.com,", a non-ASCII one)
+    """Whether the CRM stores this email: an address it refuses ("ann@example..com", a non-ASCII one)
     still identifies its person, but is not sent."""
     return _CRM_EMAIL.fullmatch(value) is not None
 

@@ -195,7 +195,7 @@ MIGRATIONS: dict[int, str] = {
     ALTER TABLE contacts ADD COLUMN card TEXT;
     ALTER TABLE contacts ADD COLUMN left_out TEXT;
     """,
-    # Numbers earlier versions skipped as invalid are people now: a Mexican mobile written with the `1`
+    # Numbers earlier versions skipped as invalid are people now: a Mexican number written with a prefix
     # dropped in 2019, a number in international form whose length phonenumbers does not know. Their texts
     # and calls lie behind the marks: both sources are read once more over the lookback window (REREAD).
     11: """
