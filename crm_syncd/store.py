@@ -840,8 +840,14 @@ class Store:
         return [Item(*r) for r in rows]
 
     def last_claim_ms(self) -> int | None:
-        """When the newest `sending` item was claimed (its request left then, or just after)."""
+        """When the newest `sending` item was claimed (its request left then, or just after), or
+        abandoned at a stop (its request left by then)."""
         return self._one("SELECT MAX(updated_ms) FROM outbox WHERE state = 'sending'")
+
+    def abandoned(self) -> None:
+        """A stop abandons the requests under way: every `sending` item's request left by now."""
+        with self.transaction() as tx:
+            tx.execute("UPDATE outbox SET updated_ms = ? WHERE state = 'sending'", (now_ms(),))
 
     def settle(self, delivered: Sequence[tuple[Item, int]] = (), failed: Sequence[tuple[Item, str]] = (),
                retry: Sequence[tuple[Item, str | None]] = ()) -> int:

@@ -1126,10 +1126,11 @@ def test_retry_failed_looks_up_an_item_that_may_have_reached_the_crm_before_send
     assert [i["type"] for i in citadel.interactions_of(JANE) if i["type"] != "NOTE"] == ["TEXT_INBOUND"]
 
 
-def test_a_clock_set_back_after_a_crash_holds_up_delivery_for_one_request_timeout_at_most(
+def test_a_clock_set_back_after_a_crash_holds_up_delivery_for_two_request_timeouts_at_most(
         library: Library, citadel: CitadelServer, daemon_env: CLI, home: Path):
-    """A restart waits out requests a crash may have left on their way (one request timeout after the
+    """A restart waits out requests a crash may have left on their way (two request timeouts after the
     claim, by the wall clock); a clock set back an hour since must not make that wait an hour."""
+    daemon_env.env["CRM_SYNCD_REQUEST_TIMEOUT_S"] = "3"
     library.card(first="Jane", last="Doe", phones=[JANE])
     library.text(JANE, at=ago(hours=2))
     settings = state_settings(library, citadel, home)
@@ -1148,7 +1149,7 @@ def test_a_clock_set_back_after_a_crash_holds_up_delivery_for_one_request_timeou
     try:
         library.text(JANE, at=ago(seconds=5))
         eventually(lambda: len(citadel.interactions_of(JANE)) == 2, timeout=30,
-                   what="both messages, after at most two 10-s request timeouts")
+                   what="both messages, after at most 2 × 2 request timeouts of 3 s")
     finally:
         d.stop(signal.SIGKILL)
 
@@ -1217,6 +1218,43 @@ def test_a_restart_right_after_a_crash_waits_for_requests_still_on_their_way(
     finally:
         second.stop(signal.SIGKILL)
     assert sorted(r["occurredAt"] for r in citadel.interactions_of(JANE)) == sorted(map(iso, moments))
+
+
+@pytest.mark.parametrize(("restart", "backoff"), [("run", False), ("sync", False), ("run", True)],
+                         ids=["run", "sync", "run, the writes sent after a back-off"])
+def test_writes_a_stop_abandoned_in_a_crm_slower_than_the_request_timeout_are_looked_up_not_sent_again(
+        library: Library, citadel: CitadelServer, daemon_env: CLI, home: Path, restart: str, backoff: bool):
+    """`uninstall` then `install` (SIGTERM, a restart) while the CRM takes longer than a request timeout
+    to commit each write: the writes the stop abandoned are given as long as a live one that timed out
+    (a timeout, then as long again) before they are looked up, so none is sent twice; also those
+    claimed before a back-off (a 429 asking for 3 s) and sent after it."""
+    daemon_env.env.update(CRM_SYNCD_SHUTDOWN_DEADLINE_S="1", CRM_SYNCD_REQUEST_TIMEOUT_S="2")
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    moments = [ago(minutes=900 - k) for k in range(40)]
+    for at in moments:
+        library.text(JANE, at=at)
+    slow = Faults(rate=1.0, kinds=("slow",), slow_s=3.5, routes=("/api/contacts/:id/interactions",))
+    citadel.faults = Faults(rate=1.0, kinds=("429",), retry_after="3", limit=1,
+                            routes=("/api/contacts/:id/interactions",)) if backoff else slow
+    first = daemon_env.popen("run")
+    if backoff:
+        eventually(lambda: citadel.faults.fired["429"] == 1, what="the CRM asking for 3 s")
+        citadel.faults = slow
+    eventually(lambda: slow.fired["slow"] >= 8, what="writes on their way")
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=60)
+    citadel.faults = Faults()  # quick again; the slow writes still land, 3.5 s after they came
+
+    if restart == "run":
+        second = RunningDaemon(daemon_env, home)
+        eventually(lambda: len(citadel.interactions_of(JANE)) >= len(moments), timeout=60, what="every text")
+        assert second.stop() == 0
+    else:
+        assert daemon_env("sync").code == 0
+    eventually(lambda: citadel.serving == 0, what="every write the CRM received, landed")
+
+    landed = Counter(i["occurredAt"] for i in citadel.interactions_of(JANE))
+    assert sorted(landed) == sorted(map(iso, moments)) and set(landed.values()) == {1}
 
 
 @pytest.mark.parametrize("fault", ["500-after-write", "504-after-write", "500-after-write-truncated"])

@@ -154,6 +154,8 @@ class Pusher:
                 await woken(min(0.1, deadline - time.monotonic()))
             for task in workers:
                 task.cancel()  # an abandoned request stays `sending`: the next start looks it up
+            if busy:  # as of now: it may have left long after its claim (a back-off), and may still land
+                self.store.abandoned()
             self._settle(outcomes, report)
             if unsent:
                 self.store.settle(retry=[(item, None) for item in unsent])
@@ -428,8 +430,9 @@ def _twins_of(item: Item) -> Twins | None:
 
 async def outlast_request(timeout: float, sent_ms: int, event: str, **fields: Any) -> None:
     """Wait until a request sent at `sent_ms` (wall clock) can no longer be on its way into the CRM:
-    one request `timeout` after it, and never longer (the clock may have been set back since)."""
-    if (wait := min(timeout, sent_ms / 1000 + timeout - time.time())) > 0:
+    as long as a live request is given (its `timeout`, then as long again for the CRM to finish a write
+    it had received: `Push._unsure`), and never longer (the clock may have been set back since)."""
+    if (wait := min(2 * timeout, sent_ms / 1000 + 2 * timeout - time.time())) > 0:
         log.info(event, seconds=round(wait, 1), **fields)
         await asyncio.sleep(wait)
 
