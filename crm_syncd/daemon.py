@@ -215,13 +215,24 @@ class Daemon:
             if probes[source].changed():
                 debouncers[source].poke()
 
-        watcher = Watcher({s: self.engine.readers[s].path for s in SOURCES}, hint, loop)
+        def written(source: str) -> None:
+            """A write the watch reported: read, whatever a stat says (HFS+ keeps mtimes to the second,
+            and a WAL reused from its start keeps its size)."""
+            probes[source].changed()  # seen: what the safety probe finds changed next, no event reported
+            debouncers[source].poke()
+
+        watcher = Watcher({s: self.engine.readers[s].path for s in SOURCES}, written, loop)
 
         def look_again() -> None:
-            """The safety net: watches a lost folder took with it are made anew, every source is probed."""
+            """The safety net: watches a lost folder took with it are made anew, every source is probed,
+            and a watch that missed a write is made anew too."""
             watcher.refresh()
             for source in SOURCES:
-                hint(source)
+                unheard = not probes[source].forgotten
+                if probes[source].changed():
+                    if unheard:
+                        watcher.renew(self.engine.readers[source].path)
+                    debouncers[source].poke()
 
         started = asyncio.Event()
 

@@ -3,8 +3,9 @@
 The observer watches the *directories* of Apple's databases, never the files: SQLite and
 Messages recreate `-wal` with a new inode, and a watch on the old file goes deaf for good.
 A folder reached through a symbolic link is watched where it is. FSEvents on macOS, inotify on
-Linux, through the same watchdog API. Events are only hints: a
-`Probe` (size, mtime, inode of the database and its `-wal`) decides whether anything changed.
+Linux, through the same watchdog API. A write a watch reports is read; for hints without one (the
+safety probe) a `Probe` (size, mtime, inode of the database and its `-wal`) decides whether
+anything changed.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ class Probe:
     def forget(self) -> None:
         """Make the next `changed()` true: what the last one saw was never read."""
         self._seen = None
+
+    @property
+    def forgotten(self) -> bool:
+        """Whether the next `changed()` is true whatever the files say (forgotten, or never looked)."""
+        return self._seen is None
 
 
 async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
@@ -96,6 +102,9 @@ class Debouncer:
             await self.action()
 
 
+NOT_WRITES = frozenset({"opened", "closed_no_write"})  # a file opened or read: no database changed
+
+
 class _Handler(FileSystemEventHandler):
     def __init__(self, directory: Path, names: dict[str, str], notify: Callable[[str], None],
                  lost: Callable[[Path], None]) -> None:
@@ -106,6 +115,8 @@ class _Handler(FileSystemEventHandler):
         self.lost = lost
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in NOT_WRITES:  # crm-syncd's own reads among them
+            return
         if event.event_type in ("deleted", "moved") and Path(os.fsdecode(event.src_path)) == self.real:
             self.lost(self.directory)  # the watch ends with its folder (inotify and FSEvents alike)
             return
@@ -120,14 +131,16 @@ class _Lookout(FileSystemEventHandler):
         self.notify = notify
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        self.notify()
+        if event.event_type not in NOT_WRITES:
+            self.notify()
 
 
 class Watcher:
-    """Calls `on_hint(source)` on the event loop when a watched database or its -wal changes.
+    """Calls `on_hint(source)` on the event loop when a watched database or its -wal is written.
 
     A directory not there yet (no call history on this Mac so far) is looked out for from its
-    nearest existing ancestor, non-recursively; once it appears it is watched and its sources hinted.
+    nearest existing ancestor, non-recursively, and from its target's when it is a symbolic link
+    (~/Library/Messages moved to a volume not mounted yet); once it appears it is watched and its sources hinted.
     A watched directory that is deleted or replaced (a watch follows the folder, not its path) is
     looked out for again: at once when its watch reports it, else at the next `refresh`.
     """
@@ -185,6 +198,14 @@ class Watcher:
                     self.on_hint(source)
             self._look_out()
 
+    def renew(self, database: Path) -> None:
+        """Watch a database's folder anew: the safety probe found a write no event reported. A volume
+        unmounted and mounted again leaves a watch that hears nothing and still looks alive."""
+        if (directory := database.parent) in self._names:
+            log.info("watch.renewed", directory=str(directory), reason="a write no event reported")
+            self._lose(directory, quietly=True)
+            self.refresh()
+
     def _watch(self, directory: Path, names: dict[str, str]) -> None:
         self._schedule(_Handler(directory, names, self._notify, self._lost_soon), directory)
         self._names[directory] = names
@@ -202,7 +223,7 @@ class Watcher:
             return True
         return any(e.watch == watch and e.is_alive() for e in self.observer.emitters)
 
-    def _lose(self, directory: Path) -> None:
+    def _lose(self, directory: Path, *, quietly: bool = False) -> None:
         """Stop watching a directory that is gone or replaced; a database directory is looked out for again.
 
         Unscheduling removes every handler on that path, a lookout's too: both are scheduled anew.
@@ -212,7 +233,8 @@ class Watcher:
         self._lookouts.discard(directory)
         if (names := self._names.pop(directory, None)) is not None:
             self._missing[directory] = names
-            log.warning("watch.lost", directory=str(directory))
+            if not quietly:
+                log.warning("watch.lost", directory=str(directory))
 
     def _look_out(self) -> None:
         """Watch the nearest existing ancestor of each missing directory for its next step down.
@@ -221,9 +243,18 @@ class Watcher:
         as a change of the watched directory itself (inotify names the new one). A lookout stays
         (a few cheap no-op refreshes): unscheduling it could end a database watch on the same directory.
         """
-        for ancestor in {existing_ancestor(d.parent) for d in self._missing} - self._lookouts:
+        for ancestor in {place for d in self._missing for place in _lookouts_for(d)} - self._lookouts:
             self._schedule(_Lookout(self._refresh_soon), ancestor)
             self._lookouts.add(ancestor)
+
+
+def _lookouts_for(directory: Path) -> set[Path]:
+    """Where a missing directory's next step down shows: its nearest existing ancestor, and its
+    target's when it is a symbolic link (a volume mounted under /Volumes shows there, not next to the link)."""
+    places = {existing_ancestor(directory.parent)}
+    if directory.is_symlink():
+        places.add(existing_ancestor(directory.resolve().parent))
+    return places
 
 
 def _identity(directory: Path) -> tuple[int, int] | None:

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -684,6 +685,104 @@ def test_calls_arrive_promptly_once_the_call_history_folder_appears_after_the_st
     library.call(JANE, originated=False, duration=5)  # and the folder is watched from now on
     eventually(lambda: len(citadel.interactions_of(JANE)) == 2, timeout=10, what="the second call")
     assert d.stop() == 0
+
+
+def test_a_write_a_stat_cannot_see_is_read_when_its_event_comes(library: Library, citadel, daemon_env: CLI, daemon):
+    """Messages' WAL, once checkpointed, is reused from its start at the same size; on HFS+ (mtimes to
+    the whole second) a second commit in the same second leaves the -wal's stat as it was. The watch
+    reported the write: that is enough, and the text arrives at once, not at the next write."""
+    daemon_env.env["CRM_SYNCD_SAFETY_PROBE_S"] = "300"
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    for minute in range(30):  # a WAL of some size, as Messages' is
+        library.text(JANE, at=ago(hours=3, minutes=minute))
+    d = daemon()
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 30, what="the backlog")
+    library.chat.checkpoint("PASSIVE")  # SQLite's auto-checkpoint: the -wal keeps its size
+    wal = library.messages_db.with_name("chat.db-wal")
+    size = wal.stat().st_size
+    library.text(JANE)  # written over the -wal's first frames
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 31, timeout=5, what="the first text")
+    files = [library.messages_db, wal]
+    mtimes = [f.stat().st_mtime_ns for f in files]
+
+    os.kill(d.proc.pid, signal.SIGSTOP)  # its events wait in the kernel until the stat below is as HFS+'s
+    eventually(lambda: Path(f"/proc/{d.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T",
+               what="the daemon stopped")
+    library.text(JANE)
+    for f, mtime in zip(files, mtimes):  # the same second: the mtimes HFS+ keeps do not move
+        os.utime(f, ns=(f.stat().st_atime_ns, mtime))
+    os.kill(d.proc.pid, signal.SIGCONT)
+
+    assert wal.stat().st_size == size
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 32, timeout=5, what="the second text, from its event")
+
+
+def test_a_watch_that_missed_a_write_is_made_anew_by_the_safety_probe(
+        library: Library, citadel, daemon_env: CLI, daemon, tmp_path: Path):
+    """~/Library/Messages on an external drive, linked back: the drive is ejected and mounted again
+    (the same folder, the same inode), and the watch hears nothing more though it looks alive. The
+    next safety probe finds the write no event reported and watches the folder anew: later texts
+    arrive at once."""
+    if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
+        pytest.skip("needs root and mkfs.ext4 to mount a volume")
+    image, volume = tmp_path / "drive.img", tmp_path / "Volumes" / "Drive"
+    volume.mkdir(parents=True)
+    with image.open("wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    mount, unmount = ["mount", "-o", "loop", str(image), str(volume)], ["umount", str(volume)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a loop device here")
+    try:
+        library.card(first="Jane", last="Doe", phones=[JANE])
+        library.chat.close()
+        shutil.copytree(library.messages_db.parent, volume / "Messages")
+        shutil.rmtree(library.messages_db.parent)
+        library.messages_db.parent.symlink_to(volume / "Messages", target_is_directory=True)
+        daemon_env.env["CRM_SYNCD_SAFETY_PROBE_S"] = "2"
+        d = daemon()
+        subprocess.run(unmount, check=True)  # ejected while Messages is closed
+        subprocess.run(mount, check=True)
+        library.chat = ChatDB.open(library.messages_db)
+        library.text(JANE)  # heard by nothing: the next safety probe brings it
+        eventually(lambda: len(citadel.interactions_of(JANE)) == 1, timeout=10, what="the first text")
+        eventually(lambda: d.events("watch.renewed"), timeout=10, what="the folder watched anew")
+        daemon_env.env["CRM_SYNCD_SAFETY_PROBE_S"] = "300"  # (for a restart; this daemon keeps its 2 s)
+
+        started = len(d.events("daemon.probe"))
+        library.text(JANE)
+
+        eventually(lambda: len(citadel.interactions_of(JANE)) == 2, timeout=5, what="the next text")
+        arrivals = [e for e in d.events("extract.done") if e.get("source") == "messages"]
+        assert arrivals and started == len(d.events("daemon.probe"))
+    finally:
+        library.chat.close()
+        subprocess.run(unmount, capture_output=True)
+
+
+def test_messages_on_a_volume_mounted_after_the_start_is_watched_once_its_folder_appears(
+        library: Library, citadel, daemon_env: CLI, daemon, tmp_path: Path):
+    """~/Library/Messages linked to a drive that is not mounted yet when the daemon starts (at login):
+    the drive appears under /Volumes, not next to the link, and is looked out for there."""
+    daemon_env.env["CRM_SYNCD_SAFETY_PROBE_S"] = "300"
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.chat.close()
+    volumes = tmp_path / "Volumes"
+    volumes.mkdir()
+    parked = tmp_path / "parked"
+    library.messages_db.parent.rename(parked)
+    library.messages_db.parent.symlink_to(volumes / "Drive" / "Messages", target_is_directory=True)
+    d = daemon()
+    assert str(library.messages_db.parent) not in d.events("daemon.watching")[0]["directories"]
+
+    (volumes / "Drive").mkdir()  # mounted: its folder appears, Messages in it
+    parked.rename(volumes / "Drive" / "Messages")
+    library.chat = ChatDB.open(library.messages_db)
+    library.text(JANE)
+
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 1, timeout=10, what="the text, without the probe")
+    library.text(JANE, at=ago(seconds=1))
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 2, timeout=5, what="the next text")
 
 
 def test_a_second_run_is_refused_at_once(library: Library, daemon, daemon_env: CLI):
