@@ -30,6 +30,7 @@ before it is durably `sending`, and durably `sending` before its request leaves.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -256,7 +257,7 @@ def _disk_failed(exc: sqlite3.Error) -> bool:
     return name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR")
 
 
-def _no_disk(path: Path | str | None, exc: sqlite3.Error) -> StoreError:
+def _no_disk(path: Path | str | None, exc: sqlite3.Error | OSError) -> StoreError:
     folder = Path(path).parent if path not in (None, ":memory:") else "it"
     return StoreError(f"cannot write the state database {path}: the disk is full or failing ({exc}); free space "
                       f"on the disk holding {folder}. Nothing is lost: crm-syncd goes on from where it stopped")
@@ -265,6 +266,40 @@ def _no_disk(path: Path | str | None, exc: sqlite3.Error) -> StoreError:
 def _damaged(path: Path | str, exc: sqlite3.DatabaseError) -> StoreError:
     return StoreError(f"the state database {path} is damaged ({exc}); crm-syncd will not reset it by itself. "
                       f"Move it aside and run `crm-syncd sync --reconcile` to rebuild it against the CRM.")
+
+
+def _no_access(path: Path, reason: str) -> StoreError:
+    """The state database, a file SQLite keeps beside it, or its folder is not the owner's to write: a
+    `sudo crm-syncd` made it root's, a restore lost its mode, a read-only volume. The words name which."""
+    head = f"cannot open the state database {path} ({reason})"
+    tail = "Nothing is lost: crm-syncd goes on from where it stopped"
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if os.access(file, os.F_OK) and not os.access(file, os.R_OK | os.W_OK):
+            return StoreError(f"{head}: you may not read and write {file}; if a `sudo crm-syncd` made it, give it "
+                              f"back with `sudo chown $USER '{path}'*`, else `chmod u+rw '{file}'`. {tail}")
+    folder = path.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return StoreError(f"{head}: you may not create files in {folder}, where SQLite keeps the database's -wal "
+                          f"and -shm files, even to read it; make it writable for you (`chmod u+rwx '{folder}'`, "
+                          f"or `sudo chown $USER '{folder}'` if a `sudo crm-syncd` made it). {tail}")
+    return StoreError(f"{head}: crm-syncd must be able to read and write it and create files in {folder}. {tail}")
+
+
+def _refused(path: Path | str, exc: sqlite3.Error | OSError) -> StoreError:
+    """Why the state database at `path` cannot be opened or read, in the owner's words: a full or failing
+    disk, a file or folder the owner may not write (SQLite makes its -wal and -shm files beside the
+    database even to read it), or else damage. Only damage gets the advice to move the file aside: on
+    a healthy database that would throw away the ledger and the marks."""
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+            return _no_disk(path, exc)
+        return _no_access(Path(path), exc.strerror or str(exc))
+    if _disk_failed(exc):
+        return _no_disk(path, exc)
+    if (getattr(exc, "sqlite_errorname", None) or "").startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN",
+                                                                   "SQLITE_PERM")):
+        return _no_access(Path(path), str(exc))
+    return _damaged(path, exc)
 
 
 class Item(NamedTuple):
@@ -312,11 +347,11 @@ def now_ms() -> int:
 class Store:
     """Thread-safe access to the state database (one connection, one lock)."""
 
-    def __init__(self, path: Path | str, *, migrate: bool = True) -> None:
+    def __init__(self, path: Path | str, *, migrate: bool = True, reading: bool = False) -> None:
         self.path = Path(path) if path != ":memory:" else None
         self.in_memory = path == ":memory:"  # a dry run's copy too (which names its file): leaves no trace
         self._lock = threading.RLock()
-        self._conn = self._open(path)
+        self._conn = self._open(path, reading=reading)
         self._unattached = True  # a mapping may have been made just before the last process stopped
         self._regrouped = False  # Messages' grouping of addresses changed since `regrouped` was last asked
         if migrate:
@@ -324,13 +359,22 @@ class Store:
 
     # -- opening and migrating -------------------------------------------------------------
 
-    def _open(self, path: Path | str) -> sqlite3.Connection:
+    def _open(self, path: Path | str, *, reading: bool = False) -> sqlite3.Connection:
+        """A connection to the database at `path`; `reading` (for `status`) neither makes the file nor
+        changes its mode, so a file the owner may not write is still read (SQLite opens it read-only)."""
+        target = str(path)
         if path != ":memory:":
             path = Path(path)
-            secure_dir(path.parent)
-            secure_file(path)  # SQLite gives the -wal and -shm files the database's mode
+            try:
+                if reading:
+                    target = path.absolute().as_uri() + "?mode=rw"
+                else:
+                    secure_dir(path.parent)
+                    secure_file(path)  # SQLite gives the -wal and -shm files the database's mode
+            except OSError as exc:  # a `sudo crm-syncd` made it root's, a restore lost its mode, a full disk
+                raise _refused(path, exc) from exc
         try:
-            conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10)
+            conn = sqlite3.connect(target, uri=reading, isolation_level=None, check_same_thread=False, timeout=10)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
@@ -339,7 +383,7 @@ class Store:
             conn.execute("PRAGMA foreign_keys=OFF")
             _check(conn)
         except sqlite3.DatabaseError as exc:
-            raise (_no_disk(path, exc) if _disk_failed(exc) else _damaged(path, exc)) from exc
+            raise _refused(path, exc) from exc
         return conn
 
     @contextmanager
@@ -396,7 +440,7 @@ class Store:
                 source.close()
             _check(copy._conn)
         except sqlite3.DatabaseError as exc:
-            raise _damaged(path, exc) from exc
+            raise _refused(path, exc) from exc
         copy._migrate()
         return copy
 
@@ -405,7 +449,7 @@ class Store:
         """The state database at `path` to read, never migrated in place (the crm-syncd that holds the
         lock, perhaps an older one still running, migrates it): as it is when current, else a copy
         migrated in memory."""
-        store = cls(path, migrate=False)
+        store = cls(path, migrate=False, reading=True)
         try:
             current = store.checked_version() == SCHEMA_VERSION
         except BaseException:

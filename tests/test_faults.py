@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import os
 import random
 import re
 import resource
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -31,7 +33,7 @@ from tests.conftest import CLI
 from tests.harness.chatdb import ChatDB
 from tests.harness.citadel import CitadelServer, Faults
 from tests.harness.library import Library, ago
-from tests.harness.processes import REPO, RunningDaemon, eventually
+from tests.harness.processes import REPO, RunningDaemon, eventually, unprivileged
 
 JANE = "+16135550111"
 BOB = "+19025550122"
@@ -902,6 +904,130 @@ def test_a_foreign_sqlite_file_as_state_database_is_refused(library: Library, ci
         conn.execute("CREATE TABLE notes (body TEXT)")
 
     refused(cli, "not a crm-syncd state database")
+
+
+def _read_only(db: Path) -> None:
+    os.chmod(db, 0o400)  # a restore that lost its mode, a `chmod a-w`
+
+
+def _another_users(db: Path) -> None:
+    os.chown(db, 4242, 4242)  # root's, as a `sudo crm-syncd sync --reconcile` leaves it (the stand-in: any other user)
+
+
+def _owners_again(db: Path) -> None:
+    if os.geteuid() == 0:
+        os.chown(db, 0, 0)
+    os.chmod(db, 0o600)
+
+
+needs_setpriv = pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root without setpriv")
+others = pytest.param(_another_users, id="another user's",
+                      marks=pytest.mark.skipif(os.geteuid() != 0, reason="only root makes a file another user's"))
+
+
+@needs_setpriv
+@pytest.mark.parametrize("make", [pytest.param(_read_only, id="read-only"), others])
+@pytest.mark.parametrize("command", ["sync", "run", "retry-failed"])
+def test_a_state_database_the_owner_may_not_write_is_named_in_one_line_with_the_fix(
+        library: Library, citadel, cli: CLI, home: Path, make, command: str):
+    """It used to end in a traceback (PermissionError), at every start of the agent."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=2))
+    assert cli("sync").code == 0
+    db = state_db(home)
+    make(db)
+    before = db.stat()
+    library.text(JANE, at=ago(hours=1))
+    try:
+        result = cli.run_with_prefix(unprivileged(), command, timeout=60)  # root may write anywhere: drop that
+        after = db.stat()
+    finally:
+        _owners_again(db)
+
+    assert result.code == 2 and "Traceback" not in result.output, result.output[-800:]
+    (line,) = result.stderr.strip().splitlines()
+    assert f"cannot open the state database {db}" in line and f"sudo chown $USER '{db}'*" in line, line
+    assert "damaged" not in line, line
+    assert (after.st_mode, after.st_uid) == (before.st_mode, before.st_uid)  # left as it was
+    assert cli("sync").code == 0  # given back: nothing was lost
+    assert len(citadel.interactions_of(JANE)) == 2
+
+
+@needs_setpriv
+def test_status_reads_a_state_database_it_may_not_write_and_leaves_it_as_it_is(
+        library: Library, citadel, cli: CLI, home: Path):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=1))
+    assert cli("sync").code == 0
+    db = state_db(home)
+    _read_only(db)
+    try:
+        result = cli.run_with_prefix(unprivileged(), "status", "--json")
+        mode = db.stat().st_mode & 0o777
+    finally:
+        _owners_again(db)
+
+    assert result.code == 3, result.output[-800:]  # not running: it only reads, so it reports
+    assert json.loads(result.stdout)["outbox"]["delivered"] == 1
+    assert mode == 0o400
+
+
+@needs_setpriv
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root makes a file another user's")
+@pytest.mark.parametrize("command", [("status",), ("status", "--json"), ("sync", "--dry-run")], ids=" ".join)
+def test_reading_another_users_state_database_names_it_and_the_fix(
+        library: Library, citadel, cli: CLI, home: Path, command):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    assert cli("sync").code == 0
+    db = state_db(home)
+    _another_users(db)
+    try:
+        result = cli.run_with_prefix(unprivileged(), *command)
+    finally:
+        _owners_again(db)
+
+    assert result.code == 2 and "Traceback" not in result.output, result.output[-800:]
+    (line,) = result.stderr.strip().splitlines()
+    assert f"cannot open the state database {db}" in line and f"sudo chown $USER '{db}'*" in line, line
+    assert "damaged" not in line, line
+
+
+@needs_setpriv
+@pytest.mark.parametrize("command", [("status",), ("status", "--json"), ("sync", "--dry-run")], ids=" ".join)
+def test_a_state_folder_crm_syncd_may_not_write_in_is_named_not_the_database_called_damaged(
+        library: Library, citadel, cli: CLI, home: Path, command):
+    """A read-only volume, a folder whose mode a restore lost: SQLite cannot make the -wal and -shm files
+    it needs even to read the database. It used to say "damaged … move it aside", which would throw away
+    the ledger and the marks of a healthy database."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=1))
+    assert cli("sync").code == 0
+    folder = state_db(home).parent
+    os.chmod(folder, 0o500)
+    try:
+        result = cli.run_with_prefix(unprivileged(), *command)
+    finally:
+        os.chmod(folder, 0o700)
+
+    assert result.code == 2 and "Traceback" not in result.output, result.output[-800:]
+    (line,) = result.stderr.strip().splitlines()
+    assert "damaged" not in line and "move it aside" not in line.lower(), line
+    assert f"may not create files in {folder}" in line and f"chmod u+rwx '{folder}'" in line, line
+
+
+@pytest.mark.parametrize("command", [("status",), ("sync", "--dry-run")], ids=" ".join)
+def test_reading_the_state_on_a_full_disk_says_so_instead_of_calling_the_database_damaged(
+        library: Library, citadel: CitadelServer, cli: CLI, home: Path, command):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=3))
+    assert cli("sync").code == 0
+
+    full = subprocess.run([sys.executable, "-m", "crm_syncd", *command], env=cli.env, cwd=REPO, capture_output=True,
+                          text=True, timeout=60,  # too full for SQLite's 32 KiB -shm file
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (32_767, 32_767)))
+
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr
+    assert "the disk is full or failing" in full.stderr and "damaged" not in full.stderr, full.stderr
 
 
 def test_an_empty_state_database_file_is_migrated_to_the_current_schema(
