@@ -6,6 +6,7 @@ The plist template ships inside the package (`crm_syncd/launchd_template.plist`,
 
 from __future__ import annotations
 
+import math
 import os
 import plistlib
 import re
@@ -25,7 +26,7 @@ SYSTEM_PATH = ("/usr/local/bin", "/opt/homebrew/bin", "/usr/bin", "/bin", "/usr/
 FDA_WARNING = ("Full Disk Access belongs to that exact binary: upgrading or reinstalling Python "
                "(or recreating the venv from another Python) revokes it. Grant it again and re-run "
                "`crm-syncd install` after such a change.")
-UNLOAD_MARGIN_S = 5.0  # beyond the daemon's own shutdown deadline, for launchd to see it gone
+STOP_MARGIN_S = 10  # beyond the daemon's own shutdown deadline: for its last writes, and for launchd to see it gone
 SECRET_ENV = ENV_PREFIX + "API_KEY"  # never written into the plist, which others may read
 
 Command = tuple[str, ...]
@@ -95,6 +96,8 @@ def render_plist(settings: Settings, python: str | None = None) -> bytes:
     }
     template = resources.files("crm_syncd").joinpath(TEMPLATE).read_bytes()
     agent = _substitute(plistlib.loads(template), values)
+    # SIGTERM to SIGKILL: launchd's default (20 s) would cut short a longer shutdown deadline
+    agent["ExitTimeOut"] = math.ceil(settings.shutdown_deadline_s) + STOP_MARGIN_S
     environment = agent["EnvironmentVariables"]
     for name, value in sorted(os.environ.items()):  # the agent runs with the settings install was given
         if names_setting(name) and name.upper() != SECRET_ENV:  # the settings read names in any case
@@ -130,7 +133,7 @@ def _bootout(command: Command, settings: Settings) -> None:
     if result.returncode != 0 and not _not_loaded(result):
         detail = (result.stderr or result.stdout).strip() or f"exit {result.returncode}"
         raise LaunchdError(f"{' '.join(command)} failed: {detail}")
-    deadline = time.monotonic() + settings.shutdown_deadline_s + UNLOAD_MARGIN_S
+    deadline = time.monotonic() + settings.shutdown_deadline_s + STOP_MARGIN_S
     while _is_loaded() and time.monotonic() < deadline:  # bootout returns before launchd is done
         time.sleep(0.1)
 

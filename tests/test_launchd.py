@@ -178,6 +178,16 @@ def test_rendered_plist_runs_this_interpreter_as_a_background_agent(settings):
     assert not re.search(r"@[A-Z_]+@", render_plist(settings).decode())  # no placeholder left
 
 
+@pytest.mark.parametrize(("deadline", "kill_after"), [(10, 20), (45.5, 56)])
+def test_launchd_gives_the_daemon_its_whole_shutdown_deadline_and_then_some_before_killing_it(
+        home, deadline, kill_after):
+    settings = Settings(shutdown_deadline_s=deadline)
+
+    agent = plistlib.loads(render_plist(settings))
+
+    assert agent["ExitTimeOut"] == kill_after
+
+
 def test_rendered_plist_escapes_odd_paths_and_takes_a_given_interpreter(home):
     s = Settings(state_dir=home / "a & <b>")
     agent = plistlib.loads(render_plist(s, python="/opt/py 3/bin/python3"))
