@@ -925,6 +925,14 @@ others = pytest.param(_another_users, id="another user's",
                       marks=pytest.mark.skipif(os.geteuid() != 0, reason="only root makes a file another user's"))
 
 
+def named_with_the_fix(result, db: Path) -> None:
+    """One line, exit 2: the state database, and how to give it back to the owner; never "damaged"."""
+    assert result.code == 2 and "Traceback" not in result.output, result.output[-800:]
+    (line,) = result.stderr.strip().splitlines()
+    assert f"cannot open the state database {db}" in line and f"sudo chown $USER '{db}'*" in line, line
+    assert "damaged" not in line, line
+
+
 @needs_setpriv
 @pytest.mark.parametrize("make", [pytest.param(_read_only, id="read-only"), others])
 @pytest.mark.parametrize("command", ["sync", "run", "retry-failed"])
@@ -944,10 +952,7 @@ def test_a_state_database_the_owner_may_not_write_is_named_in_one_line_with_the_
     finally:
         _owners_again(db)
 
-    assert result.code == 2 and "Traceback" not in result.output, result.output[-800:]
-    (line,) = result.stderr.strip().splitlines()
-    assert f"cannot open the state database {db}" in line and f"sudo chown $USER '{db}'*" in line, line
-    assert "damaged" not in line, line
+    named_with_the_fix(result, db)
     assert (after.st_mode, after.st_uid) == (before.st_mode, before.st_uid)  # left as it was
     assert cli("sync").code == 0  # given back: nothing was lost
     assert len(citadel.interactions_of(JANE)) == 2
@@ -986,10 +991,7 @@ def test_reading_another_users_state_database_names_it_and_the_fix(
     finally:
         _owners_again(db)
 
-    assert result.code == 2 and "Traceback" not in result.output, result.output[-800:]
-    (line,) = result.stderr.strip().splitlines()
-    assert f"cannot open the state database {db}" in line and f"sudo chown $USER '{db}'*" in line, line
-    assert "damaged" not in line, line
+    named_with_the_fix(result, db)
 
 
 @needs_setpriv
