@@ -211,17 +211,13 @@ class Daemon:
                          self.settings.max_wait_ms / 1000) for s in SOURCES}
         self._probes = probes = {s: Probe(self.engine.readers[s].path) for s in SOURCES}
 
-        def hint(source: str) -> None:
-            if probes[source].changed():
+        def hint(source: str, written: bool = False) -> None:
+            """Read `source` if it changed, by a stat, or if a watch reported a write to it, whatever a
+            stat says (HFS+ keeps mtimes to the second, and a WAL reused from its start keeps its size)."""
+            if probes[source].changed() or written:  # always probed: the safety probe looks for what no event reported
                 debouncers[source].poke()
 
-        def written(source: str) -> None:
-            """A write the watch reported: read, whatever a stat says (HFS+ keeps mtimes to the second,
-            and a WAL reused from its start keeps its size)."""
-            probes[source].changed()  # seen: what the safety probe finds changed next, no event reported
-            debouncers[source].poke()
-
-        watcher = Watcher({s: self.engine.readers[s].path for s in SOURCES}, written, loop)
+        watcher = Watcher({s: self.engine.readers[s].path for s in SOURCES}, hint, loop)
 
         def look_again() -> None:
             """The safety net: watches a lost folder took with it are made anew, every source is probed,

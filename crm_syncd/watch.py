@@ -102,11 +102,14 @@ class Debouncer:
             await self.action()
 
 
+WRITES = frozenset({"created", "modified", "moved", "deleted"})  # a file's content changed: read it
+# Other events are hints a Probe weighs: `closed` (SQLite opens a -wal read-write even to read from it,
+# so crm-syncd's own reads close one), `attrib` (a chmod giving access back; SQLite's fchown under root).
 NOT_WRITES = frozenset({"opened", "closed_no_write"})  # a file opened or read: no database changed
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, directory: Path, names: dict[str, str], notify: Callable[[str], None],
+    def __init__(self, directory: Path, names: dict[str, str], notify: Callable[[str, bool], None],
                  lost: Callable[[Path], None]) -> None:
         self.directory = directory
         self.real = directory.resolve()  # what is watched, and what its events name (a linked folder too)
@@ -123,7 +126,7 @@ class _Handler(FileSystemEventHandler):
         for path in (event.src_path, getattr(event, "dest_path", "")):
             source = self.names.get(os.path.basename(os.fsdecode(path))) if path else None
             if source:
-                self.notify(source)
+                self.notify(source, event.event_type in WRITES)
 
 
 class _Lookout(FileSystemEventHandler):
@@ -136,7 +139,8 @@ class _Lookout(FileSystemEventHandler):
 
 
 class Watcher:
-    """Calls `on_hint(source)` on the event loop when a watched database or its -wal is written.
+    """Calls `on_hint(source, written)` on the event loop when a watched database or its -wal is written
+    (`written`), or may have changed.
 
     A directory not there yet (no call history on this Mac so far) is looked out for from its
     nearest existing ancestor, non-recursively, and from its target's when it is a symbolic link
@@ -145,11 +149,11 @@ class Watcher:
     looked out for again: at once when its watch reports it, else at the next `refresh`.
     """
 
-    def __init__(self, databases: dict[str, Path], on_hint: Callable[[str], None],
+    def __init__(self, databases: dict[str, Path], on_hint: Callable[[str, bool], None],
                  loop: asyncio.AbstractEventLoop) -> None:
         self.observer = Observer()
         self.on_hint = on_hint
-        self._notify = lambda source: loop.call_soon_threadsafe(on_hint, source)
+        self._notify = lambda source, written: loop.call_soon_threadsafe(on_hint, source, written)
         self._refresh_soon = lambda: loop.call_soon_threadsafe(self.refresh)
         self._lost_soon = lambda directory: loop.call_soon_threadsafe(self.refresh, directory)
         self._missing: dict[Path, dict[str, str]] = {}  # directory not there yet -> its names
@@ -195,7 +199,7 @@ class Watcher:
                 self._watch(directory, names)
                 log.info("watch.appeared", directory=str(directory))
                 for source in set(names.values()):
-                    self.on_hint(source)
+                    self.on_hint(source, False)
             self._look_out()
 
     def renew(self, database: Path) -> None:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
 
 from crm_syncd.daemon import Lock
 from crm_syncd.crm import occurred_iso
@@ -717,6 +719,33 @@ def test_a_write_a_stat_cannot_see_is_read_when_its_event_comes(library: Library
     eventually(lambda: len(citadel.interactions_of(JANE)) == 32, timeout=5, what="the second text, from its event")
 
 
+def test_the_daemon_is_quiet_after_a_text_its_own_reads_set_off_no_further_read(
+        library: Library, citadel, daemon_env: CLI, daemon):
+    """SQLite opens a -wal read-write even to read it: each read by crm-syncd closes one (a `closed`
+    event, and an `attrib` one under root), which is no write, and must not set off the next read."""
+    daemon_env.env.update(CRM_SYNCD_SAFETY_PROBE_S="300", CRM_SYNCD_CONTACTS_RESCAN_S="300")
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    daemon()
+    library.text(JANE)
+    eventually(lambda: len(citadel.interactions_of(JANE)) == 1, timeout=10, what="the text")
+    reads = Counter()
+
+    class Reads(FileSystemEventHandler):  # every connection to chat.db opens its -wal
+        def on_opened(self, event) -> None:
+            reads[os.path.basename(event.src_path)] += 1
+
+    observer = Observer()
+    observer.schedule(Reads(), str(library.messages_db.parent))
+    observer.start()
+    try:
+        time.sleep(3)  # nothing is written meanwhile: the absence of reads takes a while to see
+    finally:
+        observer.stop()
+        observer.join()
+
+    assert reads["chat.db-wal"] <= 1, f"chat.db read {reads['chat.db-wal']} times in 3 s, nothing written"
+
+
 def test_a_watch_that_missed_a_write_is_made_anew_by_the_safety_probe(
         library: Library, citadel, daemon_env: CLI, daemon, tmp_path: Path):
     """~/Library/Messages on an external drive, linked back: the drive is ejected and mounted again
@@ -1232,7 +1261,7 @@ def test_reading_a_chat_db_messages_had_closed_is_no_change_for_its_probe(librar
 @asynccontextmanager
 async def watching(databases: dict[str, Path], hinted: list[str]) -> AsyncIterator[Watcher]:
     """A started Watcher that appends its hints to `hinted`, stopped afterwards."""
-    watcher = Watcher(databases, hinted.append, asyncio.get_running_loop())
+    watcher = Watcher(databases, lambda source, written: hinted.append(source), asyncio.get_running_loop())
     watcher.start()
     try:
         yield watcher
