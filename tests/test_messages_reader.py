@@ -10,6 +10,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -118,6 +119,48 @@ def test_chat_with_unknown_style_is_a_group_when_it_has_several_participants(db)
     db.message(chat, 0, from_me=True, at=AT, guid="X")
 
     assert sorted(a.key for a in read(db).activities) == ["msg:X:+15551230001", "msg:X:+15551230002"]
+
+
+def membership_event(db: ChatDB, group: int, other: int, *, added: bool, at: datetime,
+                     date_unit: Literal["s", "ns"] | None = None) -> int:
+    """A "You added/removed …" row in `group` (item_type 1); chat_handle_join already holds the change."""
+    rowid = db.message(group, 0, from_me=True, at=at, item_type=1, text=None, date_unit=date_unit)
+    db.conn.execute("UPDATE message SET group_action_type = ?, other_handle = ? WHERE ROWID = ?",
+                    (0 if added else 1, other, rowid))
+    return rowid
+
+
+def recipients(batch) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for a in batch.activities:
+        guid = a.key.split(":")[1]
+        out.setdefault(guid, []).append(a.address)
+    return {guid: sorted(addresses) for guid, addresses in out.items()}
+
+
+def test_a_membership_event_at_the_same_instant_as_a_group_text_is_ordered_by_rowid(db):
+    """Cat is added at AT: a text dated AT written before the event did not reach her, one written after did;
+    one dated a second earlier and written after did not either."""
+    ann, cat = db.handle("+15551230001"), db.handle("+15551230003")
+    group = db.chat([ann, cat], group=True)  # today's members
+    db.message(group, 0, from_me=True, at=AT, guid="SAME-BEFORE")
+    membership_event(db, group, cat, added=True, at=AT)
+    db.message(group, 0, from_me=True, at=AT, guid="SAME-AFTER")
+    db.message(group, 0, from_me=True, at=AT - timedelta(seconds=1), guid="EARLIER")
+
+    assert recipients(read(db)) == {"SAME-BEFORE": ["+15551230001"], "SAME-AFTER": ["+15551230001", "+15551230003"],
+                                    "EARLIER": ["+15551230001"]}
+
+
+def test_a_membership_event_and_a_group_text_in_different_date_units_are_ordered_by_their_dates(db):
+    """An event dated in nanoseconds and texts dated in seconds (a database holding both units)."""
+    ann, bob = db.handle("+15551230001"), db.handle("+15551230002")
+    group = db.chat([ann], group=True)  # Bob was removed at AT
+    membership_event(db, group, bob, added=False, at=AT, date_unit="ns")
+    db.message(group, 0, from_me=True, at=AT - timedelta(seconds=1), date_unit="s", guid="BEFORE")
+    db.message(group, 0, from_me=True, at=AT + timedelta(seconds=1), date_unit="s", guid="AFTER")
+
+    assert recipients(read(db)) == {"BEFORE": ["+15551230001", "+15551230002"], "AFTER": ["+15551230001"]}
 
 
 def test_group_without_participants_gives_no_counterpart(db):

@@ -203,6 +203,50 @@ def test_an_old_group_message_goes_to_the_members_it_was_sent_to_not_todays(libr
         "Dan Fox": {"TEXT_OUTBOUND": 1}}
 
 
+def test_a_send_later_group_text_goes_to_the_members_of_when_it_was_sent_not_when_it_was_scheduled(
+        library: Library, citadel, cli: CLI):
+    """At 10:00 the owner schedules a group text for 18:00 (Send Later): Messages writes its row then,
+    dated 18:00. At 14:00 the owner adds Carol and removes Bob (rows written after the text's). At 18:00
+    it goes to Jane and Carol, not Bob."""
+    for first, last, phone in (("Jane", "Doe", JANE), ("Bob", "Roe", BOB), ("Carol", "Poe", CAROL)):
+        library.card(first=first, last=last, phones=[phone])
+    library.group_text([JANE, BOB], sender=JANE, at=ago(days=1))
+    chat = library._chats[tuple(sorted([JANE, BOB]))]
+    library.chat.message(chat=chat, from_me=True, at=ago(hours=1))  # 18:00, written at 10:00
+    bob, carol = library.chat.handle(BOB), library.chat.handle(CAROL)
+    library.chat.conn.execute("INSERT INTO chat_handle_join (chat_id, handle_id) VALUES (?, ?)", (chat, carol))
+    group_event(library, chat, item_type=1, action=0, handle=0, other=carol, at=ago(hours=5))  # 14:00
+    library.chat.conn.execute("DELETE FROM chat_handle_join WHERE chat_id = ? AND handle_id = ?", (chat, bob))
+    group_event(library, chat, item_type=1, action=1, handle=0, other=bob, at=ago(hours=5))
+
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert {name: kinds(citadel, name) for name in ("Jane Doe", "Bob Roe", "Carol Poe")} == {
+        "Jane Doe": {"TEXT_INBOUND": 1, "TEXT_OUTBOUND": 1}, "Bob Roe": {}, "Carol Poe": {"TEXT_OUTBOUND": 1}}
+
+
+def test_a_group_text_delivered_late_goes_to_the_members_of_its_date(library: Library, citadel, cli: CLI):
+    """Carol was added two days ago and Bob removed yesterday; iCloud then delivers a group text of mine
+    from three days ago (a higher ROWID than both events, an older date): Jane and Bob got it, not Carol."""
+    for first, last, phone in (("Jane", "Doe", JANE), ("Bob", "Roe", BOB), ("Carol", "Poe", CAROL)):
+        library.card(first=first, last=last, phones=[phone])
+    library.group_text([JANE, BOB], sender=JANE, at=ago(days=4))
+    chat = library._chats[tuple(sorted([JANE, BOB]))]
+    bob, carol = library.chat.handle(BOB), library.chat.handle(CAROL)
+    library.chat.conn.execute("INSERT INTO chat_handle_join (chat_id, handle_id) VALUES (?, ?)", (chat, carol))
+    group_event(library, chat, item_type=1, action=0, handle=0, other=carol, at=ago(days=2))
+    library.chat.conn.execute("DELETE FROM chat_handle_join WHERE chat_id = ? AND handle_id = ?", (chat, bob))
+    group_event(library, chat, item_type=1, action=1, handle=0, other=bob, at=ago(days=1))
+    library.chat.message(chat=chat, from_me=True, at=ago(days=3))  # delivered late
+
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert {name: kinds(citadel, name) for name in ("Jane Doe", "Bob Roe", "Carol Poe")} == {
+        "Jane Doe": {"TEXT_INBOUND": 1, "TEXT_OUTBOUND": 1}, "Bob Roe": {"TEXT_OUTBOUND": 1}, "Carol Poe": {}}
+
+
 def test_an_el_capitan_group_message_reaches_a_member_removed_since(home, citadel):
     lib = Library.create(home, chat_version="el-capitan")
     try:

@@ -108,7 +108,7 @@ class MessagesReader(sqlite.SourceReader):
                 skipped[GROUP_OUTGOING] += 1
                 continue
             else:  # group, outgoing: one Activity per participant (as the group was when it was sent)
-                parties = maps.events.members_at(chat_id, rowid, parties)
+                parties = maps.events.members_at(chat_id, occurred, rowid, parties)
                 for address, person, country in parties:
                     add(new(Activity, (f"msg:{guid}:{address}", address, TEXT_OUTBOUND, occurred, None, person, country)))
                 if parties:
@@ -150,27 +150,34 @@ class _Maps(NamedTuple):
 class _MembershipEvents:
     """A group's members when one of its messages was sent: `chat_handle_join` holds today's only, so
     the events since (someone added or removed, item_type 1; someone left, item_type 3) are undone,
-    newest first. Each chat's events are read once per session, when it first needs them."""
+    newest first. "Since" goes by date, not ROWID: a Send Later text's row is written when it is
+    scheduled and dated when it is sent, and iCloud delivers old rows late. Events and messages of one
+    instant (the same millisecond) go by ROWID. Each chat's events are read once per session, when it
+    first needs them, and sorted then."""
 
     def __init__(self, conn: sqlite3.Connection, handles: dict[int, Party]) -> None:
         self._conn, self._handles = conn, handles
         self._able: bool | None = None  # whether message has the event columns: probed when first needed
-        self._chats: dict[int, list[tuple[int, bool, Party]]] = {}  # chat -> (ROWID, added?, who), oldest first
+        # chat -> (Unix ms as for messages, ROWID, added?, who), oldest first (ROWIDs are unique: the
+        # tuples never compare further, and (ms, ROWID) bisects them)
+        self._chats: dict[int, list[tuple[int, int, bool, Party]]] = {}
 
-    def members_at(self, chat: int, rowid: int, parties: tuple[Party, ...]) -> tuple[Party, ...]:
+    def members_at(self, chat: int, occurred_ms: int, rowid: int, parties: tuple[Party, ...]) -> tuple[Party, ...]:
         events = self._of(chat)
-        later = events[bisect.bisect_right(events, rowid, key=_ROWID):]
+        if not events:
+            return parties
+        later = events[bisect.bisect_right(events, (occurred_ms, rowid)):]
         if not later:
             return parties
         members = {party[0]: party for party in parties}
-        for _rowid, added, party in reversed(later):
+        for _ms, _rowid, added, party in reversed(later):
             if added:
                 members.pop(party[0], None)
             else:
                 members.setdefault(party[0], party)
         return tuple(members.values())
 
-    def _of(self, chat: int) -> list[tuple[int, bool, Party]]:
+    def _of(self, chat: int) -> list[tuple[int, int, bool, Party]]:
         if (events := self._chats.get(chat)) is not None:
             return events
         events = self._chats[chat] = []
@@ -178,10 +185,10 @@ class _MembershipEvents:
             self._able = {"item_type", "group_action_type", "other_handle"} <= sqlite.columns(self._conn, "message")
         if not self._able:
             return events
-        for rowid, item_type, action, handle, other in self._conn.execute(
-                "SELECT m.ROWID, m.item_type, m.group_action_type, m.handle_id, m.other_handle "
+        for rowid, date, item_type, action, handle, other in self._conn.execute(
+                "SELECT m.ROWID, m.date, m.item_type, m.group_action_type, m.handle_id, m.other_handle "
                 "FROM chat_message_join j JOIN message m ON m.ROWID = j.message_id "
-                "WHERE j.chat_id = ? AND m.item_type IN (1, 3) ORDER BY m.ROWID", (chat,)):
+                "WHERE j.chat_id = ? AND m.item_type IN (1, 3)", (chat,)):
             if item_type == 1 and action in (0, 1) and other != handle:  # the same: a member changed number
                 who, added = other, action == 0
             elif item_type == 3 and action == 0 and handle:  # a member left (handle 0: the owner did)
@@ -189,7 +196,10 @@ class _MembershipEvents:
             else:
                 continue
             if (party := self._handles.get(who)) is not None:
-                events.append((rowid, added, party))
+                date = date if isinstance(date, int) else 0  # none: taken as older than every message
+                events.append(((date // 1_000_000 if date > NS_THRESHOLD else date * 1000) + EPOCH_MS,
+                               rowid, added, party))
+        events.sort()
         return events
 
 
