@@ -388,7 +388,8 @@ class Daemon:
                 self.engine.back_off(exc.retry_after)
                 await self._sleep(self.engine.backoff_left())
                 continue
-            await self._wait_work(self.settings.safety_probe_s)
+            # writes a previous process left unsure are looked up once they can no longer be on their way
+            await self._wait_work(self.engine.recover_in() or self.settings.safety_probe_s)
 
     async def _timers(self, look_again: Callable[[], None]) -> None:
         """Safety-net probes, wake-from-sleep detection and the AddressBook rescan."""

@@ -884,14 +884,15 @@ class Store:
         return [Item(*r) for r in rows]
 
     def last_claim_ms(self) -> int | None:
-        """When the newest `sending` item was claimed (its request left then, or just after), or
-        abandoned at a stop (its request left by then)."""
+        """When the newest `sending` item was claimed (its request left then, or just after), or its
+        request left, when that was long after (`leaving`)."""
         return self._one("SELECT MAX(updated_ms) FROM outbox WHERE state = 'sending'")
 
-    def abandoned(self) -> None:
-        """A stop abandons the requests under way: every `sending` item's request left by now."""
+    def leaving(self, items: Sequence[Item]) -> None:
+        """These items' requests leave now, long after their claim (held back by a back-off)."""
         with self.transaction() as tx:
-            tx.execute("UPDATE outbox SET updated_ms = ? WHERE state = 'sending'", (now_ms(),))
+            tx.conn.executemany("UPDATE outbox SET updated_ms = ? WHERE id = ? AND state = 'sending'",
+                                [(now_ms(), item.id) for item in items])
 
     def settle(self, delivered: Sequence[tuple[Item, int]] = (), failed: Sequence[tuple[Item, str]] = (),
                retry: Sequence[tuple[Item, str | None]] = ()) -> int:

@@ -1385,6 +1385,65 @@ def test_writes_a_stop_abandoned_in_a_crm_slower_than_the_request_timeout_are_lo
     assert sorted(landed) == sorted(map(iso, moments)) and set(landed.values()) == {1}
 
 
+def test_writes_sent_after_a_back_off_are_waited_for_by_a_restart_right_after_a_crash(
+        library: Library, citadel: CitadelServer, daemon_env: CLI, home: Path):
+    """The CRM asks for 12 s (a 429), then sits 3 s on each write: the texts claimed before the back-off
+    leave after it. Killed meanwhile (a crash; launchd starts it again at once), the restart waits for
+    those writes from when they left, not from their claim 12 s earlier: each text reaches the CRM once."""
+    daemon_env.env.update(CRM_SYNCD_REQUEST_TIMEOUT_S="5")
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    moments = [ago(hours=5 - n) for n in range(5)]
+    for at in moments:
+        library.text(JANE, at=at)
+    route = ("/api/contacts/:id/interactions",)
+    citadel.faults = Faults(rate=1.0, kinds=("429",), retry_after="12", limit=5, routes=route)
+    first = RunningDaemon(daemon_env, home)
+    try:
+        eventually(lambda: citadel.faults.fired["429"] == 5, what="the CRM asking for 12 s")
+        slow = citadel.faults = Faults(rate=1.0, kinds=("slow",), slow_s=3.0, routes=route)
+        eventually(lambda: slow.fired["slow"] == 5, timeout=30, what="the five writes inside the CRM")
+    finally:
+        first.stop(signal.SIGKILL)
+    citadel.faults = Faults()  # quick again; the five still land, 3 s after they came
+
+    second = RunningDaemon(daemon_env, home)
+    try:
+        eventually(lambda: second.events("push.recovered"), timeout=30, what="the recovery")
+    finally:
+        second.stop(signal.SIGKILL)
+    eventually(lambda: citadel.serving == 0, what="every write the CRM received, landed")
+
+    landed = Counter(i["occurredAt"] for i in citadel.interactions_of(JANE))
+    assert sorted(landed) == sorted(map(iso, moments)) and set(landed.values()) == {1}, dict(landed)
+    assert second.events("push.recovered")[-1]["adopted"] == 5
+
+
+def test_new_texts_do_not_wait_behind_the_look_up_of_a_write_a_stop_abandoned(
+        library: Library, citadel: CitadelServer, daemon_env: CLI, home: Path):
+    """`crm-syncd install` (SIGTERM, then a start) while Jane's text hangs in the CRM: the restart looks
+    it up only two request timeouts after it left. Bob's text, written meanwhile, cannot be a copy of
+    it: it goes at once, and Jane's once looked up."""
+    daemon_env.env.update(CRM_SYNCD_SHUTDOWN_DEADLINE_S="1", CRM_SYNCD_REQUEST_TIMEOUT_S="4")
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.card(first="Bob", last="Roe", phones=[BOB])
+    library.text(JANE, at=ago(minutes=5))
+    hang = citadel.faults = Faults(rate=1.0, kinds=("timeout",), hold_s=30, routes=("/api/contacts/:id/interactions",))
+    first = RunningDaemon(daemon_env, home)
+    eventually(lambda: hang.fired["timeout"] == 1, what="Jane's text hanging in the CRM")
+    assert first.stop() == 0
+    citadel.faults = Faults()
+
+    second = RunningDaemon(daemon_env, home)
+    try:
+        library.text(BOB)
+
+        eventually(lambda: len(citadel.interactions_of(BOB)) == 1, timeout=3, what="Bob's text, at once")
+        assert not second.events("push.recovered")  # Jane's write is not looked up yet
+        eventually(lambda: len(citadel.interactions_of(JANE)) == 1, timeout=20, what="Jane's text, looked up")
+    finally:
+        second.stop(signal.SIGKILL)
+
+
 @pytest.mark.parametrize("fault", ["500-after-write", "504-after-write", "500-after-write-truncated"])
 def test_a_contact_whose_create_answer_was_lost_is_still_crm_syncds_and_follows_card_edits(
         library: Library, citadel: CitadelServer, cli: CLI, fault: str):

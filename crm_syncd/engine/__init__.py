@@ -167,6 +167,9 @@ class Engine:
     def backoff_left(self) -> float:
         return self.pusher.backoff_left()
 
+    def recover_in(self) -> float:
+        return self.pusher.recover_in()
+
     async def _refresh_contacts(self) -> None:
         await self.sync_contacts()
         await self.resolve()

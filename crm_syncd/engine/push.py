@@ -26,6 +26,7 @@ from crm_syncd.watch import wait_event
 log = get_logger("crm_syncd.engine")
 
 BACKOFF_BASE_S = 0.5
+LATE_SEND_S = 1.0  # an item sent this long after its claim has its request's time recorded
 BACKOFF_CAP_S = 15.0  # the longest a returning CRM waits for us
 SYNC_WAIT_MAX_S = 60.0  # a one-shot delivery the CRM asks to wait longer ends, keeping the rest queued
 DEDUPE_RECHECK_MS = 3_600_000  # a contact found to need no look-up before sends is looked at again hourly
@@ -64,6 +65,8 @@ class Pusher:
         self._twins_landed: dict[Twins, int] = {}
         self._twins_unsure: set[Twins] = set()
         self._look_first = False  # every item is looked for in the CRM before it is sent (a restored state)
+        self._claimed: dict[int, float] = {}  # outbox id -> when it was claimed (monotonic), until it is sent
+        self._recover_at = 0.0  # when the writes left `sending` may be looked up (monotonic; 0: not reckoned yet)
         self._backoff_until = 0.0
         self._backoff_since = 0.0  # when the current round of failures began
         self._failures_in_row = 0
@@ -118,7 +121,8 @@ class Pusher:
         self._adopted.clear()  # the last pass's adoptions are in the ledger now, or still `sending` and looked up anew
         self._same_contact.clear()  # a CRM restored from a backup may have given a contact's id to another since
         self._look_first = self.store.get(LOOK_FIRST) is not None
-        if not await self._recover(report):
+        self._claimed.clear()
+        if not await self._recover(report, wait=stop is None):  # the daemon delivers new items meanwhile
             return report
         workers = [asyncio.create_task(worker()) for _ in range(limit)]
         last_settle = time.monotonic()
@@ -135,14 +139,15 @@ class Pusher:
                     await self._resolve_fresh()
                 if queue.qsize() < limit:  # at most 3 × limit `sending` at once, as many as a crash leaves to look up
                     for item in self.store.claim(2 * limit - queue.qsize()):
+                        self._claimed[item.id] = time.monotonic()
                         queue.put_nowait(item)
                 if queue.empty() and not busy:
                     if self.contacts_stale:  # a contact vanished: match its items afresh
                         await self._refresh_contacts()
                         continue
                     if self.store.sending():  # unsure writes: look them up, then resend what is missing
-                        if not await self._recover(report):
-                            break
+                        if not await self._recover(report, wait=stop is None) or self.recover_in():
+                            break  # the CRM failed again, or not yet: the daemon comes back for them then
                         continue
                     break
                 await woken(min(1.0, max(0.05, self.backoff_left())))  # no busy waking while everything waits
@@ -154,8 +159,6 @@ class Pusher:
                 await woken(min(0.1, deadline - time.monotonic()))
             for task in workers:
                 task.cancel()  # an abandoned request stays `sending`: the next start looks it up
-            if busy:  # as of now: it may have left long after its claim (a back-off), and may still land
-                self.store.abandoned()
             self._settle(outcomes, report)
             if unsent:
                 self.store.settle(retry=[(item, None) for item in unsent])
@@ -205,6 +208,8 @@ class Pusher:
                 existing = await self._find_in_crm(item)
                 if existing is not None:
                     return "adopted", item, existing
+            if time.monotonic() - self._claimed.pop(item.id, 0.0) > LATE_SEND_S:  # held back (a back-off)
+                self.store.leaving([item])  # a restart after a crash waits for its write from now, not its claim
             created = await self.crm.create_interaction(item.contact_id, payload)
         except crmlib.Rejected as exc:
             return "failed", item, exc.reason
@@ -318,16 +323,29 @@ class Pusher:
 
     # -- exactly-once helpers -------------------------------------------------------------
 
-    async def _recover(self, report: PushReport) -> bool:
-        """Settle items a previous process left `sending`: adopt what reached the CRM, requeue the rest."""
+    def recover_in(self) -> float:
+        """Seconds until the writes left `sending` by a previous process may be looked up (0: now)."""
+        return max(0.0, self._recover_at - time.monotonic())
+
+    async def _recover(self, report: PushReport, *, wait: bool = True) -> bool:
+        """Settle items a previous process left `sending`: adopt what reached the CRM, requeue the rest.
+        A request sent lately (a crash, then a quick restart) may still be on its way into the CRM, and
+        looking now could miss it and send it again: that is waited out, or, without `wait`, left for
+        later (`recover_in`) while other items go; their twins wait with them."""
         self._twins_unsure.clear()  # each `sending` item is looked up now
         leftovers = self.store.sending()
         if not leftovers:
             return True
-        # A request sent less than a timeout ago (a crash, then a quick restart) may still be on its
-        # way into the CRM: looking now could miss it and send it again.
-        await outlast_request(self.settings.request_timeout_s, self.store.last_claim_ms() or 0, "push.recover_waits",
-                              items=len(leftovers))
+        if not self._recover_at:  # reckoned once for them: a clock set back meanwhile must not stretch it
+            self._recover_at = time.monotonic() + outlasted_in(self.settings.request_timeout_s,
+                                                               self.store.last_claim_ms() or 0)
+        if left := self.recover_in():
+            log.info("push.recover_waits", seconds=round(left, 1), items=len(leftovers))
+            if not wait:
+                self._twins_unsure.update(twins for item in leftovers if (twins := _twins_of(item)))
+                return True
+            await asyncio.sleep(left)
+        self._recover_at = 0.0  # looked up now: the next leftovers are reckoned afresh
         self._day_cache.clear()  # listings taken before these writes may predate them
         adopted, requeue, failed, complete = [], [], [], True
         for item in leftovers:
@@ -428,11 +446,16 @@ def _twins_of(item: Item) -> Twins | None:
     return None if shared is None else (item.contact_id, shared)
 
 
+def outlasted_in(timeout: float, sent_ms: int) -> float:
+    """Seconds until a request sent at `sent_ms` (wall clock) can no longer be on its way into the CRM:
+    it is given as long as a live one (its `timeout`, then as long again for the CRM to finish a write
+    it had received: `Pusher._unsure`), and never longer (the clock may have been set back since)."""
+    return max(0.0, min(2 * timeout, sent_ms / 1000 + 2 * timeout - time.time()))
+
+
 async def outlast_request(timeout: float, sent_ms: int, event: str, **fields: Any) -> None:
-    """Wait until a request sent at `sent_ms` (wall clock) can no longer be on its way into the CRM:
-    as long as a live request is given (its `timeout`, then as long again for the CRM to finish a write
-    it had received: `Push._unsure`), and never longer (the clock may have been set back since)."""
-    if (wait := min(2 * timeout, sent_ms / 1000 + 2 * timeout - time.time())) > 0:
+    """Wait until a request sent at `sent_ms` can no longer be on its way into the CRM (`outlasted_in`)."""
+    if wait := outlasted_in(timeout, sent_ms):
         log.info(event, seconds=round(wait, 1), **fields)
         await asyncio.sleep(wait)
 
