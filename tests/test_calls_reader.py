@@ -157,6 +157,16 @@ def test_a_full_windowed_page_only_counts_old_calls_it_passed(store):
     assert (rest.activities, rest.last_rowid, rest.rows, rest.skipped) == ([], 5, 1, {"before-window": 1})
 
 
+
+def test_calls_above_window_until_are_read_whatever_their_date(store):
+    for day in (40, 0, 40, 40):
+        store.call(ALICE, AT - timedelta(days=day))
+    store.commit()
+    batch = CallsReader(store.path).read(since_ms=AT_MS - 1000, window_until=3)
+    assert (len(batch.activities), batch.last_rowid, batch.rows) == (2, 4, 4)
+    assert batch.skipped == {"before-window": 2}
+
+
 # -- addresses (reference 2.4) --------------------------------------------------------------------
 
 def test_address_may_be_stored_as_bytes_or_as_text(store):

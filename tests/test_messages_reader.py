@@ -322,6 +322,23 @@ def test_since_ms_with_every_row_before_the_window_still_moves_the_mark_to_the_n
     assert (batch.activities, batch.skipped, batch.last_rowid, batch.rows) == ([], {"before-window": 4}, rowids[-1], 4)
 
 
+
+def test_since_ms_up_to_window_until_drops_only_earlier_messages_at_or_below_it(db):
+    ann = db.handle("+15551230001")
+    chat = db.chat([ann])
+    db.message(chat, ann, at=AT - timedelta(days=30))
+    db.message(chat, ann, at=AT, guid="NEW")
+    until = db.message(chat, ann, at=AT - timedelta(days=30))
+    db.message(chat, ann, at=AT - timedelta(days=30), guid="LATE-S", date_unit="s")  # arrived after that read
+    last = db.message(chat, ann, at=AT - timedelta(days=30), guid="LATE-NS")
+
+    batch = read(db, since_ms=AT_MS - 123, window_until=until)
+
+    assert [a.key for a in batch.activities] == ["msg:NEW", "msg:LATE-S", "msg:LATE-NS"]
+    assert batch.skipped == {"before-window": 2}
+    assert (batch.last_rowid, batch.rows) == (last, 5)
+
+
 # -- counterparts -----------------------------------------------------------------------------
 
 def test_email_handles_are_reported_exactly_as_stored(db):

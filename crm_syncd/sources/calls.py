@@ -36,13 +36,13 @@ class CallsReader(sqlite.SourceReader):
     SEQUENCE = ("Z_PRIMARYKEY", "SELECT Z_MAX FROM Z_PRIMARYKEY WHERE Z_NAME = 'CallRecord'")  # Core Data's
 
     def _read(self, db: sqlite.Database, conn: sqlite3.Connection, after_rowid: int, limit: int,
-              since_ms: int | None) -> tuple[Batch, bool]:
+              since_ms: int | None, window_until: int | None) -> tuple[Batch, bool]:
         cols = self._columns(db, conn)
         missing = [c for c in REQUIRED if c not in cols]
         if missing:
             raise sqlite.SourceError(f"{self.path}: ZCALLRECORD lacks {', '.join(missing) or 'everything'}")
-        rows = conn.execute(_select(cols, since_ms is not None), {
-            "after": after_rowid, "limit": limit, "since": since_ms,
+        rows = conn.execute(_select(cols, since_ms is not None, window_until is not None), {
+            "after": after_rowid, "limit": limit, "since": since_ms, "window_until": window_until,
             "now": time.time_ns() // 1_000_000}).fetchall()
         batch = _activities(db, conn, rows)
         batch.last_rowid = rows[-1][0] if rows else after_rowid
@@ -50,7 +50,7 @@ class CallsReader(sqlite.SourceReader):
         return batch, len(rows) == limit
 
 
-def _select(cols: frozenset[str], windowed: bool) -> str:
+def _select(cols: frozenset[str], windowed: bool, bounded: bool = False) -> str:
     """One SELECT: Z_PK, key, occurred_ms, skip reason, CRM type, duration_s, raw ZADDRESS, its country,
     and whether the phone screened the call out."""
     def col(name: str) -> str:
@@ -74,7 +74,8 @@ def _select(cols: frozenset[str], windowed: bool) -> str:
     # blocked, or silenced (Silence Unknown Callers, a call-blocking app): the phone kept it from the owner
     f = col("ZFILTERED_OUT_REASON")
     screened = f"(NOT {originated} AND typeof({f}) = 'integer' AND {f} != 0)"
-    window = f"AND ({occurred} IS NULL OR {occurred} >= :since)" if windowed else ""
+    beyond = "Z_PK > :window_until OR " if bounded else ""  # calls above it are past the window
+    window = f"AND ({beyond}{occurred} IS NULL OR {occurred} >= :since)" if windowed else ""
     return (f"SELECT Z_PK, {key}, {occurred}, {skip}, {kind}, {duration}, {col('ZADDRESS')}, "
             f"UPPER({col('ZISO_COUNTRY_CODE')}), {screened} "
             f"FROM ZCALLRECORD WHERE Z_PK > :after {window} ORDER BY Z_PK LIMIT :limit")

@@ -64,13 +64,13 @@ class MessagesReader(sqlite.SourceReader):
                                stop=self._stop)
 
     def _read(self, db: sqlite.Database, conn: sqlite3.Connection, after_rowid: int, limit: int,
-              since_ms: int | None) -> tuple[Batch, bool]:
+              since_ms: int | None, window_until: int | None) -> tuple[Batch, bool]:
         cols = self._columns(db, conn)
         if missing := [c for c in REQUIRED if c not in cols]:
             raise sqlite.SourceError(f"{self.path}: message table lacks {', '.join(missing)}")
         join_cols = db.remembered("chat_message_join", lambda: sqlite.columns(conn, "chat_message_join"))
         deleted = db.remembered("recently_deleted", lambda: "message_id" in sqlite.columns(conn, RECENTLY_DELETED))
-        sql, params = _select(cols, join_cols, deleted, since_ms)
+        sql, params = _select(cols, join_cols, deleted, since_ms, window_until)
         params |= {"after": after_rowid, "limit": limit}
         rows = conn.execute(sql, params).fetchall()
         full = len(rows) == limit
@@ -251,7 +251,7 @@ def _chats(conn: sqlite3.Connection, handles: dict[int, Party]
 
 
 def _select(cols: frozenset[str], join_cols: frozenset[str], deleted: bool,
-            since_ms: int | None) -> tuple[str, dict[str, int]]:
+            since_ms: int | None, window_until: int | None = None) -> tuple[str, dict[str, int]]:
     """The one SELECT over message: ROWID, guid, date, is_from_me, handle_id, chat_id, skip reason.
 
     Date rules compare the raw column against thresholds pre-computed in both units, so SQLite
@@ -283,7 +283,11 @@ def _select(cols: frozenset[str], join_cols: frozenset[str], deleted: bool,
     if since_ms is not None:
         after = since_ms - EPOCH_MS
         params |= {"since_ns": after * 1_000_000, "since_s": -(-after // 1000)}
-        window = ("AND (m.date IS NULL OR m.date = 0 OR "
+        beyond = ""
+        if window_until is not None:  # rows above it are past the window, whatever their date
+            params["window_until"] = window_until
+            beyond = "m.ROWID > :window_until OR "
+        window = (f"AND ({beyond}m.date IS NULL OR m.date = 0 OR "
                   "m.date >= CASE WHEN m.date > :ns THEN :since_ns ELSE :since_s END)")
     joined = {"chat_id", "message_id"} <= join_cols
     chat, join = (("j.chat_id", "LEFT JOIN chat_message_join j ON j.message_id = m.ROWID") if joined

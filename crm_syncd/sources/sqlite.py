@@ -225,15 +225,17 @@ class SourceReader:
         finally:
             bound._db.close()
 
-    def read(self, after_rowid: int = 0, limit: int = 5000, since_ms: int | None = None) -> Batch:
+    def read(self, after_rowid: int = 0, limit: int = 5000, since_ms: int | None = None,
+             window_until: int | None = None) -> Batch:
         """Rows past `after_rowid` (at most `limit` examined), as Activities.
 
         `since_ms` (Unix ms) drops rows dated earlier; they count as `before-window`, and the
-        batch still advances `last_rowid` over them.
+        batch still advances `last_rowid` over them. With `window_until` it drops only rows at or
+        below that ROWID: those above it are read whatever their date.
         """
         if limit < 1:
             raise ValueError("limit must be at least 1")
-        return retrying(self._reading, self._batch, after_rowid, limit, since_ms, stop=self._stop)
+        return retrying(self._reading, self._batch, after_rowid, limit, since_ms, window_until, stop=self._stop)
 
     def newest_rowid(self) -> int:
         """The highest ROWID (0 for an empty database)."""
@@ -265,7 +267,7 @@ class SourceReader:
         return []
 
     def _read(self, db: Database, conn: sqlite3.Connection, after_rowid: int, limit: int,
-              since_ms: int | None) -> tuple[Batch, bool]:
+              since_ms: int | None, window_until: int | None) -> tuple[Batch, bool]:
         """The batch of the rows the main SELECT returned, and whether it returned `limit` of them."""
         raise NotImplementedError
 
@@ -276,9 +278,9 @@ class SourceReader:
             return fn(db, conn, *args)
 
     def _batch(self, db: Database, conn: sqlite3.Connection, after_rowid: int, limit: int,
-               since_ms: int | None) -> Batch:
+               since_ms: int | None, window_until: int | None) -> Batch:
         with _gc_paused():
-            batch, full = self._read(db, conn, after_rowid, limit, since_ms)
+            batch, full = self._read(db, conn, after_rowid, limit, since_ms, window_until)
         if since_ms is not None:  # rows the window dropped were examined too
             examined, highest = conn.execute(
                 f"SELECT COUNT(*), MAX({self.ROWID}) FROM {self.TABLE} WHERE {self.ROWID} > ? AND {self.ROWID} <= ?",
