@@ -3,7 +3,8 @@
 - `marks`: per-source high-water marks (chat.db ROWID, CallHistory Z_PK), the file identity
   they were taken against, and the anchor: the own id (guid, ZUNIQUE_ID) of the row at the mark,
   which tells a rebuilt file that reuses the inode and the ROWID from the one the mark was taken in;
-  and, until a first sync's pass is complete, its lookback window (rows above the mark obey it too).
+  and, until a first sync's pass is complete, its lookback window (rows above the mark obey it too,
+  up to the last row a pass held by a send under way read: those that came later are new history).
 - `outbox`: every interaction ever extracted. It moves pending → sending → delivered (with the
   CRM id) or failed (with the reason); `held` waits for a contact. Delivered rows are the
   ledger: a unique `key` and a unique fingerprint (counterpart, type, and `occurred_ms`: a text's
@@ -47,7 +48,7 @@ from typing import Any, NamedTuple
 
 from crm_syncd.settings import secure_dir, secure_file
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 APPLICATION_ID = 0x43524D53  # "CRMS": tells our database from any other SQLite file
 
 MIGRATIONS: dict[int, str] = {
@@ -202,6 +203,13 @@ MIGRATIONS: dict[int, str] = {
     11: """
     INSERT OR REPLACE INTO kv (key, value) VALUES ('reread', '["messages", "calls"]');
     """,
+    # A first sync that read every row but waits for a send keeps its lookback window only for the rows it
+    # read: the mark names the last one. Rows that come after it (an old conversation iCloud delivers late)
+    # are new history, read whatever their date. A mark without it (a pass stopped part-way, or one an
+    # earlier version held) keeps the window for every row above it until a pass reads to the end.
+    12: """
+    ALTER TABLE marks ADD COLUMN window_until INTEGER;
+    """,
 }
 REREAD = "reread"  # kv: sources whose rows behind the mark are read once more over the lookback window
 INSTANCE, GENERATION = "instance", "generation"  # kv: this state's id, and how many passes wrote to the CRM
@@ -332,6 +340,7 @@ class Mark(NamedTuple):
     file_id: str | None
     anchor: str | None = None
     window_ms: int | None = None  # an unfinished lookback pass's window: rows above the mark obey it too
+    window_until: int | None = None  # ... up to this row, the last that pass read (None: every row)
 
 
 @dataclass
@@ -499,8 +508,8 @@ class Store:
     def mark(self, source: str) -> Mark | None:
         """Where the last extraction from `source` stopped, or None before the first."""
         with self._lock:
-            row = self._conn.execute("SELECT rowid, file_id, anchor, window_ms FROM marks WHERE source = ?",
-                                     (source,)).fetchone()
+            row = self._conn.execute("SELECT rowid, file_id, anchor, window_ms, window_until FROM marks "
+                                     "WHERE source = ?", (source,)).fetchone()
         return Mark(*row) if row else None
 
     def mark_details(self, source: str) -> dict[str, Any] | None:
@@ -530,9 +539,11 @@ class Store:
             if hints and _put_hints(tx.conn, hints):
                 self._regrouped = True
             tx.execute(
-                "INSERT INTO marks (source, rowid, file_id, anchor, window_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?) "
+                "INSERT INTO marks (source, rowid, file_id, anchor, window_ms, window_until, updated_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(source) DO UPDATE SET rowid = excluded.rowid, file_id = excluded.file_id, "
-                "anchor = excluded.anchor, window_ms = excluded.window_ms, updated_ms = excluded.updated_ms",
+                "anchor = excluded.anchor, window_ms = excluded.window_ms, window_until = excluded.window_until, "
+                "updated_ms = excluded.updated_ms",
                 (source, *mark, stamp),
             )
         return Enqueued(added, len(items) - added)

@@ -58,9 +58,35 @@ def test_a_version_2_state_database_keeps_its_ledger_and_marks_and_still_refuses
     assert store.mark("messages") == Mark(44, "1:2", "C")
 
 
+def test_a_version_11_mark_keeps_its_lookback_window_for_every_row_above_it(tmp_path):
+    """Version 11 kept no last row read with a mark's window: the window holds for every row above it, as
+    it did, until a pass reads to the end."""
+    conn = state_db_at(tmp_path / "state.db", 11)
+    conn.execute("INSERT INTO marks (source, rowid, file_id, anchor, window_ms, updated_ms) "
+                 "VALUES ('messages', 41, '1:2', 'A', 1700000000000, 0)")
+    conn.commit()
+    conn.close()
+
+    store = Store(tmp_path / "state.db")
+
+    assert store.mark("messages") == Mark(41, "1:2", "A", 1700000000000, None)
+    store.enqueue("messages", [], Mark(41, "1:2", "A", 1700000000000, 57))
+    assert store.mark("messages") == Mark(41, "1:2", "A", 1700000000000, 57)
+
+
+def as_version_11_left_it(state_db: Path) -> None:
+    """The state database as crm-syncd 11 kept it: a mark's lookback window held for every row above it."""
+    conn = sqlite3.connect(state_db)
+    conn.execute("ALTER TABLE marks DROP COLUMN window_until")
+    conn.execute("PRAGMA user_version = 11")
+    conn.commit()
+    conn.close()
+
+
 def as_version_9_left_it(state_db: Path) -> None:
     """The state database as crm-syncd 9 kept it: one `written` per contact, the card's fields and the
     fields the CRM refused not recorded apart."""
+    as_version_11_left_it(state_db)
     conn = sqlite3.connect(state_db)
     # what it recorded for a contact it wrote was the card's fields (the CRM's for a field it refused)
     conn.execute("UPDATE contacts SET written = card WHERE card IS NOT NULL AND (left_out IS NULL OR left_out = '{}')")
@@ -287,6 +313,7 @@ def test_a_text_from_a_number_version_10_took_for_invalid_arrives_at_the_first_s
     assert cli("sync").code == 0
     library.text("+5215512345678", at=ago(days=40), rowid=2)  # behind the mark, older than all it queued: skipped
     state = home / "Library" / "Application Support" / "crm-syncd" / "state.db"
+    as_version_11_left_it(state)
     conn = sqlite3.connect(state)
     conn.execute("PRAGMA user_version = 10")
     conn.close()
