@@ -433,6 +433,61 @@ def test_a_first_sync_waiting_for_a_send_resumes_just_before_it_and_keeps_its_lo
     assert engine.extract("messages").added == 1
 
 
+def test_a_first_sync_waiting_for_a_send_keeps_its_lookback_only_for_the_rows_it_read(library: Library, tmp_path):
+    """It read every row there was: history iCloud brings in afterwards is new, taken whatever its date, while
+    the send waits and once it is done; the row beyond the lookback it read stays out."""
+    engine = extraction(library, tmp_path / "state")
+    library.text(JANE, at=ago(days=2))
+    sending = library.text(JANE, from_me=True, is_sent=0, at=ago(seconds=30))
+    library.text(JANE, at=ago(days=3 * 365))
+    first = engine.extract("messages")
+    assert (first.added, first.held, first.skipped["before-window"]) == (1, True, 1)
+
+    library.text(JANE, at=ago(days=400))  # delivered late
+    waiting = engine.extract("messages")
+    library.chat.finish_sending(sending)
+    library.text(JANE, at=ago(days=500))
+    sent = engine.extract("messages")
+
+    assert (waiting.added, waiting.skipped["before-window"]) == (1, 1)
+    assert (sent.added, sent.held, sent.skipped["before-window"]) == (2, False, 1)
+    assert engine.store.mark("messages").window_ms is None
+
+
+def test_a_first_sync_waiting_for_a_send_and_stopped_part_way_keeps_its_lookback_for_every_row(
+        library: Library, tmp_path):
+    """Stopped before it read every row, it has not seen the old ones above: the next pass reads them as
+    the first sync would have."""
+    engine = extraction(library, tmp_path / "state", batch_size=2)
+    library.text(JANE, at=ago(days=2))
+    library.text(JANE, from_me=True, is_sent=0, at=ago(seconds=30))
+    library.text(JANE, at=ago(hours=5))
+    library.text(JANE, at=ago(days=3 * 365))  # beyond the lookback, not read yet
+
+    stopped = engine.extract("messages", progress=lambda rows: engine.stopping.set())
+    rest = extraction(library, tmp_path / "state", batch_size=2).extract("messages")
+
+    assert (stopped.rows, stopped.added, stopped.held) == (2, 1, True)
+    assert (rest.added, rest.skipped["before-window"]) == (1, 1)
+
+
+@pytest.mark.parametrize(("days", "read"), [(7, 0), (450, 1)])
+def test_a_days_run_does_not_step_over_history_that_came_after_a_waiting_first_sync(
+        library: Library, tmp_path, days: int, read: int):
+    """`--days N`, narrower or wider than the first sync's lookback, reads its own N days; the older history
+    delivered late is left to the next run."""
+    engine = extraction(library, tmp_path / "state")
+    library.text(JANE, at=ago(days=2))
+    sending = library.text(JANE, from_me=True, is_sent=0, at=ago(seconds=30))
+    engine.extract("messages")
+    library.text(JANE, at=ago(days=400))  # delivered late
+    library.text(JANE, at=ago(days=500))
+    library.chat.finish_sending(sending)
+
+    assert engine.extract("messages", days=days).added == 1 + read
+    assert engine.extract("messages").added == 2 - read
+
+
 def test_a_run_with_more_days_than_a_waiting_first_sync_reads_them(library: Library, tmp_path):
     engine = extraction(library, tmp_path / "state")
     library.text(JANE, at=ago(days=100))

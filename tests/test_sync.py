@@ -1899,6 +1899,77 @@ def test_a_first_sync_that_waits_for_a_send_keeps_its_lookback_window(library: L
     assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1, "TEXT_OUTBOUND": 1}
 
 
+@pytest.mark.parametrize("waiting", ["being sent", "send later"])
+def test_old_history_delivered_after_a_first_sync_that_waits_for_a_send_arrives(
+        library: Library, citadel, cli: CLI, waiting: str, tmp_path):
+    """A first sync held by a text still being sent (or a Send Later text) has read every row there was:
+    its lookback window is for those rows only. An older conversation iCloud delivers afterwards is new
+    history, taken like any row past the mark, before and after the text is sent; the three-year-old row
+    the first sync read stays out."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.card(first="Bob", last="Roe", phones=[BOB])
+    library.text(JANE, at=ago(days=2))
+    at = ago(minutes=1) if waiting == "being sent" else ago(hours=-30)
+    sending = library.text(JANE, from_me=True, is_sent=0, at=at)
+    library.text(JANE, at=ago(days=3 * 365))  # beyond the 365-day lookback, read by the first sync
+    assert cli("sync").code == 0
+    library.text(BOB, at=ago(days=400))  # iCloud brings an older conversation in late
+    library.text(BOB, from_me=True, at=ago(days=400, hours=-1))
+
+    waited = cli("sync")
+    assert waited.code == 0, waited.output
+    assert kinds(citadel, "Bob Roe") == {"TEXT_INBOUND": 1, "TEXT_OUTBOUND": 1}, waited.output
+    if waiting == "send later":
+        cli.set_clock(tmp_path / "clock-offset", 31 * 3600)  # its time comes
+    library.chat.finish_sending(sending)
+    assert cli("sync").code == 0
+    library.text(BOB, at=ago(days=500))  # and more of it, once the text is sent
+    assert cli("sync").code == 0
+
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1, "TEXT_OUTBOUND": 1}
+    assert kinds(citadel, "Bob Roe") == {"TEXT_INBOUND": 2, "TEXT_OUTBOUND": 1}
+
+
+def test_old_history_read_while_a_text_is_being_sent_is_not_stepped_over_once_it_is_sent(
+        library: Library, citadel, cli: CLI):
+    """The first sync waits for a text being sent; an old conversation arrives before the next run,
+    which still waits; once the text is sent, the run that moves the mark past that history sends it."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.card(first="Bob", last="Roe", phones=[BOB])
+    library.text(JANE, at=ago(days=2))
+    sending = library.text(JANE, from_me=True, is_sent=0, at=ago(minutes=1))
+    assert cli("sync").code == 0
+    library.text(BOB, at=ago(days=400))
+    assert cli("sync").code == 0
+    library.chat.finish_sending(sending)
+
+    sent = cli("sync")
+    assert cli("sync").code == 0
+
+    assert sent.code == 0, sent.output
+    assert kinds(citadel, "Bob Roe") == {"TEXT_INBOUND": 1}, sent.output
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1, "TEXT_OUTBOUND": 1}
+
+
+def test_old_calls_delivered_after_a_first_sync_held_by_a_call_ahead_of_the_clock_arrive(
+        library: Library, citadel, cli: CLI):
+    """Calls share the extractor: a call dated days ahead (a clock that was wrong) holds the first sync's
+    mark; an old call iCloud delivers afterwards is still taken, one older than the lookback read by the
+    first sync is not."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.card(first="Bob", last="Roe", phones=[BOB])
+    library.call(JANE, answered=True, duration=30, at=ago(days=2))
+    library.call(JANE, answered=True, duration=30, at=ago(days=-5))  # ahead of the clock: read again later
+    library.call(JANE, answered=True, duration=30, at=ago(days=3 * 365))
+    assert cli("sync").code == 0
+    library.call(BOB, answered=True, duration=40, at=ago(days=400))
+
+    assert cli("sync").code == 0
+
+    assert kinds(citadel, "Jane Doe") == {"CALL_INBOUND": 1}
+    assert kinds(citadel, "Bob Roe") == {"CALL_INBOUND": 1}
+
+
 @pytest.mark.parametrize("window", [["--days", "7"], ["--full", "--days", "7"]])
 def test_a_windowed_sync_leaves_older_rows_above_the_mark_to_the_next_sync(
         library: Library, citadel, cli: CLI, window: list[str]):

@@ -99,13 +99,20 @@ class Extractor:
                 window = None
             else:  # the one a lookback pass that stopped part-way left in the mark
                 window = mark.window_ms
+            # ... and the last row it is for: rows past it came after a lookback pass had read every row (held
+            # by a send under way), new history whatever its date (None: every row, as in a pass stopped part-way)
+            until = mark.window_until if resumed and window is not None else None
+            window_until = None
             if since is None:  # rows past the mark obey the window (--days N reads its own N days)
-                since = window
-            narrower = since is not None and (window is None or since > window)
+                since, window_until = window, until
+            # rows above the mark this read leaves out that the next must see: a window narrower than the mark's,
+            # or one on the rows past the mark's last row, which obey none
+            narrower = since is not None and (window is None or since > window
+                                              or (until is not None and window_until is None))
             kept = mark._replace(file_id=current_file) if resumed else Mark(0, current_file, None, window)
             held = False  # once a row must be read again, the mark moves no further in this read
             while not self.stopping.is_set():
-                batch = session.read(after, limit=self.settings.batch_size, since_ms=since)
+                batch = session.read(after, limit=self.settings.batch_size, since_ms=since, window_until=window_until)
                 if batch.rows == 0 and batch.last_rowid <= after:
                     break
                 if rereading and batch.fanned_out:
@@ -121,9 +128,9 @@ class Extractor:
                     held = True
                     if kept.rowid < batch.unsettled - 1:  # with its row's anchor (tells a rebuild)
                         kept = Mark(batch.unsettled - 1, current_file, session.anchor(batch.unsettled - 1),
-                                    kept.window_ms)
+                                    kept.window_ms, kept.window_until)
                 elif batch.last_rowid >= floor:  # --full behind the mark keeps it (floor is 0 without one)
-                    kept = Mark(batch.last_rowid, current_file, batch.anchor, window)
+                    kept = Mark(batch.last_rowid, current_file, batch.anchor, window, until)
                 result = self.store.enqueue(source, items, kept, hints, batch.screened)
                 report.rows += batch.rows
                 report.added += result.added
@@ -140,7 +147,11 @@ class Extractor:
             # a complete pass: every row has met the window (an empty source keeps no mark: its first rows
             # still get a first sync)
             if kept.window_ms is not None and not held and kept.rowid > 0 and not self.stopping.is_set():
-                self.store.enqueue(source, [], kept._replace(window_ms=None))
+                self.store.enqueue(source, [], kept._replace(window_ms=None, window_until=None))
+            # one that read every row but must read some again (a send under way): the window is for the rows
+            # there were; those that come later (old history iCloud delivers late) are taken whatever their date
+            elif kept.window_ms is not None and held and kept.window_until is None and not self.stopping.is_set():
+                self.store.enqueue(source, [], kept._replace(window_until=after))
             if reread and not self.stopping.is_set():  # once: a pass stopped part-way reads again next time
                 self.store.reread_done(source)
         report.held = held
