@@ -25,7 +25,7 @@ from crm_syncd.engine import SOURCES, ContactsReport, Engine, PlaceholdersReport
 from crm_syncd.settings import (API_KEY_PLACES, ConfigError, Settings, config_warnings, load_settings,
                                 ready_folder, where_set)
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError
-from crm_syncd.store import SCHEMA_VERSION, Store, StoreError
+from crm_syncd.store import SCHEMA_VERSION, Store, StoreError, state_exists
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -141,7 +141,7 @@ def _sync(*, contacts_only: bool, interactions_only: bool, dry_run: bool, known_
 def _open_store(settings: Settings, dry_run: bool) -> Store:
     if not dry_run:
         return Store(settings.state_db)
-    return Store.copy_in_memory(settings.state_db) if settings.state_db.exists() else Store.memory()
+    return Store.copy_in_memory(settings.state_db) if state_exists(settings.state_db) else Store.memory()
 
 
 async def _sync_async(settings: Settings, store: Store, *, contacts_only: bool, interactions_only: bool,

@@ -24,7 +24,7 @@ import httpx
 from crm_syncd import __version__, crm as crmlib
 from crm_syncd.engine import CONTACTS_PROBLEMS, SOURCES, Engine
 from crm_syncd.logs import get_logger
-from crm_syncd.settings import Settings, secure_dir
+from crm_syncd.settings import Settings, folder_refusal, secure_dir
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError
 from crm_syncd.store import Store, StoreError, now_ms
 from crm_syncd.watch import Debouncer, Probe, Watcher, wait_event
@@ -98,6 +98,9 @@ class Lock:
         except FileNotFoundError:
             return None
         except OSError as exc:  # another user's (a `sudo crm-syncd sync` made it), or a folder it may not enter
+            folder = self.path.parent
+            if not os.access(folder, os.X_OK) and (refusal := folder_refusal(folder)):  # not the file's fault
+                raise StoreError(f"cannot read the state folder {folder}: {refusal}") from exc
             raise StoreError(f"cannot read the lock file {self.path}: {exc.strerror}; if a `sudo crm-syncd` made "
                              f"it, remove it (`sudo rm '{self.path}'`) while crm-syncd is stopped") from exc
         try:

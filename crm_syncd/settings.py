@@ -390,6 +390,23 @@ def space_problem(path: Path) -> str | None:
     return None
 
 
+def folder_refusal(path: Path) -> str | None:
+    """Why the owner may not enter the existing folder `path` or create files in it, with the fix; None
+    if they may (or it is missing). The first `sudo crm-syncd` makes the state folder root's (0700):
+    every command names it in these words, and none blames a file in it (removing one would not help)."""
+    try:
+        owner = os.stat(path).st_uid
+        if os.access(path, os.W_OK | os.X_OK) or os.statvfs(path).f_flag & os.ST_RDONLY:
+            return None  # a read-only volume: no chown or chmod helps, the caller's own words say so
+    except OSError:
+        return None  # missing, or beyond a folder one may not enter: the caller's own words say why
+    doing = "create files in" if os.access(path, os.X_OK) else "enter"
+    if owner != os.geteuid():
+        return (f"{path} is another user's and you may not {doing} it; if a `sudo crm-syncd` made it, give it "
+                f"back with `sudo chown -R $USER '{path}'`")
+    return f"you may not {doing} {path}; make it writable for you (`chmod u+rwx '{path}'`)"
+
+
 def ready_folder(settings: Settings, field: str) -> Path:
     """The folder setting `field` names, made (private) if missing; ConfigError naming the setting,
     the folder and the reason when it cannot be made or written in (say, a volume not mounted)."""
@@ -402,7 +419,7 @@ def ready_folder(settings: Settings, field: str) -> Path:
             problem = exc.strerror or str(exc)
     if problem is not None:
         source = _source_of(field, {}, *read_config_file())
-        raise ConfigError(f"cannot use {field} {path} ({source}): {problem}")
+        raise ConfigError(f"cannot use {field} {path} ({source}): {folder_refusal(path) or problem}")
     return path
 
 

@@ -20,7 +20,7 @@ from crm_syncd.sources import AHEAD, contacts as contacts_source
 from crm_syncd.sources.calls import CallsReader
 from crm_syncd.sources.messages import MessagesReader
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError, SourceMissing
-from crm_syncd.store import LOOK_FIRST, Store, now_ms
+from crm_syncd.store import LOOK_FIRST, Store, now_ms, state_exists
 
 HEALTHY, DEGRADED, NOT_RUNNING = 0, 1, 3
 STALL_MS = 180_000  # rows waiting and the mark unmoved this long: the lag is growing
@@ -106,9 +106,10 @@ async def _crm_answers(settings: Settings) -> tuple[bool, crmlib.CRMError | None
 
 def gather(settings: Settings) -> dict[str, Any]:
     """The daemon's state as a plain dict (the `status --json` document)."""
+    present = state_exists(settings.state_db)  # first: a state folder one may not enter is named as `sync` names it
     holder = Lock(settings.lock_path).held_by_other()  # the daemon, or a one-shot `sync`
     running = holder is not None and holder[1] == "run"
-    store = Store.for_reading(settings.state_db) if settings.state_db.exists() else None
+    store = Store.for_reading(settings.state_db) if present else None
     try:
         beat = (store.get("daemon") if store else None) or {}
         marks = {s: store.mark_details(s) if store else None for s in ("messages", "calls")}

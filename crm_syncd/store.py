@@ -46,7 +46,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from crm_syncd.settings import secure_dir, secure_file
+from crm_syncd.settings import folder_refusal, secure_dir, secure_file
 
 SCHEMA_VERSION = 12
 APPLICATION_ID = 0x43524D53  # "CRMS": tells our database from any other SQLite file
@@ -286,11 +286,20 @@ def _no_access(path: Path, reason: str) -> StoreError:
             return StoreError(f"{head}: you may not read and write {file}; if a `sudo crm-syncd` made it, give it "
                               f"back with `sudo chown $USER '{path}'*`, else `chmod u+rw '{file}'`. {tail}")
     folder = path.parent
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return StoreError(f"{head}: you may not create files in {folder}, where SQLite keeps the database's -wal "
-                          f"and -shm files, even to read it; make it writable for you (`chmod u+rwx '{folder}'`, "
-                          f"or `sudo chown $USER '{folder}'` if a `sudo crm-syncd` made it). {tail}")
+    if refusal := folder_refusal(folder):
+        where = ("SQLite makes the database's -wal and -shm files beside it even to read it, and "
+                 if os.access(folder, os.X_OK) else "")
+        return StoreError(f"{head}: {where}{refusal}. {tail}")
     return StoreError(f"{head}: crm-syncd must be able to read and write it and create files in {folder}. {tail}")
+
+
+def state_exists(path: Path) -> bool:
+    """Whether the state database at `path` exists (for the commands that only read it: `status`, `sync
+    --dry-run`); a StoreError with the fix when its folder is not the owner's to enter."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        raise _refused(path, exc) from exc
 
 
 def _refused(path: Path | str, exc: sqlite3.Error | OSError) -> StoreError:

@@ -1017,6 +1017,30 @@ def test_a_state_folder_crm_syncd_may_not_write_in_is_named_not_the_database_cal
     assert f"may not create files in {folder}" in line and f"chmod u+rwx '{folder}'" in line, line
 
 
+@needs_setpriv
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root makes a folder another user's")
+@pytest.mark.parametrize("command", [("status",), ("status", "--json"), ("sync", "--dry-run"), ("sync",),
+                                     ("retry-failed",), ("run",)], ids=" ".join)
+def test_a_state_folder_a_sudo_run_left_roots_is_named_with_its_fix_by_every_command(
+        library: Library, citadel, cli: CLI, home: Path, command):
+    """The first `sudo crm-syncd sync` makes the whole state folder root's (0700). `status` and `sync
+    --dry-run` used to end in a traceback (PermissionError) or tell the owner to remove the lock file, which
+    cannot help: the folder stays closed to them."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=3))
+    assert cli("sync").code == 0
+    folder = state_db(home).parent
+    os.chown(folder, 4242, 4242)  # root's, as a `sudo crm-syncd` leaves it (the stand-in: any other user's)
+    try:
+        result = cli.run_with_prefix(unprivileged(), *command, timeout=60)
+    finally:
+        os.chown(folder, 0, 0)
+
+    assert result.code == 2 and "Traceback" not in result.output, result.output[-800:]
+    (line,) = result.stderr.strip().splitlines()
+    assert f"sudo chown -R $USER '{folder}'" in line and "crm-syncd.lock" not in line, line
+
+
 @pytest.mark.parametrize("command", [("status",), ("sync", "--dry-run")], ids=" ".join)
 def test_reading_the_state_on_a_full_disk_says_so_instead_of_calling_the_database_damaged(
         library: Library, citadel: CitadelServer, cli: CLI, home: Path, command):
