@@ -80,11 +80,22 @@ class Lock:
         self._fd = fd
 
     def _unwritable(self, exc: OSError) -> StoreError:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return self._not_yours(exc, "write")
         message = f"cannot write the lock file {self.path}: {exc.strerror}"
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
             message += (f"; free space on the disk holding {self.path.parent}. Nothing is lost: crm-syncd goes on "
                         "from where it stopped")
         return StoreError(message)
+
+    def _not_yours(self, exc: OSError, doing: str) -> StoreError:
+        """The lock file, or its folder, is another user's (a `sudo crm-syncd` made it): which, and the fix.
+        Only a file in a folder the owner may enter is theirs to remove."""
+        folder = self.path.parent
+        if not os.access(folder, os.X_OK) and (refusal := folder_refusal(folder)):
+            return StoreError(f"cannot use the state folder {folder}: {refusal}")
+        return StoreError(f"cannot {doing} the lock file {self.path}: {exc.strerror}; if a `sudo crm-syncd` made "
+                          f"it, remove it (`sudo rm '{self.path}'`) while crm-syncd is stopped")
 
     def release(self) -> None:
         if self._fd is not None:
@@ -98,11 +109,7 @@ class Lock:
         except FileNotFoundError:
             return None
         except OSError as exc:  # another user's (a `sudo crm-syncd sync` made it), or a folder it may not enter
-            folder = self.path.parent
-            if not os.access(folder, os.X_OK) and (refusal := folder_refusal(folder)):  # not the file's fault
-                raise StoreError(f"cannot read the state folder {folder}: {refusal}") from exc
-            raise StoreError(f"cannot read the lock file {self.path}: {exc.strerror}; if a `sudo crm-syncd` made "
-                             f"it, remove it (`sudo rm '{self.path}'`) while crm-syncd is stopped") from exc
+            raise self._not_yours(exc, "read") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -824,17 +824,21 @@ def test_a_second_run_is_refused_at_once(library: Library, daemon, daemon_env: C
 
 
 @pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root without setpriv")
-def test_status_with_a_lock_file_it_may_not_read_names_it_in_one_line(library: Library, citadel, cli: CLI, home):
-    """A `sudo crm-syncd sync` once left the lock file root's (0600): `status` says which file and what to
-    do, exit 2, as `sync` does, instead of a traceback."""
+@pytest.mark.parametrize("command", ["status", "retry-failed", "sync", "run"])
+def test_a_lock_file_it_may_not_use_is_named_in_one_line_with_its_fix(
+        library: Library, citadel, cli: CLI, home, command: str):
+    """A `sudo crm-syncd sync` in the folder `crm-syncd install` made left the lock file root's (0600): every
+    command says which file and what to do, exit 2, instead of a traceback (`status`) or the file's name
+    alone (`sync`, `run`)."""
     assert cli("sync").code == 0
     lock = home / STATE_DIR / "crm-syncd.lock"
     os.chmod(lock, 0)
 
-    result = cli.run_with_prefix(unprivileged(), "status")
+    result = cli.run_with_prefix(unprivileged(), command, timeout=60)
 
     assert result.code == 2 and "Traceback" not in result.output, result.output
-    assert f"cannot read the lock file {lock}" in result.stderr, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert f"the lock file {lock}" in line and f"sudo rm '{lock}'" in line, line
 
 
 def test_a_sync_meeting_the_daemon_is_told_to_stop_it_and_one_meeting_another_sync_to_wait_for_it(
