@@ -205,10 +205,15 @@ class Watcher:
     def renew(self, database: Path) -> None:
         """Watch a database's folder anew: the safety probe found a write no event reported. A volume
         unmounted and mounted again leaves a watch that hears nothing and still looks alive."""
-        if (directory := database.parent) in self._names:
-            log.info("watch.renewed", directory=str(directory), reason="a write no event reported")
-            self._lose(directory, quietly=True)
-            self.refresh()
+        directory = database.parent
+        if directory not in self._names or not directory.is_dir():  # not watched, or gone: `refresh`'s to see
+            return
+        log.info("watch.renewed", directory=str(directory), reason="a write no event reported")
+        watch, _ = self._watches.pop(directory)
+        self.observer.unschedule(watch)
+        self._lookouts.discard(directory)  # a lookout on the same folder went with it: made anew below
+        self._watch(directory, self._names[directory])
+        self._look_out()
 
     def _watch(self, directory: Path, names: dict[str, str]) -> None:
         self._schedule(_Handler(directory, names, self._notify, self._lost_soon), directory)
@@ -227,7 +232,7 @@ class Watcher:
             return True
         return any(e.watch == watch and e.is_alive() for e in self.observer.emitters)
 
-    def _lose(self, directory: Path, *, quietly: bool = False) -> None:
+    def _lose(self, directory: Path) -> None:
         """Stop watching a directory that is gone or replaced; a database directory is looked out for again.
 
         Unscheduling removes every handler on that path, a lookout's too: both are scheduled anew.
@@ -237,8 +242,7 @@ class Watcher:
         self._lookouts.discard(directory)
         if (names := self._names.pop(directory, None)) is not None:
             self._missing[directory] = names
-            if not quietly:
-                log.warning("watch.lost", directory=str(directory))
+            log.warning("watch.lost", directory=str(directory))
 
     def _look_out(self) -> None:
         """Watch the nearest existing ancestor of each missing directory for its next step down.
