@@ -138,18 +138,32 @@ def recipients(batch) -> dict[str, list[str]]:
     return {guid: sorted(addresses) for guid, addresses in out.items()}
 
 
-def test_a_membership_event_at_the_same_instant_as_a_group_text_is_ordered_by_rowid(db):
-    """Cat is added at AT: a text dated AT written before the event did not reach her, one written after did;
-    one dated a second earlier and written after did not either."""
+def test_a_membership_event_and_a_group_text_as_close_as_two_clocks_go_in_the_order_they_were_written(db):
+    """Cat is added at AT, on a device whose clock is ahead of the Mac's or behind it: a text written
+    before the event did not reach her, one written after did, within a minute either way of its date.
+    Further apart, the dates decide: a text dated two minutes before the event, written after it (late
+    from iCloud), did not reach her."""
     ann, cat = db.handle("+15551230001"), db.handle("+15551230003")
     group = db.chat([ann, cat], group=True)  # today's members
-    db.message(group, 0, from_me=True, at=AT, guid="SAME-BEFORE")
+    db.message(group, 0, from_me=True, at=AT + timedelta(seconds=5), guid="BEFORE")
     membership_event(db, group, cat, added=True, at=AT)
-    db.message(group, 0, from_me=True, at=AT, guid="SAME-AFTER")
-    db.message(group, 0, from_me=True, at=AT - timedelta(seconds=1), guid="EARLIER")
+    db.message(group, 0, from_me=True, at=AT - timedelta(seconds=5), guid="AFTER")
+    db.message(group, 0, from_me=True, at=AT - timedelta(minutes=2), guid="LATE")
 
-    assert recipients(read(db)) == {"SAME-BEFORE": ["+15551230001"], "SAME-AFTER": ["+15551230001", "+15551230003"],
-                                    "EARLIER": ["+15551230001"]}
+    assert recipients(read(db)) == {"BEFORE": ["+15551230001"], "AFTER": ["+15551230001", "+15551230003"],
+                                    "LATE": ["+15551230001"]}
+
+
+def test_a_membership_event_without_a_date_keeps_its_place_in_the_order_rows_were_written(db):
+    """chat.db's 0 (or NULL) is "not set", not 2001: Cat, added by such a row, got only the texts after it."""
+    ann, cat = db.handle("+15551230001"), db.handle("+15551230003")
+    group = db.chat([ann, cat], group=True)
+    db.message(group, 0, from_me=True, at=AT - timedelta(days=2), guid="BEFORE")
+    event = membership_event(db, group, cat, added=True, at=AT - timedelta(days=1))
+    db.conn.execute("UPDATE message SET date = 0 WHERE ROWID = ?", (event,))
+    db.message(group, 0, from_me=True, at=AT, guid="AFTER")
+
+    assert recipients(read(db)) == {"BEFORE": ["+15551230001"], "AFTER": ["+15551230001", "+15551230003"]}
 
 
 def test_a_membership_event_and_a_group_text_in_different_date_units_are_ordered_by_their_dates(db):
@@ -157,8 +171,8 @@ def test_a_membership_event_and_a_group_text_in_different_date_units_are_ordered
     ann, bob = db.handle("+15551230001"), db.handle("+15551230002")
     group = db.chat([ann], group=True)  # Bob was removed at AT
     membership_event(db, group, bob, added=False, at=AT, date_unit="ns")
-    db.message(group, 0, from_me=True, at=AT - timedelta(seconds=1), date_unit="s", guid="BEFORE")
-    db.message(group, 0, from_me=True, at=AT + timedelta(seconds=1), date_unit="s", guid="AFTER")
+    db.message(group, 0, from_me=True, at=AT - timedelta(minutes=2), date_unit="s", guid="BEFORE")
+    db.message(group, 0, from_me=True, at=AT + timedelta(minutes=2), date_unit="s", guid="AFTER")
 
     assert recipients(read(db)) == {"BEFORE": ["+15551230001", "+15551230002"], "AFTER": ["+15551230001"]}
 

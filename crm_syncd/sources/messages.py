@@ -10,7 +10,6 @@ handle or chat newer than them.
 
 from __future__ import annotations
 
-import bisect
 import sqlite3
 import threading
 import time
@@ -32,6 +31,7 @@ REQUIRED = ("guid", "date", "is_from_me", "handle_id")
 NOT_A_MESSAGE, REACTION, SYSTEM, FAILED_SEND = "not-a-message", "reaction", "system", "failed-send"
 DELETED = "deleted"  # in Recently Deleted (macOS 13+) when read
 NOT_SENT_YET = "not-sent-yet"  # outgoing, Messages still sending it: read again until it is sent or failed
+SKEW_MS = 60_000  # two of the owner's devices' clocks disagree by less: within it, the order rows were written decides
 PENDING_SEND_MS = 900_000  # still unsent 15 min after its date: taken as it is (Messages has sent or given up by then)
 NO_DATE = "no-date"  # and sources.BEFORE_WINDOW, AHEAD and BAD_DATE, counted by every reader
 NO_COUNTERPART, GROUP_OUTGOING = "no-counterpart", "group-outgoing"
@@ -150,34 +150,34 @@ class _Maps(NamedTuple):
 class _MembershipEvents:
     """A group's members when one of its messages was sent: `chat_handle_join` holds today's only, so
     the events since (someone added or removed, item_type 1; someone left, item_type 3) are undone,
-    newest first. "Since" goes by date, not ROWID: a Send Later text's row is written when it is
-    scheduled and dated when it is sent, and iCloud delivers old rows late. Events and messages of one
-    instant (the same millisecond) go by ROWID. Each chat's events are read once per session, when it
-    first needs them, and sorted then."""
+    newest first. "Since" goes by the order Messages wrote the rows (ROWID), unless the dates of the
+    event and the message lie further apart than two devices' clocks do (SKEW_MS) and say otherwise: a
+    Send Later text's row is written when it is scheduled and dated when it is sent, and iCloud delivers
+    old rows late. An event without a date keeps its place by ROWID. Each chat's events are read once
+    per session, when it first needs them."""
 
     def __init__(self, conn: sqlite3.Connection, handles: dict[int, Party]) -> None:
         self._conn, self._handles = conn, handles
         self._able: bool | None = None  # whether message has the event columns: probed when first needed
-        # chat -> (Unix ms as for messages, ROWID, added?, who), oldest first (ROWIDs are unique: the
-        # tuples never compare further, and (ms, ROWID) bisects them)
-        self._chats: dict[int, list[tuple[int, int, bool, Party]]] = {}
+        self._chats: dict[int, list[tuple[int, int | None, bool, Party]]] = {}  # chat -> (ROWID, Unix ms, added?, who)
 
     def members_at(self, chat: int, occurred_ms: int, rowid: int, parties: tuple[Party, ...]) -> tuple[Party, ...]:
         events = self._of(chat)
         if not events:
             return parties
-        later = events[bisect.bisect_right(events, (occurred_ms, rowid)):]
+        later = [event for event in events if (
+            event[0] > rowid if event[1] is None or abs(event[1] - occurred_ms) <= SKEW_MS else event[1] > occurred_ms)]
         if not later:
             return parties
         members = {party[0]: party for party in parties}
-        for _ms, _rowid, added, party in reversed(later):
+        for _rowid, _ms, added, party in reversed(later):
             if added:
                 members.pop(party[0], None)
             else:
                 members.setdefault(party[0], party)
         return tuple(members.values())
 
-    def _of(self, chat: int) -> list[tuple[int, int, bool, Party]]:
+    def _of(self, chat: int) -> list[tuple[int, int | None, bool, Party]]:
         if (events := self._chats.get(chat)) is not None:
             return events
         events = self._chats[chat] = []
@@ -188,7 +188,7 @@ class _MembershipEvents:
         for rowid, date, item_type, action, handle, other in self._conn.execute(
                 "SELECT m.ROWID, m.date, m.item_type, m.group_action_type, m.handle_id, m.other_handle "
                 "FROM chat_message_join j JOIN message m ON m.ROWID = j.message_id "
-                "WHERE j.chat_id = ? AND m.item_type IN (1, 3)", (chat,)):
+                "WHERE j.chat_id = ? AND m.item_type IN (1, 3) ORDER BY m.ROWID", (chat,)):
             if item_type == 1 and action in (0, 1) and other != handle:  # the same: a member changed number
                 who, added = other, action == 0
             elif item_type == 3 and action == 0 and handle:  # a member left (handle 0: the owner did)
@@ -196,10 +196,9 @@ class _MembershipEvents:
             else:
                 continue
             if (party := self._handles.get(who)) is not None:
-                date = date if isinstance(date, int) else 0  # none: taken as older than every message
-                events.append(((date // 1_000_000 if date > NS_THRESHOLD else date * 1000) + EPOCH_MS,
-                               rowid, added, party))
-        events.sort()
+                ms = ((date // 1_000_000 if date > NS_THRESHOLD else date * 1000) + EPOCH_MS
+                      if isinstance(date, int) and date > 0 else None)  # 0 or NULL: not set
+                events.append((rowid, ms, added, party))
         return events
 
 
