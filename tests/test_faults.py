@@ -1468,6 +1468,37 @@ def test_new_texts_do_not_wait_behind_the_look_up_of_a_write_a_stop_abandoned(
         second.stop(signal.SIGKILL)
 
 
+def test_a_new_text_a_restart_left_unsure_is_looked_up_when_due_not_behind_a_first_runs_backlog(
+        library: Library, citadel: CitadelServer, daemon_env: CLI, home: Path):
+    """A first run's backlog (600 older texts with Bob; the CRM takes 0.2 s a write) is under way, and
+    Jane's new text (newest first) hangs in the CRM when the daemon is restarted. Her write is looked up
+    two request timeouts (4 s) after it left, while the backlog goes on, and sent again: not an hour
+    later, behind the backlog."""
+    daemon_env.env.update(CRM_SYNCD_SHUTDOWN_DEADLINE_S="1", CRM_SYNCD_REQUEST_TIMEOUT_S="2")
+    route = ("/api/contacts/:id/interactions",)
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.card(first="Bob", last="Roe", phones=[BOB])
+    for n in range(600):
+        library.text(BOB, at=ago(days=2, minutes=n))
+    jane_at = ago(minutes=1)
+    library.text(JANE, at=jane_at)  # the newest item: claimed first
+    hang = citadel.faults = Faults(rate=1.0, kinds=("timeout",), hold_s=30, routes=route)  # never written
+    first = RunningDaemon(daemon_env, home)
+    eventually(lambda: hang.fired["timeout"] >= 1, what="the first writes hanging in the CRM")
+    assert first.stop() == 0
+    citadel.faults = Faults(rate=1.0, kinds=("slow",), slow_s=0.2, routes=route)
+
+    second = RunningDaemon(daemon_env, home)
+    try:
+        eventually(lambda: citadel.interactions_of(JANE), timeout=30, what="Jane's text")
+        assert len(citadel.interactions_of(BOB)) < 500  # not behind the backlog
+        eventually(lambda: len(citadel.interactions_of(BOB)) == 600, timeout=90, what="Bob's backlog")
+    finally:
+        second.stop(signal.SIGKILL)
+    assert [i["occurredAt"] for i in citadel.interactions_of(JANE)] == [iso(jane_at)]
+    assert set(Counter(i["occurredAt"] for i in citadel.interactions_of(BOB)).values()) == {1}
+
+
 @pytest.mark.parametrize("fault", ["500-after-write", "504-after-write", "500-after-write-truncated"])
 def test_a_contact_whose_create_answer_was_lost_is_still_crm_syncds_and_follows_card_edits(
         library: Library, citadel: CitadelServer, cli: CLI, fault: str):

@@ -137,7 +137,8 @@ class Pusher:
                     break
                 if self.fresh_items:  # a contacts pass under way leaves it set: asked again next round
                     await self._resolve_fresh()
-                if queue.qsize() < limit:  # at most 3 × limit `sending` at once, as many as a crash leaves to look up
+                due = self._recover_at and not self.recover_in()  # leftovers' look-up: once the queue drains
+                if queue.qsize() < limit and not due:  # at most 3 × limit `sending` at once, as many as a crash leaves to look up
                     for item in self.store.claim(2 * limit - queue.qsize()):
                         self._claimed[item.id] = time.monotonic()
                         queue.put_nowait(item)
@@ -335,6 +336,7 @@ class Pusher:
         self._twins_unsure.clear()  # each `sending` item is looked up now
         leftovers = self.store.sending()
         if not leftovers:
+            self._recover_at = 0.0
             return True
         if not self._recover_at:  # reckoned once for them: a clock set back meanwhile must not stretch it
             self._recover_at = time.monotonic() + outlasted_in(self.settings.request_timeout_s,
