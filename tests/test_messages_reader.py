@@ -166,6 +166,21 @@ def test_a_membership_event_without_a_date_keeps_its_place_in_the_order_rows_wer
     assert recipients(read(db)) == {"BEFORE": ["+15551230001"], "AFTER": ["+15551230001", "+15551230003"]}
 
 
+def test_membership_events_written_out_of_date_order_are_undone_newest_date_first(db):
+    """A 12:00 text to Ann and Cat; on the iPhone Cat is removed and Dan added at 13:00, Cat added back
+    and Dan removed at 14:00; iCloud writes the 14:00 rows before the 13:00 ones. The text reached Ann
+    and Cat, not Dan."""
+    ann, cat, dan = db.handle("+15551230001"), db.handle("+15551230003"), db.handle("+15551230004")
+    group = db.chat([ann, cat], group=True)  # today's members
+    db.message(group, 0, from_me=True, at=AT, guid="NOON")
+    membership_event(db, group, cat, added=True, at=AT + timedelta(hours=2))
+    membership_event(db, group, dan, added=False, at=AT + timedelta(hours=2))
+    membership_event(db, group, cat, added=False, at=AT + timedelta(hours=1))
+    membership_event(db, group, dan, added=True, at=AT + timedelta(hours=1))
+
+    assert recipients(read(db)) == {"NOON": ["+15551230001", "+15551230003"]}
+
+
 def test_a_membership_event_and_a_group_text_in_different_date_units_are_ordered_by_their_dates(db):
     """An event dated in nanoseconds and texts dated in seconds (a database holding both units)."""
     ann, bob = db.handle("+15551230001"), db.handle("+15551230002")

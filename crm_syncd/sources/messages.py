@@ -149,17 +149,19 @@ class _Maps(NamedTuple):
 
 class _MembershipEvents:
     """A group's members when one of its messages was sent: `chat_handle_join` holds today's only, so
-    the events since (someone added or removed, item_type 1; someone left, item_type 3) are undone,
-    newest first. "Since" goes by the order Messages wrote the rows (ROWID), unless the dates of the
+    the events since (someone added or removed, item_type 1; someone left, item_type 3) are undone.
+    "Since" goes by the order Messages wrote the rows (ROWID), unless the dates of the
     event and the message lie further apart than two devices' clocks do (SKEW_MS) and say otherwise: a
     Send Later text's row is written when it is scheduled and dated when it is sent, and iCloud delivers
-    old rows late. An event without a date keeps its place by ROWID. Each chat's events are read once
-    per session, when it first needs them."""
+    old rows late. An event without a date keeps its place by ROWID. The events since are undone newest
+    first by date (iCloud may write a day's events after the next day's), an undated one dated as the
+    event written before it. Each chat's events are read once per session, when it first needs them."""
 
     def __init__(self, conn: sqlite3.Connection, handles: dict[int, Party]) -> None:
         self._conn, self._handles = conn, handles
         self._able: bool | None = None  # whether message has the event columns: probed when first needed
-        self._chats: dict[int, list[tuple[int, int | None, bool, Party]]] = {}  # chat -> (ROWID, Unix ms, added?, who)
+        # chat -> (ROWID, Unix ms or None, added?, who, Unix ms to undo them by), in ROWID order
+        self._chats: dict[int, list[tuple[int, int | None, bool, Party, int]]] = {}
 
     def members_at(self, chat: int, occurred_ms: int, rowid: int, parties: tuple[Party, ...]) -> tuple[Party, ...]:
         events = self._of(chat)
@@ -170,14 +172,14 @@ class _MembershipEvents:
         if not later:
             return parties
         members = {party[0]: party for party in parties}
-        for _rowid, _ms, added, party in reversed(later):
+        for _rowid, _ms, added, party, _undo in sorted(later, key=_UNDO_ORDER, reverse=True):
             if added:
                 members.pop(party[0], None)
             else:
                 members.setdefault(party[0], party)
         return tuple(members.values())
 
-    def _of(self, chat: int) -> list[tuple[int, int | None, bool, Party]]:
+    def _of(self, chat: int) -> list[tuple[int, int | None, bool, Party, int]]:
         if (events := self._chats.get(chat)) is not None:
             return events
         events = self._chats[chat] = []
@@ -198,8 +200,12 @@ class _MembershipEvents:
             if (party := self._handles.get(who)) is not None:
                 ms = ((date // 1_000_000 if date > NS_THRESHOLD else date * 1000) + EPOCH_MS
                       if isinstance(date, int) and date > 0 else None)  # 0 or NULL: not set
-                events.append((rowid, ms, added, party))
+                undo = ms if ms is not None else (events[-1][4] if events else 0)
+                events.append((rowid, ms, added, party, undo))
         return events
+
+
+_UNDO_ORDER = itemgetter(4, 0)  # (Unix ms to undo by, ROWID)
 
 
 def _maps(db: sqlite.Database, conn: sqlite3.Connection, rows: list[tuple]) -> _Maps:
