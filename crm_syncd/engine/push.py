@@ -26,8 +26,8 @@ from crm_syncd.watch import wait_event
 log = get_logger("crm_syncd.engine")
 
 BACKOFF_BASE_S = 0.5
-LATE_SEND_S = 1.0  # an item sent this long after its claim has its request's time recorded
 BACKOFF_CAP_S = 15.0  # the longest a returning CRM waits for us
+LATE_SEND_S = 1.0  # an item sent this long after its claim has its request's time recorded
 SYNC_WAIT_MAX_S = 60.0  # a one-shot delivery the CRM asks to wait longer ends, keeping the rest queued
 DEDUPE_RECHECK_MS = 3_600_000  # a contact found to need no look-up before sends is looked at again hourly
 
