@@ -24,7 +24,7 @@ import httpx
 from crm_syncd import __version__, crm as crmlib
 from crm_syncd.engine import CONTACTS_PROBLEMS, SOURCES, Engine
 from crm_syncd.logs import get_logger
-from crm_syncd.settings import Settings, folder_refusal, secure_dir
+from crm_syncd.settings import DISK_ERRNOS, Settings, folder_refusal, secure_dir
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError
 from crm_syncd.store import Store, StoreError, now_ms
 from crm_syncd.watch import Debouncer, Probe, Watcher, wait_event
@@ -83,7 +83,7 @@ class Lock:
         if exc.errno in (errno.EACCES, errno.EPERM):
             return self._not_yours(exc, "write")
         message = f"cannot write the lock file {self.path}: {exc.strerror}"
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+        if exc.errno in DISK_ERRNOS:
             message += (f"; free space on the disk holding {self.path.parent}. Nothing is lost: crm-syncd goes on "
                         "from where it stopped")
         return StoreError(message)

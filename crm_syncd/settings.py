@@ -8,6 +8,7 @@ existing users keep their settings. `~` is resolved from HOME when settings are 
 from __future__ import annotations
 
 import difflib
+import errno
 import ipaddress
 import json
 import os
@@ -388,6 +389,9 @@ def space_problem(path: Path) -> str | None:
     if free < MIN_FREE_BYTES:
         return f"only {free / 2**20:.1f} MiB free on its disk (crm-syncd needs {MIN_FREE_BYTES // 2**20} MiB)"
     return None
+
+
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})  # a write failed: disk full or failing
 
 
 def folder_refusal(path: Path) -> str | None:

@@ -31,7 +31,6 @@ before it is durably `sending`, and durably `sending` before its request leaves.
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import os
@@ -46,7 +45,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from crm_syncd.settings import folder_refusal, secure_dir, secure_file
+from crm_syncd.settings import DISK_ERRNOS, folder_refusal, secure_dir, secure_file
 
 SCHEMA_VERSION = 12
 APPLICATION_ID = 0x43524D53  # "CRMS": tells our database from any other SQLite file
@@ -308,7 +307,7 @@ def _refused(path: Path | str, exc: sqlite3.Error | OSError) -> StoreError:
     database even to read it), or else damage. Only damage gets the advice to move the file aside: on
     a healthy database that would throw away the ledger and the marks."""
     if isinstance(exc, OSError):
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+        if exc.errno in DISK_ERRNOS:
             return _no_disk(path, exc)
         return _no_access(Path(path), exc.strerror or str(exc))
     if _disk_failed(exc):

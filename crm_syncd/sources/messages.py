@@ -98,7 +98,7 @@ class MessagesReader(sqlite.SourceReader):
                 if (skip == NOT_SENT_YET or skip == AHEAD) and unsettled is None:
                     unsettled = rowid
                 continue
-            occurred = (date // 1_000_000 if date > NS_THRESHOLD else date * 1000) + EPOCH_MS
+            occurred = (date // 1_000_000 if date > NS_THRESHOLD else date * 1000) + EPOCH_MS  # unix_ms, inlined
             parties = get_group(chat_id)
             if parties is None:  # one-to-one chat, or no chat at all
                 party = get_handle(handle_id) or get_single(chat_id)
@@ -198,14 +198,18 @@ class _MembershipEvents:
             else:
                 continue
             if (party := self._handles.get(who)) is not None:
-                ms = ((date // 1_000_000 if date > NS_THRESHOLD else date * 1000) + EPOCH_MS
-                      if isinstance(date, int) and date > 0 else None)  # 0 or NULL: not set
+                ms = unix_ms(date) if isinstance(date, int) and date > 0 else None  # 0 or NULL: not set
                 undo = ms if ms is not None else (events[-1][4] if events else 0)
                 events.append((rowid, ms, added, party, undo))
         return events
 
 
 _UNDO_ORDER = itemgetter(4, 0)  # (Unix ms to undo by, ROWID)
+
+
+def unix_ms(date: int) -> int:
+    """A chat.db date (seconds or nanoseconds since 2001, told apart by size) in Unix ms."""
+    return (date // 1_000_000 if date > NS_THRESHOLD else date * 1000) + EPOCH_MS
 
 
 def _maps(db: sqlite.Database, conn: sqlite3.Connection, rows: list[tuple]) -> _Maps:
