@@ -29,6 +29,10 @@ _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
 _CRM_EMAIL = re.compile(r"(?!\.)(?!.*\.\.)[A-Za-z0-9_'+\-.]*[A-Za-z0-9_+\-]@([A-Za-z0-9][A-Za-z0-9\-]*\.)+[A-Za-z]{2,}")
 _DIGITS = re.compile(r"^[\d\s().\-]+$")
 _INTERNATIONAL = re.compile(r"^\+\d{8,15}$")  # a number as Apple stores handles: E.164's shape
+# a per-call caller-ID code dialled before a number: `*67` hides, `*82` shows the caller's number (North
+# America), `#31#` and `*31#` likewise (GSM); only before what looks like a number (UK's `141` is not taken:
+# too many numbers begin so)
+_CALLER_ID = re.compile(r"(?:\*67|\*82|[#*]31#)\s*(?=\+?[\d(][\d\s().\-]*$)")
 # Mexico's prefixes dropped in 2019, which address books and chat.db still hold and phonenumbers' metadata no
 # longer strips: a mobile's `1` after the country code (`+52 1 55 …`), and at home `044`/`045` (mobiles), `01`
 _MX_INTERNATIONAL, _MX_NATIONAL = frozenset({"1"}), frozenset({"044", "045", "01"})
@@ -36,6 +40,8 @@ _WITH_COUNTRY_CODE = frozenset({phonenumbers.CountryCodeSource.FROM_NUMBER_WITH_
                                 phonenumbers.CountryCodeSource.FROM_NUMBER_WITH_IDD,
                                 phonenumbers.CountryCodeSource.FROM_NUMBER_WITHOUT_PLUS_SIGN})
 _BEFORE_PASTED_EMAIL = frozenset(' \t<"\'[(:')  # what may stand just before an address pasted with more around it
+# the direction marks a right-to-left text puts around an address: LRM, RLM, ALM, embeddings, overrides, isolates
+_DIRECTION_MARKS = dict.fromkeys([0x200E, 0x200F, 0x061C, *range(0x202A, 0x202F), *range(0x2066, 0x206A)])
 _MOBILE_LABELS = frozenset({"mobile", "iphone", "cell"})
 _REGIONS = phonenumbers.SUPPORTED_REGIONS
 NOTES_MAX_CHARS = 100_000  # a note pasted with a book in it still fits the CRM's 5 MiB body (≤ 6 bytes a char)
@@ -72,7 +78,7 @@ class Normalizer:
         return address.value if address.kind in PEOPLE else None
 
     def _classify(self, raw: str, region: str) -> Address:
-        text = raw.strip()
+        text = raw.translate(_DIRECTION_MARKS).strip()
         if not text or len(text) > 320:
             return Address("invalid", text[:320])
         lowered = text.lower()
@@ -82,16 +88,17 @@ class Normalizer:
             lowered = lowered[7:]
         if "@" in lowered:
             return _email(lowered)
-        number = self._parse_phone(text, region)
+        dialled = text[found.end():] if (found := _CALLER_ID.match(text)) else text
+        number = self._parse_phone(dialled, region)
         if number is not None:
             e164 = phonenumbers.format_number(number, PhoneNumberFormat.E164)
             # E.164 allows 15 digits at most; only forms that survive a round trip can match the same
             # number stored elsewhere (text already in E.164 form has just made that trip)
-            if len(e164) <= 16 and (e164 == text or self._round_trips(e164)):
+            if len(e164) <= 16 and (e164 == dialled or self._round_trips(e164)):
                 return Address("phone", e164)
             return Address("invalid", text)
-        if _INTERNATIONAL.match(text):  # a number phonenumbers does not know the length of: someone Apple reached
-            return Address("phone", text)
+        if _INTERNATIONAL.match(dialled):  # a number phonenumbers does not know the length of: someone Apple reached
+            return Address("phone", dialled)
         digits = re.sub(r"\D", "", text)
         if _DIGITS.match(text) and not text.startswith("+") and 3 <= len(digits) <= 8:
             return Address("short-code", digits)

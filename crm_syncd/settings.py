@@ -27,7 +27,6 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 ENV_PREFIX = "CRM_SYNCD_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 NOT_SETTINGS = frozenset({CONFIG_ENV})  # CRM_SYNCD_* variables crm-syncd reads that name no setting
-API_KEY_PLACES = f"~/.config/crm-syncd/config.toml, {ENV_PREFIX}API_KEY or the Keychain"  # where the key goes
 LEGACY_KEYS = ("api_url", "api_key", "initial_lookback_days", "create_unknown_contacts", "default_region",
                "allow_insecure_http")  # the last: what the error for a LAN http:// api_url says to add
 _SECRET_FIELDS = frozenset({"api_key"})
@@ -61,12 +60,24 @@ def config_file_path() -> tuple[Path | None, bool]:
     Returns (None, False) when neither the TOML file nor the legacy JSON file exists.
     """
     explicit = os.environ.get(CONFIG_ENV)
-    if explicit:
-        return Path(explicit).expanduser(), True
+    if explicit:  # made absolute: advice naming `crm.toml` would depend on the folder it is read in
+        return Path(os.path.abspath(Path(explicit).expanduser())), True
     for candidate in (default_config_path(), legacy_config_path()):
         if candidate.exists():
             return candidate, False
     return None, False
+
+
+def config_file_to_edit() -> str:
+    """The config file to tell the owner to edit: the one crm-syncd reads ($CRM_SYNCD_CONFIG's, or the legacy
+    JSON while it stands in for the TOML), else the default one, as `~/…`."""
+    path = config_file_path()[0]
+    return "~/.config/crm-syncd/config.toml" if path in (None, default_config_path()) else str(path)
+
+
+def api_key_places() -> str:
+    """Where the API key goes, for advice when none is set."""
+    return f"{config_file_to_edit()}, {ENV_PREFIX}API_KEY or the Keychain"
 
 
 def read_config_file() -> tuple[Path | None, dict[str, Any]]:
@@ -394,21 +405,63 @@ def space_problem(path: Path) -> str | None:
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})  # a write failed: disk full or failing
 
 
-def folder_refusal(path: Path) -> str | None:
-    """Why the owner may not enter the existing folder `path` or create files in it, with the fix; None
-    if they may (or it is missing). The first `sudo crm-syncd` makes the state folder root's (0700):
-    every command names it in these words, and none blames a file in it (removing one would not help)."""
+def folder_closed(path: Path) -> tuple[str, bool] | None:
+    """(what the owner may not do in the existing folder `path`: "enter" or "create files in"; whether it is
+    another user's), or None if they may (or it is missing)."""
     try:
         owner = os.stat(path).st_uid
         if os.access(path, os.W_OK | os.X_OK) or os.statvfs(path).f_flag & os.ST_RDONLY:
             return None  # a read-only volume: no chown or chmod helps, the caller's own words say so
     except OSError:
         return None  # missing, or beyond a folder one may not enter: the caller's own words say why
-    doing = "create files in" if os.access(path, os.X_OK) else "enter"
-    if owner != os.geteuid():
+    return ("create files in" if os.access(path, os.X_OK) else "enter"), owner != os.geteuid()
+
+
+def folder_refusal(path: Path) -> str | None:
+    """Why the owner may not enter crm-syncd's existing folder `path` or create files in it, with the fix;
+    None if they may (or it is missing). The first `sudo crm-syncd` makes the state folder root's (0700):
+    every command names it in these words, and none blames a file in it (removing one would not help)."""
+    if (closed := folder_closed(path)) is None:
+        return None
+    doing, theirs = closed
+    if theirs:
         return (f"{path} is another user's and you may not {doing} it; if a `sudo crm-syncd` made it, give it "
                 f"back with `sudo chown -R $USER '{path}'`")
     return f"you may not {doing} {path}; make it writable for you (`chmod u+rwx '{path}'`)"
+
+
+def owner_uid() -> int:
+    """The user crm-syncd's files must belong to: the one running it, or, under sudo, the one who ran sudo
+    (SUDO_UID), whose agent uses them: `sudo crm-syncd doctor` checks them for that user, not for root, who may
+    do anything. Root without SUDO_UID (a root login) is their owner itself."""
+    if os.geteuid() == 0:
+        try:
+            return int(os.environ["SUDO_UID"])
+        except (KeyError, ValueError):
+            pass
+    return os.geteuid()
+
+
+def file_refusal(file: Path, stem: Path | None = None) -> tuple[str, str] | None:
+    """(why, fix) when the existing `file` is not the owner's (`owner_uid`) to read and write; None if it is (or
+    it is missing). A `sudo crm-syncd` leaves its files root's, a restore may lose their mode: every command
+    names them in these words. Another user's file is refused even when its mode lets anyone write: crm-syncd
+    makes its files private (0600), which only their owner may. The chown takes `stem`* (default `file`*): the
+    files beside it made with it too (the state database's -wal and -shm, the log's rotated copies)."""
+    try:
+        st = os.stat(file)
+    except OSError:
+        return None
+    owner = owner_uid()
+    give_back = f"if a `sudo crm-syncd` made it, give it back with `sudo chown $USER '{stem or file}'*`"
+    if st.st_uid != owner:
+        return f"{file} is another user's", give_back
+    if owner == os.geteuid():
+        if os.access(file, os.R_OK | os.W_OK):
+            return None
+    elif st.st_mode & 0o600 == 0o600:  # root judging for the owner: os.access would answer for root
+        return None
+    return f"you may not read and write {file}", f"{give_back}, else `chmod u+rw '{file}'`"
 
 
 def ready_folder(settings: Settings, field: str) -> Path:

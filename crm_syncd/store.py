@@ -45,7 +45,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from crm_syncd.settings import DISK_ERRNOS, folder_refusal, secure_dir, secure_file
+from crm_syncd.settings import DISK_ERRNOS, file_refusal, folder_refusal, secure_dir, secure_file
 
 SCHEMA_VERSION = 12
 APPLICATION_ID = 0x43524D53  # "CRMS": tells our database from any other SQLite file
@@ -275,15 +275,19 @@ def _damaged(path: Path | str, exc: sqlite3.DatabaseError) -> StoreError:
                       f"Move it aside and run `crm-syncd sync --reconcile` to rebuild it against the CRM.")
 
 
+def db_files(path: Path) -> tuple[Path, Path, Path]:
+    """The state database at `path` and the files SQLite keeps beside it (made even to read it)."""
+    return path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
+
+
 def _no_access(path: Path, reason: str) -> StoreError:
     """The state database, a file SQLite keeps beside it, or its folder is not the owner's to write: a
     `sudo crm-syncd` made it root's, a restore lost its mode, a read-only volume. The words name which."""
     head = f"cannot open the state database {path} ({reason})"
     tail = "Nothing is lost: crm-syncd goes on from where it stopped"
-    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        if os.access(file, os.F_OK) and not os.access(file, os.R_OK | os.W_OK):
-            return StoreError(f"{head}: you may not read and write {file}; if a `sudo crm-syncd` made it, give it "
-                              f"back with `sudo chown $USER '{path}'*`, else `chmod u+rw '{file}'`. {tail}")
+    for file in db_files(path):
+        if refusal := file_refusal(file, path):
+            return StoreError(f"{head}: {'; '.join(refusal)}. {tail}")
     folder = path.parent
     if refusal := folder_refusal(folder):
         where = ("SQLite makes the database's -wal and -shm files beside it even to read it, and "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from crm_syncd.identity import Normalizer
 from crm_syncd.sources import Activity, sqlite
 from crm_syncd.sources.calls import CALL_INBOUND, CALL_MISSED, CALL_OUTBOUND, CallsReader
 from tests.harness.callhistory import CallHistoryDB
@@ -174,6 +175,28 @@ def test_address_may_be_stored_as_bytes_or_as_text(store):
     store.call(CAROL, AT)
     store.commit()
     assert [a.address for a in CallsReader(store.path).read().activities] == [ALICE, CAROL]
+
+
+@pytest.mark.parametrize("typed, person", [
+    ("+1\u00a0415\u00a0555\u00a00100", ("phone", "+14155550100")),  # no-break spaces
+    ("\u202a+1 (415) 555-0100\u202c", ("phone", "+14155550100")),  # a left-to-right embedding around it
+    ("\u2068Carol@Example.com\u2069", ("email", "carol@example.com")),  # an isolate around it
+])
+def test_an_address_stored_as_bytes_with_no_break_spaces_or_direction_marks_is_read_not_taken_for_encrypted(
+        store, typed, person):
+    """A number copied from a right-to-left page keeps such marks; as text or as bytes, it is the same person."""
+    store.call(typed, AT, unique_id="TEXT")
+    store.call(typed.encode(), AT, unique_id="BYTES")
+    store.commit()
+    batch = CallsReader(store.path).read()
+    assert batch.skipped == {}
+    assert {a.key: Normalizer("US")(a.address) for a in batch.activities} == {"call:TEXT": person, "call:BYTES": person}
+
+
+def test_bytes_that_decode_to_control_or_private_use_characters_are_still_an_encrypted_address(store):
+    store.call("\x1b\x07\ue000+14155550100".encode(), AT)
+    store.commit()
+    assert CallsReader(store.path).read().skipped == {"encrypted-address": 1}
 
 
 def test_a_call_keeps_the_country_its_number_is_from_and_none_when_the_store_has_none(store):

@@ -208,6 +208,22 @@ def test_me_card_is_not_a_card_but_its_addresses_are_the_users_own(folder, legac
     db.close()
 
 
+@pytest.mark.parametrize("same", ["link id", "unique id"])
+def test_the_owners_card_in_another_account_linked_to_the_me_card_is_not_a_card_but_the_users_own(
+        stores, folder, same):
+    """Contacts flags the Me card in one store only; its copy in another account is the same person."""
+    stores[""].card("Olivia", "Owner", phones=["+1 415 555 0199"], emails=["olivia@example.com"], me=True,
+                    unique_id="ME:ABPerson", link_id="LINK-ME")
+    stores[ICLOUD].card("Olivia", "Owner", phones=[("+1 415 555 0188", "Work")],
+                        **({"link_id": "LINK-ME"} if same == "link id" else {"unique_id": "ME:ABPerson"}))
+    stores[GOOGLE].card("Alice", "Hill", phones=["+1 415 555 0100"], link_id="LINK-ALICE")
+    commit_all(stores)
+    snapshot = read_contacts(folder)
+    assert [c.first for c in snapshot.cards] == ["Alice"]
+    assert snapshot.own_addresses == {("+1 415 555 0199", None), ("olivia@example.com", None)}
+    assert snapshot.linked_addresses == {("+1 415 555 0188", None)}  # the owner's unless another card holds it
+
+
 # -- how the stores are read ---------------------------------------------------------------------
 
 def test_statements_per_store_do_not_grow_with_the_number_of_cards(book, stores, folder):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
+import unicodedata
 from collections import Counter
 
 from crm_syncd.sources import AHEAD, AHEAD_MAX_MS, APPLE_EPOCH, BAD_DATE, FUTURE_SLACK_MS, Activity, Batch, sqlite
@@ -27,6 +28,7 @@ NO_DATE = "no-date"  # and sources.BEFORE_WINDOW, AHEAD and BAD_DATE, counted by
 _JOIN_TABLE = re.compile(r"^Z_(\d+)REMOTEPARTICIPANTHANDLES$")
 _ENTITY_COLUMN = re.compile(r"^Z_(\d+)(\w+)$")
 _ENCRYPTED = object()  # bytes that are not text (macOS ≤ 12 encrypts ZADDRESS)
+_NOT_TEXT = frozenset({"Cc", "Co", "Cn", "Cs"})  # control, private-use, unassigned, surrogate: no one types them
 
 
 class CallsReader(sqlite.SourceReader):
@@ -82,7 +84,8 @@ def _select(cols: frozenset[str], windowed: bool, bounded: bool = False) -> str:
 
 
 def _address(raw: object) -> object:
-    """ZADDRESS/ZVALUE as text; None when empty; `_ENCRYPTED` for bytes that are not text."""
+    """ZADDRESS/ZVALUE as text; None when empty; `_ENCRYPTED` for bytes that are not text. Text may hold
+    no-break spaces and direction marks (a number copied from a right-to-left page): the Normalizer's."""
     if raw is None:
         return None
     if isinstance(raw, bytes):
@@ -91,7 +94,7 @@ def _address(raw: object) -> object:
         except UnicodeDecodeError:
             return _ENCRYPTED
         raw = raw.strip("\x00 \t\r\n")
-        if not raw.isprintable():
+        if any(unicodedata.category(ch) in _NOT_TEXT for ch in raw):
             return _ENCRYPTED
     text = str(raw).strip()
     return text or None

@@ -4,8 +4,9 @@ The AddressBook folder holds a top-level store plus one store per account under 
 Each store is read read-only with a fixed set of statements (column probe, entity lookup, records,
 phones, emails, notes), whatever the number of cards. Only rows of the `ABCDContact` entity are cards:
 groups, containers, info rows and `ABCDSubscribedContact` rows (directory/subscription entries the user
-did not create) are left out. The "Me" card never becomes a Card; its phones and emails are the user's
-own addresses.
+did not create) are left out. The "Me" card is not one of the cards; its phones and emails are the
+user's own addresses. Nor is a card Contacts links to it in another account (`owners_apart`): its phones and
+emails are the user's too, unless another card holds them (the engine compares them normalised).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ _FIELDS = (("unique_id", "ZUNIQUEID"), ("first", "ZFIRSTNAME"), ("last", "ZLASTN
 assert Card._fields[1:1 + len(_FIELDS)] == tuple(name for name, _ in _FIELDS)
 
 Trace = Callable[[str], None]
-OwnAddress = tuple[str, str | None]  # a Me card's phone or email as typed, and the country of a phone's number
+OwnAddress = tuple[str, str | None]  # a card's phone or email as typed, and the country of a phone's number
 Entry = TypeVar("Entry", Phone, Email)
 
 
@@ -45,6 +46,7 @@ class ContactsSnapshot:
 
     cards: list[Card] = field(default_factory=list)
     own_addresses: set[OwnAddress] = field(default_factory=set)  # the Me cards' phones and emails, as typed
+    linked_addresses: set[OwnAddress] = field(default_factory=set)  # those of the owner's cards linked to one
     skipped: Counter[str] = field(default_factory=Counter)  # reason -> cards
     errors: dict[str, str] = field(default_factory=dict)  # store -> problem (locked, corrupt, ...)
 
@@ -64,10 +66,11 @@ def read_contacts(addressbook_dir: Path, *, trace: Trace | None = None) -> Conta
     """
     addressbook_dir = Path(addressbook_dir)
     snapshot = ContactsSnapshot()
+    me: list[Card] = []
     for path in store_paths(addressbook_dir):
         store = path.relative_to(addressbook_dir).as_posix()
         try:
-            cards, own, skipped = sqlite.retrying(read_store, path, store, trace=trace)
+            cards, mine, skipped = sqlite.retrying(read_store, path, store, trace=trace)
         except sqlite.NeedsFullDiskAccess:
             raise
         except sqlite.SourceMissing:
@@ -76,14 +79,35 @@ def read_contacts(addressbook_dir: Path, *, trace: Trace | None = None) -> Conta
             snapshot.errors[store] = str(exc)
             continue
         snapshot.cards += cards
-        snapshot.own_addresses |= own
+        me += mine
         snapshot.skipped += skipped
+    snapshot.cards, owners = owners_apart(snapshot.cards, me)
+    snapshot.own_addresses, snapshot.linked_addresses = typed_addresses(me), typed_addresses(owners)
     return snapshot
 
 
+def owners_apart(cards: list[Card], me: list[Card]) -> tuple[list[Card], list[Card]]:
+    """(the other cards, the owner's): a card Contacts links to a Me card of any store (the same link id or
+    unique id: the owner's card in another account, not flagged Me there) is the owner's, as the Me card is."""
+    links = {("id", c.unique_id) for c in me if c.unique_id} | {("link", c.link_id) for c in me if c.link_id}
+    if not links:
+        return cards, []
+    others: list[Card] = []
+    owners: list[Card] = []
+    for card in cards:
+        (owners if ("id", card.unique_id) in links or ("link", card.link_id) in links else others).append(card)
+    return others, owners
+
+
+def typed_addresses(cards: list[Card]) -> set[OwnAddress]:
+    """The cards' phones (each with its number's country) and emails, as typed."""
+    phones = {(p.value, p.country) for c in cards for p in c.phones}
+    return phones | {(e.value, None) for c in cards for e in c.emails}
+
+
 def read_store(path: Path, store: str, *, trace: Trace | None = None
-               ) -> tuple[list[Card], set[OwnAddress], Counter[str]]:
-    """The cards of one store (Me card excluded), the Me card's addresses as typed, and skip counts."""
+               ) -> tuple[list[Card], list[Card], Counter[str]]:
+    """The cards of one store, its Me cards apart, and skip counts."""
     with sqlite.read(path, trace=trace) as conn:
         cols = _columns(conn)
         if "Z_PK" not in cols["ZABCDRECORD"]:
@@ -173,35 +197,33 @@ def _notes(conn: sqlite3.Connection, cols: dict[str, frozenset[str]], entity: in
 
 
 def _cards(records: list[tuple], phones: dict[int, tuple[Phone, ...]], emails: dict[int, tuple[Email, ...]],
-           notes: dict[int, str], store: str) -> tuple[list[Card], set[OwnAddress], Counter[str]]:
+           notes: dict[int, str], store: str) -> tuple[list[Card], list[Card], Counter[str]]:
+    """The store's cards, its Me cards (kept whatever they lack: their addresses are the owner's), skips."""
     cards: list[Card] = []
-    own: set[OwnAddress] = set()
+    me: list[Card] = []
     skipped: Counter[str] = Counter()
-    add, new = cards.append, tuple.__new__
+    new = tuple.__new__
     for pk, unique_id, first, last, middle, nickname, organization, job_title, link_id, company, modified, \
             preferred, is_me in records:
         card_phones = phones.get(pk, ())
         card_emails = emails.get(pk, ())
-        if is_me:
-            own.update((p.value, p.country) for p in card_phones)
-            own.update((e.value, None) for e in card_emails)
-            continue
         # most fields are empty (None): `_text` only for the others
         first = None if first is None else _text(first)
         last = None if last is None else _text(last)
         middle = None if middle is None else _text(middle)
         nickname = None if nickname is None else _text(nickname)
         organization = None if organization is None else _text(organization)
-        if not (first or last or middle or nickname or organization or card_phones or card_emails):
+        if not (is_me or first or last or middle or nickname or organization or card_phones or card_emails):
             skipped[EMPTY_CARD] += 1
             continue
-        if (unique_id := _text(unique_id)) is None:
+        if (unique_id := _text(unique_id)) is None and not is_me:
             skipped[NO_UNIQUE_ID] += 1
             continue
-        add(new(Card, (store, unique_id, first, last, middle, nickname, organization,
-                       None if job_title is None else _text(job_title), None if link_id is None else _text(link_id),
-                       bool(company), card_phones, card_emails, notes.get(pk), modified, bool(preferred))))
-    return cards, own, skipped
+        (me if is_me else cards).append(new(Card, (
+            store, unique_id or "", first, last, middle, nickname, organization,
+            None if job_title is None else _text(job_title), None if link_id is None else _text(link_id),
+            bool(company), card_phones, card_emails, notes.get(pk), modified, bool(preferred))))
+    return cards, me, skipped
 
 
 def _text(raw: object) -> str | None:

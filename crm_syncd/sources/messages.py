@@ -5,7 +5,7 @@ payload data or summary info); a test traces every statement to prove it.
 Each `read` is one read-only snapshot: it probes the columns, loads the handle and chat maps, then
 runs one SELECT over `message` by ROWID that also decides skip reasons in SQL. Within a session
 (one extraction) the probes and maps are kept across reads, and loaded again when a row names a
-handle or chat newer than them.
+handle or chat newer than them, or is a non-message row (a group's membership event) written since.
 """
 
 from __future__ import annotations
@@ -132,6 +132,7 @@ class _Maps(NamedTuple):
     groups: dict[int, tuple[Party, ...]]  # group chat -> its distinct parties
     newest_handle: int
     newest_chat: int
+    newest_message: int  # the message rows written when loaded: a group's membership changes after it are not in
     own: frozenset[str]  # the owner's addresses the chats were last addressed from
     events: _MembershipEvents  # who joined and left each group since
 
@@ -139,12 +140,17 @@ class _Maps(NamedTuple):
     def load(cls, conn: sqlite3.Connection) -> _Maps:
         handles = _handles(conn)
         singles, groups, newest_chat, own = _chats(conn, handles)
-        return cls(handles, singles, groups, max(handles, default=0), newest_chat, own, _MembershipEvents(conn, handles))
+        newest_message = conn.execute("SELECT MAX(ROWID) FROM message").fetchone()[0] or 0
+        return cls(handles, singles, groups, max(handles, default=0), newest_chat, newest_message, own,
+                   _MembershipEvents(conn, handles))
 
     def behind(self, rows: list[tuple]) -> bool:
-        """Whether some row names a handle or chat newer than these maps (Apple added it since)."""
+        """Whether some row names a handle or chat newer than these maps, or is a non-message row (a group's
+        membership event: chat_handle_join changed with it) written since they were loaded."""
         return (max(filter(None, map(_HANDLE, rows)), default=0) > self.newest_handle
-                or max(filter(None, map(_CHAT, rows)), default=0) > self.newest_chat)
+                or max(filter(None, map(_CHAT, rows)), default=0) > self.newest_chat
+                or (_ROWID(rows[-1]) > self.newest_message  # rows come in ROWID order: most batches stop here
+                    and any(row[6] == NOT_A_MESSAGE and row[0] > self.newest_message for row in rows)))
 
 
 class _MembershipEvents:
@@ -213,7 +219,8 @@ def unix_ms(date: int) -> int:
 
 
 def _maps(db: sqlite.Database, conn: sqlite3.Connection, rows: list[tuple]) -> _Maps:
-    """The maps, loaded once per session and again when a row names a handle or chat they lack."""
+    """The maps, loaded once per session and again when a row names a handle or chat they lack, or a
+    group's membership may have changed since (in the snapshot of that row's batch)."""
     maps = db.remembered("maps", lambda: _Maps.load(conn))
     if rows and maps.behind(rows):
         maps = db.remembered("maps", lambda: _Maps.load(conn), fresh=True)

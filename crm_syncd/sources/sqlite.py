@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
 from crm_syncd import macos
+from crm_syncd.settings import folder_closed
 from crm_syncd.sources import BEFORE_WINDOW, Batch
 
 BUSY_TIMEOUT_MS = 2_000
@@ -40,6 +41,16 @@ class SourceMissing(SourceError):
 
 class SourceBusy(SourceError):
     """The database stayed locked by its writer through every retry."""
+
+
+class NoRoomBeside(SourceError):
+    """SQLite may not make the -wal and -shm it needs beside the database, even to read it: `fix` says why."""
+
+    def __init__(self, path: Path, fix: str) -> None:
+        self.detail = (f"cannot read {path}: SQLite makes {path.name}-wal and {path.name}-shm beside a database "
+                       "in WAL mode even to read it")
+        self.fix = fix
+        super().__init__(f"{self.detail}, and {fix}")
 
 
 class NeedsFullDiskAccess(SourceError):
@@ -101,11 +112,34 @@ def _is_denied(exc: BaseException, path: Path) -> bool:
     message = str(exc).lower()
     if "authorization denied" in message or "not authorized" in message:
         return True
-    # "unable to open database file" on a file that exists is how TCC refusals often look.
+    # "unable to open database file" on a file that exists is how TCC refusals often look; TCC refuses
+    # a plain open too, which a file SQLite cannot open only for want of its -shm (`_no_room`) allows
+    if "unable to open database file" not in message:
+        return False
     try:
-        return "unable to open database file" in message and path.exists()
-    except PermissionError:
+        with open(path, "rb"):
+            return _no_room(path) is None
+    except FileNotFoundError:
+        return False
+    except OSError:
         return True
+
+
+def _no_room(path: Path) -> str | None:
+    """Why SQLite may not make the database's -wal and -shm files beside it (a read-only volume, a folder
+    the owner may not write), with the fix, or None if it may."""
+    folder, copy = path.parent, "copy the database (and its -wal, if any) to a folder you can write in"
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return f"{folder} is on a read-only volume; {copy}"
+    except OSError:
+        return None
+    if (closed := folder_closed(folder)) is None:
+        return None
+    doing, theirs = closed  # an Apple app's folder, or one the database was copied to: no `sudo crm-syncd` made it
+    if theirs:
+        return f"{folder} is another user's and you may not {doing} it; {copy}"
+    return f"you may not {doing} {folder}; make it writable for you (`chmod u+rwx '{folder}'`), or {copy}"
 
 
 class Database:
@@ -332,6 +366,9 @@ def _gc_paused() -> Iterator[None]:
 def _classify(exc: BaseException, path: Path) -> BaseException:
     if _is_denied(exc, path):
         return NeedsFullDiskAccess(path, str(exc) or type(exc).__name__)
+    if (getattr(exc, "sqlite_errorname", None) or "").startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY")) and (
+            room := _no_room(path)):
+        return NoRoomBeside(path, room)
     if isinstance(exc, sqlite3.Error) and _is_busy(exc):
         return SourceBusy(f"{path} is locked: {exc}")
     if isinstance(exc, sqlite3.Error):

@@ -182,12 +182,14 @@ class CallHistoryDB:
         iso_country: str | None = "us",
         disconnected_cause: int | None = 0,
         filtered_out_reason: int | None = 0,
+        pk: int | None = None,
     ) -> int:
         """Insert one ZCALLRECORD row (plus handles and join rows); returns its Z_PK.
 
         `at` as a float is stored as ZDATE unchanged (seconds since 2001), so tests can write odd values.
+        `pk`: the row's Z_PK (a free one below the newest: a row an earlier read saw), else the next.
         """
-        pk = self._next_pk("CallRecord")
+        pk = pk if pk is not None else self._next_pk("CallRecord")
         facetime = call_type in (8, 16)
         text = address.decode("utf-8", "replace") if isinstance(address, bytes) else (address or "")
         values = {
