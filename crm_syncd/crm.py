@@ -6,17 +6,21 @@ them. The client never retries: the caller owns retry policy and reads it off th
     CRMError
     ├── Transient      retry with backoff (`retry_after` when the server said)
     │   ├── Unreachable    connection refused/reset, DNS, timeouts
+    │   │   └── Untrusted      the server's TLS certificate is not trusted (expired, self-signed, wrong host)
     │   ├── Throttled      429
-    │   └── ServerBusy     502/503/504 (and 408)
+    │   └── ServerBusy     502/503/504, Cloudflare's 520-524 (and 408)
     ├── Ambiguous      500 (or another 5xx): a write may or may not have happened
-    ├── Rejected       422 (or another 4xx): a fact about the item; `details`, `reason`
+    ├── Rejected       422 (or another 4xx in Citadel's JSON envelope): a fact about the item; `details`, `reason`
     ├── NotFound       404 with Citadel's JSON envelope
     ├── Unauthorized   401/403
-    └── BadResponse    not JSON (Express's HTML 404 page), truncated, wrong shape, too large;
-                       `accepted` when it answered a write with a 2xx
+    ├── Redirected     3xx: api_url is not where the API is; `location`
+    └── BadResponse    not JSON (Express's HTML 404 page, a proxy's bare 400/405/413), truncated, wrong
+                       shape (a write's answer without its record's id), too large; `accepted` when it
+                       answered a write with a 2xx
 
 Every error also says `maybe_written` (the request may have changed the CRM: look before sending
-it again) and `retry_after` (seconds the server asked for, or None). Messages never contain the API key.
+it again), `in_flight` (the CRM may still be acting on it: wait a request timeout before looking) and
+`retry_after` (seconds the server asked for, or None). Messages never contain the API key.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import email.utils
 import functools
 import json
 import math
+import ssl
 import time
 from typing import Any
 
@@ -41,8 +46,11 @@ CONTACTS_PAGE = 100  # the server's cap
 _CONTACT_PASSES = (("name_asc", 100), ("created_desc", 100), ("name_desc", 97), ("created_desc", 89))
 _INTERACTION_PASSES = ((None, 100), (None, 97), (None, 89), (None, 83))
 _JSON_HEADERS = {"Content-Type": "application/json"}
-BUSY_STATUSES = (408, 502, 503, 504)  # a timeout, a proxy, a restart: try again
-UNHANDLED = (408, 503)  # of those, the ones that say the request was not handled (502 and 504: unknown)
+# a timeout, a proxy, a restart: try again. 520-524 are Cloudflare's: an unknown answer from the origin,
+# the origin down, not connected to, unreachable, or connected but silent for 100 s
+BUSY_STATUSES = (408, 502, 503, 504, 520, 521, 522, 523, 524)
+# of those, the ones that say the request never reached the CRM (502, 504, 520, 524: it may be acting on it)
+UNHANDLED = (408, 503, 521, 522, 523)
 # The longest wait a server may ask for: a proxy's `Retry-After: 86400` (or a date a skewed clock puts a
 # day ahead) must not stop delivery for a day; a quarter of an hour outlasts any sane rate limit.
 RETRY_AFTER_MAX_S = 900.0
@@ -61,6 +69,13 @@ class CRMError(Exception):
 
     retry_after: float | None = None
     maybe_written: bool = False
+    # The answer did not come from the CRM finishing the request (a lost answer, a proxy that stopped
+    # waiting): it may still be writing, and a look-up made at once may miss what lands a moment later.
+    in_flight: bool = False
+    # The answer is about the request's item (its data, its contact, its write), not the CRM or the way to
+    # it (down, busy, a refused key, api_url redirecting, a proxy's own page): only such answers count
+    # towards giving the item up.
+    judges_item: bool = True
 
     def __init__(self, message: str, *, status: int | None = None, method: str | None = None, path: str | None = None):
         super().__init__(message)
@@ -76,6 +91,8 @@ class CRMError(Exception):
 class Transient(CRMError):
     """Worth retrying after a backoff; `retry_after` (seconds) when the server asked for one."""
 
+    judges_item = False
+
     def __init__(self, message: str, *, retry_after: float | None = None, **kw: Any):
         super().__init__(message, **kw)
         self.retry_after = retry_after
@@ -88,7 +105,12 @@ class Unreachable(Transient):
 
     def __init__(self, message: str, *, maybe_written: bool = False, **kw: Any):
         super().__init__(message, **kw)
-        self.maybe_written = maybe_written
+        self.maybe_written = self.in_flight = maybe_written
+
+
+class Untrusted(Unreachable):
+    """The TLS handshake failed on the server's certificate (expired, self-signed, another host's):
+    nothing was sent. The message names the cause."""
 
 
 class Throttled(Transient):
@@ -96,21 +118,34 @@ class Throttled(Transient):
 
 
 class ServerBusy(Transient):
-    """502/503/504 (and 408): a proxy or the server is overloaded or restarting."""
+    """502/503/504, 520-524 (and 408): a proxy or the server is overloaded or restarting."""
 
     @property
     def maybe_written(self) -> bool:  # type: ignore[override]
-        """A proxy's 502 or 504 to a write: the CRM behind it may have made the write before the proxy gave up."""
+        """A proxy's 502/504/520/524 to a write: the CRM behind it may have made the write, or be making it."""
         return self.method not in (None, "GET") and self.status not in UNHANDLED
+
+    @property
+    def in_flight(self) -> bool:  # type: ignore[override]
+        return self.maybe_written
 
 
 class Ambiguous(CRMError):
-    """500: Citadel answers many client mistakes with 500, and an insert may have happened."""
+    """500: Citadel answers many client mistakes with 500, and an insert may have happened. `enveloped`:
+    in Citadel's JSON error, so Citadel itself answered, done with the request; else a proxy's page."""
+
+    def __init__(self, message: str, *, enveloped: bool = True, **kw: Any):
+        super().__init__(message, **kw)
+        self.enveloped = enveloped
 
     @property
     def maybe_written(self) -> bool:  # type: ignore[override]
         """Only a write may have happened: a 500 to a read changed nothing."""
         return self.method != "GET"
+
+    @property
+    def in_flight(self) -> bool:  # type: ignore[override]
+        return self.maybe_written and not self.enveloped
 
 
 class Rejected(CRMError):
@@ -129,9 +164,27 @@ class NotFound(CRMError):
 class Unauthorized(CRMError):
     """401/403: the API key is missing, wrong or lacks rights."""
 
+    judges_item = False
+
+
+class Redirected(CRMError):
+    """3xx: api_url is not where the API answers (http:// moved to https://, another host, a login page);
+    `location` is the api_url the redirect points at, when it keeps the request's path (the API moved)."""
+
+    judges_item = False
+
+    def __init__(self, message: str, *, location: str | None = None, **kw: Any):
+        super().__init__(message, **kw)
+        self.location = location
+
 
 class BadResponse(CRMError):
     """The answer is not what Citadel sends: not JSON, truncated, unexpected shape or too large."""
+
+    @property
+    def judges_item(self) -> bool:  # type: ignore[override]
+        """Not a 4xx page that is not Citadel's (a proxy's 400/405/413, Express's 404 for a route it lacks)."""
+        return not 400 <= (self.status or 0) < 500
 
     @property
     def accepted(self) -> bool:
@@ -143,6 +196,11 @@ class BadResponse(CRMError):
         """Accepted, or a write answered by a status that leaves it unclear (a 500, a 504) whose body was cut off."""
         status = self.status or 0
         return self.accepted or (self.method not in (None, "GET") and status >= 500 and status not in UNHANDLED)
+
+    @property
+    def in_flight(self) -> bool:  # type: ignore[override]
+        """A write's 5xx cut off mid-answer: from a proxy perhaps, with the CRM still at work behind it."""
+        return self.maybe_written and not self.accepted
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:
@@ -197,6 +255,17 @@ def _envelope(raw: bytes) -> tuple[str, str, dict[str, list[str]]] | None:
             items = msgs if isinstance(msgs, list) else [msgs]
             details[str(name)] = [str(m) for m in items]
     return str(err.get("code") or ""), str(err.get("message") or ""), details
+
+
+def _certificate_refusal(exc: BaseException) -> str | None:
+    """Why the TLS handshake refused the server's certificate (OpenSSL's words: "certificate has expired",
+    "self-signed certificate", "Hostname mismatch, …"), or None when something else failed."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen.verify_message or str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -255,22 +324,29 @@ class CitadelClient:
 
     # -- endpoints -----------------------------------------------------------------------------
 
-    async def health(self) -> bool:
-        """True when Citadel answers 200 {"status": "ok"}; False on any failure."""
-        try:
-            doc = await self._call("GET", "/api/health", envelope=False)
-        except (CRMError, httpx.HTTPError):
-            return False
-        return doc.get("status") == "ok"
-
     async def check_access(self) -> None:
         """One small read that needs the API key (a page of one contact); raises what refused it."""
         await self._page("/api/contacts", {"limit": "1"})
+
+    async def check_health(self) -> None:
+        """The health check `doctor` and `status` make: /api/health says ok, and a read that needs the API
+        key goes through. Raises what failed; its message says why (a redirect, a certificate, the key)."""
+        doc = await self._call("GET", "/api/health", envelope=False)
+        if doc.get("status") != "ok":
+            raise BadResponse(f"/api/health says {_one_line(str(doc.get('status')), 40)!r}, not 'ok'",
+                              status=200, method="GET", path="/api/health")
+        await self.check_access()
 
     async def list_contacts(self) -> list[dict[str, Any]]:
         """Every contact exactly once. Paging is unstable when names tie, so pages are deduplicated
         by id and checked against meta.total; a short listing is re-paged another way and merged."""
         return await self._collect("/api/contacts", {}, _CONTACT_PASSES, "contacts")
+
+    async def newest_contact(self) -> tuple[int, int | None]:
+        """(how many contacts there are, the id of the one made last): one page of one contact, newest
+        first. A contact made since (by hand, by another Mac) changes it; one edited does not."""
+        rows, total, _pages = await self._page("/api/contacts", {"sort": "created_desc", "limit": "1"})
+        return total, rows[0]["id"] if rows else None
 
     async def get_contact(self, contact_id: int) -> dict[str, Any]:
         return await self._data("GET", f"/api/contacts/{int(contact_id)}")
@@ -371,16 +447,16 @@ class CitadelClient:
     # -- one request ---------------------------------------------------------------------------
 
     async def _data(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
-        doc = await self._call(method, path, body)
-        data = doc.get("data")
-        if not isinstance(data, dict):
-            raise BadResponse(f"{method} {path}: no object in data", method=method, path=path)
-        return data
+        """The record a 2xx answers with; one without an integer id (`data: null`, `{}`) is a BadResponse
+        (`accepted` for a write: it happened, and is looked up)."""
+        return (await self._call(method, path, body, record=True))["data"]
 
     async def _call(
-        self, method: str, path: str, body: Any = None, *, params: dict[str, str] | None = None, envelope: bool = True
+        self, method: str, path: str, body: Any = None, *, params: dict[str, str] | None = None, envelope: bool = True,
+        record: bool = False,
     ) -> dict[str, Any]:
-        """Send one request; the parsed JSON object of a 2xx, else the mapped CRMError."""
+        """Send one request; the parsed JSON object of a 2xx (with a `record` in `data`: an object with an
+        integer id), else the mapped CRMError."""
         content = None if body is None else _encode(body).encode()
         async with self._turns:
             client = self._idle.pop()
@@ -392,6 +468,10 @@ class CitadelClient:
                 except httpx.TimeoutException as exc:
                     raise self._unreachable(method, path, exc, f"timed out after {self._timeout:g}s") from exc
                 except httpx.TransportError as exc:
+                    if (refusal := _certificate_refusal(exc)) is not None:
+                        raise Untrusted(self._scrub(f"the CRM's TLS certificate is not trusted: {refusal} "
+                                                    f"({request.url.host})"),
+                                        method=method, path=path) from exc
                     raise self._unreachable(method, path, exc, "cannot connect") from exc
                 try:
                     raw = await self._read(response, method, path)
@@ -409,6 +489,9 @@ class CitadelClient:
                 raise BadResponse(f"{status}: unexpected response shape", status=status, method=method, path=path)
             if method != "GET":
                 self.wrote_at = time.monotonic()
+            if record and not (isinstance(data := doc["data"], dict) and type(data.get("id")) is int):
+                what = "a record without an id" if isinstance(data, dict) else "no record"
+                raise BadResponse(f"{status}: {what} in the answer", status=status, method=method, path=path)
             return doc
         raise self._error(response, raw, method, path)
 
@@ -466,13 +549,31 @@ class CitadelClient:
         if status in BUSY_STATUSES:
             return ServerBusy(message, retry_after=_retry_after(response.headers), **where)
         if status >= 500:
-            return Ambiguous(message, **where)
+            return Ambiguous(message, enveloped=parsed is not None, **where)
+        if 300 <= status < 400:
+            return self._redirected(response, where)
+        if 400 <= status < 500 and parsed is None:  # a proxy's or load balancer's page: no judgement of the item
+            return BadResponse(f"{status}: {text} (not Citadel's answer)", **where)
         if 400 <= status < 500:
             details = {k: [self._scrub(m) for m in v] for k, v in details.items()}
             reason = "; ".join(f"{name}: {', '.join(msgs)}" for name, msgs in details.items()) if details else text
             reason = _one_line(reason)
             return Rejected(f"{status}: {reason}", details=details, reason=reason, **where)
         return BadResponse(f"{status}: unexpected status", **where)
+
+    def _redirected(self, response: httpx.Response, where: dict[str, Any]) -> Redirected:
+        """api_url moved: the words name the api_url the redirect points at (its path less the request's)."""
+        target = response.headers.get("location")
+        if not target:
+            return Redirected(f"{response.status_code}: api_url redirects, without saying where", **where)
+        moved = response.request.url.join(target).copy_with(query=None, fragment=None)
+        path, asked = moved.path, response.request.url.path
+        if not (asked != "/" and path.rstrip("/").endswith(asked.rstrip("/"))):  # elsewhere: a login page (SSO)
+            return Redirected(f"api_url redirects to {self._scrub(str(moved))}, not to the API: set api_url to the "
+                              "CRM's own address", **where)
+        moved = moved.copy_with(path=path.rstrip("/")[: -len(asked.rstrip("/"))] or "/")
+        location = self._scrub(str(moved).rstrip("/"))
+        return Redirected(f"api_url redirects to {location}; set api_url to it", location=location, **where)
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret and self._secret in text else text
@@ -488,7 +589,7 @@ class DryRun:
         self.real = real
         self._next_id = -1
 
-    def __getattr__(self, name: str) -> Any:  # reads: health, list_contacts, list_interactions, ...
+    def __getattr__(self, name: str) -> Any:  # reads: check_health, list_contacts, list_interactions, ...
         return getattr(self.real, name)
 
     def _fake(self, fields: dict[str, Any], **extra: Any) -> dict[str, Any]:

@@ -20,14 +20,16 @@ from crm_syncd.crm import (
     CitadelClient,
     CRMError,
     NotFound,
+    Redirected,
     Rejected,
     ServerBusy,
     Throttled,
     Transient,
     Unauthorized,
     Unreachable,
+    Untrusted,
 )
-from tests.harness.citadel import CitadelServer, Faults
+from tests.harness.citadel import CitadelServer, Faults, self_signed_tls
 
 T = TypeVar("T")
 KEY = "sk-live-5ecret-key-0042"
@@ -60,11 +62,11 @@ def raises(kind: type[CRMError], url: str, use: Callable[[CitadelClient], Awaita
 # -- results ------------------------------------------------------------------------------------
 
 
-def test_health_is_true_when_up_and_false_when_down_or_wrong(crm: CitadelServer) -> None:
-    assert run(crm.url, lambda c: c.health()) is True
-    assert run(crm.url + "/not-citadel", lambda c: c.health()) is False  # HTML 404
+def test_the_health_check_passes_when_up_and_raises_why_when_down_or_wrong(crm: CitadelServer) -> None:
+    assert run(crm.url, lambda c: c.check_health()) is None
+    raises(BadResponse, crm.url + "/not-citadel", lambda c: c.check_health())  # HTML 404
     crm.go_down()
-    assert run(crm.url, lambda c: c.health()) is False
+    raises(Unreachable, crm.url, lambda c: c.check_health())
 
 
 def test_contact_crud_round_trip(crm: CitadelServer) -> None:
@@ -102,7 +104,16 @@ def test_list_contacts_of_an_empty_crm_is_empty(crm: CitadelServer) -> None:
     assert run(crm.url, lambda c: c.list_contacts()) == []
 
 
-def test_list_interactions_reads_every_page_of_one_utc_day(crm: CitadelServer) -> None:
+def test_newest_contact_is_the_count_and_the_last_made_in_one_request(crm: CitadelServer) -> None:
+    assert run(crm.url, lambda c: c.newest_contact()) == (0, None)
+    for n in range(150):
+        crm.add_contact(firstName=f"P{n}", lastName="Other")
+    last = crm.add_contact(firstName="Aaron", lastName="First")  # first by name, last by creation
+    crm.stats.clear()
+    assert run(crm.url, lambda c: c.newest_contact()) == (151, last)
+    assert crm.stats == {("GET", "/api/contacts", 200): 1}
+
+
     cid = crm.add_contact(firstName="Ann", lastName="Lee")
 
     async def use(c: CitadelClient) -> list[dict]:
@@ -247,14 +258,79 @@ def test_500_after_write_is_ambiguous_and_the_write_happened(crm: CitadelServer)
     assert len(crm.interactions(cid)) == 1
 
 
-@pytest.mark.parametrize("status, written", [(502, True), (504, True), (503, False)])
-def test_a_proxys_502_or_504_to_a_write_may_have_written_a_503_did_not(
+@pytest.mark.parametrize("status, written", [(502, True), (504, True), (503, False), (520, True), (521, False),
+                                             (522, False), (523, False), (524, True)])
+def test_a_proxys_502_504_520_or_524_to_a_write_may_have_written_and_may_still_be_writing_the_others_did_not(
         crm: CitadelServer, status: int, written: bool) -> None:
+    """Cloudflare's 521-523 say it never reached the origin; its 520 and 524, like a 502 or 504, that the
+    origin had the request: it may have written, or be writing still."""
     cid = crm.add_contact(firstName="Ann", lastName="Lee")
     crm.faults = Faults(rate=1.0, kinds=(str(status),), reads=True)
     read = raises(ServerBusy, crm.url, lambda c: c.list_interactions(cid, dt.date(2024, 3, 1)))
     write = raises(ServerBusy, crm.url, lambda c: c.create_interaction(cid, TEXT))
-    assert (read.maybe_written, write.maybe_written) == (False, written)
+    assert (read.maybe_written, write.maybe_written, write.in_flight) == (False, written, written)
+
+
+def test_a_500_page_from_a_proxy_or_a_cut_off_500_may_still_be_writing_citadels_own_500_is_done(
+        crm: CitadelServer) -> None:
+    """Citadel's 500 (in its JSON envelope) comes once it is done with the request; a proxy's HTML 500,
+    or a 500 cut off mid-answer, may come while the CRM still works on it."""
+    cid = crm.add_contact(firstName="Ann", lastName="Lee")
+    errors = {}
+    for fault in ("500-page", "500-after-write-truncated", "500-after-write"):
+        crm.faults = Faults(rate=1.0, kinds=(fault,))
+        errors[fault] = raises(CRMError, crm.url, lambda c: c.create_interaction(cid, TEXT))
+    assert {fault: (err.maybe_written, err.in_flight) for fault, err in errors.items()} == {
+        "500-page": (True, True), "500-after-write-truncated": (True, True), "500-after-write": (True, False)}
+
+
+@pytest.mark.parametrize("status", ["400", "405", "413"])
+def test_a_bare_4xx_page_from_a_proxy_is_a_bad_response_not_the_crm_rejecting_the_item(
+        crm: CitadelServer, status: str) -> None:
+    """Citadel's 4xx come in its JSON error envelope; an HTML 400/405/413 is a load balancer's or a proxy's."""
+    cid = crm.add_contact(firstName="Ann", lastName="Lee")
+    crm.faults = Faults(rate=1.0, kinds=(status,))
+    err = raises(BadResponse, crm.url, lambda c: c.create_interaction(cid, TEXT))
+    assert err.status == int(status) and not err.maybe_written and "not Citadel's answer" in str(err)
+    assert crm.interactions(cid) == []
+
+
+@pytest.mark.parametrize("fault", ["data-null-after-write", "id-less-after-write"])
+def test_a_2xx_to_a_write_without_its_records_id_is_a_bad_response_that_was_accepted(
+        crm: CitadelServer, fault: str) -> None:
+    cid = crm.add_contact(firstName="Ann", lastName="Lee")
+    crm.faults = Faults(rate=1.0, kinds=(fault,))
+    interaction = raises(BadResponse, crm.url, lambda c: c.create_interaction(cid, TEXT))
+    contact = raises(BadResponse, crm.url, lambda c: c.update_contact(cid, {"firstName": "Anne"}))
+    for err in (interaction, contact):
+        assert err.accepted and err.maybe_written and not err.in_flight
+    assert len(crm.interactions(cid)) == 1 and crm.contacts()[0]["firstName"] == "Anne"
+
+
+def test_an_api_url_that_redirects_names_the_api_url_it_points_at(crm: CitadelServer) -> None:
+    """http:// moved to https://: each request is a 301 to the same path there."""
+    crm.redirect_to = "https://crm.example.com/citadel"
+    err = raises(Redirected, crm.url + "/", lambda c: c.list_contacts())
+    assert err.location == "https://crm.example.com/citadel"  # type: ignore[attr-defined]
+    assert str(err) == "api_url redirects to https://crm.example.com/citadel; set api_url to it"
+
+
+def test_an_api_url_that_redirects_to_a_login_page_says_api_url_must_be_the_crms_own_address(
+        crm: CitadelServer) -> None:
+    """A single sign-on proxy sends every request to its login page: that is no api_url to set."""
+    crm.redirect_to, crm.redirect_keeps_path = "https://sso.example.com/login", False
+    err = raises(Redirected, crm.url, lambda c: c.list_contacts())
+    assert err.location is None  # type: ignore[attr-defined]
+    assert str(err) == ("api_url redirects to https://sso.example.com/login, not to the API: "
+                        "set api_url to the CRM's own address")
+
+
+def test_a_crm_whose_certificate_is_not_trusted_is_untrusted_naming_the_cause(tmp_path: Path) -> None:
+    with CitadelServer(tmp_path / "c.db", tls=self_signed_tls(tmp_path)) as server:
+        err = raises(Untrusted, server.url, lambda c: c.create_contact({"firstName": "A", "lastName": "B"}))
+        assert server.contacts() == []
+    assert "certificate is not trusted: self" in str(err) and "signed certificate (127.0.0.1)" in str(err)
+    assert not err.maybe_written
 
 
 def test_500_is_maybe_written_only_for_a_write(crm: CitadelServer) -> None:
@@ -265,7 +341,7 @@ def test_500_is_maybe_written_only_for_a_write(crm: CitadelServer) -> None:
     assert read.maybe_written is False and write.maybe_written is True
 
 
-@pytest.mark.parametrize("status", ["502", "503", "504"])
+@pytest.mark.parametrize("status", ["502", "503", "504", "520", "521", "522", "523", "524"])
 def test_gateway_and_unavailable_statuses_are_server_busy(crm: CitadelServer, status: str) -> None:
     crm.faults = Faults(rate=1.0, kinds=(status,))
     err = raises(ServerBusy, crm.url, lambda c: c.create_contact({"firstName": "A", "lastName": "B"}))

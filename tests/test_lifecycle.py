@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -11,6 +12,7 @@ from tests.harness.library import Library, ago
 from tests.harness.processes import eventually
 
 STRANGER = "+19055551234"
+ANN = "+16135550171"
 
 
 @pytest.fixture
@@ -84,6 +86,30 @@ def test_an_owner_edit_in_the_crm_wins_over_a_later_card_edit(library: Library, 
 
     kept = contact(citadel, id=ann["id"])
     assert (kept["firstName"], kept["lastName"]) == ("Annie", "Lee")
+    assert d.stop() == 0
+
+def test_without_placeholders_an_idle_daemon_lists_the_crm_for_a_held_stranger_ever_more_rarely(
+        library: Library, citadel, daemon, daemon_env: CLI):
+    """Held addresses are looked for in a listing of every contact (100 requests for 10,000 contacts).
+    Once per `contacts_rescan_s` a page of one contact, newest first, tells whether the CRM holds one it did
+    not: a contact the owner makes is listed then. Otherwise each listing that found no one doubles the wait
+    for the next (up to an hour): an idle daemon does not list the CRM every rescan for ever."""
+    daemon_env.env.update(CRM_SYNCD_CREATE_UNKNOWN_CONTACTS="false", CRM_SYNCD_CONTACTS_RESCAN_S="1",
+                          CRM_SYNCD_SAFETY_PROBE_S="1")
+    library.card(first="Ann", last="Lee", phones=[ANN])
+    library.text(STRANGER, at=ago(hours=1))
+    d = daemon()
+    eventually(lambda: json.loads(daemon_env("status", "--json").stdout)["outbox"]["held"] == 1, what="the hold")
+
+    citadel.contact_listings.clear()
+    time.sleep(15)  # idle: nothing to read or send, one held stranger
+    listings = [q for q in citadel.contact_listings if q.get("page", "1") == "1" and q.get("limit") != "1"]
+    assert len(listings) <= 4, listings  # 1, 2, 4, 8 s apart: not 15
+    assert len(citadel.contact_listings) - len(listings) <= 16  # the page of one, once a second
+
+    joe = citadel.add_contact(firstName="Joe", lastName="Pipes", phone="(905) 555-1234")  # typed by the owner
+    eventually(lambda: citadel.interactions(joe), what="the held text at the owner's contact")
+    assert [c["firstName"] for c in citadel.contacts()] == ["Ann", "Joe"]
     assert d.stop() == 0
 
 

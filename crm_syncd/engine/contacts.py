@@ -48,6 +48,7 @@ class ContactsSync:
         self.owner = owner
         self.creates = creates
         self._cards: dict[str, list[Card]] = {}  # AddressBook store → its cards, as last read
+        self._me: dict[str, list[Card]] = {}  # AddressBook store → its Me cards, as last read
         self._store_errors: dict[str, str] = {}  # AddressBook store → why it was last unreadable
 
     def signatures(self) -> dict[str, str]:
@@ -68,14 +69,15 @@ class ContactsSync:
         previous = self.store.signatures() if self._cards else {}
         removed = set(self._cards) - set(signatures)
         for store_name in removed:
-            del self._cards[store_name]
+            del self._cards[store_name], self._me[store_name]
         self.owner.stores_present(signatures)
         changed = [name for name, sig in signatures.items() if previous.get(name) != sig or name not in self._cards]
         for name in changed:
             try:
-                cards, own, skipped = await asyncio.to_thread(contacts_source.read_store, base / name, name)
+                cards, me, skipped = await asyncio.to_thread(contacts_source.read_store, base / name, name)
             except SourceMissing:
                 self._cards.pop(name, None)
+                self._me.pop(name, None)
                 self.owner.read_me(name, None)
                 continue
             except NeedsFullDiskAccess:
@@ -88,15 +90,22 @@ class ContactsSync:
                 signatures.pop(name)
                 continue
             self._store_errors.pop(name, None)
-            self._cards[name] = cards
-            self.owner.read_me(name, own)
+            self._cards[name], self._me[name] = cards, me
             report.skipped.update(skipped)
+        # the owner's cards: the Me cards, and those linked to one from another store (read now or before),
+        # whose addresses are the owner's unless another person's card holds them (an office's main line)
+        cards, owners = contacts_source.owners_apart([c for read in self._cards.values() for c in read],
+                                                     [c for read in self._me.values() for c in read])
+        held = self.owner.normalized(contacts_source.typed_addresses(cards)) if owners else set()
+        for name, me in self._me.items():
+            linked = contacts_source.typed_addresses([c for c in owners if c.store == name])
+            self.owner.read_me(name, contacts_source.typed_addresses(me), linked, held)
         self.owner.me_read()
         if (previous and changed and not removed and set(changed) <= report.store_errors.keys()
                 and not list_crm):
             return report  # only stores that failed again: nothing new for the CRM, so no listing of it
 
-        people = merge_cards([c for cards in self._cards.values() for c in cards], self.normalize)
+        people = merge_cards(cards, self.normalize)
         rebuilding = self.store.get(REBUILD, False)  # the state is rebuilt: `--reconcile`, a restored state
         report.cards = sum(len(c) for c in self._cards.values())
         await self.creates.landed()
@@ -202,14 +211,19 @@ class ContactsSync:
                 self.store.keep_contact_for(survivor, person.key, person.unique_ids)  # theirs under today's key
         else:
             survivor = placeholders[0]
+            made = (self.store.known_contact(survivor) or ("", None, None))[2]  # the placeholder as this Mac made it
+            filled = _filled_by_owner(index.by_id[survivor], made, fields)
             await dedupe_wanted(self.settings.dedupe_against_crm, self.store, self.crm, survivor)  # settled while it is known as found, not made, if another Mac made it
             updated, refused = await self._writing(
-                lambda sent: self.creates.promote(survivor, sent, (person.key, {k: sent.get(k) for k in fields}), fields),
+                lambda sent: self.creates.update(  # noted as `written` below: without the owner's fields
+                    survivor, sent, (person.key, {k: sent.get(k) for k in fields if k not in filled}), fields),
                 _present(_promotion(fields, index.by_id[survivor])), name)
             index.replace(updated)
             # written: what the CRM now holds (a number a card without one leaves, the owner's notes before
-            # the card's), which an edit of the owner's would differ from; card: what the card's edits will
-            self.store.remember_contact(survivor, "card", person.key, written={k: updated.get(k) for k in fields},
+            # the card's), which an edit of the owner's would differ from, but for the fields the owner filled
+            # in: left out, they are the owner's (`_follow_edits`); card: what the card's edits will
+            written = {k: updated.get(k) for k in fields if k not in filled}
+            self.store.remember_contact(survivor, "card", person.key, written=written,
                                         cards=person.unique_ids, card=fields, left_out=refused)
             self.creates.recorded(person.key)
             _report_left_out(report, name, refused)
@@ -226,9 +240,10 @@ class ContactsSync:
                 if placeholder:
                     folded.append(placeholder)
         if folded:
-            await self._take_addresses(survivor, folded, index, name)
+            await self._take_addresses(survivor, folded, index, name, person.key)
 
-    async def _take_addresses(self, contact_id: int, placeholders: list[dict], index: CRMIndex, name: str) -> None:
+    async def _take_addresses(self, contact_id: int, placeholders: list[dict], index: CRMIndex, name: str,
+                              person_key: str) -> None:
         """Give a contact crm-syncd writes the number or email of the placeholders folded into it, where it
         has none: the person texts from it, and a promotion keeps it the same way. Recorded as written, not
         as the card's: the card's next edit of that field still goes through."""
@@ -243,10 +258,12 @@ class ContactsSync:
                     taken[key] = placeholder[key]
         if not taken:
             return
-        updated, refused = await self._writing(
-            lambda sent: self.crm.update_contact(contact_id, sent) if sent else _as_is(current), taken, name)
+        card = self.store.applied_card(contact_id)[0] or known[2]  # a record older than v9: one for both
+        updated, refused = await self._writing(lambda sent: self.creates.update(
+            contact_id, sent, (person_key, {**known[2], **sent}), card) if sent else _as_is(current), taken, name)
         index.replace(updated)
         self.store.remember_contact(contact_id, "card", written={**known[2], **{k: updated.get(k) for k in taken}})
+        self.creates.recorded(person_key)
         log.info("contacts.addresses_kept", contact_id=contact_id, fields=sorted(taken.keys() - refused.keys()))
 
     def _give_back_by_name(self, people: list[Person], fields: dict[str, dict], index: CRMIndex) -> None:
@@ -364,7 +381,9 @@ class ContactsSync:
         The card's edits are what differs from the card as last applied; the owner's, what differs from
         the CRM's fields as crm-syncd left them (`written`). They are not the same when the contact holds
         what the card does not (a promoted placeholder's number and notes) or lacks what it does (a field
-        the CRM refused): either is then neither an edit to send nor one of the owner's."""
+        the CRM refused): either is then neither an edit to send nor one of the owner's. A field `written`
+        lacks is the owner's (filled in on a placeholder before its promotion): the card's edits leave it
+        alone while it holds something."""
         known = self.store.known_contact(contact_id)
         if not known or known[0] != "card" or known[2] is None:
             return
@@ -381,18 +400,19 @@ class ContactsSync:
             _report_left_out(report, name, {k: reason for k, reason in left_out.items() if fields.get(k) == card.get(k)
                                             and (current.get(k) or None) != fields.get(k)})
             return
-        changes = {k: v for k, v in fields.items() if v != card.get(k)}
+        changes = {k: v for k, v in fields.items() if v != card.get(k) and (k in written or not current.get(k))}
         gone = bool(self.store.contact_cards(contact_id) - person.unique_ids)
         lasting = _lasting(changes, written, card, gone, person.nameless)
         sent = {k: v if v is not None else "" for k, v in lasting.items()}
         if "notes" in sent:  # what the owner wrote in front of the card's note stays in front
             sent["notes"] = _notes_after(written.get("notes"), card.get("notes"), fields.get("notes"))
-        updated, refused = await self._writing(
-            lambda sent: self.crm.update_contact(contact_id, sent) if sent else _as_is(current), sent, name)
+        updated, refused = await self._writing(lambda sent: self.creates.update(  # noted: see `Creates.update`
+            contact_id, sent, (person.key, {**written, **{k: v or None for k, v in sent.items()}}), fields) if sent else _as_is(current), sent, name)
         index.replace(updated)
         left_out = {**{k: reason for k, reason in left_out.items() if k not in changes}, **refused}
         self.store.remember_contact(contact_id, "card", written={**written, **{k: updated.get(k) for k in sent}},
                                     card=fields, left_out=left_out)
+        self.creates.recorded(person.key)
         _report_left_out(report, name, left_out)
         if sent.keys() - refused.keys():  # not when the CRM refused all there was to write
             report.updated.append(name)
@@ -447,12 +467,13 @@ class ContactsSync:
 
     def _own_unanswered_write(self, contact_id: int, person: Person, index: CRMIndex, lost: dict) -> None:
         """File a contact found for a person as crm-syncd's, with what it sent, when it is exactly what
-        their create or their placeholder's promotion whose answer was lost (`lost`: its note) would
-        have made: its card edits are then followed. (The pass drops the notes it was given when it ends.)"""
+        their create, their placeholder's promotion or their card's edit whose answer was lost (`lost`: its
+        note) would have made: its card edits are then followed. (The pass drops the notes it was given when it ends.)"""
         if _owner_edited(lost["fields"], current := index.by_id[contact_id]):
             return
         known = self.store.known_contact(contact_id)
-        if known is None or (known[0] == "crm" and known[2] is None) or known[0] == "placeholder":
+        if (known is None or (known[0] == "crm" and known[2] is None) or known[0] == "placeholder"
+                or (known[0] == "card" and known[1] == person.key)):  # a card edit of theirs, landed unanswered
             self._file_as_written(contact_id, person, current, lost["fields"], lost.get("card", lost["fields"]))
 
     def _file_as_written(self, contact_id: int, person: Person, current: dict, written: dict, card: dict) -> None:
@@ -593,6 +614,14 @@ def _notes_after(held: str | None, before: str | None, card_note: str | None) ->
     if card_note and (held == card_note or held.endswith("\n" + card_note)):
         return held
     return "\n".join(n for n in (held, card_note) if n)
+
+
+def _filled_by_owner(placeholder: dict, made: dict | None, fields: dict) -> set[str]:
+    """The fields of a placeholder the owner filled in that its card leaves empty (an organisation, a job
+    title, an email): a promotion keeps them as the owner's, left out of `written`. `made`: the placeholder's
+    fields as this Mac made it (which of phone and email is its own address); unknown, both are its own."""
+    ours = made.keys() if made else PLACEHOLDER_WRITTEN
+    return {k for k in WRITTEN - ours - {"notes"} if placeholder.get(k) and fields.get(k) is None}
 
 
 def _promotion(fields: dict, placeholder: dict) -> dict:

@@ -4,6 +4,7 @@ way into the CRM."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ class Creates:
     store: Store
     crm: crmlib.CitadelClient
     _answered: dict[str, dict] = field(default_factory=dict, init=False, repr=False)  # person -> note, until recorded
+    _in_flight: bool = field(default=False, init=False, repr=False)  # a create this pass sent may still be landing
 
     async def create(self, fields: dict, made_for: tuple[str, dict] | None = None) -> dict:
         """POST a contact, noting the moment first: if its pass ends before the answer (a stop, a crash,
@@ -33,14 +35,36 @@ class Creates:
         refusal, or until the contact is recorded (`recorded`): the contact the next pass finds for them
         is the one crm-syncd made (`ContactsSync._own_unanswered_write`)."""
         self.store.put(CREATE_SENT, now_ms(), durable=False)  # a power cut outlasts any request anyway
-        return await self._noted(lambda: self.crm.create_contact(fields), made_for)
+        try:
+            return await self._noted(lambda: self.crm.create_contact(fields), made_for)
+        except crmlib.CRMError as exc:
+            self._in_flight |= exc.in_flight
+            raise
 
-    async def promote(self, contact_id: int, fields: dict, made_for: tuple[str, dict], card: dict) -> dict:
-        """PUT a card's fields on a placeholder, noted like a card's create (with the `card` they came
-        from: the placeholder's notes and number may have been kept): if it lands unanswered, the
-        contact the next pass finds bears the card's name, no longer a placeholder's, and is still
-        crm-syncd's."""
-        return await self._noted(lambda: self.crm.update_contact(contact_id, fields), made_for, card)
+    async def update(self, contact_id: int, fields: dict, made_for: tuple[str, dict], card: dict) -> dict:
+        """PUT a card's fields (a placeholder's promotion, a card's edits), noted like a card's create with
+        what the contact then holds (`made_for`) and the `card` they came from: if it lands unanswered,
+        the next pass finds the contact as crm-syncd left it, not edited by the owner. An answer that may
+        hide the write (a 2xx without the record, a 500, a lost answer) is checked by a GET first."""
+        return await self._noted(lambda: self._put(contact_id, fields), made_for, card)
+
+    async def _put(self, contact_id: int, fields: dict) -> dict:
+        """`update_contact`; when its answer may hide the write, the contact as a GET finds it, if it holds
+        `fields` (after a request timeout when the CRM may still be writing), else the PUT's error."""
+        try:
+            return await self.crm.update_contact(contact_id, fields)
+        except crmlib.CRMError as exc:
+            if not exc.maybe_written:
+                raise
+            if exc.in_flight:  # a proxy (or we) stopped waiting: the CRM may not have
+                await asyncio.sleep(self.settings.request_timeout_s)
+            try:
+                current = await self.crm.get_contact(contact_id)
+            except crmlib.CRMError:
+                raise exc from None
+            if any((current.get(k) or None) != (v or None) for k, v in fields.items()):
+                raise
+            return current
 
     async def _noted(self, write: Callable[[], Awaitable[dict]], made_for: tuple[str, dict] | None,
                      card: dict | None = None) -> dict:
@@ -76,8 +100,11 @@ class Creates:
             self.store.put(UNANSWERED_CREATES, [note for note in held if note not in notes], durable=durable)
 
     def pass_ended(self) -> None:
-        """The pass ends: every create it sent was answered (or refused)."""
-        if self.store.get(CREATE_SENT) is not None:
+        """The pass ends: every create it sent was answered (or refused), unless an answer came while the
+        CRM may still have been writing (a proxy's 500 page): the next listing waits for it (`landed`)."""
+        if self._in_flight:
+            self._in_flight = False
+        elif self.store.get(CREATE_SENT) is not None:
             self.store.put(CREATE_SENT, None, durable=False)
 
     async def landed(self) -> None:

@@ -77,17 +77,16 @@ class Extractor:
             self._people(source, session.people())
             if mark is None and since is None and not full:
                 since = now - self.settings.initial_lookback_days * DAY_MS
-            elif mark is not None and full:
-                floor = mark.rowid  # --full re-reads from the start but never moves the mark back
+            elif mark is not None and self._replaced(session, mark, current_file):
+                # told for --full too (and the daily sweep): the mark it keeps as a floor is the old database's
+                report.rebuilt = True
+                log.warning("extract.rebuilt", source=source, mark=mark.rowid)
+                if since is not None or not full:  # as a first sync: the lookback window (a --days run's, if wider)
+                    since = min(since or now, now - self.settings.initial_lookback_days * DAY_MS)
+            elif mark is not None and (full or days is not None):  # from the start too, never moving the mark back
+                floor = mark.rowid
             elif mark is not None:
                 after = mark.rowid
-                if self._replaced(session, mark, current_file):
-                    report.rebuilt = True
-                    log.warning("extract.rebuilt", source=source, mark=after)
-                    after = 0  # read over the lookback window (a --days run's, if wider), as a first sync
-                    since = min(since or now, now - self.settings.initial_lookback_days * DAY_MS)
-                elif days is not None:  # --days N reads its days behind the mark too, never moving it back
-                    after, floor = 0, mark.rowid
             resumed = mark is not None and not report.rebuilt  # else a lookback pass
             # rows already in the outbox may come again: all of them (--full, a rebuild), or those above a
             # mark an earlier pass held (a send under way, a --days run) while it went on queueing

@@ -225,7 +225,7 @@ class Pusher:
             if not (isinstance(exc, crmlib.BadResponse) and exc.accepted):
                 self.back_off(exc.retry_after)
             if exc.maybe_written:  # a 500 to the POST (whole or cut off), a lost answer, a mangled 2xx: look first
-                return await self._unsure(item, exc)
+                return await self._unsure(item, exc, halt)
             return "retry", item, exc.message
         self._remember_created(item, created)
         log.debug("push.created", item=item.id, crm_id=created["id"])
@@ -255,11 +255,15 @@ class Pusher:
             return False
         return True
 
-    async def _unsure(self, item: Item, exc: crmlib.CRMError) -> tuple[str, Item, Any]:
-        """The write may have happened (a 500, or a reply lost after sending): look before resending."""
-        await self._wait_backoff()  # a slow CRM may still be finishing the write
-        if isinstance(exc, crmlib.Unreachable):  # we gave up waiting; the CRM may not have: give it as long again
-            await asyncio.sleep(self.settings.request_timeout_s)
+    async def _unsure(self, item: Item, exc: crmlib.CRMError, halt: asyncio.Event) -> tuple[str, Item, Any]:
+        """The write may have happened (a 500, or a reply lost after sending): look before resending. Delivery
+        ending meanwhile (a stop) leaves it `sending`, looked up by the next start."""
+        if not await self._wait_backoff(halt):  # a slow CRM may still be finishing the write
+            return "unsure", item, exc.message
+        if exc.in_flight:  # we, or a proxy (a 504, a 524), gave up waiting; the CRM may not have: give it as long again
+            log.info("push.unsure_waits", item=item.id, seconds=self.settings.request_timeout_s)
+            if await wait_event(halt, self.settings.request_timeout_s):
+                return "unsure", item, exc.message
         self._day_cache.pop((item.contact_id, occurred_iso(item.occurred_ms)[:10]), None)
         try:
             existing = await self._find_in_crm(item)
@@ -269,7 +273,7 @@ class Pusher:
         log.debug("push.looked_up", item=item.id, error=exc.message, found=existing)
         if existing is not None:
             return "adopted", item, existing
-        if isinstance(exc, (crmlib.Ambiguous, crmlib.BadResponse)):  # bounded: 500s and mangled answers, not 503s
+        if exc.judges_item:  # bounded: 500s and mangled answers, not 503s
             self._ambiguous[item.id] += 1
             if self._ambiguous[item.id] >= self.settings.max_ambiguous_retries:
                 return "failed", item, f"unclear CRM answer {self._ambiguous[item.id]} times: {exc.message}"
@@ -354,16 +358,17 @@ class Pusher:
             await self._wait_backoff()
             try:
                 existing = await self._find_in_crm(item) if item.contact_id is not None else None
-            except (crmlib.Transient, crmlib.Unauthorized) as exc:  # the CRM is down, or refuses the key (it
-                report.unreachable, complete = exc.message, False  # tells nothing of the item): keep what was
-                if isinstance(exc, crmlib.Unauthorized):  # learnt; the rest is looked up next time
-                    report.refused = exc.message
+            except crmlib.CRMError as exc:
                 self.back_off(exc.retry_after)
-                log.warning("push.recover_deferred", items=len(leftovers) - len(adopted) - len(requeue) - len(failed),
-                            reason=exc.message)
-                break
-            except crmlib.CRMError as exc:  # an answer about this item's day (a 500, a listing never complete):
-                self.back_off(exc.retry_after)  # it alone waits, `sending`, for a bounded number of look-ups
+                if not exc.judges_item:  # the CRM is down, refuses the key, a redirect, a proxy's page: keep
+                    report.unreachable, complete = exc.message, False  # what was learnt; the rest is looked up
+                    if isinstance(exc, crmlib.Unauthorized):  # next time
+                        report.refused = exc.message
+                    log.warning("push.recover_deferred", reason=exc.message,
+                                items=len(leftovers) - len(adopted) - len(requeue) - len(failed))
+                    break
+                # an answer about this item's day (a 500, a listing never complete): it alone waits,
+                # `sending`, for a bounded number of look-ups
                 self._ambiguous[item.id] += 1
                 if self._ambiguous[item.id] >= self.settings.max_ambiguous_retries:
                     failed.append((item, f"{UNKNOWN_OUTCOME}: {exc.message}"))

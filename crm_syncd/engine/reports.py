@@ -41,6 +41,7 @@ class ContactsReport:
 class PlaceholdersReport:
     created: list[str] = field(default_factory=list)  # names
     refused: list[tuple[str, str]] = field(default_factory=list)  # (name, why): their interactions failed
+    unclear: list[tuple[str, str]] = field(default_factory=list)  # (name, why): no clear answer; tried again next time
 
 
 @dataclass

@@ -7,7 +7,7 @@ routes, ms-precision timestamps, limit capped at 100, optionally unstable orderi
 keys tie (`unstable_ties`), and the lax bulk imports.
 
 Test controls: `faults` (injected 5xx/429/timeouts/resets), `latency_s`, `reject_interactions_at` and
-`reject_contact_values` (422s), `go_down()`/`come_up()`,
+`reject_contact_values` (422s), `go_down()`/`come_up()`, `redirect_to` (every answer a 301), `tls` (HTTPS),
 `stats`, and helpers that read and seed the database directly.
 
     with CitadelServer(tmp_path / "crm.db") as crm:
@@ -29,7 +29,9 @@ import signal
 import socket
 import socketserver
 import sqlite3
+import ssl
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -54,9 +56,13 @@ _DAY_MS = 86_400_000
 _PRIME = 2_147_483_647  # (id * m) % _PRIME permutes ids: a shuffle of ties, one per query (see `_order`)
 _MUTATING = frozenset(("POST", "PUT", "DELETE", "PATCH"))
 FAULT_KINDS = frozenset(
-    ("503", "502", "504", "429", "500-before-write", "500-after-write", "504-after-write", "timeout", "reset",
-     "slow", "truncate", "500-after-write-truncated")
+    ("503", "502", "504", "520", "521", "522", "523", "524", "429", "400", "405", "413", "500-page", "500-before-write", "500-after-write", "504-after-write",
+     "504-then-write", "524-then-write", "timeout", "reset", "slow", "truncate", "500-after-write-truncated",
+     "data-null-after-write", "id-less-after-write", "500-then-write")
 )
+_LATE_WRITES = ("504-then-write", "524-then-write", "500-then-write")  # a proxy answers; the CRM behind it writes a moment later
+_ODD_2XX = {"data-null-after-write": lambda record: None,  # the write happens; its answer holds no record's id
+            "id-less-after-write": lambda record: {k: v for k, v in record.items() if k != "id"}}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS contacts (
@@ -120,8 +126,10 @@ _JSON_CT = b"application/json; charset=utf-8"
 _HTML_CT = b"text/html; charset=utf-8"
 _REASONS = {
     100: "Continue", 200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized",
-    404: "Not Found", 422: "Unprocessable Entity", 429: "Too Many Requests",
-    500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+    301: "Moved Permanently", 404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large", 422: "Unprocessable Entity",
+    429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+    504: "Gateway Timeout", 520: "Unknown Error", 521: "Web Server Is Down", 522: "Connection Timed Out",
+    523: "Origin Is Unreachable", 524: "A Timeout Occurred",
 }
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -153,12 +161,15 @@ def _invalid(details: dict[str, list[str]]) -> _Fail:
 
 @dataclass
 class Faults:
-    """Which requests fail and how. Kinds: 503 502 504 429 (with `retry_after`), 500-before-write,
+    """Which requests fail and how. Kinds: 503 502 504, Cloudflare's 520-524, 429 (with `retry_after`),
+    400 405 413 and 500-page (a proxy's or load balancer's HTML page, no write), 500-before-write,
     500-after-write (the write happens, then 500), 504-after-write (the write happens, then a proxy's
-    504: it gave up waiting), timeout (hold `hold_s` or until the client
+    504: it gave up waiting), 504-then-write, 524-then-write and 500-then-write (the proxy's answer comes first; the CRM,
+    still at work behind it, writes `late_s` later), timeout (hold `hold_s` or until the client
     gives up, then close without answering), reset (RST, no response), slow (wait `slow_s`, then
     answer normally), truncate (answer with half the announced body, then close), 500-after-write-truncated
-    (both: the write happens, then half of a 500's body).
+    (both: the write happens, then half of a 500's body), data-null-after-write and id-less-after-write
+    (the write happens, then a 2xx whose `data` is null, or the record without its `id`).
 
     Only mutating requests are affected unless `reads`, and only those of `routes` if given (route
     patterns such as "/api/contacts/:id/interactions"); the first `after` of those pass unharmed; `limit`
@@ -169,6 +180,7 @@ class Faults:
     kinds: tuple[str, ...] = ("503",)
     seed: int = 0
     slow_s: float = 0.5
+    late_s: float = 1.0
     reads: bool = False
     hold_s: float = 30.0
     limit: int | None = None
@@ -312,9 +324,14 @@ def _parse_body(body: bytes) -> Any:
 
 def _html_404(method: str, path: str) -> bytes:
     safe = path.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _html_page(f"Cannot {method} {safe}")
+
+
+def _html_page(text: str) -> bytes:
+    """Express's (or a proxy's) HTML error page saying `text`."""
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>Error</title>\n'
-        f"</head>\n<body>\n<pre>Cannot {method} {safe}</pre>\n</body>\n</html>\n"
+        f"</head>\n<body>\n<pre>{text}</pre>\n</body>\n</html>\n"
     ).encode()
 
 
@@ -402,6 +419,18 @@ def _check_interaction(body: Any) -> tuple[str, int, str, str | None, int | None
     return kind, occurred_ms, source, content, duration  # type: ignore[return-value]
 
 
+def self_signed_tls(folder: Path, host: str = "127.0.0.1") -> ssl.SSLContext:
+    """A server TLS context with a fresh self-signed certificate for `host` (made by the openssl command):
+    a certificate no client trusts."""
+    cert, key = folder / "citadel-cert.pem", folder / "citadel-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={host}",
+                    "-addext", f"subjectAltName=IP:{host}", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
 # ---------------------------------------------------------------------------------------------
 # The HTTP side
 
@@ -415,6 +444,12 @@ class _TCPServer(socketserver.ThreadingTCPServer):
     def __init__(self, addr: tuple[str, int], owner: CitadelServer):
         self.owner = owner
         super().__init__(addr, _Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = super().get_request()
+        if self.owner.tls is not None:  # the handshake is the handler thread's: a stalled client blocks no accept
+            sock = self.owner.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
@@ -443,6 +478,8 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def handle(self) -> None:
         try:
+            if isinstance(self.connection, ssl.SSLSocket):
+                self.connection.do_handshake()  # a client that distrusts the certificate ends it here
             while self._one():
                 pass
         except (OSError, ValueError):
@@ -547,6 +584,7 @@ class CitadelServer:
         unstable_ties: bool = False,
         latency_s: float = 0.0,
         keepalive_timeout_s: float = 5.0,
+        tls: ssl.SSLContext | None = None,
     ):
         self.db_path = Path(db_path)
         self.host, self.port, self.api_key = host, port, api_key
@@ -554,11 +592,15 @@ class CitadelServer:
         self.tie_salt = 0  # which orders those are
         self.latency_s = latency_s  # added to every request (a hosted CRM)
         self.keepalive_timeout_s = keepalive_timeout_s  # an idle connection is closed (Node's default: 5 s)
+        self.tls = tls  # serve HTTPS with this context's certificate
+        self.redirect_to: str | None = None  # every request answered 301 to this base URL (the API moved there)
+        self.redirect_keeps_path = True  # False: every redirect goes to `redirect_to` itself (an SSO login page)
         self.faults = Faults()
         self.reject_interactions_at: set[str] = set()  # UTC days whose interaction POSTs get a 422
         self.reject_contact_values: set[str] = set()  # field values a contact POST or PUT gets a 422 for
         self.stats: Counter[tuple[str, str, int | str]] = Counter()  # (method, route, status|fault)
         self.timeline: list[tuple[float, str, str, int | str]] | None = None  # set to [] to log each answer
+        self.contact_listings: list[dict[str, str]] = []  # the query of each GET /api/contacts, in order
         self.connections_accepted = 0
         self.serving = 0  # requests received and not yet answered (a slow CRM still working on them)
         self.last_headers: dict[str, str] = {}  # the most recent request's headers (lower-case keys)
@@ -582,7 +624,7 @@ class CitadelServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def start(self) -> CitadelServer:
         self._stopping.clear()
@@ -705,6 +747,9 @@ class CitadelServer:
     def _serve(self, h: _Handler, method: str, target: str, headers: dict[str, str], body: bytes, keep: bool) -> bool:
         """Answer one request on handler `h`; False closes the connection."""
         self.last_headers = headers
+        if self.redirect_to is not None:
+            h._send(301, b"", b"text/plain", b"Location: %s%s\r\n" % (self.redirect_to.encode(), target.encode() if self.redirect_keeps_path else b""), keep)
+            return keep
         if self.latency_s:
             self._stopping.wait(self.latency_s)
         path, _, query = target.partition("?")
@@ -712,7 +757,7 @@ class CitadelServer:
         fault = self.faults.pick(method, route) if fn is not None else None
         extra = b""
         if fault is None or fault in ("slow", "500-after-write", "504-after-write", "truncate",
-                                      "500-after-write-truncated"):
+                                      "500-after-write-truncated", *_ODD_2XX):
             if fault == "slow":
                 self._stopping.wait(self.faults.slow_s)
             status, out, ctype = self._answer(method, path, query, headers, body, fn, ident)
@@ -720,6 +765,14 @@ class CitadelServer:
                 status, out = 500, _internal().body()
             elif fault == "504-after-write":
                 status, out, ctype = 504, _REASONS[504].encode(), b"text/plain; charset=utf-8"
+            elif fault in _ODD_2XX and 200 <= status < 300:
+                out = _dumps({"data": _ODD_2XX[fault](json.loads(out)["data"])}).encode()
+        elif fault in _LATE_WRITES:
+            status, out, ctype = int(fault[:3]), _REASONS[int(fault[:3])].encode(), b"text/plain; charset=utf-8"
+            with self._stats_lock:
+                self.serving += 1
+            threading.Thread(target=self._write_late, args=(method, path, query, headers, body, fn, ident),
+                             daemon=True).start()
         elif fault in ("timeout", "reset"):
             if fault == "timeout":
                 h._hold(self.faults.hold_s)
@@ -729,12 +782,16 @@ class CitadelServer:
             return False
         elif fault == "500-before-write":
             status, out, ctype = 500, _internal().body(), _JSON_CT
-        else:  # 429 / 502 / 503 / 504, as a proxy or rate limiter would answer
+        elif fault == "500-page":
+            status, out, ctype = 500, _html_page("500 Internal Server Error"), _HTML_CT
+        else:  # 429 / 502 / 503 / 504 / 524 / 400 / 405 / 413, as a proxy or rate limiter would answer
             status, ctype = int(fault), _JSON_CT
             if status == 429:
                 if self.faults.retry_after is not None:
                     extra = b"Retry-After: %s\r\n" % self.faults.retry_after.encode()
                 out = _Fail(429, "RATE_LIMITED", "Too many requests").body()
+            elif status < 500:
+                out, ctype = _html_page(f"{status} {_REASONS[status]}"), _HTML_CT
             else:
                 out, ctype = _REASONS[status].encode(), b"text/plain; charset=utf-8"
         self._count(method, route, status)
@@ -745,6 +802,16 @@ class CitadelServer:
             return False
         h._send(status, out, ctype, extra, keep)
         return keep
+
+    def _write_late(self, *request: Any) -> None:
+        """A request a proxy has answered for: the CRM makes its write `late_s` later (unless it stops),
+        counted in `serving` meanwhile."""
+        try:
+            if not self._stopping.wait(self.faults.late_s):
+                self._answer(*request)
+        finally:
+            with self._stats_lock:
+                self.serving -= 1
 
     def _count(self, method: str, route: str, status: int | str) -> None:
         key = (method, route, status)
@@ -791,6 +858,7 @@ class CitadelServer:
 
     def _list_contacts(self, _ident: None, query: str, _body: bytes) -> tuple[int, Any]:
         q = dict(parse_qsl(query)) if query else {}
+        self.contact_listings.append(q)
         page = _int_param(q, "page", 1)
         limit = min(_int_param(q, "limit", 25), MAX_LIMIT)
         where, params = "", []
