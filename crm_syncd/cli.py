@@ -22,8 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from crm_syncd import __version__, crm as crmlib, logs
 from crm_syncd.engine import SOURCES, ContactsReport, Engine, PlaceholdersReport, PushReport, SourceReport
-from crm_syncd.settings import (API_KEY_PLACES, ConfigError, Settings, config_warnings, load_settings,
-                                ready_folder, where_set)
+from crm_syncd.settings import (ConfigError, Settings, api_key_places, config_file_to_edit, config_warnings,
+                                load_settings, ready_folder, where_set)
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError
 from crm_syncd.store import SCHEMA_VERSION, Store, StoreError, state_exists
 
@@ -48,7 +48,7 @@ def owner_errors() -> Iterator[None]:
     """Turn what the owner must fix into one clear line and exit code 2."""
     try:
         yield
-    except (ConfigError, StoreError, NeedsFullDiskAccess) as exc:
+    except (ConfigError, StoreError, NeedsFullDiskAccess, logs.LogFileError) as exc:
         raise Abort(str(exc)) from exc
 
 
@@ -186,12 +186,22 @@ async def _sync_async(settings: Settings, store: Store, *, contacts_only: bool, 
                         push = await engine.push()
                     except crmlib.CRMError as exc:
                         crm_error = exc
-        crm_down = crm_error.message if crm_error else None
-        refused = crm_down if isinstance(crm_error, crmlib.Unauthorized) else push and push.refused
+        crm_down = f"{_trouble(crm_error)}:[/] {crm_error.message}" if crm_error else None
+        refused = crm_error.message if isinstance(crm_error, crmlib.Unauthorized) else push and push.refused
         failed = bool(push and (push.failed or push.unreachable or push.throttled) or contacts and contacts.failed
-                      or placeholders.refused or crm_down or any(report.error for report in sources))
+                      or placeholders.refused or placeholders.unclear or crm_down or any(report.error for report in sources))
         _summary(store, contacts, sources, placeholders, push, crm_down, refused, failed, dry_run, crm)
     return EXIT_FIX if refused else EXIT_FAILED if failed else EXIT_OK
+
+
+def _trouble(exc: crmlib.CRMError) -> str:
+    """What stopped a sync, in a word: the CRM down or busy, api_url pointing elsewhere, or an answer that
+    is not Citadel's (a 2xx without the record, a proxy's page, a listing never complete)."""
+    if isinstance(exc, crmlib.Transient):
+        return "CRM unreachable"
+    if isinstance(exc, crmlib.Redirected):
+        return "api_url is not the CRM's API"
+    return "the CRM's answer was unclear"
 
 
 @contextmanager
@@ -231,13 +241,17 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
             out.print(f"  [yellow]possible duplicate:[/] CRM contact {other} looks like {kept} (left alone)")
         for store_name, problem in contacts.store_errors.items():
             out.print(f"  [yellow]skipped {store_name}: {problem}[/]")
-    if placeholders.created or placeholders.refused:
+    if placeholders.created or placeholders.refused or placeholders.unclear:
         out.print(f"[bold]Placeholders[/]  {verb} {len(placeholders.created)}"
-                  + (f" · [red]refused {len(placeholders.refused)}[/]" if placeholders.refused else ""))
+                  + (f" · [red]refused {len(placeholders.refused)}[/]" if placeholders.refused else "")
+                  + (f" · [yellow]unclear {len(placeholders.unclear)}[/]" if placeholders.unclear else ""))
         for name in placeholders.created[:20]:
             out.print(f"  ? {logs.mask_text(name)}")
         for name, reason in placeholders.refused[:5]:
             out.print(f"  [red]✗[/] {logs.mask_text(name)}: {reason} (its interactions are kept as failed)")
+        for name, reason in placeholders.unclear[:5]:
+            out.print(f"  [yellow]![/] {logs.mask_text(name)}: {reason} (looked for or made again by the next "
+                      "sync; its interactions wait)")
     delivered = push.delivered_by_type if push else Counter()
     for report in sources:
         label = report.source.capitalize()
@@ -261,14 +275,14 @@ def _summary(store: Store, contacts: ContactsReport | None, sources: list[Source
             out.print(f"  {logs.mask_key(key)}: {reason}")
     if refused:
         out.print(f"[red]✗ the CRM refused crm-syncd's API key[/] ({refused}): "
-                  f"set api_key in {where_set('api_key', API_KEY_PLACES)}{queued}")
+                  f"set api_key in {where_set('api_key', api_key_places())}{queued}")
     elif push and push.throttled:
         waiting = counts.get("pending", 0) + counts.get("sending", 0)
         out.print(f"[red]✗ CRM busy:[/] the CRM asked to wait {push.throttled:.0f} s; "
                   f"{waiting} item{'' if waiting == 1 else 's'} stay{'s' if waiting == 1 else ''} queued "
                   "for the next sync or the daemon")
     elif crm_down or (push and push.unreachable):
-        out.print(f"[red]✗ CRM unreachable:[/] {crm_down or push.unreachable}{queued}")
+        out.print(f"[red]✗ {crm_down or 'CRM unreachable:[/] ' + push.unreachable}{queued}")
     elif not failed:
         out.print("[green]✓ done[/]")
 
@@ -314,7 +328,8 @@ def run(verbose: bool) -> None:
 
     def body() -> int:
         settings = _settings(folders=("state_dir", "log_dir"))
-        logs.configure(verbose=verbose, log_file=settings.log_file)
+        with owner_errors():
+            logs.configure(verbose=verbose, log_file=settings.log_file)
         try:
             with owner_errors():
                 return asyncio.run(Daemon(settings).run())
@@ -371,8 +386,10 @@ def _print_status(doc: dict) -> None:
     for failure in box["failures"]:
         out.print(f"  {failure['key']}: {failure['reason']}")
     crm = doc["crm"]
-    if not crm["reachable"]:
-        crm_state = "[red]unreachable[/]"
+    if crm["problem"]:  # the health check's words: what is wrong, then the fix
+        crm_state = f"[red]{crm['problem']}[/]" + (f" · fix: {crm['fix']}" if crm["fix"] else "")
+        if crm["daemon_failure"]:
+            crm_state += f"\n  the daemon's requests fail: {crm['daemon_failure']}"
     elif crm["daemon_reachable"] is False:
         crm_state = f"[yellow]up, but the daemon's requests fail: {crm['daemon_failure'] or 'see the last error'}[/]"
     else:
@@ -408,7 +425,7 @@ def install(dry_run: bool) -> None:
         _print_launchd(result)
         if any(name.upper() == launchd.SECRET_ENV and value for name, value in os.environ.items()):
             out.print(f"[yellow]{launchd.SECRET_ENV} is not passed on to the agent (its plist is readable by "
-                      "others): put api_key in ~/.config/crm-syncd/config.toml or in the Keychain.[/]")
+                      f"others): put api_key in {config_file_to_edit()} or in the Keychain.[/]")
         out.print(f"Grant Full Disk Access to: [bold]{result.fda_binary}[/]")
         out.print(f"[yellow]{result.fda_warning}[/]")
         return EXIT_OK

@@ -24,7 +24,7 @@ import httpx
 from crm_syncd import __version__, crm as crmlib
 from crm_syncd.engine import CONTACTS_PROBLEMS, SOURCES, Engine
 from crm_syncd.logs import get_logger
-from crm_syncd.settings import DISK_ERRNOS, Settings, folder_refusal, secure_dir
+from crm_syncd.settings import DISK_ERRNOS, Settings, file_refusal, folder_refusal, secure_dir
 from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError
 from crm_syncd.store import Store, StoreError, now_ms
 from crm_syncd.watch import Debouncer, Probe, Watcher, wait_event
@@ -89,13 +89,14 @@ class Lock:
         return StoreError(message)
 
     def _not_yours(self, exc: OSError, doing: str) -> StoreError:
-        """The lock file, or its folder, is another user's (a `sudo crm-syncd` made it): which, and the fix.
-        Only a file in a folder the owner may enter is theirs to remove."""
+        """The lock file, or its folder, is another user's (a `sudo crm-syncd` made it): which, and the fix, in
+        `doctor`'s words. The fix gives the file back rather than removing it: a root daemon still holding the
+        lock keeps it, where a new file would let a second daemon start beside it."""
         folder = self.path.parent
         if not os.access(folder, os.X_OK) and (refusal := folder_refusal(folder)):
             return StoreError(f"cannot use the state folder {folder}: {refusal}")
-        return StoreError(f"cannot {doing} the lock file {self.path}: {exc.strerror}; if a `sudo crm-syncd` made "
-                          f"it, remove it (`sudo rm '{self.path}'`) while crm-syncd is stopped")
+        why = file_refusal(self.path) or (exc.strerror or str(exc),)
+        return StoreError(f"cannot {doing} the lock file {self.path}: {'; '.join(why)}")
 
     def release(self) -> None:
         if self._fd is not None:
@@ -309,9 +310,12 @@ class Daemon:
     async def _extract(self, source: str, sweep: bool = False) -> bool:
         """Extract one source (the daily sweep: its last SWEEP_DAYS, behind the mark too); False if it
         could not be read (said, and made again after a back-off)."""
-        window = {"full": True, "days": SWEEP_DAYS} if sweep else {}
         try:
             async with self._extracting[source]:
+                # a source with no mark yet (no call history at the start, a first read that failed) has nothing
+                # behind one to sweep: its first read is a first sync's, over the lookback window
+                swept = sweep and self.store.mark(source) is not None
+                window = {"full": True, "days": SWEEP_DAYS} if swept else {}
                 started = time.monotonic()
                 report = await asyncio.to_thread(self.engine.extract, source, **window)
         except NeedsFullDiskAccess as exc:

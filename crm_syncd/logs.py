@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from crm_syncd.settings import secure_dir, secure_file
+from crm_syncd.settings import file_refusal, secure_dir, secure_file
 
 MAX_BYTES = 5 * 1024 * 1024
 BACKUPS = 5
@@ -32,6 +32,10 @@ _SECRET_KEYS = frozenset({"api_key", "apikey", "authorization", "token", "x_api_
 _PHONE_CHARS = re.compile(r"[\d\s+().\-]+")
 # an address inside free text: an email, or a run of 7 digits or more in a phone number's characters
 _IN_TEXT = re.compile(r"[^\s()<>@,;:\"']+@[^\s()<>@,;:\"']+|\+?\d(?:[\s().\-]*\d){6,}")
+
+
+class LogFileError(Exception):
+    """The log file cannot be written; the message names it and the fix."""
 
 
 def mask_address(value: str) -> str:
@@ -126,6 +130,15 @@ class _PrivateRotatingFileHandler(RotatingFileHandler):
         return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
 
 
+class _Libraries(logging.Handler):
+    """Hands the libraries' own warnings (watchdog's, httpx's) to structlog: masked lines in our log, not
+    raw lines on stderr through logging's last resort (the daemon's stderr is for its one fatal line)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        get_logger(record.name).log(record.levelno, "library.log", message=mask_text(record.getMessage()),
+                                    exc_info=record.exc_info)
+
+
 def _stdlib_logger(name: str | None = None) -> logging.Logger:
     """Every event goes through a child of the `crm_syncd` stdlib logger, which has the handler."""
     if not name or name == _LOGGER_NAME:
@@ -139,7 +152,8 @@ def configure(*, verbose: bool = False, log_file: Path | None = None, console: b
 
     console=None means "if stderr is a terminal". Console mode renders readable lines to stderr
     (coloured on a terminal); otherwise JSON lines go to `log_file` (rotated at `max_bytes`,
-    keeping `backups` old files), or to stderr when no file is given.
+    keeping `backups` old files), or to stderr when no file is given. LogFileError when the file
+    cannot be written.
     """
     level = logging.DEBUG if verbose else logging.INFO
     stream = sys.stderr
@@ -148,10 +162,14 @@ def configure(*, verbose: bool = False, log_file: Path | None = None, console: b
 
     if not console and log_file is not None:
         log_file = Path(log_file)
-        secure_dir(log_file.parent)
-        secure_file(log_file)
-        handler: logging.Handler = _PrivateRotatingFileHandler(
-            log_file, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+        try:
+            secure_dir(log_file.parent)
+            secure_file(log_file)
+            handler: logging.Handler = _PrivateRotatingFileHandler(
+                log_file, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+        except OSError as exc:  # a `sudo crm-syncd run` left it root's, a restore lost its mode, a full disk
+            why = "; ".join(file_refusal(log_file) or (exc.strerror or str(exc),))
+            raise LogFileError(f"cannot write the log file {log_file}: {why}") from exc
     else:
         handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -163,6 +181,10 @@ def configure(*, verbose: bool = False, log_file: Path | None = None, console: b
     stdlib_logger.addHandler(handler)
     stdlib_logger.setLevel(logging.DEBUG)  # structlog filters by level
     stdlib_logger.propagate = False
+    root = logging.getLogger()  # at its default level, WARNING: httpx's line per request stays out
+    for old in [h for h in root.handlers if isinstance(h, _Libraries)]:
+        root.removeHandler(old)
+    root.addHandler(_Libraries())
 
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,

@@ -15,12 +15,13 @@ from crm_syncd import crm as crmlib, launchd
 from crm_syncd.daemon import HEARTBEAT_S, Lock, troubled
 from crm_syncd.engine import CONTACTS_PROBLEMS, CONTACTS_SYNCED
 from crm_syncd.logs import mask_key
-from crm_syncd.settings import API_KEY_PLACES, Settings, folder_problem, space_problem, where_set
+from crm_syncd.settings import (Settings, api_key_places, config_file_to_edit, file_refusal, folder_problem,
+                                space_problem, where_set)
 from crm_syncd.sources import AHEAD, contacts as contacts_source
 from crm_syncd.sources.calls import CallsReader
 from crm_syncd.sources.messages import MessagesReader
-from crm_syncd.sources.sqlite import NeedsFullDiskAccess, SourceError, SourceMissing
-from crm_syncd.store import LOOK_FIRST, Store, now_ms, state_exists
+from crm_syncd.sources.sqlite import NeedsFullDiskAccess, NoRoomBeside, SourceError, SourceMissing
+from crm_syncd.store import LOOK_FIRST, Store, db_files, now_ms, state_exists
 
 HEALTHY, DEGRADED, NOT_RUNNING = 0, 1, 3
 STALL_MS = 180_000  # rows waiting and the mark unmoved this long: the lag is growing
@@ -88,20 +89,44 @@ def _uptime_s(beat: dict, now: int) -> int | None:
     return round(max(0, now - started) / 1000) if isinstance(started, int) else None
 
 
-async def _crm_reachable(settings: Settings) -> bool:
-    async with _client(settings) as client:
-        return await client.health()
+@dataclass
+class CRMHealth:
+    """What the CRM's health check (`CitadelClient.check_health`) found; `problem` None: all is well."""
+
+    reachable: bool  # an HTTP answer came from api_url
+    problem: str | None = None
+    fix: str | None = None
+    owner_fix: bool = False  # the API key, api_url redirecting: exit 2 in `doctor`
 
 
-async def _crm_answers(settings: Settings) -> tuple[bool, crmlib.CRMError | None]:
-    """(whether the health check answers, what refuses a read that needs the API key or None)."""
+async def _check_health(settings: Settings) -> None:
     async with _client(settings) as client:
-        reachable = await client.health()
-        try:
-            await client.check_access()
-        except crmlib.CRMError as exc:
-            return reachable, exc
-    return reachable, None
+        await client.check_health()
+
+
+def check_crm(settings: Settings) -> CRMHealth:
+    """The health check `doctor` and `status` share, in words that say what is wrong and the fix."""
+    api_url_fix = f"set api_url in {where_set('api_url', config_file_to_edit())}"
+    try:
+        asyncio.run(_check_health(settings))
+    except crmlib.Unauthorized as exc:
+        return CRMHealth(True, f"reachable, but it refused crm-syncd's API key ({exc.message})",
+                         f"set api_key in {where_set('api_key', api_key_places())}", owner_fix=True)
+    except crmlib.Redirected as exc:  # only the owner can point api_url at the API: exit 2, as for the key
+        return CRMHealth(True, exc.message, api_url_fix, owner_fix=True)
+    except crmlib.Untrusted as exc:
+        return CRMHealth(False, f"unreachable: {exc.message}", "renew the CRM's certificate, or "
+                         f"{api_url_fix} with the host name its certificate names")
+    except crmlib.Unreachable as exc:
+        return CRMHealth(False, f"unreachable: {exc.message}", f"start Citadel, or {api_url_fix}")
+    except crmlib.Transient as exc:  # a 429, a 503, a proxy's 502
+        return CRMHealth(True, f"reachable, but unwell ({exc.message})", "see the CRM's own log")
+    except crmlib.CRMError as exc:
+        return CRMHealth(True, f"answers, but not as Citadel does ({exc.message})",
+                         f"see the CRM's own log; if api_url is not Citadel's address, {api_url_fix}")
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the check fails with it
+        return CRMHealth(False, f"unreachable: {exc}", f"start Citadel, or {api_url_fix}")
+    return CRMHealth(True)
 
 
 def gather(settings: Settings) -> dict[str, Any]:
@@ -150,10 +175,7 @@ def gather(settings: Settings) -> dict[str, Any]:
                            # placeholders), and those written without an address it refused; names masked
                            "failed": contacts_problems.get("failed", []),
                            "left_out": contacts_problems.get("left_out", [])}
-    try:
-        reachable = asyncio.run(_crm_reachable(settings))
-    except Exception:
-        reachable = False
+    crm = check_crm(settings)
     started = beat.get("started_ms") if running else None
     beat_age = now - beat["beat_ms"] if running and beat.get("beat_ms") else None
     doc = {
@@ -171,7 +193,7 @@ def gather(settings: Settings) -> dict[str, Any]:
                    "held_by_reason": held, "failed": counts.get("failed", 0), "delivered": counts.get("delivered", 0),
                    "failures": [{"key": mask_key(k), "type": t, "reason": r} for k, t, r in failures]},
         # /api/health answers "ok" whatever its database does; the daemon knows whether its requests got through
-        "crm": {"url": settings.api_url, "reachable": reachable,
+        "crm": {"url": settings.api_url, "reachable": crm.reachable, "problem": crm.problem, "fix": crm.fix,
                 "daemon_reachable": beat.get("crm_reachable") if running else None,
                 "daemon_failure": beat.get("crm_failure") if running else None},
         "duplicates": duplicates,  # CRM contacts that look like one person but were left alone
@@ -186,7 +208,7 @@ def gather(settings: Settings) -> dict[str, Any]:
                         problems=[s.get("problem") for s in sources.values() if s.get("problem") != MISSING],
                         takes_requests=doc["crm"]["daemon_reachable"])
     doc["health"] = ("not running" if not running else
-                     "degraded" if troubles or not reachable or lag_growing or doc["responding"] is False
+                     "degraded" if troubles or crm.problem or lag_growing or doc["responding"] is False
                      else "healthy")
     return doc
 
@@ -223,29 +245,27 @@ def doctor(settings: Settings) -> list[Check]:
                                 note=True))
         checks += [_probe(f"Contacts ({db.parent.name})", db, lambda db=db: contacts_source.read_store(db, db.name))
                    for db in stores]
-    try:
-        reachable, refusal = asyncio.run(_crm_answers(settings))
-    except Exception as exc:  # noqa: BLE001 - whatever it is, the CRM check fails below with it
-        reachable, refusal = False, crmlib.CRMError(str(exc))
-    if isinstance(refusal, crmlib.Unauthorized):
-        checks.append(Check("CRM", False, f"{settings.api_url} refused crm-syncd's API key ({refusal.message})",
-                            f"set api_key in {where_set('api_key', API_KEY_PLACES)}", owner_fix=True))
-    elif not reachable:
-        checks.append(Check("CRM", False, f"{settings.api_url}/api/health does not answer",
-                            "start Citadel or fix api_url in "
-                            f"{where_set('api_url', '~/.config/crm-syncd/config.toml')}"))
-    elif refusal is not None:
-        checks.append(Check("CRM", False, f"{settings.api_url} answers, but not a listing of contacts "
-                            f"({refusal.message})", "see the CRM's own log"))
-    else:
-        checks.append(Check("CRM", True, f"{settings.api_url} answers and takes crm-syncd's requests"))
+    crm = check_crm(settings)
+    health = crm.problem or "answers and takes crm-syncd's requests"
+    checks.append(Check("CRM", crm.problem is None, f"{settings.api_url}: {health}", crm.fix, owner_fix=crm.owner_fix))
     agent = _agent()
     checks.append(Check("launchd agent", bool(agent.get("loaded")),
                         "loaded" if agent.get("loaded") else "installed, not loaded" if agent.get("installed")
                         else "not installed", None if agent.get("loaded") else "run `crm-syncd install`"))
     checks += [_folder_check(label, settings, field) for label, field in (("state folder", "state_dir"),
                                                                           ("log folder", "log_dir"))]
-    return checks
+    return checks + _files_checks(settings)
+
+
+def _files_checks(settings: Settings) -> list[Check]:
+    """crm-syncd's own files, each existing one the owner's to read and write (`sync` and `run` stop on one
+    that is not): one failure for each that is not, else one pass."""
+    files = [(file, settings.state_db) for file in db_files(settings.state_db)]
+    files += [(settings.lock_path, None), (settings.log_file, None)]
+    failed = [Check("state files", False, *refusal, owner_fix=True)
+              for file, stem in files if (refusal := file_refusal(file, stem))]
+    return failed or [Check("state files", True, "the state database, the lock file and the log are yours to "
+                                                 "read and write (or not made yet)")]
 
 
 def _folder_check(label: str, settings: Settings, field: str) -> Check:
@@ -267,6 +287,8 @@ def _probe(label: str, path: Path, query) -> Check:
                      note=True)
     except NeedsFullDiskAccess as exc:
         return _denied(label, exc)
+    except NoRoomBeside as exc:
+        return Check(label, False, exc.detail, exc.fix)  # exit 1, as `sync` gives: the other sources go on
     except SourceError as exc:
         return Check(label, False, str(exc), "retry later; if it persists, restart the Mac")
     return Check(label, True, f"{path} readable")

@@ -30,21 +30,21 @@ import pytest
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
-from crm_syncd.daemon import Lock
-from crm_syncd.crm import occurred_iso
+from crm_syncd import daemon as daemon_module
+from crm_syncd.crm import CitadelClient, occurred_iso
+from crm_syncd.daemon import LAST_SWEEP, Lock
 from crm_syncd.engine import Engine
 from crm_syncd.settings import Settings
 from crm_syncd.sources.messages import MessagesReader
-from crm_syncd.store import SCREENED, Store
+from crm_syncd.store import SCREENED, Store, now_ms
 from crm_syncd.watch import Probe, Watcher
 from tests.conftest import CLI
 from tests.harness.callhistory import CallHistoryDB
 from tests.harness.chatdb import ChatDB
 from tests.harness.citadel import Faults
 from tests.harness.library import Library, ago
-from tests.harness.processes import eventually, unprivileged
+from tests.harness.processes import daemon_in_process, eventually, unprivileged, until
 from tests.harness.statedb import a_backup_of, restore
-from tests.test_wake import until
 
 JANE = "+16135550111"
 STATE_DIR = "Library/Application Support/crm-syncd"  # the default, under HOME
@@ -401,6 +401,41 @@ def test_the_daily_sweep_still_comes_a_day_on_after_a_clock_set_ahead_is_put_rig
 
     eventually(lambda: len(citadel.interactions_of(JANE)) == 3, what="the row below the mark, read by the sweep")
     assert d.stop() == 0
+
+
+def test_the_daily_sweep_of_a_source_not_read_yet_reads_it_as_a_first_sync(
+        library: Library, citadel, tmp_path: Path, monkeypatch):
+    """Call history not there at the start, or whose first read failed, has no mark when the daily sweep
+    comes first: the sweep reads it over the lookback window and marks it, as the first sync would, not
+    only its last 7 days (its mark would leave the older calls out for good). In-process, as in
+    test_wake: nothing but the timers runs, so the sweep is the source's first read."""
+    monkeypatch.setattr(daemon_module, "TICK_S", 0.02)
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.call(JANE, originated=True, duration=12, at=ago(days=30))
+    library.call(JANE, originated=True, duration=5, at=ago(hours=1))
+    settings = Settings(api_url=citadel.url, messages_db=library.messages_db, calls_db=library.calls_db,
+                        addressbook_dir=library.addressbook_dir, state_dir=tmp_path / "state",
+                        contacts_rescan_s=3600, safety_probe_s=3600)  # no timer but the sweep is due
+
+    async def scenario() -> None:
+        async with CitadelClient(citadel.url, timeout=5) as crm:
+            daemon = await daemon_in_process(settings, crm)
+            store = daemon.store
+            due = now_ms() - 25 * 3600 * 1000
+            store.put(LAST_SWEEP, due)
+            timers = asyncio.create_task(daemon._timers(lambda: None))
+            try:
+                await until(lambda: store.get(LAST_SWEEP) > due, "the sweep")
+            finally:
+                daemon.stop.set()
+                await timers
+            assert store.mark("calls") is not None
+            await daemon.engine.resolve()
+            await daemon.engine.push()
+            store.close()
+
+    asyncio.run(scenario())
+    assert len(citadel.interactions_of(JANE)) == 2
 
 
 def last_sweep_ms(home: Path) -> int:
@@ -833,16 +868,19 @@ def test_a_lock_file_it_may_not_use_is_named_in_one_line_with_its_fix(
         library: Library, citadel, cli: CLI, home, command: str):
     """A `sudo crm-syncd sync` in the folder `crm-syncd install` made left the lock file root's (0600): every
     command says which file and what to do, exit 2, instead of a traceback (`status`) or the file's name
-    alone (`sync`, `run`)."""
+    alone (`sync`, `run`). The fix is doctor's: give it back (a root daemon may still hold it), not remove it."""
     assert cli("sync").code == 0
     lock = home / STATE_DIR / "crm-syncd.lock"
     os.chmod(lock, 0)
 
     result = cli.run_with_prefix(unprivileged(), command, timeout=60)
+    doctor = cli.run_with_prefix(unprivileged(), "doctor").stdout.splitlines()
 
     assert result.code == 2 and "Traceback" not in result.output, result.output
     (line,) = result.stderr.strip().splitlines()
-    assert f"the lock file {lock}" in line and f"sudo rm '{lock}'" in line, line
+    assert f"the lock file {lock}" in line and f"sudo chown $USER '{lock}'*" in line, line
+    doctors_fix = doctor[doctor.index(f"✗ state files: you may not read and write {lock}") + 1]
+    assert doctors_fix.removeprefix("    fix: ") in line and "sudo rm" not in line, (doctors_fix, line)
 
 
 def test_a_sync_meeting_the_daemon_is_told_to_stop_it_and_one_meeting_another_sync_to_wait_for_it(
@@ -1084,6 +1122,47 @@ def test_status_is_degraded_while_the_crm_says_it_is_up_but_refuses_the_daemons_
     citadel.faults = Faults()
     eventually(lambda: len(citadel.interactions_of(JANE)) == 1, timeout=30, what="the message, writes accepted again")
     eventually(lambda: status(daemon_env)["health"] == "healthy", what="a healthy status again")
+    assert d.stop() == 0
+
+
+def test_status_says_a_crm_refusing_the_api_key_is_reachable_names_where_the_key_is_set_and_the_daemons_failure(
+        library: Library, citadel, daemon, daemon_env: CLI):
+    """The owner rotated the key in Citadel: the CRM answers every request with 401. Not "unreachable"."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    d = daemon()
+    eventually(lambda: status(daemon_env)["crm"]["daemon_reachable"], what="the daemon's contacts in the CRM")
+
+    citadel.require_key("the-rotated-key")
+    library.text(JANE)
+
+    doc = eventually(lambda: (lambda s: s if s["crm"]["daemon_failure"] else None)(status(daemon_env)),
+                     what="the daemon's refused request in status")
+    assert doc["health"] == "degraded" and doc["crm"]["reachable"] is True
+    assert "refused crm-syncd's API key" in doc["crm"]["problem"], doc["crm"]
+    text = daemon_env("status")
+    (line,) = [line for line in text.stdout.splitlines() if line.startswith("CRM ")]
+    assert "reachable, but it refused crm-syncd's API key" in line and "unreachable" not in line, text.stdout
+    assert "fix: set api_key in ~/.config/crm-syncd/config.toml" in line, line
+    assert "the daemon's requests fail: 401" in text.stdout and text.code == 1, text.stdout
+    assert d.stop() == 0
+
+
+def test_status_names_why_the_crm_is_unreachable_and_the_daemons_failure(
+        library: Library, citadel, daemon, daemon_env: CLI):
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    d = daemon()
+    eventually(lambda: status(daemon_env)["crm"]["daemon_reachable"], what="the daemon's contacts in the CRM")
+
+    citadel.go_down()
+    library.text(JANE)
+
+    doc = eventually(lambda: (lambda s: s if s["crm"]["daemon_failure"] else None)(status(daemon_env)),
+                     what="the daemon's failed request in status")
+    text = daemon_env("status")
+    assert doc["crm"]["reachable"] is False and doc["crm"]["problem"].startswith("unreachable: cannot connect")
+    assert "unreachable: cannot connect" in text.stdout and "fix: start Citadel" in text.stdout, text.stdout
+    assert "the daemon's requests fail: cannot connect" in text.stdout, text.stdout
+    citadel.come_up()
     assert d.stop() == 0
 
 

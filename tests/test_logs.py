@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -189,3 +191,19 @@ def test_item_keys_are_masked_at_info_level_and_whole_at_debug(tmp_path):
 
 def test_privacy_processor_is_exported_for_reuse():
     assert logs.privacy(None, "info", {"phone": PHONE, "n": 1}) == {"phone": "+1•••••••1234", "n": 1}
+
+
+def test_a_librarys_own_warning_goes_to_the_log_file_masked_not_raw_to_stderr(tmp_path):
+    """watchdog logs an error when its emitter is read after a stop: with no handler of its own, logging's
+    last resort printed it raw on the daemon's stderr, beside the one line a fatal error gets."""
+    log_file = tmp_path / "crm-syncd.log"
+    script = (f"from crm_syncd import logs; logs.configure(log_file={str(log_file)!r}, console=False)\n"
+              "import logging; logging.getLogger('watchdog.observers.inotify').error('inactive for %s', "
+              f"{PHONE!r})\n"
+              "logging.getLogger('httpx').info('HTTP Request: POST /api/interactions')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    (event,) = read_events(log_file)  # httpx's info line per request is not kept
+    assert event["event"] == "library.log" and event["level"] == "error", event
+    assert event["logger"].endswith("watchdog.observers.inotify") and event["message"] == "inactive for +1•••••••1234"

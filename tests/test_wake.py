@@ -15,11 +15,10 @@ from pathlib import Path
 
 from crm_syncd import daemon as daemon_module
 from crm_syncd.crm import CitadelClient
-from crm_syncd.daemon import Daemon
-from crm_syncd.engine import SOURCES, Engine
+from crm_syncd.engine import SOURCES
 from crm_syncd.settings import Settings
-from crm_syncd.store import Store
 from tests.harness.library import Library
+from tests.harness.processes import daemon_in_process, until
 
 JANE = "+16135550111"
 
@@ -43,13 +42,6 @@ class SleepyClock:
         return time.monotonic()
 
 
-async def until(condition, what: str, timeout: float = 10.0) -> None:
-    """Poll `condition` without blocking the daemon's loop; fail naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-
 
 def test_after_the_mac_wakes_every_source_is_probed_and_the_address_book_rescanned_at_once(
         library: Library, citadel, tmp_path: Path, monkeypatch):
@@ -63,10 +55,7 @@ def test_after_the_mac_wakes_every_source_is_probed_and_the_address_book_rescann
 
     async def scenario() -> None:
         async with CitadelClient(citadel.url, timeout=5) as crm:
-            daemon = Daemon(settings)
-            daemon.store = store = Store(settings.state_db)
-            daemon.engine = Engine(settings, store, crm)
-            await daemon.engine.sync_contacts()
+            daemon = await daemon_in_process(settings, crm)
             timers = asyncio.create_task(daemon._timers(lambda: hinted.extend(SOURCES)))  # as `run` probes them
             try:
                 library.card(first="Added", last="Overnight", phones=[JANE])
@@ -80,6 +69,6 @@ def test_after_the_mac_wakes_every_source_is_probed_and_the_address_book_rescann
             finally:
                 daemon.stop.set()
                 await timers
-                store.close()
+                daemon.store.close()
 
     asyncio.run(scenario())

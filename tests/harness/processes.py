@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -66,17 +67,20 @@ def sigint_handled() -> None:
 
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_SYNCD_")}
+    """The environment for a CLI run: no CRM_SYNCD_* variables, nor SUDO_UID (in a suite run under sudo,
+    crm-syncd would judge its files for the user who ran sudo)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_SYNCD_") and k != "SUDO_UID"}
     env.update(HOME=str(home), NO_COLOR="1", COLUMNS="200", PYTHONPATH=str(REPO), **extra)
     return env
 
 
 def in_process_home(tmp_path: Path, monkeypatch) -> Path:
-    """A fresh HOME for code run inside the test process: set in os.environ, no CRM_SYNCD_* variables
-    (what `clean_env` does for a subprocess)."""
+    """A fresh HOME for code run inside the test process: set in os.environ, no CRM_SYNCD_* variables nor
+    SUDO_UID (what `clean_env` does for a subprocess)."""
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("SUDO_UID", raising=False)
     for name in list(os.environ):
         if name.upper().startswith("CRM_SYNCD_"):
             monkeypatch.delenv(name)
@@ -84,11 +88,11 @@ def in_process_home(tmp_path: Path, monkeypatch) -> Path:
 
 
 def unprivileged() -> list[str]:
-    """A command prefix that denies reading files a mode forbids, even to root (the Linux stand-in
-    for a macOS TCC refusal: the file exists, opening it is denied)."""
+    """A command prefix that makes root a plain user: denied what a file's mode forbids (the Linux stand-in
+    for a macOS TCC refusal, too: the file exists, opening it is denied), and a chmod of another user's file."""
     if os.geteuid() != 0:
         return []
-    caps = "-dac_override,-dac_read_search"
+    caps = "-dac_override,-dac_read_search,-fowner"
     return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
 
 
@@ -131,3 +135,26 @@ class RunningDaemon:
             return self.proc.wait(timeout=30)
         finally:
             self.proc.communicate()
+
+
+async def until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Poll `condition` without blocking an event loop the test shares with the daemon; fail naming `what`
+    after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def daemon_in_process(settings, crm):
+    """A Daemon inside the test process, its store and engine set up as `run` does and a first contacts pass
+    made: for tests that drive its timers themselves."""
+    from crm_syncd.daemon import Daemon
+    from crm_syncd.engine import Engine
+    from crm_syncd.store import Store
+
+    daemon = Daemon(settings)
+    daemon.store = Store(settings.state_db)
+    daemon.engine = Engine(settings, daemon.store, crm)
+    await daemon.engine.sync_contacts()
+    return daemon
