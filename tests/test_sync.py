@@ -7,17 +7,22 @@ import os
 import shutil
 import socket
 import sqlite3
+import subprocess
 from collections import Counter
 from pathlib import Path
 
 import httpx
 import pytest
 
+from crm_syncd.engine import Engine
 from crm_syncd.identity import placeholder_fields
+from crm_syncd.settings import Settings
+from crm_syncd.store import Store
 from tests.conftest import CLI, clean_env
-from tests.harness.citadel import CitadelServer, Faults
+from tests.harness.callhistory import CallHistoryDB
+from tests.harness.citadel import CitadelServer, Faults, self_signed_tls
 from tests.harness.library import Library, ago
-from tests.harness.processes import unprivileged
+from tests.harness.processes import REPO, unprivileged
 from tests.harness.statedb import a_backup_of, restore, state_db_at
 
 JANE = "+16135550111"
@@ -894,6 +899,48 @@ def test_address_book_groups_and_the_me_card_are_not_contacts(library: Library, 
     assert list(names(citadel)) == ["Jane Doe"]
 
 
+def test_the_owners_card_in_another_account_linked_to_the_me_card_is_the_owners_not_a_contact(
+        library: Library, citadel, cli: CLI):
+    """Contacts flags the Me card in one store; the owner's card in another account, linked to it, is not
+    flagged there. Calls to a number only that card holds are the owner's own too."""
+    library.card(source=0, first="Olivia", last="Owner", phones=["+1 415 555 0199"], emails=["olivia@example.com"],
+                 me=True, link_id="LINK-ME")
+    library.card(source=1, first="Olivia", last="Owner", phones=["+1 415 555 0199", "+1 415 555 0188"],
+                 link_id="LINK-ME")
+    library.card(source=1, first="Alice", last="Hill", phones=["+1 415 555 0100"])
+    library.call("+14155550188", originated=True, duration=20, at=ago(hours=1))  # the owner's voicemail line
+
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert list(names(citadel)) == ["Alice Hill"]
+    assert "own-address 1" in result.stdout
+
+
+def test_a_number_the_owners_linked_card_shares_with_another_persons_card_is_theirs(
+        library: Library, citadel, cli: CLI):
+    """The office's main line, on the owner's work card (linked to the Me card) and on a colleague's, is the
+    colleague's: texts and calls on it are theirs. The Me card's own numbers stay the owner's, whoever else
+    holds them (a family landline), and so does a number only the linked card holds."""
+    main, landline, work_mobile = "+14155550111", "+14155550177", "+14155550188"
+    library.card(source=0, first="Olivia", last="Owner", phones=["+1 415 555 0199", (landline, "Home")], me=True,
+                 link_id="LINK-ME")
+    library.card(source=1, first="Olivia", last="Owner", phones=[work_mobile, (main, "Work")], link_id="LINK-ME")
+    library.card(source=1, first="Bob", last="Roe", phones=[(main, "Work")])
+    library.card(source=1, first="Sam", last="Owner", phones=[(landline, "Home")])
+    library.call(main, answered=True, duration=30, at=ago(hours=1))
+    library.text(main, at=ago(hours=2))
+    library.call(landline, originated=True, duration=20, at=ago(hours=3))
+    library.call(work_mobile, originated=True, duration=20, at=ago(hours=4))
+
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert sorted(names(citadel)) == ["Bob Roe", "Sam Owner"]
+    assert kinds(citadel, "Bob Roe") == {"CALL_INBOUND": 1, "TEXT_INBOUND": 1}
+    assert "own-address 2" in result.stdout
+
+
 def test_a_crm_contact_with_an_unnormalised_phone_is_matched_not_duplicated(library: Library, citadel, cli: CLI):
     existing = citadel.add_contact(firstName="Robert", lastName="Roe", phone="(902) 555-0122")
     library.card(first="Bob", last="Roe", phones=[BOB])
@@ -1014,6 +1061,41 @@ def test_a_call_number_without_its_country_code_is_read_in_the_country_the_call_
     assert kinds(citadel, "Unknown (+44-20-7946-0018)") == {"CALL_INBOUND": 1}
     assert kinds(citadel, "Unknown (+1-613-555-0111)") == {"CALL_INBOUND": 1}
     assert len(citadel.contacts()) == 3
+
+
+def test_a_call_dialled_with_a_caller_id_code_before_the_number_reaches_the_person_called(
+        library: Library, citadel, cli: CLI):
+    """`*67` (North America) and `#31#` (GSM) hide the owner's number on one call; the call history keeps
+    the number as dialled, code and all. Such calls used to be dropped as invalid addresses."""
+    library.card(first="Alice", last="Hill", phones=["+1 415 555 0100"])
+    library.card(first="Bob", last="Lamb", phones=["+44 7700 900123"])
+    library.call("*67 (415) 555-0100", originated=True, duration=42, at=ago(hours=2))
+    library.call("#31#07700900123", iso_country="gb", originated=True, duration=7, at=ago(hours=1))
+
+    assert cli("sync").code == 0
+
+    assert kinds(citadel, "Alice Hill") == kinds(citadel, "Bob Lamb") == {"CALL_OUTBOUND": 1}
+    assert len(citadel.contacts()) == 2
+
+
+@pytest.mark.parametrize("dialled", ["*67 (415) 555-0100", b"+1\xc2\xa0415\xc2\xa0555\xc2\xa00100",
+                                     "\u202a+1 415 555 0100\u202c"], ids=["caller-id-code", "no-break-spaces", "marks"])
+def test_a_call_an_earlier_version_dropped_for_its_dialled_form_arrives_with_sync_days_once(
+        library: Library, citadel, cli: CLI, dialled):
+    """Calls an earlier version read and dropped (a caller-ID code, no-break spaces, direction marks) lie
+    behind the mark after the upgrade: a plain `sync` does not read them again, `sync --days N` does, and
+    sends nothing delivered before twice."""
+    library.card(first="Alice", last="Hill", phones=["+1 415 555 0100"])
+    library.call("+14155550100", originated=True, duration=30, at=ago(days=3))
+    library.call("+14155550100", answered=True, duration=10, at=ago(hours=1), pk=3)
+    assert cli("sync").code == 0
+    library.call(dialled, originated=True, duration=42, at=ago(hours=2), pk=2)  # as the earlier version left it
+
+    assert cli("sync").code == 0 and kinds(citadel, "Alice Hill") == {"CALL_OUTBOUND": 1, "CALL_INBOUND": 1}
+    assert cli("sync", "--days", "7").code == 0 and cli("sync", "--days", "7").code == 0
+
+    assert kinds(citadel, "Alice Hill") == {"CALL_OUTBOUND": 2, "CALL_INBOUND": 1}
+    assert len(citadel.contacts()) == 1
 
 
 @pytest.mark.parametrize("alice,bob", [("B-ALICE:ABPerson", "A-BOB:ABPerson"),
@@ -1178,6 +1260,32 @@ def test_a_group_message_read_again_behind_a_days_run_reaches_no_one_added_to_th
     assert kinds(citadel, "Carol Poe") == Counter()
 
 
+def test_someone_added_to_a_group_while_a_long_read_runs_gets_the_groups_texts_written_after_it(
+        library: Library, citadel, cli: CLI, home):
+    """Messages adds Carol (a number it never had) to a group between two batches of a read, and the owner
+    texts the group: that text reaches her, though the read's maps of members predate her joining."""
+    for first, last, phone in (("Jane", "Doe", JANE), ("Bob", "Roe", BOB), ("Carol", "Poe", CAROL)):
+        library.card(first=first, last=last, phones=[phone])
+    for hours in (3, 2, 1):
+        library.group_text([JANE, BOB], at=ago(hours=hours))
+    settings = Settings(messages_db=library.messages_db, calls_db=library.calls_db, batch_size=2,
+                        addressbook_dir=library.addressbook_dir,
+                        state_dir=home / "Library" / "Application Support" / "crm-syncd")  # the CLI's, below
+    engine = Engine(settings, Store(settings.state_db), None)  # type: ignore[arg-type]
+
+    def meanwhile(rows: int) -> None:
+        if not library.chat.conn.execute("SELECT 1 FROM handle WHERE id = ?", (CAROL,)).fetchone():
+            library.join_group([JANE, BOB], CAROL)
+            library.group_text([JANE, BOB], at=ago(minutes=1))
+
+    assert engine.extract("messages", progress=meanwhile).added == 2 * 4 + 1
+    engine.store.close()
+    assert cli("sync").code == 0  # delivers what the read queued
+
+    assert kinds(citadel, "Jane Doe") == kinds(citadel, "Bob Roe") == {"TEXT_OUTBOUND": 4}
+    assert kinds(citadel, "Carol Poe") == {"TEXT_OUTBOUND": 1}
+
+
 def test_a_text_from_a_number_stored_without_its_country_code_is_read_in_the_country_messages_recorded(
         library: Library, citadel, cli: CLI):
     library.card(first="Harriet", last="Jones", phones=["+44 7700 900123"])
@@ -1331,6 +1439,40 @@ def test_without_placeholders_a_handle_messages_groups_with_a_card_s_number_stil
     assert result.code == 0, result.output
     assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 2}, result.stdout
     assert list(names(citadel)) == ["Jane Doe"] and "held 1 (unknown contact 1)" in result.stdout
+
+@pytest.mark.parametrize("no_placeholders", [["--known-only"], ["CRM_SYNCD_CREATE_UNKNOWN_CONTACTS=false"]])
+@pytest.mark.parametrize("only", [[], ["--interactions-only"]])
+def test_without_placeholders_held_interactions_go_to_a_contact_the_owner_makes_in_the_crm_for_their_number(
+        library: Library, citadel, cli: CLI, no_placeholders, only):
+    """No card, no placeholder: the texts wait until a contact holds the number, one the owner typed in the
+    CRM (in any format) too."""
+    flags = [a for a in no_placeholders if a.startswith("--")]
+    cli.env.update(a.split("=") for a in no_placeholders if "=" in a)
+    library.text("+19055551234", at=ago(hours=2))
+    library.text("+19055551234", from_me=True, at=ago(hours=1))
+    held = cli("sync", *flags)
+    assert held.code == 0 and "held 2 (unknown contact 2)" in held.stdout, held.output
+
+    joe = citadel.add_contact(firstName="Joe", lastName="Pipes", phone="(905) 555-1234")
+    delivered = cli("sync", *flags, *only)
+
+    assert delivered.code == 0 and "held 0" in delivered.stdout, delivered.output
+    assert [c["id"] for c in citadel.contacts()] == [joe]
+    assert kinds(citadel, "Joe Pipes") == {"TEXT_INBOUND": 1, "TEXT_OUTBOUND": 1}
+
+
+def test_without_placeholders_held_texts_go_to_the_lowest_id_of_the_crm_contacts_holding_the_number(
+        library: Library, citadel, cli: CLI):
+    """No placeholder of this Mac's: another Mac's placeholder for the number holds it, and so does a contact
+    the owner made for it later; the text goes to the first, as the contacts pass maps it."""
+    placeholder = citadel.add_contact(**placeholder_fields("+19055551234"))
+    citadel.add_contact(firstName="Joe", lastName="Pipes", phone="(905) 555-1234")
+    library.text("+19055551234", at=ago(hours=1))
+
+    result = cli("sync", "--known-only")
+
+    assert result.code == 0 and "held 0" in result.stdout, result.output
+    assert [i["type"] for i in citadel.interactions(placeholder)] == ["TEXT_INBOUND"]
 
 
 def test_an_unknown_email_the_crm_refuses_gets_no_placeholder_its_texts_fail_and_sync_says_so(
@@ -1540,6 +1682,24 @@ def test_one_contact_the_owner_made_serves_a_person_on_two_unlinked_cards_holdin
     assert [c["id"] for c in citadel.contacts()] == [kept]
     assert len(citadel.interactions(kept)) == 2
 
+def test_a_contact_the_owner_makes_by_hand_beside_a_placeholder_is_a_second_one_until_a_card_joins_them(
+        library: Library, citadel, cli: CLI):
+    """What the README tells the owner: to name an unknown person, rename the placeholder or add a card;
+    a contact typed in the CRM for them stands beside the placeholder, which keeps their texts."""
+    library.text("+19055551234", at=ago(hours=2))
+    assert cli("sync").code == 0
+    (placeholder,) = citadel.contacts()
+    joe = citadel.add_contact(firstName="Joe", lastName="Pipes", phone="(905) 555-1234")
+    library.text("+19055551234", at=ago(hours=1))
+    assert cli("sync").code == 0
+    assert [c["id"] for c in citadel.contacts()] == [placeholder["id"], joe]
+    assert len(citadel.interactions(placeholder["id"])) == 2 and citadel.interactions(joe) == []
+
+    library.card(first="Joe", last="Pipes", phones=["905-555-1234"])
+    assert cli("sync").code == 0
+    assert [c["id"] for c in citadel.contacts()] == [joe]  # the owner's survives; the placeholder folds in
+    assert len(citadel.interactions(joe)) == 2
+
 
 @pytest.mark.parametrize("found", ["the owner's own", "a placeholder the owner renamed"])
 def test_a_contact_found_for_a_card_stays_that_persons_after_their_number_changes(
@@ -1672,6 +1832,45 @@ def test_a_promoted_placeholder_with_the_owners_notes_follows_card_edits_keeping
     kept = cli("sync")
     assert kept.code == 0 and "contacts.owner_edit_kept" in kept.stderr
     assert [(c["firstName"], c["lastName"]) for c in citadel.contacts()] == [("Joseph", "Pipes (plumber)")]
+
+def test_a_promoted_placeholder_keeps_the_fields_the_owner_filled_in_and_follows_its_cards_other_edits(
+        library: Library, citadel, cli: CLI):
+    """The owner gives a stranger's placeholder a company, a title, an email and a location, then adds him to
+    Contacts on a card with none of them: the card renames it in place and they stay. They are the owner's:
+    no later card edit overwrites them (while they hold something), and every other card edit (the name, the
+    number, the note) still reaches the contact."""
+    library.text("+19055551234", at=ago(days=1))
+    assert cli("sync").code == 0
+    (placeholder,) = citadel.contacts()
+    filled = {"organization": "Pipes & Co", "title": "Plumber", "email": "joe@pipes.example", "location": "Ottawa"}
+    citadel.update_contact(placeholder["id"], **filled)
+
+    pk = library.card(first="Joe", last="Pipes", phones=["905-555-1234"], note="Call before 9")
+    promoted = cli("sync")
+
+    assert promoted.code == 0 and "promoted 1" in promoted.stdout, promoted.output
+    (joe,) = citadel.contacts()
+    assert (joe["id"], joe["firstName"], joe["lastName"], joe["phone"], joe["notes"]) == (
+        placeholder["id"], "Joe", "Pipes", "+19055551234", "Call before 9")
+    assert {k: joe[k] for k in filled} == filled
+
+    library.books[0].update_card(pk, first="Joseph", organization="Acme", phones=["905-555-9999"],
+                                 emails=["joseph@home.example"], note="Call after 9")
+    library.books[0].commit()
+    edited = cli("sync")
+
+    assert edited.code == 0 and "contacts.owner_edit_kept" not in edited.stderr, edited.output
+    (joe,) = citadel.contacts()
+    assert (joe["firstName"], joe["phone"], joe["notes"]) == ("Joseph", "+19055559999", "Call after 9")
+    assert {k: joe[k] for k in filled} == filled
+
+    citadel.update_contact(joe["id"], title=None)  # the owner empties one: the card's may fill it
+    library.books[0].update_card(pk, job_title="Master plumber", organization="Acme Pipes")
+    library.books[0].commit()
+    assert cli("sync").code == 0
+    (joe,) = citadel.contacts()
+    assert (joe["title"], joe["organization"], joe["email"]) == ("Master plumber", "Pipes & Co", "joe@pipes.example")
+    assert kinds(citadel, "Joseph Pipes") == {"TEXT_INBOUND": 1}
 
 
 def another_mac_delivered(citadel, address: str, at) -> int:
@@ -2243,6 +2442,26 @@ def test_doctor_names_where_a_dead_api_url_was_set_not_config_toml(library: Libr
     assert expected in line and "config.toml" not in line, line
 
 
+@pytest.mark.parametrize("given", ["absolute", "relative"])
+@pytest.mark.parametrize("command", [("sync",), ("doctor",), ("install", "--dry-run")], ids=" ".join)
+def test_advice_to_put_the_api_key_in_the_config_file_names_the_file_crm_syncd_config_points_at(
+        library: Library, citadel, cli: CLI, tmp_path, command, given: str):
+    """With CRM_SYNCD_CONFIG set, ~/.config/crm-syncd/config.toml is never read: a key put there changes nothing.
+    A relative one is named absolute: the advice is read in another folder than the one it was set in."""
+    config = tmp_path / "crm.toml"
+    config.write_text("batch_size = 500\n")
+    cli.env["CRM_SYNCD_CONFIG"] = str(config) if given == "absolute" else os.path.relpath(config, REPO)
+    citadel.require_key("the-key")  # and none is set: sync and doctor are refused
+    if command[0] == "install":
+        cli.env["CRM_SYNCD_API_KEY"] = "the-key"  # not passed on to the agent: install says where it belongs
+    library.text(JANE, at=ago(days=1))
+
+    result = cli(*command)
+
+    (line,) = [line for line in result.stdout.splitlines() if "api_key in" in line]
+    assert str(config) in line and "config.toml" not in line, line
+
+
 def test_a_refused_api_key_from_the_legacy_json_is_named_there(library: Library, citadel, cli: CLI, home):
     citadel.require_key("the-right-key")
     del cli.env["CRM_SYNCD_API_URL"]
@@ -2254,6 +2473,39 @@ def test_a_refused_api_key_from_the_legacy_json_is_named_there(library: Library,
     assert result.code == 2, result.output
     (line,) = [line for line in result.output.splitlines() if "refused crm-syncd's API key" in line]
     assert f"set api_key in {home / '.crm-sync-config.json'}" in line, line
+
+
+def test_doctor_says_where_an_api_url_that_redirects_points_and_to_set_it(library: Library, citadel, cli: CLI):
+    """http:// moved to https:// (or the CRM to another host): the answer is a 301, not a failure to guess at."""
+    citadel.redirect_to = "https://crm.example.com"
+
+    result = cli("doctor")
+
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("✗ CRM")]
+    assert "api_url redirects to https://crm.example.com; set api_url to it" in line, result.stdout
+    assert "fix: set api_url in env CRM_SYNCD_API_URL" in result.stdout and result.code == 2  # the owner's to fix
+
+
+def test_a_sync_against_an_api_url_that_redirects_says_so_not_that_the_crm_is_unreachable(
+        library: Library, citadel, cli: CLI):
+    citadel.redirect_to = "https://crm.example.com"
+    library.card(first="Jane", last="Doe", phones=[JANE])
+
+    result = cli("sync")
+
+    assert result.code == 1 and "unreachable" not in result.output, result.output
+    assert ("✗ api_url is not the CRM's API: api_url redirects to https://crm.example.com; set api_url to it"
+            in result.stdout), result.stdout
+
+
+def test_doctor_names_a_crm_certificate_this_mac_does_not_trust(library: Library, cli: CLI, tmp_path):
+    with CitadelServer(tmp_path / "https.db", tls=self_signed_tls(tmp_path)) as server:
+        cli.env["CRM_SYNCD_API_URL"] = server.url
+        result = cli("doctor")
+
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("✗ CRM")]
+    assert "TLS certificate is not trusted" in line and "signed certificate (127.0.0.1)" in line, line
+    assert "fix: renew the CRM's certificate" in result.stdout and result.code == 1
 
 
 def test_doctor_names_a_state_folder_that_cannot_be_made_and_its_setting(library: Library, cli: CLI, tmp_path):
@@ -2311,6 +2563,55 @@ def test_a_folder_macos_refuses_a_look_into_names_the_full_disk_access_fix(libra
             os.chmod(folder, 0o755)
 
     assert "Traceback" not in result.output and "Full Disk Access" in result.output, result.output[-600:]
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root without setpriv")
+@pytest.mark.parametrize("where", ["folder", "another user's folder", "volume"])
+def test_a_call_history_where_sqlite_cannot_make_its_shm_file_is_named_so_not_full_disk_access(
+        library: Library, citadel, cli: CLI, where: str):
+    """Its app closed the database and SQLite removed the -wal and -shm; reading it makes them again, which a
+    folder the owner may not write, or a read-only volume, refuses. The file itself reads fine: granting
+    Full Disk Access, which this used to advise, changes nothing. No `sudo crm-syncd` made the folder: the
+    fix is a folder the owner can write in, not a chown of crm-syncd's."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    library.text(JANE, at=ago(hours=1))
+    library.call(JANE, at=ago(hours=2))
+    library.calls.close()
+    folder = library.calls_db.parent
+    if where == "volume":
+        if os.geteuid() != 0 or subprocess.run(["mount", "--bind", folder, folder], capture_output=True).returncode:
+            pytest.skip("needs root and a bind mount to make a read-only volume")
+        subprocess.run(["mount", "-o", "remount,bind,ro", folder], check=True)
+    elif where == "folder":
+        os.chmod(folder, 0o555)
+    elif os.geteuid() != 0:
+        pytest.skip("only root makes a folder another user's")
+    else:
+        os.chown(folder, 4242, 4242)
+    try:
+        result = cli.run_with_prefix(unprivileged(), "sync")
+        doctor = cli.run_with_prefix(unprivileged(), "doctor")
+    finally:
+        if where == "volume":
+            subprocess.run(["umount", folder], check=True)
+        else:
+            os.chmod(folder, 0o755)
+            os.chown(folder, os.getuid(), os.getgid())
+        library.calls = CallHistoryDB.open(library.calls_db)  # its app at work again, in a writable place
+
+    said = " ".join(result.stdout.split())
+    assert result.code == 1 and "Traceback" not in result.output, result.output[-800:]
+    assert "Full Disk Access" not in result.output, result.output[-800:]
+    fix = {"folder": f"chmod u+rwx '{folder}'", "volume": "read-only volume"}.get(where, f"{folder} is another user's")
+    assert f"{library.calls_db.name}-shm" in said, said
+    assert fix in said and "to a folder you can write in" in said and "sudo" not in said, said
+    checked = " ".join(doctor.stdout.split())
+    assert doctor.code == 1 and "✗ Call history" in checked and "Full Disk Access" not in checked, checked
+    assert fix in checked and "to a folder you can write in" in checked and "sudo" not in checked, checked
+    assert "restart the Mac" not in checked, checked  # waiting fixes nothing
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1}
+    assert cli("sync").code == 0  # the call was kept for it
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1, "CALL_MISSED": 1}
 
 
 @pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root without setpriv")
