@@ -70,6 +70,7 @@ class Pusher:
         self._backoff_until = 0.0
         self._backoff_since = 0.0  # when the current round of failures began
         self._failures_in_row = 0
+        self._stop = asyncio.Event()  # the daemon's stop, for this pass (a sync has none)
 
     async def push(self, *, stop: asyncio.Event | None = None) -> PushReport:
         """Deliver everything deliverable, then return (early when `stop` is set).
@@ -122,6 +123,7 @@ class Pusher:
         self._same_contact.clear()  # a CRM restored from a backup may have given a contact's id to another since
         self._look_first = self.store.get(LOOK_FIRST) is not None
         self._claimed.clear()
+        self._stop = stop or asyncio.Event()
         if not await self._recover(report, wait=stop is None):  # the daemon delivers new items meanwhile
             return report
         workers = [asyncio.create_task(worker()) for _ in range(limit)]
@@ -225,7 +227,7 @@ class Pusher:
             if not (isinstance(exc, crmlib.BadResponse) and exc.accepted):
                 self.back_off(exc.retry_after)
             if exc.maybe_written:  # a 500 to the POST (whole or cut off), a lost answer, a mangled 2xx: look first
-                return await self._unsure(item, exc, halt)
+                return await self._unsure(item, exc)
             return "retry", item, exc.message
         self._remember_created(item, created)
         log.debug("push.created", item=item.id, crm_id=created["id"])
@@ -255,14 +257,15 @@ class Pusher:
             return False
         return True
 
-    async def _unsure(self, item: Item, exc: crmlib.CRMError, halt: asyncio.Event) -> tuple[str, Item, Any]:
-        """The write may have happened (a 500, or a reply lost after sending): look before resending. Delivery
-        ending meanwhile (a stop) leaves it `sending`, looked up by the next start."""
-        if not await self._wait_backoff(halt):  # a slow CRM may still be finishing the write
+    async def _unsure(self, item: Item, exc: crmlib.CRMError) -> tuple[str, Item, Any]:
+        """The write may have happened (a 500, or a reply lost after sending): look before resending. The
+        daemon stopping meanwhile leaves it `sending`, looked up by the next start; a sync that gives up on
+        the CRM lets the look-up end (within the shutdown deadline), so its bounded retries can conclude."""
+        if not await self._wait_backoff(self._stop):  # a slow CRM may still be finishing the write
             return "unsure", item, exc.message
         if exc.in_flight:  # we, or a proxy (a 504, a 524), gave up waiting; the CRM may not have: give it as long again
             log.info("push.unsure_waits", item=item.id, seconds=self.settings.request_timeout_s)
-            if await wait_event(halt, self.settings.request_timeout_s):
+            if await wait_event(self._stop, self.settings.request_timeout_s):
                 return "unsure", item, exc.message
         self._day_cache.pop((item.contact_id, occurred_iso(item.occurred_ms)[:10]), None)
         try:
