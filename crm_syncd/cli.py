@@ -189,7 +189,8 @@ async def _sync_async(settings: Settings, store: Store, *, contacts_only: bool, 
         crm_down = f"{_trouble(crm_error)}:[/] {crm_error.message}" if crm_error else None
         refused = crm_error.message if isinstance(crm_error, crmlib.Unauthorized) else push and push.refused
         failed = bool(push and (push.failed or push.unreachable or push.throttled) or contacts and contacts.failed
-                      or placeholders.refused or placeholders.unclear or crm_down or any(report.error for report in sources))
+                      or placeholders.refused or placeholders.unclear or crm_down
+                      or any(report.error for report in sources))
         _summary(store, contacts, sources, placeholders, push, crm_down, refused, failed, dry_run, crm)
     return EXIT_FIX if refused else EXIT_FAILED if failed else EXIT_OK
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -259,12 +259,24 @@ class ContactsSync:
         if not taken:
             return
         card = self.store.applied_card(contact_id)[0] or known[2]  # a record older than v9: one for both
-        updated, refused = await self._writing(lambda sent: self.creates.update(
-            contact_id, sent, (person_key, {**known[2], **sent}), card) if sent else _as_is(current), taken, name)
+        updated, refused = await self._writing(self._card_write(contact_id, current, person_key, known[2], card),
+                                               taken, name)
         index.replace(updated)
         self.store.remember_contact(contact_id, "card", written={**known[2], **{k: updated.get(k) for k in taken}})
         self.creates.recorded(person_key)
         log.info("contacts.addresses_kept", contact_id=contact_id, fields=sorted(taken.keys() - refused.keys()))
+
+    def _card_write(self, contact_id: int, current: dict, person_key: str, held: dict, card: dict
+                    ) -> Callable[[dict], Awaitable[dict]]:
+        """`_writing`'s write of a card's fields to a contact crm-syncd keeps: a noted PUT (`Creates.update`,
+        noting what the contact then holds: `held` with what is sent), or the contact as it is when nothing is
+        left to send."""
+        def write(sent: dict) -> Awaitable[dict]:
+            if not sent:
+                return _as_is(current)
+            holds = {**held, **{k: v or None for k, v in sent.items()}}  # "" clears a field: the CRM holds none
+            return self.creates.update(contact_id, sent, (person_key, holds), card)
+        return write
 
     def _give_back_by_name(self, people: list[Person], fields: dict[str, dict], index: CRMIndex) -> None:
         """A contact remembered for one person but written under another's name, holding their number or
@@ -406,8 +418,8 @@ class ContactsSync:
         sent = {k: v if v is not None else "" for k, v in lasting.items()}
         if "notes" in sent:  # what the owner wrote in front of the card's note stays in front
             sent["notes"] = _notes_after(written.get("notes"), card.get("notes"), fields.get("notes"))
-        updated, refused = await self._writing(lambda sent: self.creates.update(  # noted: see `Creates.update`
-            contact_id, sent, (person.key, {**written, **{k: v or None for k, v in sent.items()}}), fields) if sent else _as_is(current), sent, name)
+        updated, refused = await self._writing(self._card_write(contact_id, current, person.key, written, fields),
+                                               sent, name)
         index.replace(updated)
         left_out = {**{k: reason for k, reason in left_out.items() if k not in changes}, **refused}
         self.store.remember_contact(contact_id, "card", written={**written, **{k: updated.get(k) for k in sent}},

@@ -38,7 +38,7 @@ NO_COUNTERPART, GROUP_OUTGOING = "no-counterpart", "group-outgoing"
 
 RECENTLY_DELETED = "chat_recoverable_message_join"
 Party = tuple[str, str | None, str | None]  # (handle.id as stored, person_centric_id, country of a national number)
-_ROWID, _HANDLE, _CHAT = itemgetter(0), itemgetter(4), itemgetter(5)  # columns of the SELECT's rows
+_ROWID, _HANDLE, _CHAT, _SKIP = itemgetter(0), itemgetter(4), itemgetter(5), itemgetter(6)  # columns of the SELECT's rows
 
 
 class MessagesReader(sqlite.SourceReader):
@@ -150,7 +150,7 @@ class _Maps(NamedTuple):
         return (max(filter(None, map(_HANDLE, rows)), default=0) > self.newest_handle
                 or max(filter(None, map(_CHAT, rows)), default=0) > self.newest_chat
                 or (_ROWID(rows[-1]) > self.newest_message  # rows come in ROWID order: most batches stop here
-                    and any(row[6] == NOT_A_MESSAGE and row[0] > self.newest_message for row in rows)))
+                    and any(_SKIP(row) == NOT_A_MESSAGE and _ROWID(row) > self.newest_message for row in rows)))
 
 
 class _MembershipEvents:
