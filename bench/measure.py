@@ -27,6 +27,8 @@ from crm_syncd.settings import load_settings
 from crm_syncd.sources import contacts as contacts_source
 from crm_syncd.sources.calls import CallsReader
 from crm_syncd.sources.messages import MessagesReader
+from crm_syncd import store as storelib
+from crm_syncd.sources.messages import EPOCH_MS, NS_THRESHOLD
 from crm_syncd.store import Store
 
 MESSAGES = "Library/Messages/chat.db"
@@ -117,6 +119,46 @@ def messages_floor(home: Path, since_ms: int, batch: int, into: Path | None = No
     path = home / MESSAGES
     sql = traced_select(MessagesReader, path, "SELECT m.ROWID", since_ms)
     return _paged_floor(path, sql, r"(WHERE m\.ROWID >)\s*\d+", batch, into)
+
+
+def messages_sql_floor(home: Path, since_ms: int, batch: int, into: Path) -> tuple[float, int]:
+    """The reader's SELECT moved by SQLite alone into the outbox of a new state database of crm-syncd's
+    schema (its indexes and pragmas; chat.db attached read-only), one `INSERT ... SELECT` and one
+    transaction per page of `batch` message ROWIDs: every message with its handle and no skip reason
+    becomes an item, no Python per row. The least any extraction into this outbox must do.
+    """
+    path = home / MESSAGES
+    select = traced_select(MessagesReader, path, "SELECT m.ROWID", since_ms)
+    select = re.sub(r"(WHERE m\.ROWID >)\s*\d+", r"\1 :after AND m.ROWID <= :last", select, count=1)
+    select = re.sub(r"LIMIT \d+\s*$", "", select.strip())
+    for f in storelib.db_files(into):
+        f.unlink(missing_ok=True)
+    Store(into).close()
+    out = sqlite3.connect(f"file:{into}", uri=True, isolation_level=None)  # uri: ATTACH takes one
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", f"cache_size=-{storelib.CACHE_KIB}",
+                   f"wal_autocheckpoint={storelib.WAL_PAGES}"):
+        out.execute(f"PRAGMA {pragma}")
+    insert = (f"WITH s(rowid_, guid, date, from_me, handle_id, chat_id, skip) AS ({select}) "
+              "INSERT OR IGNORE INTO outbox (key, address, type, occurred_ms, updated_ms) "
+              "SELECT 'msg:' || s.guid, h.id, CASE WHEN s.from_me THEN 'TEXT_OUTBOUND' ELSE 'TEXT_INBOUND' END, "
+              f"CASE WHEN s.date > {NS_THRESHOLD} THEN s.date / 1000000 ELSE s.date * 1000 END + {EPOCH_MS}, 0 "
+              "FROM s JOIN handle h ON h.ROWID = s.handle_id WHERE s.skip IS NULL ORDER BY s.rowid_")
+    page = "SELECT COUNT(*), MAX(ROWID) FROM (SELECT ROWID FROM message WHERE ROWID > ? ORDER BY ROWID LIMIT ?)"
+    t = time.perf_counter()
+    out.execute("ATTACH DATABASE ? AS chat", (f"file:{path}?mode=ro",))
+    rows, after = 0, 0
+    try:
+        while True:
+            n, last = out.execute(page, (after, batch)).fetchone()
+            if not n:
+                break
+            out.execute("BEGIN")
+            out.execute(insert, {"after": after, "last": last})
+            out.execute("COMMIT")
+            rows, after = rows + n, last
+    finally:
+        out.close()
+    return time.perf_counter() - t, rows
 
 
 def calls_floor(home: Path, since_ms: int, batch: int) -> tuple[float, int]:

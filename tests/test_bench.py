@@ -4,6 +4,7 @@ benchmark fails here, not minutes into a `make bench` (as a daemon refactor once
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
@@ -29,8 +30,22 @@ def test_the_in_process_measurements_read_every_row_of_a_toy_library(toy: Path, 
     assert measure.messages_floor(toy, since, 100)[1] == measure.messages_floor(toy, since, 7)[1] >= TOY.messages
     assert measure.messages_floor(toy, since, 100, into=tmp_path / "floor.db")[1] >= TOY.messages
     assert measure.calls_floor(toy, since, 100)[1] == TOY.calls
+    assert measure.messages_sql_floor(toy, since, 7, tmp_path / "sql-floor.db")[1] == TOY.messages
     assert measure.contacts_once(toy)[1] == TOY.cards
     assert measure.contacts_floor(measure.contacts_floor_sql(toy))[1] > 0
+
+
+def test_the_sql_floor_writes_the_items_extraction_writes_for_every_message_with_a_handle(toy: Path, tmp_path: Path):
+    since = int(time.time() * 1000) - 365 * 86_400_000
+    measure.extract_once(toy, tmp_path / "extract", "messages")
+    measure.messages_sql_floor(toy, since, 7, tmp_path / "sql-floor.db")
+
+    def one_to_one(db: Path) -> set[tuple[str, str, int]]:  # a group's outgoing fans out: not in the floor
+        with sqlite3.connect(db) as conn:
+            return set(conn.execute("SELECT key, type, occurred_ms FROM outbox WHERE key NOT GLOB 'msg:*:*'"))
+
+    extracted = one_to_one(tmp_path / "extract" / "state.db")
+    assert extracted and one_to_one(tmp_path / "sql-floor.db") == extracted
 
 
 def test_the_heartbeat_measurement_runs_the_daemons_own_beat(toy: Path, tmp_path: Path):
