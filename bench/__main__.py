@@ -211,13 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     daemon_state = daemon.state_size()
 
     # -- rows ------------------------------------------------------------------------------------
-    o, b, w, q, h = spread(msgs), spread(msg_floor), spread(msg_write_floor), spread(msg_sql_floor), hist["messages"]
+    o, b, w, sql, h = spread(msgs), spread(msg_floor), spread(msg_write_floor), spread(msg_sql_floor), hist["messages"]
     row(f"extract messages ({n_msgs:,} rows)", o, "rows/s", b, "reader's SELECT, bare sqlite3", "within 2× of floor",
         b["median"] / o["median"] <= 2, slowdown=b["median"] / o["median"],
         note=f"the same SELECT also writing its rows as they are into an unindexed table (one transaction per "
              f"page): {w['median']:,.0f} rows/s, {w['median'] / o['median']:.1f}× ours; moved by SQLite alone into "
-             f"crm-syncd's outbox (its schema and indexes, no Python per row): {q['median']:,.0f} rows/s, "
-             f"{b['median'] / q['median']:.2f}× the bare SELECT's time. In the history sync (the "
+             f"crm-syncd's outbox (its schema and indexes, no Python per row): {sql['median']:,.0f} rows/s, "
+             f"{b['median'] / sql['median']:.2f}× the bare SELECT's time. In the history sync (the "
              f"CLI, 1 run): {h['rate']:,.0f} rows/s, by thirds of the rows "
              f"{', '.join(f'{r:,.0f}' for r in h['parts'])}",
         samples={"ours": msgs, "floor": msg_floor, "write_floor": msg_write_floor,
