@@ -21,14 +21,13 @@ import httpx
 
 from bench import procs
 from crm_syncd import daemon as daemonlib
+from crm_syncd import store as storelib
 from crm_syncd.crm import occurred_iso
 from crm_syncd.engine import Engine
 from crm_syncd.settings import load_settings
 from crm_syncd.sources import contacts as contacts_source
 from crm_syncd.sources.calls import CallsReader
-from crm_syncd.sources.messages import MessagesReader
-from crm_syncd import store as storelib
-from crm_syncd.sources.messages import EPOCH_MS, NS_THRESHOLD
+from crm_syncd.sources.messages import EPOCH_MS, NS_THRESHOLD, MessagesReader
 from crm_syncd.store import Store
 
 MESSAGES = "Library/Messages/chat.db"
