@@ -165,9 +165,7 @@ class Watcher:
             names = by_dir.setdefault(Path(db).parent, {})
             names[db.name] = names[db.name + "-wal"] = source
         for directory, names in by_dir.items():
-            if directory.is_dir():
-                self._watch(directory, names)
-            else:
+            if not (directory.is_dir() and self._watch(directory, names)):
                 self._missing[directory] = names
 
     def start(self) -> None:
@@ -193,10 +191,13 @@ class Watcher:
                           if d in lost or _identity(d) != identity or not self._alive(watch)]:
             self._lose(directory)
         self._look_out()  # first: what appears from here on is heard of
-        while appeared := [d for d in self._missing if d.is_dir()]:
+        failed: set[Path] = set()  # could not be watched: stay missing, tried again at the next refresh
+        while appeared := [d for d in self._missing if d not in failed and d.is_dir()]:
             for directory in appeared:
+                if not self._watch(directory, self._missing[directory]):
+                    failed.add(directory)
+                    continue
                 names = self._missing.pop(directory)
-                self._watch(directory, names)
                 log.info("watch.appeared", directory=str(directory))
                 for source in set(names.values()):
                     self.on_hint(source, False)
@@ -212,19 +213,29 @@ class Watcher:
         watch, _ = self._watches.pop(directory)
         self.observer.unschedule(watch)
         self._lookouts.discard(directory)  # a lookout on the same folder went with it: made anew below
-        self._watch(directory, self._names[directory])
+        if not self._watch(directory, self._names[directory]):
+            self._missing[directory] = self._names.pop(directory)  # looked out for, as a folder not there yet
         self._look_out()
 
-    def _watch(self, directory: Path, names: dict[str, str]) -> None:
-        self._schedule(_Handler(directory, names, self._notify, self._lost_soon), directory)
+    def _watch(self, directory: Path, names: dict[str, str]) -> bool:
+        if not self._schedule(_Handler(directory, names, self._notify, self._lost_soon), directory):
+            return False
         self._names[directory] = names
+        return True
 
-    def _schedule(self, handler: FileSystemEventHandler, directory: Path) -> None:
+    def _schedule(self, handler: FileSystemEventHandler, directory: Path) -> bool:
+        """Watch `directory`; False, said in the log, when it cannot be watched now (deleted again since
+        it was seen, unreadable, past inotify's limit on watches): the caller's next `refresh` tries again."""
         identity = _identity(directory)
-        # the folder itself, not a symbolic link to it (~/Library/Messages moved to another volume and
-        # linked back): inotify would watch the link, and hear of nothing written in the folder
-        watch = self.observer.schedule(handler, str(directory.resolve()), recursive=False)
+        try:
+            # the folder itself, not a symbolic link to it (~/Library/Messages moved to another volume and
+            # linked back): inotify would watch the link, and hear of nothing written in the folder
+            watch = self.observer.schedule(handler, str(directory.resolve()), recursive=False)
+        except OSError as exc:
+            log.warning("watch.failed", directory=str(directory), error=str(exc))
+            return False
         self._watches[directory] = (watch, identity)
+        return True
 
     def _alive(self, watch: ObservedWatch) -> bool:
         """Whether the watch still reports (an inotify watch stops when its folder is deleted)."""
@@ -252,8 +263,8 @@ class Watcher:
         (a few cheap no-op refreshes): unscheduling it could end a database watch on the same directory.
         """
         for ancestor in {place for d in self._missing for place in _lookouts_for(d)} - self._lookouts:
-            self._schedule(_Lookout(self._refresh_soon), ancestor)
-            self._lookouts.add(ancestor)
+            if self._schedule(_Lookout(self._refresh_soon), ancestor):
+                self._lookouts.add(ancestor)
 
 
 def _lookouts_for(directory: Path) -> set[Path]:

@@ -1397,6 +1397,65 @@ def test_a_watched_folder_deleted_and_made_again_is_watched_again_at_once(tmp_pa
     asyncio.run(scenario())
 
 
+def test_a_folder_deleted_again_as_its_watch_is_set_up_is_watched_once_it_is_back(tmp_path):
+    """inotify cannot watch a folder gone between the look that found it and the watch (nor one past its
+    limit on watches): the folder was then dropped, neither watched nor looked out for, until a restart."""
+    hinted: list[str] = []
+    folder = tmp_path / "Messages"
+    raced: list[str] = []
+
+    async def scenario() -> None:
+        async with watching({"messages": folder / "chat.db"}, hinted) as watcher:
+            schedule = watcher.observer.schedule  # watchdog's own: the race is forced, the failure is inotify's
+
+            def folder_gone_first(handler, path, **kwargs):
+                if path == str(folder) and not raced:
+                    raced.append(path)
+                    folder.rmdir()
+                return schedule(handler, path, **kwargs)
+
+            watcher.observer.schedule = folder_gone_first
+            folder.mkdir()
+            await until(lambda: raced, "the folder's watch tried")
+            assert watcher.watched == []
+            folder.mkdir()
+            await until(lambda: watcher.watched == [folder], "the folder watched once it is back")
+            hinted.clear()
+            (folder / "chat.db").write_bytes(b"rows")
+            await until(lambda: "messages" in hinted, "a hint from the folder's watch")
+
+    asyncio.run(scenario())
+
+
+def test_a_folder_deleted_as_its_watch_is_made_anew_is_watched_once_it_is_back(tmp_path):
+    """The safety probe renews a watch that missed a write; a folder gone as that happens was left
+    neither watched nor looked out for."""
+    hinted: list[str] = []
+    folder = tmp_path / "Messages"
+    folder.mkdir()
+
+    async def scenario() -> None:
+        async with watching({"messages": folder / "chat.db"}, hinted) as watcher:
+            schedule = watcher.observer.schedule
+
+            def folder_gone_first(handler, path, **kwargs):
+                if path == str(folder) and folder.exists():
+                    folder.rmdir()
+                return schedule(handler, path, **kwargs)
+
+            watcher.observer.schedule = folder_gone_first
+            watcher.renew(folder / "chat.db")
+            assert watcher.watched == [] and not folder.exists()
+            watcher.observer.schedule = schedule
+            folder.mkdir()
+            await until(lambda: watcher.watched == [folder], "the folder watched once it is back")
+            hinted.clear()
+            (folder / "chat.db").write_bytes(b"rows")
+            await until(lambda: "messages" in hinted, "a hint from the folder's watch")
+
+    asyncio.run(scenario())
+
+
 def test_a_watched_folder_moved_away_and_replaced_is_watched_again_at_the_next_refresh(tmp_path):
     """A moved folder takes its inotify watch along and nothing reports it: the safety probe's refresh
     compares the folder at the path with the one watched."""
