@@ -416,6 +416,39 @@ def test_short_codes_and_sender_names_are_skipped_and_counted_not_contacts(libra
     assert "short-code 1" in result.stdout and "sender-id 1" in result.stdout and "business 1" in result.stdout
 
 
+def not_utf8(text: str) -> str:
+    """SQL for `text` stored as TEXT with a byte no UTF-8 text holds after its first five characters."""
+    raw = text.encode()
+    return "CAST(x'" + (raw[:5] + bytes([0xFF]) + raw[5:]).hex() + "' AS TEXT)"
+
+
+def test_a_value_that_is_not_utf8_stops_no_source_and_its_row_is_read_as_far_as_it_can_be(
+        library: Library, citadel, cli: CLI):
+    """Python's sqlite3 fails a whole read on one such value (a damaged row, a foreign writer): one handle,
+    call address or card field of it stopped its source for good, every message, call or card after it."""
+    library.card(first="Jane", last="Doe", phones=[JANE])
+    bob = library.card(first="Bob", last="Roe", phones=[BOB])
+    library.books[0].conn.execute(f"UPDATE ZABCDRECORD SET ZLASTNAME = {not_utf8('Roe')} WHERE Z_PK = ?", (bob,))
+    library.books[0].commit()
+    library.text(CAROL)
+    library.chat.conn.execute(f"UPDATE handle SET id = {not_utf8(CAROL)} WHERE id = ?", (CAROL,))
+    library.chat.commit()
+    garbled = library.call(CAROL, answered=True, duration=30)
+    library.calls.conn.execute(f"UPDATE ZCALLRECORD SET ZADDRESS = {not_utf8(CAROL)} WHERE Z_PK = ?", (garbled,))
+    library.calls.commit()
+    library.text(JANE)
+    library.call(JANE, answered=True, duration=30)
+
+    result = cli("sync")
+
+    assert result.code == 0, result.output
+    assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1, "CALL_INBOUND": 1}
+    assert names(citadel)["Bob Roe\ufffd"]["phone"] == BOB  # the byte read as U+FFFD, the rest as it is
+    messages, calls = (next(line for line in result.stdout.splitlines() if line.startswith(source))
+                       for source in ("Messages", "Calls"))
+    assert "skipped 1 (invalid 1)" in messages and "skipped 1 (invalid 1)" in calls  # Carol's garbled number
+
+
 def test_the_same_person_in_two_sources_becomes_one_contact(library: Library, citadel, cli: CLI):
     library.card(source=1, first="Jane", last="Doe", phones=[JANE])
     library.card(source=2, first="Jane", last="Doe", phones=["613-555-0111"], emails=["jane@work.example"])

@@ -108,18 +108,22 @@ def typed_addresses(cards: list[Card]) -> set[OwnAddress]:
 def read_store(path: Path, store: str, *, trace: Trace | None = None
                ) -> tuple[list[Card], list[Card], Counter[str]]:
     """The cards of one store, its Me cards apart, and skip counts."""
-    with sqlite.read(path, trace=trace) as conn:
-        cols = _columns(conn)
-        if "Z_PK" not in cols["ZABCDRECORD"]:
-            raise sqlite.SourceError(f"{path}: not an AddressBook store (no ZABCDRECORD)")
-        row = conn.execute("SELECT Z_ENT FROM Z_PRIMARYKEY WHERE Z_NAME = ?", (CONTACT_ENTITY,)).fetchone()
-        if row is None:
-            raise sqlite.SourceError(f"{path}: no {CONTACT_ENTITY} entity in Z_PRIMARYKEY")
-        entity = row[0]
-        records = conn.execute(_records_sql(cols["ZABCDRECORD"]), (entity,)).fetchall()
-        phones = _values(conn, cols, "ZABCDPHONENUMBER", "ZFULLNUMBER", entity, Phone, also="ZCOUNTRYCODE")
-        emails = _values(conn, cols, "ZABCDEMAILADDRESS", "ZADDRESS", entity, Email)
-        notes = _notes(conn, cols, entity)
+    return sqlite.run(path, lambda conn: _read_cards(conn, path, store), trace=trace)
+
+
+def _read_cards(conn: sqlite3.Connection, path: Path, store: str) -> tuple[list[Card], list[Card], Counter[str]]:
+    """`read_store` within its read."""
+    cols = _columns(conn)
+    if "Z_PK" not in cols["ZABCDRECORD"]:
+        raise sqlite.SourceError(f"{path}: not an AddressBook store (no ZABCDRECORD)")
+    row = conn.execute("SELECT Z_ENT FROM Z_PRIMARYKEY WHERE Z_NAME = ?", (CONTACT_ENTITY,)).fetchone()
+    if row is None:
+        raise sqlite.SourceError(f"{path}: no {CONTACT_ENTITY} entity in Z_PRIMARYKEY")
+    entity = row[0]
+    records = conn.execute(_records_sql(cols["ZABCDRECORD"]), (entity,)).fetchall()
+    phones = _values(conn, cols, "ZABCDPHONENUMBER", "ZFULLNUMBER", entity, Phone, also="ZCOUNTRYCODE")
+    emails = _values(conn, cols, "ZABCDEMAILADDRESS", "ZADDRESS", entity, Email)
+    notes = _notes(conn, cols, entity)
     return _cards(records, phones, emails, notes, store)
 
 

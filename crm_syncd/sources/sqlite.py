@@ -43,6 +43,14 @@ class SourceBusy(SourceError):
     """The database stayed locked by its writer through every retry."""
 
 
+class Undecodable(SourceError):
+    """A text value is not UTF-8 (a damaged row, a foreign writer): Python's sqlite3 fails the whole read
+    on it, so `Database.run` reads again leniently."""
+
+
+UNDECODABLE = "Could not decode to UTF-8"  # how Python's sqlite3 says so (with the column and the text)
+
+
 class NoRoomBeside(SourceError):
     """SQLite may not make the -wal and -shm it needs beside the database, even to read it: `fix` says why."""
 
@@ -159,15 +167,18 @@ class Database:
         self._memo: dict[str, Any] = {}
 
     @contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
+    def read(self, *, lenient: bool = False) -> Iterator[sqlite3.Connection]:
         """One snapshot. Raises SourceMissing, NeedsFullDiskAccess or SourceBusy with a clear message.
 
-        Locked/busy errors raised inside the block are retried by `retrying`, not here.
+        Locked/busy errors raised inside the block are retried by `retrying`, not here. `lenient` reads
+        text that is not UTF-8 with U+FFFD for each bad byte, where a plain read raises `Undecodable`.
         """
         if stat(self.path) is None:  # also when kept: a deleted file must not be read on
             self.close()
             raise SourceMissing(f"{self.path} does not exist")
         conn = self._conn or self._connect()
+        if lenient:
+            conn.text_factory = _lenient_text
         clean = False
         try:
             conn.execute("BEGIN")
@@ -176,7 +187,19 @@ class Database:
         except (sqlite3.Error, OSError) as exc:
             raise _classify(exc, self.path) from exc
         finally:
+            conn.text_factory = str
             self._release(conn, keep=clean and self._keep)
+
+    def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn(conn)` in one snapshot (`read`). One text value that is not UTF-8 would fail this read and
+        every read after it, and so the whole source: the read is made again leniently, and the row with
+        it is judged (and skipped if need be) like any other. Text that is UTF-8 costs nothing more."""
+        try:
+            with self.read() as conn:
+                return fn(conn)
+        except Undecodable:
+            with self.read(lenient=True) as conn:
+                return fn(conn)
 
     def remembered(self, name: str, load: Callable[[], T], *, fresh: bool = False) -> T:
         """`load()`, computed once while the connection is kept (every time otherwise); `fresh` reloads."""
@@ -224,6 +247,16 @@ def read(path: Path, *, trace: Trace | None = None) -> Iterator[sqlite3.Connecti
     """Open `path` read-only for one consistent read; close it afterwards (see `Database.read`)."""
     with Database(path, trace=trace).read() as conn:
         yield conn
+
+
+def run(path: Path, fn: Callable[[sqlite3.Connection], T], *, trace: Trace | None = None) -> T:
+    """`fn(conn)` in one read of `path`, read again leniently if it holds text that is not UTF-8
+    (see `Database.run`)."""
+    return Database(path, trace=trace).run(fn)
+
+
+def _lenient_text(value: bytes) -> str:
+    return value.decode("utf-8", "replace")
 
 
 class SourceReader:
@@ -308,8 +341,7 @@ class SourceReader:
     def _reading(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(db, conn, *args)` inside one snapshot."""
         db = self._db or Database(self.path, trace=self._trace)
-        with db.read() as conn:
-            return fn(db, conn, *args)
+        return db.run(lambda conn: fn(db, conn, *args))
 
     def _batch(self, db: Database, conn: sqlite3.Connection, after_rowid: int, limit: int,
                since_ms: int | None, window_until: int | None) -> Batch:
@@ -371,6 +403,9 @@ def _classify(exc: BaseException, path: Path) -> BaseException:
         return NoRoomBeside(path, room)
     if isinstance(exc, sqlite3.Error) and _is_busy(exc):
         return SourceBusy(f"{path} is locked: {exc}")
+    if isinstance(exc, sqlite3.OperationalError) and str(exc).startswith(UNDECODABLE):
+        column = str(exc).split("'")[1] if str(exc).count("'") >= 2 else "?"  # not the text: it may be an address
+        return Undecodable(f"{path}: column {column} holds text that is not UTF-8")
     if isinstance(exc, sqlite3.Error):
         return SourceError(f"{path}: {exc}")
     return exc
