@@ -1377,6 +1377,29 @@ def test_a_folder_missing_two_levels_deep_is_watched_once_it_appears(tmp_path):
     asyncio.run(scenario())
 
 
+async def heard_again(watcher: Watcher, folder: Path, hinted: list[str]) -> None:
+    """`folder` is watched once more, and a write in it is heard."""
+    await until(lambda: watcher.watched == [folder], "the folder watched again")
+    hinted.clear()
+    (folder / "chat.db").write_bytes(b"rows")
+    await until(lambda: "messages" in hinted, "a hint from the folder's watch")
+
+
+def deleted_as_watched(watcher: Watcher, folder: Path) -> list[str]:
+    """Delete `folder` just before watchdog's next attempt to watch it, once, as it may vanish between the
+    look that found it and the watch: the race is forced, the failure is inotify's own. The attempts so met."""
+    schedule, met = watcher.observer.schedule, []
+
+    def folder_gone_first(handler, path, **kwargs):
+        if path == str(folder) and not met:
+            met.append(path)
+            folder.rmdir()
+        return schedule(handler, path, **kwargs)
+
+    watcher.observer.schedule = folder_gone_first
+    return met
+
+
 def test_a_watched_folder_deleted_and_made_again_is_watched_again_at_once(tmp_path):
     """A watch follows its folder, not its path: inotify's ends when the folder is deleted (FSEvents'
     stream stops when its root goes), so a folder made again in its place was never heard of."""
@@ -1389,10 +1412,7 @@ def test_a_watched_folder_deleted_and_made_again_is_watched_again_at_once(tmp_pa
             shutil.rmtree(folder)
             await until(lambda: watcher.watched == [], "the lost watch noticed")
             folder.mkdir()
-            await until(lambda: watcher.watched == [folder], "the folder watched again")
-            hinted.clear()
-            (folder / "chat.db").write_bytes(b"rows")
-            await until(lambda: "messages" in hinted, "a hint from the new folder")
+            await heard_again(watcher, folder, hinted)
 
     asyncio.run(scenario())
 
@@ -1402,27 +1422,15 @@ def test_a_folder_deleted_again_as_its_watch_is_set_up_is_watched_once_it_is_bac
     limit on watches): the folder was then dropped, neither watched nor looked out for, until a restart."""
     hinted: list[str] = []
     folder = tmp_path / "Messages"
-    raced: list[str] = []
 
     async def scenario() -> None:
         async with watching({"messages": folder / "chat.db"}, hinted) as watcher:
-            schedule = watcher.observer.schedule  # watchdog's own: the race is forced, the failure is inotify's
-
-            def folder_gone_first(handler, path, **kwargs):
-                if path == str(folder) and not raced:
-                    raced.append(path)
-                    folder.rmdir()
-                return schedule(handler, path, **kwargs)
-
-            watcher.observer.schedule = folder_gone_first
+            met = deleted_as_watched(watcher, folder)
             folder.mkdir()
-            await until(lambda: raced, "the folder's watch tried")
+            await until(lambda: met, "the folder's watch tried")
             assert watcher.watched == []
             folder.mkdir()
-            await until(lambda: watcher.watched == [folder], "the folder watched once it is back")
-            hinted.clear()
-            (folder / "chat.db").write_bytes(b"rows")
-            await until(lambda: "messages" in hinted, "a hint from the folder's watch")
+            await heard_again(watcher, folder, hinted)
 
     asyncio.run(scenario())
 
@@ -1436,22 +1444,11 @@ def test_a_folder_deleted_as_its_watch_is_made_anew_is_watched_once_it_is_back(t
 
     async def scenario() -> None:
         async with watching({"messages": folder / "chat.db"}, hinted) as watcher:
-            schedule = watcher.observer.schedule
-
-            def folder_gone_first(handler, path, **kwargs):
-                if path == str(folder) and folder.exists():
-                    folder.rmdir()
-                return schedule(handler, path, **kwargs)
-
-            watcher.observer.schedule = folder_gone_first
+            deleted_as_watched(watcher, folder)
             watcher.renew(folder / "chat.db")
             assert watcher.watched == [] and not folder.exists()
-            watcher.observer.schedule = schedule
             folder.mkdir()
-            await until(lambda: watcher.watched == [folder], "the folder watched once it is back")
-            hinted.clear()
-            (folder / "chat.db").write_bytes(b"rows")
-            await until(lambda: "messages" in hinted, "a hint from the folder's watch")
+            await heard_again(watcher, folder, hinted)
 
     asyncio.run(scenario())
 
