@@ -427,8 +427,8 @@ def test_a_value_that_is_not_utf8_stops_no_source_and_its_row_is_read_as_far_as_
     """Python's sqlite3 fails a whole read on one such value (a damaged row, a foreign writer): one handle,
     call address or card field of it stopped its source for good, every message, call or card after it."""
     library.card(first="Jane", last="Doe", phones=[JANE])
-    bob = library.card(first="Bob", last="Roe", phones=[BOB])
-    library.books[0].conn.execute(f"UPDATE ZABCDRECORD SET ZLASTNAME = {not_utf8('Roe')} WHERE Z_PK = ?", (bob,))
+    bob = library.card(first="Bob", last="Busy", phones=[BOB])  # the error's words hold the text: not "busy"
+    library.books[0].conn.execute(f"UPDATE ZABCDRECORD SET ZLASTNAME = {not_utf8('Busy')} WHERE Z_PK = ?", (bob,))
     library.books[0].commit()
     library.text(CAROL)
     library.chat.conn.execute(f"UPDATE handle SET id = {not_utf8(CAROL)} WHERE id = ?", (CAROL,))
@@ -443,7 +443,7 @@ def test_a_value_that_is_not_utf8_stops_no_source_and_its_row_is_read_as_far_as_
 
     assert result.code == 0, result.output
     assert kinds(citadel, "Jane Doe") == {"TEXT_INBOUND": 1, "CALL_INBOUND": 1}
-    assert names(citadel)["Bob Roe\ufffd"]["phone"] == BOB  # the byte read as U+FFFD, the rest as it is
+    assert names(citadel)["Bob Busy\ufffd"]["phone"] == BOB  # the byte read as U+FFFD, the rest as it is
     messages, calls = (next(line for line in result.stdout.splitlines() if line.startswith(source))
                        for source in ("Messages", "Calls"))
     assert "skipped 1 (invalid 1)" in messages and "skipped 1 (invalid 1)" in calls  # Carol's garbled number

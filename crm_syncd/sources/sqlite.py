@@ -396,6 +396,9 @@ def _gc_paused() -> Iterator[None]:
 
 
 def _classify(exc: BaseException, path: Path) -> BaseException:
+    if isinstance(exc, sqlite3.OperationalError) and str(exc).startswith(UNDECODABLE):  # first: its words hold
+        column = str(exc).split("'")[1] if str(exc).count("'") >= 2 else "?"  # the text ("busy"?); never said
+        return Undecodable(f"{path}: column {column} holds text that is not UTF-8")
     if _is_denied(exc, path):
         return NeedsFullDiskAccess(path, str(exc) or type(exc).__name__)
     if (getattr(exc, "sqlite_errorname", None) or "").startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY")) and (
@@ -403,9 +406,6 @@ def _classify(exc: BaseException, path: Path) -> BaseException:
         return NoRoomBeside(path, room)
     if isinstance(exc, sqlite3.Error) and _is_busy(exc):
         return SourceBusy(f"{path} is locked: {exc}")
-    if isinstance(exc, sqlite3.OperationalError) and str(exc).startswith(UNDECODABLE):
-        column = str(exc).split("'")[1] if str(exc).count("'") >= 2 else "?"  # not the text: it may be an address
-        return Undecodable(f"{path}: column {column} holds text that is not UTF-8")
     if isinstance(exc, sqlite3.Error):
         return SourceError(f"{path}: {exc}")
     return exc
