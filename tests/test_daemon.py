@@ -58,6 +58,11 @@ def status(cli: CLI) -> dict:
     return json.loads(cli("status", "--json").stdout)
 
 
+def status_when(cli: CLI, holds: Callable[[dict], object], timeout: float = 20.0, what: str = "condition") -> dict:
+    """The first `status --json` for which `holds` is true, polled as `eventually` does."""
+    return eventually(lambda: doc if holds(doc := status(cli)) else None, timeout=timeout, what=what)
+
+
 def test_new_messages_and_calls_arrive_once_each_while_apple_keeps_the_database_open(
         library: Library, citadel, daemon):
     library.card(first="Jane", last="Doe", phones=[JANE])
@@ -914,8 +919,7 @@ def test_status_json_reflects_running_stopped_pending_and_failed(library: Librar
     citadel.reject_interactions_at = {ago(days=1).strftime("%Y-%m-%d")}
     library.text(JANE, at=ago(days=1))
     d = daemon()
-    doc = eventually(lambda: (lambda s: s if s["outbox"]["failed"] == 1 else None)(
-        json.loads(daemon_env("status", "--json").stdout)), what="the failed item in status")
+    doc = status_when(daemon_env, lambda s: s["outbox"]["failed"] == 1, what="the failed item in status")
     assert doc["running"] is True and doc["pid"] == d.proc.pid
     assert doc["crm"]["reachable"] is True
     assert doc["sources"]["messages"]["lag_rows"] == 0 and doc["sources"]["messages"]["last_sync_at"]
@@ -957,8 +961,8 @@ def test_status_is_degraded_while_the_crm_refuses_a_persons_contact_and_names_th
     citadel.reject_contact_values = {"Doe"}  # a 422 about her name: nothing left out would make it pass
     daemon()
 
-    doc = eventually(lambda: (lambda s: s if s["running"] and s["sources"]["contacts"]["failed"] else None)(
-        json.loads(daemon_env("status", "--json").stdout)), what="the failed contact in status")
+    doc = status_when(daemon_env, lambda s: s["running"] and s["sources"]["contacts"]["failed"],
+                      what="the failed contact in status")
 
     assert doc["health"] == "degraded" and daemon_env("status", "--json").code == 1
     assert doc["sources"]["contacts"]["failed"] == [{"name": "Jane", "reason": "lastName: Invalid lastName"}]
@@ -995,8 +999,7 @@ def test_status_names_the_full_disk_access_fix_while_the_daemon_cannot_read_chat
     os.chmod(library.messages_db, 0)
     d = daemon(prefix=unprivileged())
 
-    doc = eventually(lambda: (lambda s: s if s["sources"]["messages"]["problem"] else None)(status(daemon_env)),
-                     what="the daemon's refusal in status")
+    doc = status_when(daemon_env, lambda s: s["sources"]["messages"]["problem"], what="the daemon's refusal in status")
     assert doc["health"] == "degraded" and daemon_env("status", "--json").code == 1
     assert "Full Disk Access" in doc["sources"]["messages"]["problem"]
     assert "Privacy & Security" in doc["sources"]["messages"]["problem"]
@@ -1018,8 +1021,8 @@ def test_the_daemon_refused_a_look_into_the_messages_folder_names_full_disk_acce
     os.chmod(folder, 0)
     try:
         d = daemon(prefix=unprivileged())
-        doc = eventually(lambda: (lambda s: s if s["sources"]["messages"]["problem"] else None)(status(daemon_env)),
-                         what="the daemon's refusal in status")
+        doc = status_when(daemon_env, lambda s: s["sources"]["messages"]["problem"],
+                          what="the daemon's refusal in status")
         assert "Full Disk Access" in doc["sources"]["messages"]["problem"] and doc["running"]
     finally:
         os.chmod(folder, 0o755)
@@ -1057,8 +1060,7 @@ def test_status_names_an_address_book_the_daemon_cannot_read_while_delivery_wait
     os.chmod(store, 0)
     d = daemon(prefix=unprivileged())
 
-    doc = eventually(lambda: (lambda s: s if s["sources"]["contacts"]["problem"] else None)(status(daemon_env)),
-                     what="the daemon's refusal in status")
+    doc = status_when(daemon_env, lambda s: s["sources"]["contacts"]["problem"], what="the daemon's refusal in status")
     assert doc["health"] == "degraded" and "Full Disk Access" in doc["sources"]["contacts"]["problem"]
     assert doc["outbox"]["pending"] == 1 and not citadel.contacts()
 
@@ -1093,8 +1095,8 @@ def test_status_is_degraded_while_the_daemon_holds_its_lock_but_no_longer_beats(
 
     d.proc.send_signal(signal.SIGSTOP)  # hung: it holds its lock and does nothing
     try:
-        doc = eventually(lambda: (lambda s: s if s["health"] != "healthy" else None)(status(daemon_env)),
-                         timeout=30, what="three missed heartbeats (15 s)")
+        doc = status_when(daemon_env, lambda s: s["health"] != "healthy", timeout=30,
+                          what="three missed heartbeats (15 s)")
         assert doc["running"] is True and doc["responding"] is False and doc["last_beat_age_s"] >= 15
         assert "not responding" in daemon_env("status").stdout
     finally:
@@ -1103,17 +1105,22 @@ def test_status_is_degraded_while_the_daemon_holds_its_lock_but_no_longer_beats(
     assert d.stop() == 0
 
 
-def test_status_is_degraded_while_the_crm_says_it_is_up_but_refuses_the_daemons_writes(
-        library: Library, citadel, daemon, daemon_env: CLI):
+def daemon_with_janes_contact(library: Library, daemon, daemon_env: CLI):
+    """A daemon that has made Jane's contact from her card: it has reached the CRM."""
     library.card(first="Jane", last="Doe", phones=[JANE])
     d = daemon()
     eventually(lambda: status(daemon_env)["crm"]["daemon_reachable"], what="the daemon's contacts in the CRM")
+    return d
+
+
+def test_status_is_degraded_while_the_crm_says_it_is_up_but_refuses_the_daemons_writes(
+        library: Library, citadel, daemon, daemon_env: CLI):
+    d = daemon_with_janes_contact(library, daemon, daemon_env)
 
     citadel.faults = Faults(rate=1.0, kinds=("503",))  # writes refused; /api/health still answers "ok"
     library.text(JANE)
 
-    doc = eventually(lambda: (lambda s: s if s["health"] != "healthy" else None)(status(daemon_env)),
-                     what="the refused write in status")
+    doc = status_when(daemon_env, lambda s: s["health"] != "healthy", what="the refused write in status")
     assert doc["crm"]["reachable"] is True and doc["crm"]["daemon_reachable"] is False
     assert doc["crm"]["daemon_failure"].startswith("503") and doc["outbox"]["pending"] == 1
     text = daemon_env("status")
@@ -1128,15 +1135,12 @@ def test_status_is_degraded_while_the_crm_says_it_is_up_but_refuses_the_daemons_
 def test_status_says_a_crm_refusing_the_api_key_is_reachable_names_where_the_key_is_set_and_the_daemons_failure(
         library: Library, citadel, daemon, daemon_env: CLI):
     """The owner rotated the key in Citadel: the CRM answers every request with 401. Not "unreachable"."""
-    library.card(first="Jane", last="Doe", phones=[JANE])
-    d = daemon()
-    eventually(lambda: status(daemon_env)["crm"]["daemon_reachable"], what="the daemon's contacts in the CRM")
+    d = daemon_with_janes_contact(library, daemon, daemon_env)
 
     citadel.require_key("the-rotated-key")
     library.text(JANE)
 
-    doc = eventually(lambda: (lambda s: s if s["crm"]["daemon_failure"] else None)(status(daemon_env)),
-                     what="the daemon's refused request in status")
+    doc = status_when(daemon_env, lambda s: s["crm"]["daemon_failure"], what="the daemon's refused request in status")
     assert doc["health"] == "degraded" and doc["crm"]["reachable"] is True
     assert "refused crm-syncd's API key" in doc["crm"]["problem"], doc["crm"]
     text = daemon_env("status")
@@ -1149,15 +1153,12 @@ def test_status_says_a_crm_refusing_the_api_key_is_reachable_names_where_the_key
 
 def test_status_names_why_the_crm_is_unreachable_and_the_daemons_failure(
         library: Library, citadel, daemon, daemon_env: CLI):
-    library.card(first="Jane", last="Doe", phones=[JANE])
-    d = daemon()
-    eventually(lambda: status(daemon_env)["crm"]["daemon_reachable"], what="the daemon's contacts in the CRM")
+    d = daemon_with_janes_contact(library, daemon, daemon_env)
 
     citadel.go_down()
     library.text(JANE)
 
-    doc = eventually(lambda: (lambda s: s if s["crm"]["daemon_failure"] else None)(status(daemon_env)),
-                     what="the daemon's failed request in status")
+    doc = status_when(daemon_env, lambda s: s["crm"]["daemon_failure"], what="the daemon's failed request in status")
     text = daemon_env("status")
     assert doc["crm"]["reachable"] is False and doc["crm"]["problem"].startswith("unreachable: cannot connect")
     assert "unreachable: cannot connect" in text.stdout and "fix: start Citadel" in text.stdout, text.stdout
@@ -1172,9 +1173,7 @@ def test_status_is_healthy_again_once_a_write_answered_with_500_is_found_in_the_
     finds it. Nothing was left to deliver, and status stayed degraded (the heartbeat ping withheld)
     until some other interaction got through, maybe hours later."""
     daemon_env.env.update(CRM_SYNCD_REQUEST_TIMEOUT_S="2")  # the wait before looking up a write left unsure
-    library.card(first="Jane", last="Doe", phones=[JANE])
-    d = daemon()
-    eventually(lambda: status(daemon_env)["crm"]["daemon_reachable"], what="the daemon's contacts in the CRM")
+    d = daemon_with_janes_contact(library, daemon, daemon_env)
 
     citadel.faults = Faults(rate=1.0, kinds=("500-after-write",), reads=True, limit=2,
                             routes=("/api/contacts/:id/interactions",))  # the write, then its look-up
